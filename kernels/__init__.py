@@ -1,0 +1,1 @@
+"""Triton kernels of the aggregation engine, installed as ``tolaria.kernels``."""

@@ -1,0 +1,39 @@
+"""Validation of user-given per-source weights, done once at construction on the host."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def as_weight_vector(weights: Sequence[float] | Tensor, owner: str) -> Tensor:
+    """Returns ``weights`` as a 1-D float64 CPU tensor; raises on a bad shape, value or sum."""
+    if isinstance(weights, Tensor):
+        w = weights.detach().to(device="cpu", dtype=torch.float64)
+    elif isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
+        raise TypeError(f"{owner} weights must be a sequence of numbers or a tensor, got {type(weights).__name__}")
+    else:
+        for i, x in enumerate(weights):
+            if isinstance(x, bool) or not isinstance(x, (int, float)):
+                raise TypeError(f"{owner} weight {i} is a {type(x).__name__}, not a number")
+        w = torch.tensor([float(x) for x in weights], dtype=torch.float64)
+    if w.dim() != 1 or w.numel() == 0:
+        raise ValueError(f"{owner} weights must be a non-empty 1-D sequence, got shape {tuple(w.shape)}")
+    bad = (~torch.isfinite(w)).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(f"{owner} weight(s) for source(s) {', '.join(map(str, bad))} are not finite")
+    total = float(w.sum())
+    if total < 0:
+        raise ValueError(f"{owner} weights sum to {total}; the sum must not be negative")
+    return w
+
+
+def check_weight_count(weights: Tensor, k: int, owner: str) -> None:
+    if weights.numel() != k:
+        raise ValueError(f"{owner} has {weights.numel()} weights but got {k} gradient sources")
+
+
+def on_device(weights: Tensor, like: Tensor) -> Tensor:
+    return weights.to(device=like.device, dtype=like.dtype)

@@ -1,0 +1,58 @@
+"""The base class of every aggregator: validate the input, run the engine, shape the output."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+from torch import Tensor
+
+from ._sources import as_sources
+from .engine import Weights, aggregate, check_backend_name, check_nonfinite_mode
+from .stats import AggregationStats
+
+
+class Aggregator(ABC):
+    """Maps K gradients to one: ``aggregator(grads) -> Tensor`` of the per-source shape.
+
+    ``grads`` is a K x N tensor, a K x (any shape) tensor, or a sequence of K tensors of one shape.
+    The result has the inputs' dtype and device. ``return_stats=True`` returns ``(result, stats)``
+    with :class:`AggregationStats` read off the Gram matrix; ``out=`` receives the result in place
+    (a contiguous tensor of N elements, e.g. the flat buffer behind the parameters' ``.grad``).
+
+    Args:
+        backend: ``"auto"`` (Triton on CUDA, the compiled CPU path on CPU), ``"cpu"``, ``"torch"``
+            or ``"triton"``.
+        nonfinite: ``"raise"`` (default) raises ``ValueError`` naming the sources that hold NaN or
+            inf, which reads K values on the host; ``"propagate"`` skips the check so that nothing
+            synchronises the device, and non-finite values flow into the result.
+    """
+
+    def __init__(self, *, backend: str = "auto", nonfinite: str = "raise"):
+        self.backend = check_backend_name(backend)
+        self.nonfinite = check_nonfinite_mode(nonfinite)
+
+    @abstractmethod
+    def weighting(self, gram: Tensor) -> Weights:
+        """The K combination weights (and the conflicts resolved) from the K x K Gram matrix."""
+
+    def __call__(
+        self,
+        grads: Tensor | Sequence[Tensor],
+        *,
+        return_stats: bool = False,
+        out: Tensor | None = None,
+    ) -> Tensor | tuple[Tensor, AggregationStats]:
+        sources = as_sources(grads)
+        self._check_k(sources.k)
+        flat, stats = aggregate(
+            sources, self.weighting, backend=self.backend, nonfinite=self.nonfinite, out=out
+        )
+        result = flat.view(sources.shape) if out is None else out
+        return (result, stats) if return_stats else result
+
+    def _check_k(self, k: int) -> None:
+        """Hook for aggregators whose configuration fixes K (e.g. per-source weights)."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(backend={self.backend!r}, nonfinite={self.nonfinite!r})"

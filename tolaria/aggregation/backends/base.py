@@ -1,0 +1,36 @@
+"""The seam every backend implements: one pass for the Gram matrix, one pass to combine."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor
+
+from .._sources import Sources
+
+
+class Backend(ABC):
+    """Computes the two passes over the K x N matrix J of an aggregation.
+
+    ``gram`` returns G = J J^T (K x K, float32 or wider accumulation, on the sources' device);
+    ``combine`` returns out = w^T J as a flat N-tensor in the sources' dtype, written into ``out``
+    when given. Neither reads a value back to the host.
+    """
+
+    name: str
+
+    @abstractmethod
+    def supports(self, sources: Sources) -> str | None:
+        """None when this backend can run on ``sources``; otherwise the reason it cannot."""
+
+    @abstractmethod
+    def gram(self, sources: Sources) -> Tensor: ...
+
+    @abstractmethod
+    def combine(self, sources: Sources, weights: Tensor, out: Tensor | None) -> Tensor: ...
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every narrower dtype accumulates in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

@@ -1,0 +1,109 @@
+"""The aggregation engine: Gram matrix, weighting, one weighted sum.
+
+Every aggregator is "weights from the Gram matrix, then one weighted sum" (DESIGN.md):
+
+1. ``gram``: G = J J^T, one pass over the K x N matrix J;
+2. ``weighting``: a function of the K x K matrix G alone, returning the K weights w;
+3. ``combine``: out = w^T J, a second pass, written in J's dtype.
+
+This module is the only place that chooses a backend. Nothing in it reads a device value on the host
+unless ``nonfinite="raise"`` asks for the finiteness check, which reads the K diagonal entries of G.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from ._sources import Sources, check_out
+from .backends import Backend, CompiledCpuBackend, TorchBackend
+from .stats import AggregationStats, stats_from_gram
+
+BACKENDS = ("auto", "cpu", "torch", "triton")
+NONFINITE_MODES = ("raise", "propagate")
+
+
+class Weights(NamedTuple):
+    """What a weighting returns: the K combination weights and the number of conflicts it resolved."""
+
+    weights: Tensor
+    conflicts: Tensor
+
+
+Weighting = Callable[[Tensor], Weights]
+
+_torch_backend = TorchBackend()
+_cpu_backend = CompiledCpuBackend()
+
+
+def _triton_backend() -> Backend:
+    from .backends.triton import TritonBackend  # imported on first use: triton is heavy to load
+
+    return TritonBackend.instance()
+
+
+def check_backend_name(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; valid backends are {', '.join(BACKENDS)}")
+    return backend
+
+
+def check_nonfinite_mode(mode: str) -> str:
+    if mode not in NONFINITE_MODES:
+        raise ValueError(
+            f"unknown nonfinite mode {mode!r}; valid modes are {', '.join(NONFINITE_MODES)}"
+        )
+    return mode
+
+
+def select_backend(name: str, sources: Sources) -> Backend:
+    """The backend that will run ``sources``: forced by name, or chosen by device under "auto"."""
+    if name == "auto":
+        if sources.device.type == "cuda":
+            return _triton_backend()
+        if _cpu_backend.supports(sources) is None:
+            return _cpu_backend
+        return _torch_backend
+    backend = {"cpu": lambda: _cpu_backend, "torch": lambda: _torch_backend, "triton": _triton_backend}[
+        check_backend_name(name)
+    ]()
+    reason = backend.supports(sources)
+    if reason is not None:
+        raise ValueError(f"backend {name!r} cannot run these gradients: {reason}")
+    return backend
+
+
+def raise_if_nonfinite(gram: Tensor) -> None:
+    """Raises naming every source whose gradient holds NaN or inf (they show on G's diagonal)."""
+    bad = (~torch.isfinite(gram.diagonal())).nonzero().flatten().tolist()
+    if bad:
+        which = ", ".join(str(i) for i in bad)
+        raise ValueError(
+            f"non-finite values (NaN or inf) in gradient source(s) {which}; "
+            'pass nonfinite="propagate" to skip this check'
+        )
+
+
+def aggregate(
+    sources: Sources,
+    weighting: Weighting,
+    *,
+    backend: str = "auto",
+    nonfinite: str = "raise",
+    out: Tensor | None = None,
+) -> tuple[Tensor, AggregationStats]:
+    """Runs the three steps on ``sources``; returns the flat N-tensor result and its stats."""
+    impl = select_backend(backend, sources)
+    if out is not None:
+        check_out(out, sources)
+    gram = impl.gram(sources)
+    if nonfinite == "raise":
+        raise_if_nonfinite(gram)
+    # The K x K work is tiny: do it in float64 wherever the device offers it, for exact weights.
+    gram = gram.to(torch.float64) if gram.device.type != "mps" else gram
+    weights, conflicts = weighting(gram)
+    flat = impl.combine(sources, weights, out)
+    return flat, stats_from_gram(gram, weights, conflicts)

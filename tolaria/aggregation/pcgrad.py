@@ -1,0 +1,125 @@
+"""PCGrad (Yu et al. 2020, "Gradient Surgery for Multi-Task Learning"), exactly, in Gram space.
+
+Algorithm 1 of the paper: for each source i, g_i^PC starts as g_i and is projected in turn against
+every other *original* g_j (in a random order per i) whose inner product with the current g_i^PC is
+negative: g_i^PC -= (g_i^PC . g_j) / |g_j|^2 g_j. The result is sum_i g_i^PC (or the mean).
+
+Every g_i^PC stays a linear combination of the original rows, g_i^PC = sum_m C[i, m] g_m, and every
+inner product it needs is a row of C times a column of G = J J^T. So the whole loop runs on K x K
+numbers; the final weights are w = a^T C (a: ones, 1/K, or the per-source weights), and the output is
+one weighted sum of the rows. The loop is vectorised over i (K - 1 steps for all i at once), with no
+data-dependent control flow, so it never reads a value on the host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ._weights import as_weight_vector, check_weight_count, on_device
+from .aggregator import Aggregator
+from .engine import Weights
+
+REDUCTIONS = ("sum", "mean")
+
+
+def draw_orders(k: int, *, shuffle: bool, generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """A K x (K - 1) int64 tensor: row i lists the other sources in the order i meets them.
+
+    With ``shuffle`` each row is an independent uniform permutation drawn from ``generator`` (on the
+    generator's device, then moved), else ascending index order.
+    """
+    if k == 1:
+        return torch.empty((1, 0), dtype=torch.int64, device=device)
+    if not shuffle:
+        full = torch.arange(k, device=device).expand(k, k)
+        keep = ~torch.eye(k, dtype=torch.bool, device=device)
+        return full[keep].view(k, k - 1)
+    gen_device = generator.device if generator is not None else device
+    scores = torch.rand((k, k), generator=generator, device=gen_device)
+    # Source i itself sorts last (scores are < 1), so dropping the last column removes it.
+    scores.fill_diagonal_(2.0)
+    return scores.argsort(dim=1)[:, : k - 1].to(device)
+
+
+def pcgrad_coefficients(gram: Tensor, orders: Tensor) -> tuple[Tensor, Tensor]:
+    """Returns (C, conflicts): g_i^PC = sum_m C[i, m] g_m, and how many projections were applied.
+
+    ``gram`` is G = J J^T (K x K); ``orders`` is K x (K - 1) as from :func:`draw_orders`. A source
+    with zero norm is never projected against (its inner products are all zero anyway).
+    """
+    k = gram.shape[0]
+    coeffs = torch.eye(k, dtype=gram.dtype, device=gram.device)
+    conflicts = torch.zeros((), dtype=torch.int64, device=gram.device)
+    rows = torch.arange(k, device=gram.device)
+    sq_norms = gram.diagonal()
+    for step in range(orders.shape[1]):
+        j = orders[:, step]
+        # <g_i^PC, g_j> for every i at once: row i of C times column j_i of G.
+        dots = (coeffs * gram.index_select(1, j).T).sum(dim=1)
+        norm_j = sq_norms.index_select(0, j)
+        conflict = (dots < 0) & (norm_j > 0)
+        step_size = torch.where(conflict, dots / torch.where(norm_j > 0, norm_j, 1), 0)
+        coeffs = coeffs.index_put((rows, j), -step_size, accumulate=True)
+        conflicts = conflicts + conflict.sum()
+    return coeffs, conflicts
+
+
+class PCGrad(Aggregator):
+    """Projecting conflicting gradients, as in Algorithm 1 of Yu et al. (2020).
+
+    Args:
+        reduction: ``"sum"`` (as in the paper) or ``"mean"`` of the projected gradients g_i^PC.
+        shuffle: draw each source's projection order at random from ``generator`` (reproducible for
+            a seeded generator); ``False`` uses ascending index order.
+        generator: the ``torch.Generator`` for the shuffles (default: the device's global RNG).
+        weights: optional per-source weights multiplying each g_i^PC; under ``"mean"`` the result
+            is divided by their sum instead of by K.
+        backend, nonfinite: see :class:`~tolaria.aggregation.Aggregator`.
+    """
+
+    def __init__(
+        self,
+        reduction: str = "sum",
+        shuffle: bool = True,
+        generator: torch.Generator | None = None,
+        weights: Sequence[float] | Tensor | None = None,
+        backend: str = "auto",
+        nonfinite: str = "raise",
+    ):
+        super().__init__(backend=backend, nonfinite=nonfinite)
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"unknown reduction {reduction!r}; valid reductions are {', '.join(REDUCTIONS)}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        self.reduction = reduction
+        self.shuffle = bool(shuffle)
+        self.generator = generator
+        self.weights = None if weights is None else as_weight_vector(weights, "PCGrad")
+        if self.weights is not None and reduction == "mean" and float(self.weights.sum()) <= 0:
+            raise ValueError('PCGrad weights must have a positive sum under reduction="mean"')
+
+    def _check_k(self, k: int) -> None:
+        if self.weights is not None:
+            check_weight_count(self.weights, k, "PCGrad")
+
+    def weighting(self, gram: Tensor) -> Weights:
+        k = gram.shape[0]
+        orders = draw_orders(k, shuffle=self.shuffle, generator=self.generator, device=gram.device)
+        coeffs, conflicts = pcgrad_coefficients(gram, orders)
+        if self.weights is None:
+            scale = torch.full((k,), 1.0 if self.reduction == "sum" else 1.0 / k, dtype=gram.dtype, device=gram.device)
+        else:
+            scale = on_device(self.weights, gram)
+            if self.reduction == "mean":
+                scale = scale / scale.sum()
+        return Weights(scale @ coeffs, conflicts)
+
+    def __repr__(self) -> str:
+        return (
+            f"PCGrad(reduction={self.reduction!r}, shuffle={self.shuffle}, "
+            f"weights={None if self.weights is None else self.weights.tolist()}, "
+            f"backend={self.backend!r}, nonfinite={self.nonfinite!r})"
+        )

@@ -1,0 +1,53 @@
+"""Fixed-weight aggregators: ``Weighted``, ``Mean`` and ``Sum``.
+
+They need no Gram matrix to decide their weights, but still go through the engine: its Gram pass
+checks finiteness and feeds the stats at no extra read, and its combine pass is the fast one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ._weights import as_weight_vector, check_weight_count, on_device
+from .aggregator import Aggregator
+from .engine import Weights
+
+
+def _no_conflicts(gram: Tensor) -> Tensor:
+    return torch.zeros((), dtype=torch.int64, device=gram.device)
+
+
+class Weighted(Aggregator):
+    """out = sum_k weights[k] * g_k, with weights fixed at construction (one per source)."""
+
+    def __init__(self, weights: Sequence[float] | Tensor, *, backend: str = "auto", nonfinite: str = "raise"):
+        super().__init__(backend=backend, nonfinite=nonfinite)
+        self.weights = as_weight_vector(weights, "Weighted")
+
+    def _check_k(self, k: int) -> None:
+        check_weight_count(self.weights, k, "Weighted")
+
+    def weighting(self, gram: Tensor) -> Weights:
+        return Weights(on_device(self.weights, gram), _no_conflicts(gram))
+
+    def __repr__(self) -> str:
+        return f"Weighted(weights={self.weights.tolist()}, backend={self.backend!r}, nonfinite={self.nonfinite!r})"
+
+
+class Mean(Aggregator):
+    """out = (1 / K) sum_k g_k."""
+
+    def weighting(self, gram: Tensor) -> Weights:
+        k = gram.shape[0]
+        return Weights(torch.full((k,), 1.0 / k, dtype=gram.dtype, device=gram.device), _no_conflicts(gram))
+
+
+class Sum(Aggregator):
+    """out = sum_k g_k."""
+
+    def weighting(self, gram: Tensor) -> Weights:
+        k = gram.shape[0]
+        return Weights(torch.ones(k, dtype=gram.dtype, device=gram.device), _no_conflicts(gram))

@@ -1,0 +1,304 @@
+"""The aggregation benchmark behind ``tolaria bench`` and ``benchmarks/aggregation.py``.
+
+For each (dtype, K, N) it builds one K x N matrix and times, in the same process on the same matrix:
+
+- ``tolaria``: the aggregator on its default backend (compiled CPU path, or Triton on CUDA);
+- ``tolaria-torch``: the same aggregator on the plain-PyTorch backend;
+- ``naive-loop``: the common PyTorch PCGrad recipe, a Python loop over pairs (PCGrad only);
+- ``torchjd``: TorchJD's aggregator of the same name, when TorchJD is installed;
+- ``floor``: one read of the matrix (``J.sum(0)``): no aggregator can beat it; on CUDA also
+  ``copy``, a ``clone`` of J, the device's measured copy bandwidth.
+
+It prints median time, effective bandwidth (bytes of J read once, divided by the time), the ratio to
+the floor and Tolaria's speed-up over each alternative, and the peak memory each method needed beyond
+its input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import platform
+import random
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from tolaria.aggregation import Aggregator, Mean, PCGrad, Sum
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+
+
+def naive_pcgrad(grads: Tensor) -> Tensor:
+    """The usual PyTorch PCGrad recipe: per source, project against each other one in a Python loop."""
+    k = grads.shape[0]
+    projected = [grads[i].clone() for i in range(k)]
+    for i in range(k):
+        order = [j for j in range(k) if j != i]
+        random.shuffle(order)
+        g_i = projected[i]
+        for j in order:
+            dot = torch.dot(g_i, grads[j])
+            if dot < 0:  # a host sync per pair, as in the recipe
+                g_i -= dot / torch.dot(grads[j], grads[j]) * grads[j]
+    return torch.stack(projected).sum(0)
+
+
+@dataclass(frozen=True)
+class Contender:
+    """One aggregator as the benchmark knows it: Tolaria's, and its alternatives where they exist."""
+
+    name: str
+    tolaria: Callable[[str], Aggregator]  # backend name -> aggregator
+    naive: Callable[[Tensor], Tensor] | None = None
+    torchjd_name: str | None = None
+
+
+CONTENDERS: dict[str, Contender] = {
+    "pcgrad": Contender("pcgrad", lambda b: PCGrad(backend=b), naive_pcgrad, "PCGrad"),
+    "mean": Contender("mean", lambda b: Mean(backend=b), None, "Mean"),
+    "sum": Contender("sum", lambda b: Sum(backend=b), None, "Sum"),
+}
+
+
+@dataclass
+class Measurement:
+    aggregator: str
+    method: str
+    dtype: str
+    k: int
+    n: int
+    device: str
+    ms: float
+    gb_per_s: float
+    x_floor: float
+    extra_mb: float | None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_ms(fn: Callable[[], object], device: torch.device, repeats: int, budget_s: float) -> float:
+    fn()  # warm-up (compilation, caches, allocator)
+    _sync(device)
+    times = []
+    start = time.perf_counter()
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+        if time.perf_counter() - start > budget_s:
+            break
+    return statistics.median(times)
+
+
+_M_MMAP_THRESHOLD = -3
+
+
+def _map_large_allocations() -> None:
+    """Makes glibc serve every allocation over 64 KiB with its own mmap (Linux).
+
+    Otherwise freed buffers are recycled from already-resident heap and a method's new allocations
+    never show in the peak RSS; with this, each one is fresh memory that the peak counts.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 64 * 1024)
+    except OSError as exc:
+        print(f"note: cannot tune malloc ({exc}); CPU memory figures may read low")
+
+
+def _reset_peak_rss() -> int | None:
+    """Resets the process's peak RSS (Linux) and returns the current RSS in bytes, or None."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return _status_kb("VmRSS") * 1024
+    except OSError:
+        return None
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _extra_memory_mb(fn: Callable[[], object], device: torch.device) -> float | None:
+    """Peak memory ``fn`` needs beyond what is already allocated (its input included)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    base = _reset_peak_rss()
+    if base is None:
+        return None
+    fn()
+    return max(0, _status_kb("VmHWM") * 1024 - base) / 2**20
+
+
+def _torchjd(name: str | None) -> Callable[[Tensor], Tensor] | None:
+    if name is None:
+        return None
+    try:
+        import torchjd.aggregation as tjd
+    except ImportError:
+        return None
+    return getattr(tjd, name)()
+
+
+def build_methods(
+    contender: Contender, dtype_name: str, k: int, n: int, device: torch.device
+) -> tuple[int, dict[str, Callable[[], object]]]:
+    """The input's size in bytes and every method to time on one shared K x N matrix."""
+    gen = torch.Generator(device="cpu").manual_seed(k * 1_000_003 + n)
+    j = torch.randn((k, n), generator=gen, dtype=torch.float32).to(device=device, dtype=DTYPES[dtype_name])
+    methods: dict[str, Callable[[], object]] = {"floor": lambda: j.sum(0)}
+    if device.type == "cuda":
+        methods["copy"] = lambda: j.clone()
+    agg = contender.tolaria("auto")
+    methods["tolaria"] = lambda: agg(j)
+    agg_torch = contender.tolaria("torch")
+    methods["tolaria-torch"] = lambda: agg_torch(j)
+    if contender.naive is not None:
+        methods["naive-loop"] = lambda: contender.naive(j)
+    tjd = _torchjd(contender.torchjd_name)
+    if tjd is not None:
+        methods["torchjd"] = lambda: tjd(j)
+    return j.numel() * j.element_size(), methods
+
+
+def measure(
+    contender: Contender,
+    dtype_name: str,
+    k: int,
+    n: int,
+    device: torch.device,
+    *,
+    repeats: int,
+    budget_s: float,
+) -> list[Measurement]:
+    """Times every method on one matrix; ``extra_mb`` is filled in later by :func:`add_memory`."""
+    nbytes, methods = build_methods(contender, dtype_name, k, n, device)
+    times = {m: _time_ms(fn, device, repeats, budget_s) for m, fn in methods.items()}
+    return [
+        Measurement(
+            aggregator=contender.name, method=m, dtype=dtype_name, k=k, n=n, device=str(device),
+            ms=ms, gb_per_s=nbytes / (ms * 1e-3) / 1e9, x_floor=ms / times["floor"], extra_mb=None,
+        )
+        for m, ms in times.items()
+    ]
+
+
+def add_memory(group: list[Measurement], contender: Contender, device: torch.device) -> None:
+    """Fills in each method's peak extra memory, measured apart from the timings (see below)."""
+    first = group[0]
+    _, methods = build_methods(contender, first.dtype, first.k, first.n, device)
+    for r in group:
+        r.extra_mb = _extra_memory_mb(methods[r.method], device)
+
+
+def format_table(rows: list[Measurement]) -> str:
+    """One block per (aggregator, dtype, K, N): each method's time, GB/s, x floor and Tolaria's speed-up."""
+    out = []
+    header = f"{'method':<14} {'ms':>10} {'GB/s':>8} {'x floor':>8} {'tolaria faster':>15} {'extra MB':>9}"
+    groups: dict[tuple, list[Measurement]] = {}
+    for r in rows:
+        groups.setdefault((r.aggregator, r.dtype, r.k, r.n, r.device), []).append(r)
+    for (agg, dt, k, n, dev), group in groups.items():
+        tol = next(r.ms for r in group if r.method == "tolaria")
+        out.append(f"\n{agg}  {dt}  K={k}  N={n:.3g}  ({dev})")
+        out.append(header)
+        for r in group:
+            speed = "" if r.method in ("tolaria", "floor", "copy") else f"{r.ms / tol:.2f}x"
+            mem = "n/a" if r.extra_mb is None else f"{r.extra_mb:.1f}"
+            out.append(f"{r.method:<14} {r.ms:>10.3f} {r.gb_per_s:>8.2f} {r.x_floor:>8.2f} {speed:>15} {mem:>9}")
+    return "\n".join(out)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(float(x)) for x in text.split(",") if x]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--aggregators", default="pcgrad", help=f"comma list of {', '.join(CONTENDERS)} (default: pcgrad)")
+    p.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32, bf16, fp16, fp64 (default: fp32,bf16)")
+    p.add_argument("--k", default="2,4,8,16", help="numbers of sources (default: 2,4,8,16)")
+    p.add_argument("--n", default="1e5,1e6,4e6,1.6e7", help="elements per source (default: 1e5,1e6,4e6,1.6e7)")
+    p.add_argument("--repeats", type=int, default=7, help="timed repeats per method; the median is reported")
+    p.add_argument("--budget-s", type=float, default=3.0, help="stop repeating a method after this many seconds")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--quick", action="store_true", help="the headline case only: K=8, N=4e6, fp32")
+    p.add_argument("--json", type=Path, help="also write every measurement to this JSON file")
+
+
+def run(args: argparse.Namespace) -> int:
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    names = [a.strip() for a in args.aggregators.split(",") if a.strip()]
+    unknown = [a for a in names if a not in CONTENDERS]
+    if unknown:
+        raise SystemExit(f"unknown aggregator(s) {', '.join(unknown)}; valid: {', '.join(CONTENDERS)}")
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    bad = [d for d in dtypes if d not in DTYPES]
+    if bad:
+        raise SystemExit(f"unknown dtype(s) {', '.join(bad)}; valid: {', '.join(DTYPES)}")
+    ks, ns = _ints(args.k), _ints(args.n)
+    if args.quick:
+        dtypes, ks, ns = ["fp32"], [8], [4_000_000]
+    print(
+        f"tolaria bench: torch {torch.__version__}, {platform.machine()}, "
+        f"{torch.get_num_threads()} threads, device {device}"
+        + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+    )
+    rows: list[Measurement] = []
+    groups: list[tuple[Contender, list[Measurement]]] = []
+    for name in names:
+        for dt in dtypes:
+            for k in ks:
+                for n in ns:
+                    if device.type == "cuda":
+                        need = k * n * torch.tensor([], dtype=DTYPES[dt]).element_size() * 4
+                        if need > torch.cuda.mem_get_info(device)[0]:
+                            print(f"skip {name} {dt} K={k} N={n:.3g}: needs ~{need / 2**30:.1f} GiB")
+                            continue
+                    group = measure(
+                        CONTENDERS[name], dt, k, n, device, repeats=args.repeats, budget_s=args.budget_s
+                    )
+                    groups.append((CONTENDERS[name], group))
+                    rows.extend(group)
+                    if args.no_memory:
+                        print(format_table(group), flush=True)
+    if not args.no_memory:
+        # Memory is measured after every timing: on CPU it needs malloc tuned in a way that slows
+        # allocation, which must not leak into the times.
+        if device.type == "cpu":
+            _map_large_allocations()
+        for contender, group in groups:
+            add_memory(group, contender, device)
+            print(format_table(group), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+__all__ = ["CONTENDERS", "Contender", "Measurement", "add_arguments", "format_table", "main", "measure", "naive_pcgrad", "run"]
