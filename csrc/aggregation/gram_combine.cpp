@@ -17,6 +17,7 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <thread>
@@ -89,130 +90,193 @@ TOLARIA_INLINE void store_one(void* row, int64_t col, float value) {
   if constexpr (D == DType::kFloat16) static_cast<_Float16*>(row)[col] = static_cast<_Float16>(value);
 }
 
-TOLARIA_INLINE double hsum(vfloat v) {
+TOLARIA_INLINE double hsum(vdouble v) {
   double s = 0.0;
-  for (int l = 0; l < kLanes; ++l) s += v[l];
+  for (int l = 0; l < 8; ++l) s += v[l];
   return s;
 }
 
-// Columns per chunk: the K rows of one chunk (as floats) should fit in about 24 KiB of L1.
-int64_t chunk_columns(int64_t k) {
-  int64_t c = (24 * 1024 / 4) / std::max<int64_t>(k, 1);
-  c = std::max<int64_t>(kLanes * 4, (c / kLanes) * kLanes);
-  return std::min<int64_t>(c, 4096);
+// ---- Gram ---------------------------------------------------------------------------------------
+//
+// Fast path (float32 accumulation): rows are reduced in chunks of a few cache lines, so the K rows of
+// a chunk stay in L1 while every pair is reduced; pairs are handled four at a time (one load of row i
+// feeds four accumulators, four independent FMA chains); per-pair accumulators stay in vector lanes
+// across a super-chunk and are folded into double once per super-chunk, so the horizontal sums cost
+// nothing and no lane accumulates more than a few hundred products.
+//
+// Wide path (double accumulation): used for float64 input, and to re-run a float32-accumulated Gram
+// whose diagonal came out non-finite, which tells a real NaN/inf in the input (still non-finite) from
+// an fp32 overflow of a huge finite input (finite in double). If every diagonal partial sum is finite
+// in float32, Cauchy-Schwarz bounds every off-diagonal one, so the fast path never overflows silently.
+
+// Columns per chunk for the fast path. Short chunks also sidestep L1 set conflicts between rows whose
+// addresses differ by a multiple of 4 KiB (the usual K x N layout).
+TOLARIA_INLINE int64_t fast_chunk_columns(int64_t k) {
+  return std::clamp<int64_t>((8192 / std::max<int64_t>(k, 1)) / kLanes * kLanes, 2 * kLanes, 8 * kLanes);
+}
+constexpr int64_t kSuperChunk = 4096;  // columns per lane-accumulation window (256 products per lane)
+
+TOLARIA_INLINE vfloat vload(const float* p) {
+  vfloat v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
 }
 
-// ---- Gram ---------------------------------------------------------------------------------------
+TOLARIA_INLINE void vstore(float* p, vfloat v) { std::memcpy(p, &v, sizeof v); }
 
-// Adds the lower triangle of J[:, begin:end] J[:, begin:end]^T into acc (K x K, row-major, double).
-// Low-precision rows are widened into `scratch` (K x chunk floats) once per chunk, so the K^2/2 pair
-// reductions read floats from L1 instead of converting every element K times.
-template <DType D>
-TOLARIA_INLINE void gram_range_lowp(const void* const* rows, int64_t k, int64_t begin, int64_t end,
-                                    double* acc) {
-  const int64_t chunk = chunk_columns(k);
-  std::vector<float> scratch_store;
-  const float** frows = static_cast<const float**>(alloca(sizeof(float*) * k));
-  if constexpr (D != DType::kFloat32) scratch_store.resize(static_cast<size_t>(k * chunk));
-
-  for (int64_t c0 = begin; c0 < end; c0 += chunk) {
-    const int64_t len = std::min(chunk, end - c0);
-    const int64_t vec_len = (len / kLanes) * kLanes;
-    for (int64_t i = 0; i < k; ++i) {
-      if constexpr (D == DType::kFloat32) {
-        frows[i] = static_cast<const float*>(rows[i]) + c0;
-      } else {
-        float* dst = scratch_store.data() + i * chunk;
-        for (int64_t c = 0; c < vec_len; c += kLanes) {
-          vfloat v = load_lanes<D>(rows[i], c0 + c);
-          std::memcpy(dst + c, &v, sizeof v);
-        }
-        for (int64_t c = vec_len; c < len; ++c) dst[c] = load_one<D>(rows[i], c0 + c);
-        frows[i] = dst;
+// Lane accumulators live in plain float storage (kLanes floats per pair, loaded and stored unaligned):
+// std::vector of an over-aligned vector type is not reliably aligned across the target clones.
+//
+// va[i * k + j] += sum over the chunk of x_i * x_j, lane-wise, for j <= i (and a few j > i, which is
+// harmless: they are other entries of the same symmetric matrix). len is a multiple of kLanes.
+TOLARIA_INLINE void gram_chunk_f32(const float* const* x, int64_t k, int64_t len, float* va) {
+  auto slot = [&](int64_t i, int64_t j) { return va + (i * k + j) * kLanes; };
+  for (int64_t i = 0; i < k; ++i) {
+    const float* xi = x[i];
+    const int64_t jmax = std::min<int64_t>(k, (i / 4 + 1) * 4);
+    int64_t j = 0;
+    for (; j + 4 <= jmax; j += 4) {
+      vfloat a0 = vload(slot(i, j)), a1 = vload(slot(i, j + 1)), a2 = vload(slot(i, j + 2)),
+             a3 = vload(slot(i, j + 3));
+      const float *y0 = x[j], *y1 = x[j + 1], *y2 = x[j + 2], *y3 = x[j + 3];
+      for (int64_t c = 0; c < len; c += kLanes) {
+        const vfloat xv = vload(xi + c);
+        a0 += xv * vload(y0 + c);
+        a1 += xv * vload(y1 + c);
+        a2 += xv * vload(y2 + c);
+        a3 += xv * vload(y3 + c);
       }
+      vstore(slot(i, j), a0);
+      vstore(slot(i, j + 1), a1);
+      vstore(slot(i, j + 2), a2);
+      vstore(slot(i, j + 3), a3);
     }
-    for (int64_t i = 0; i < k; ++i) {
-      const float* xi = frows[i];
-      int64_t j = 0;
-      // Four pairs at once: one load of row i feeds four accumulators.
-      for (; j + 3 <= i; j += 4) {
-        vfloat a0 = {}, a1 = {}, a2 = {}, a3 = {};
-        const float *y0 = frows[j], *y1 = frows[j + 1], *y2 = frows[j + 2], *y3 = frows[j + 3];
-        for (int64_t c = 0; c < vec_len; c += kLanes) {
-          vfloat x, v0, v1, v2, v3;
-          std::memcpy(&x, xi + c, sizeof x);
-          std::memcpy(&v0, y0 + c, sizeof x);
-          std::memcpy(&v1, y1 + c, sizeof x);
-          std::memcpy(&v2, y2 + c, sizeof x);
-          std::memcpy(&v3, y3 + c, sizeof x);
-          a0 += x * v0;
-          a1 += x * v1;
-          a2 += x * v2;
-          a3 += x * v3;
-        }
-        double s0 = hsum(a0), s1 = hsum(a1), s2 = hsum(a2), s3 = hsum(a3);
-        for (int64_t c = vec_len; c < len; ++c) {
-          s0 += static_cast<double>(xi[c]) * y0[c];
-          s1 += static_cast<double>(xi[c]) * y1[c];
-          s2 += static_cast<double>(xi[c]) * y2[c];
-          s3 += static_cast<double>(xi[c]) * y3[c];
-        }
-        acc[i * k + j] += s0;
-        acc[i * k + j + 1] += s1;
-        acc[i * k + j + 2] += s2;
-        acc[i * k + j + 3] += s3;
+    for (; j <= i; ++j) {  // only when k is not a multiple of 4
+      vfloat a = vload(slot(i, j)), b = {};
+      const float* y = x[j];
+      int64_t c = 0;
+      for (; c + 2 * kLanes <= len; c += 2 * kLanes) {
+        a += vload(xi + c) * vload(y + c);
+        b += vload(xi + c + kLanes) * vload(y + c + kLanes);
       }
-      for (; j <= i; ++j) {
-        vfloat a = {};
-        const float* y = frows[j];
-        for (int64_t c = 0; c < vec_len; c += kLanes) {
-          vfloat x, v;
-          std::memcpy(&x, xi + c, sizeof x);
-          std::memcpy(&v, y + c, sizeof x);
-          a += x * v;
-        }
-        double s = hsum(a);
-        for (int64_t c = vec_len; c < len; ++c) s += static_cast<double>(xi[c]) * y[c];
-        acc[i * k + j] += s;
-      }
+      for (; c < len; c += kLanes) a += vload(xi + c) * vload(y + c);
+      vstore(slot(i, j), a + b);
     }
   }
 }
 
-// float64 rows: accumulate in double throughout.
-TOLARIA_INLINE void gram_range_f64(const void* const* rows, int64_t k, int64_t begin, int64_t end,
-                                   double* acc) {
-  const int64_t chunk = chunk_columns(2 * k);
+template <DType D>
+TOLARIA_INLINE void gram_range_fast(const void* const* rows, int64_t k, int64_t begin, int64_t end,
+                                    double* acc) {
+  const int64_t chunk = fast_chunk_columns(k);
+  std::vector<float> va(static_cast<size_t>(k * k * kLanes));
+  std::vector<float> scratch(D == DType::kFloat32 ? 0 : static_cast<size_t>(k * chunk));
+  std::vector<const float*> x(static_cast<size_t>(k));
+  // Whole vectors only; the ragged tail (< kLanes columns) is added in double below.
+  const int64_t vec_end = begin + (end - begin) / kLanes * kLanes;
+  for (int64_t s0 = begin; s0 < vec_end; s0 += kSuperChunk) {
+    const int64_t s1 = std::min(vec_end, s0 + kSuperChunk);
+    std::fill(va.begin(), va.end(), 0.0f);
+    for (int64_t c0 = s0; c0 < s1; c0 += chunk) {
+      const int64_t len = std::min(chunk, s1 - c0);
+      for (int64_t i = 0; i < k; ++i) {
+        if constexpr (D == DType::kFloat32) {
+          x[i] = static_cast<const float*>(rows[i]) + c0;
+        } else {
+          float* dst = scratch.data() + i * chunk;
+          for (int64_t c = 0; c < len; ++c) dst[c] = load_one<D>(rows[i], c0 + c);
+          x[i] = dst;
+        }
+      }
+      gram_chunk_f32(x.data(), k, len, va.data());
+    }
+    for (int64_t i = 0; i < k; ++i) {
+      for (int64_t j = 0; j <= i; ++j) {
+        double sum = 0.0;
+        for (int l = 0; l < kLanes; ++l) sum += va[(i * k + j) * kLanes + l];
+        acc[i * k + j] += sum;
+      }
+    }
+  }
+  for (int64_t i = 0; i < k; ++i) {
+    for (int64_t j = 0; j <= i; ++j) {
+      double sum = 0.0;
+      for (int64_t c = vec_end; c < end; ++c) {
+        sum += static_cast<double>(load_one<D>(rows[i], c)) * load_one<D>(rows[j], c);
+      }
+      acc[i * k + j] += sum;
+    }
+  }
+}
+
+template <DType D>
+TOLARIA_INLINE double load_double(const void* row, int64_t col) {
+  if constexpr (D == DType::kFloat64) return static_cast<const double*>(row)[col];
+  return static_cast<double>(load_one<D>(row, col));
+}
+
+// Columns per chunk for the wide path: K rows of doubles in about 24 KiB of L1.
+TOLARIA_INLINE int64_t wide_chunk_columns(int64_t k) {
+  return std::clamp<int64_t>((3072 / std::max<int64_t>(k, 1)) / 8 * 8, 32, 2048);
+}
+
+template <DType D>
+TOLARIA_INLINE void gram_range_wide(const void* const* rows, int64_t k, int64_t begin, int64_t end,
+                                    double* acc) {
+  const int64_t chunk = wide_chunk_columns(k);
+  std::vector<double> scratch(static_cast<size_t>(k * chunk));
   for (int64_t c0 = begin; c0 < end; c0 += chunk) {
     const int64_t len = std::min(chunk, end - c0);
     const int64_t vec_len = (len / 8) * 8;
     for (int64_t i = 0; i < k; ++i) {
-      const double* xi = static_cast<const double*>(rows[i]) + c0;
+      double* dst = scratch.data() + i * chunk;
+      for (int64_t c = 0; c < len; ++c) dst[c] = load_double<D>(rows[i], c0 + c);
+    }
+    for (int64_t i = 0; i < k; ++i) {
+      const double* xi = scratch.data() + i * chunk;
       for (int64_t j = 0; j <= i; ++j) {
-        const double* y = static_cast<const double*>(rows[j]) + c0;
-        vdouble a = {};
-        for (int64_t c = 0; c < vec_len; c += 8) {
-          vdouble x, v;
-          std::memcpy(&x, xi + c, sizeof x);
-          std::memcpy(&v, y + c, sizeof x);
-          a += x * v;
+        const double* y = scratch.data() + j * chunk;
+        vdouble a = {}, b = {};
+        int64_t c = 0;
+        for (; c + 16 <= vec_len; c += 16) {
+          vdouble x0, y0, x1, y1;
+          std::memcpy(&x0, xi + c, sizeof x0);
+          std::memcpy(&y0, y + c, sizeof y0);
+          std::memcpy(&x1, xi + c + 8, sizeof x1);
+          std::memcpy(&y1, y + c + 8, sizeof y1);
+          a += x0 * y0;
+          b += x1 * y1;
         }
-        double s = 0.0;
-        for (int l = 0; l < 8; ++l) s += a[l];
-        for (int64_t c = vec_len; c < len; ++c) s += xi[c] * y[c];
-        acc[i * k + j] += s;
+        for (; c < vec_len; c += 8) {
+          vdouble x0, y0;
+          std::memcpy(&x0, xi + c, sizeof x0);
+          std::memcpy(&y0, y + c, sizeof y0);
+          a += x0 * y0;
+        }
+        double sum = hsum(a + b);
+        for (; c < len; ++c) sum += xi[c] * y[c];
+        acc[i * k + j] += sum;
       }
     }
   }
 }
 
-TOLARIA_CLONES void gram_range(DType dtype, const void* const* rows, int64_t k, int64_t begin,
-                               int64_t end, double* acc) {
+TOLARIA_CLONES void gram_range(DType dtype, bool wide, const void* const* rows, int64_t k,
+                               int64_t begin, int64_t end, double* acc) {
   switch (dtype) {
-    case DType::kFloat32: gram_range_lowp<DType::kFloat32>(rows, k, begin, end, acc); break;
-    case DType::kBFloat16: gram_range_lowp<DType::kBFloat16>(rows, k, begin, end, acc); break;
-    case DType::kFloat16: gram_range_lowp<DType::kFloat16>(rows, k, begin, end, acc); break;
-    case DType::kFloat64: gram_range_f64(rows, k, begin, end, acc); break;
+    case DType::kFloat32:
+      wide ? gram_range_wide<DType::kFloat32>(rows, k, begin, end, acc)
+           : gram_range_fast<DType::kFloat32>(rows, k, begin, end, acc);
+      break;
+    case DType::kBFloat16:
+      wide ? gram_range_wide<DType::kBFloat16>(rows, k, begin, end, acc)
+           : gram_range_fast<DType::kBFloat16>(rows, k, begin, end, acc);
+      break;
+    case DType::kFloat16:
+      wide ? gram_range_wide<DType::kFloat16>(rows, k, begin, end, acc)
+           : gram_range_fast<DType::kFloat16>(rows, k, begin, end, acc);
+      break;
+    case DType::kFloat64: gram_range_wide<DType::kFloat64>(rows, k, begin, end, acc); break;
   }
 }
 
@@ -310,11 +374,24 @@ void gram(const std::vector<uintptr_t>& rows, int64_t n, int dtype, uintptr_t ou
   const int64_t k = static_cast<int64_t>(rows.size());
   std::vector<const void*> ptrs = to_pointers(rows);
   py::gil_scoped_release release;
-  std::vector<std::vector<double>> partial(static_cast<size_t>(std::max(threads, 1)),
-                                           std::vector<double>(k * k, 0.0));
-  parallel_ranges(n, threads, [&](int t, int64_t b, int64_t e) {
-    gram_range(static_cast<DType>(dtype), ptrs.data(), k, b, e, partial[t].data());
-  });
+  const DType d = static_cast<DType>(dtype);
+  std::vector<std::vector<double>> partial;
+  auto run = [&](bool wide) {
+    partial.assign(static_cast<size_t>(std::max(threads, 1)), std::vector<double>(k * k, 0.0));
+    parallel_ranges(n, threads, [&](int t, int64_t b, int64_t e) {
+      gram_range(d, wide, ptrs.data(), k, b, e, partial[t].data());
+    });
+  };
+  run(/*wide=*/d == DType::kFloat64);
+  if (d != DType::kFloat64) {
+    bool finite = true;
+    for (int64_t i = 0; i < k; ++i) {
+      double s = 0.0;
+      for (const auto& p : partial) s += p[i * k + i];
+      finite = finite && std::isfinite(s);
+    }
+    if (!finite) run(/*wide=*/true);  // NaN/inf in the input, or an fp32 overflow: double decides
+  }
   double* g = reinterpret_cast<double*>(out);
   for (int64_t i = 0; i < k; ++i) {
     for (int64_t j = 0; j <= i; ++j) {

@@ -1,0 +1,41 @@
+"""Weighted, Mean and Sum against float64 references."""
+
+import pytest
+import torch
+
+from tolaria.aggregation import Mean, Sum, Weighted
+
+from .reference import assert_close_to_reference
+
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k,n", [(1, 3), (2, 1000), (7, 4099), (17, 65)])
+def test_fixed_weight_aggregators(backend, dtype, k, n):
+    j = torch.randn((k, n), dtype=torch.float64, generator=torch.Generator().manual_seed(k + n)).to(dtype)
+    ref = j.to(torch.float64)
+    w = torch.linspace(0.1, 2.0, k, dtype=torch.float64)
+    assert_close_to_reference(Sum(backend=backend)(j), ref.sum(0), dtype)
+    assert_close_to_reference(Mean(backend=backend)(j), ref.mean(0), dtype)
+    assert_close_to_reference(Weighted(w, backend=backend)(j), (w[:, None] * ref).sum(0), dtype)
+
+
+def test_weighted_validates_its_weights():
+    with pytest.raises(ValueError, match="must not be negative"):
+        Weighted([1.0, -3.0])
+    with pytest.raises(ValueError, match="not finite"):
+        Weighted([1.0, float("nan")])
+    with pytest.raises(ValueError, match="non-empty 1-D"):
+        Weighted([])
+    with pytest.raises(TypeError, match="weight 1 is a str"):
+        Weighted([1.0, "2"])
+    with pytest.raises(ValueError, match="2 weights but got 3"):
+        Weighted([1.0, 1.0])(torch.randn(3, 5))
+
+
+def test_stats_have_no_conflicts_for_plain_sums():
+    _, stats = Sum()(torch.tensor([[1.0, 0.0], [-1.0, 0.0]]), return_stats=True)
+    assert int(stats.conflicts) == 0
+    torch.testing.assert_close(stats.cosine, torch.tensor([[1.0, -1.0], [-1.0, 1.0]], dtype=torch.float64))
