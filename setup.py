@@ -13,6 +13,7 @@ CSRC = Path("csrc")
 # One extension per concept in csrc/: module name -> source folder.
 EXTENSIONS = {
     "tolaria._aggregation_cpu": "aggregation",
+    "tolaria._signal": "signal",
 }
 
 
@@ -24,7 +25,7 @@ def _extension(module: str, folder: str) -> Pybind11Extension:
         module,
         sources,
         cxx_std=17,
-        extra_compile_args=["-O3", "-fno-math-errno"],
+        extra_compile_args=["-O3", "-fno-math-errno", "-Wno-psabi"],
     )
 
 

@@ -1,0 +1,400 @@
+// tolaria._signal: cross-process signals over POSIX shared memory (see shared_seqlock.h for the
+// primitive and the segment layout).
+//
+// Two kinds share the primitive, each with its own payload, magic number and layout version:
+//   SharedEmergencySignal  level (EmergencyLevel 1..4 while set), reason, timestamp
+//   SharedDeadlineSignal   reason, timestamp (the rollback deadline)
+// Python-facing classes are re-exported, with the emergency levels, by tolaria/signals.py.
+
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <Python.h>
+
+#include "shared_seqlock.h"
+
+namespace py = pybind11;
+
+namespace tolaria::signal {
+
+// Reasons are UTF-8, cut to at most this many bytes on a character boundary.
+constexpr std::size_t kMaxReasonBytes = 256;
+constexpr int kMinTriggerLevel = 1;  // EmergencyLevel.NOTICE; NONE is what clear() sets
+constexpr int kMaxLevel = 4;         // EmergencyLevel.HALT
+
+struct EmergencyPayload {
+  static constexpr uint64_t kMagic = magic_from("TLRSEMRG");
+  static constexpr uint32_t kVersion = 1;
+  static constexpr const char* kKind = "emergency";
+
+  double timestamp_ms;
+  int32_t level;
+  uint32_t reason_length;
+  char reason[kMaxReasonBytes];
+};
+
+struct DeadlinePayload {
+  static constexpr uint64_t kMagic = magic_from("TLRSDDLN");
+  static constexpr uint32_t kVersion = 1;
+  static constexpr const char* kKind = "deadline";
+
+  double timestamp_ms;
+  uint32_t reason_length;
+  uint32_t unused;
+  char reason[kMaxReasonBytes];
+};
+
+inline const char* known_kind(uint64_t magic) {
+  if (magic == EmergencyPayload::kMagic) return EmergencyPayload::kKind;
+  if (magic == DeadlinePayload::kMagic) return DeadlinePayload::kKind;
+  return nullptr;
+}
+
+// What read() returns: plain values, comparable and picklable.
+struct SignalState {
+  int level = 0;
+  std::string reason;
+  double timestamp_ms = 0.0;
+  uint64_t generation = 0;
+  bool is_set = false;
+};
+
+struct DeadlineState {
+  double timestamp_ms = 0.0;
+  std::string reason;
+  uint64_t generation = 0;
+  bool is_set = false;
+};
+
+using EmergencyCore = SharedSeqlock<EmergencyPayload>;
+using DeadlineCore = SharedSeqlock<DeadlinePayload>;
+
+// ---- argument checks ----------------------------------------------------------------------------
+
+int check_level(py::handle level) {
+  // bool is an int in Python, but True is no emergency level.
+  if (PyBool_Check(level.ptr()) || !PyIndex_Check(level.ptr())) {
+    throw std::invalid_argument("invalid emergency level " + py::repr(level).cast<std::string>() +
+                                ": expected an EmergencyLevel or an int in 1..4");
+  }
+  Py_ssize_t value = PyNumber_AsSsize_t(level.ptr(), nullptr);
+  if (value == -1 && PyErr_Occurred()) throw py::error_already_set();
+  if (value == 0) {
+    throw std::invalid_argument("cannot trigger emergency level NONE (0): use clear() to reset the signal");
+  }
+  if (value < kMinTriggerLevel || value > kMaxLevel) {
+    throw std::invalid_argument("invalid emergency level " + std::to_string(value) +
+                                ": EmergencyLevel values are 0..4 (NONE, NOTICE, ELEVATED, CONSERVATIVE, HALT)");
+  }
+  return static_cast<int>(value);
+}
+
+double check_timestamp(std::optional<double> monotonic_ms) {
+  if (!monotonic_ms.has_value()) return monotonic_ms_now();
+  double t = *monotonic_ms;
+  if (!std::isfinite(t) || t < 0) {
+    throw std::invalid_argument("monotonic_ms must be a finite, non-negative time in milliseconds, got " +
+                                std::to_string(t));
+  }
+  return t;
+}
+
+double check_timeout(std::optional<double> timeout_s) {
+  if (!timeout_s.has_value()) return -1.0;  // no timeout
+  double t = *timeout_s;
+  if (std::isnan(t) || t < 0) {
+    throw std::invalid_argument("timeout_s must be a non-negative number of seconds or None, got " + std::to_string(t));
+  }
+  return std::isinf(t) ? -1.0 : t;
+}
+
+std::optional<uint64_t> check_generation(std::optional<int64_t> after_generation) {
+  if (!after_generation.has_value()) return std::nullopt;
+  if (*after_generation < 0) {
+    throw std::invalid_argument("after_generation must be a generation (>= 0), got " + std::to_string(*after_generation));
+  }
+  return static_cast<uint64_t>(*after_generation);
+}
+
+template <class Payload>
+void store_reason(Payload& p, const py::str& reason) {
+  std::string text = reason;  // UTF-8; a lone surrogate raises UnicodeEncodeError
+  std::size_t n = utf8_prefix_length(text, kMaxReasonBytes);
+  std::memcpy(p.reason, text.data(), n);
+  p.reason_length = static_cast<uint32_t>(n);
+}
+
+template <class Payload>
+std::string load_reason(const Payload& p) {
+  std::size_t n = p.reason_length <= kMaxReasonBytes ? p.reason_length : kMaxReasonBytes;
+  return std::string(p.reason, n);
+}
+
+// ---- shared bindings ----------------------------------------------------------------------------
+
+void log_warning(const std::string& message) {
+  py::module_::import("logging").attr("getLogger")("tolaria.signals").attr("warning")(message);
+}
+
+template <class Payload>
+py::class_<SharedSeqlock<Payload>> bind_signal(py::module_& m, const char* cls_name, const char* doc) {
+  using Core = SharedSeqlock<Payload>;
+  py::class_<Core> cls(m, cls_name, doc);
+  const std::string kind = Payload::kKind;
+
+  cls.def_static(
+      "create",
+      [kind](const std::string& name) {
+        auto core = Core::create(name);
+        if (auto pid = core->reclaimed_pid()) {
+          log_warning("reclaimed " + kind + " signal '" + name + "' left by dead process " + std::to_string(*pid) +
+                      "; its record was cleared");
+        }
+        return core;
+      },
+      py::arg("name"),
+      "Creates the signal `name` (cleared, generation 0) and returns a handle on it.\n\n"
+       "Raises FileExistsError when the name exists and its creator is alive, SignalLayoutError when it\n"
+       "holds something else. A segment whose creator died is reclaimed: with this layout it is adopted\n"
+       "in place (attached processes stay connected; the record is cleared, the generation keeps\n"
+       "counting; `reclaimed_pid` names the dead creator), with another layout version it is replaced.");
+  cls.def_static("attach", &Core::attach, py::arg("name"),
+                 ("Attaches to the existing signal `name`. Raises FileNotFoundError when it does not exist and\n"
+                  "SignalLayoutError when it is not a " + kind + " signal of this layout version.")
+                     .c_str());
+
+  cls.def_property_readonly("name", &Core::name, "The signal's name (without the leading '/').");
+  cls.def_property_readonly("created", &Core::created, "Whether this handle created (or reclaimed) the segment.");
+  cls.def_property_readonly("closed", &Core::closed, "Whether close() was called on this handle.");
+  cls.def_property_readonly("reclaimed_pid", &Core::reclaimed_pid,
+                            "Pid of the dead creator whose segment create() reclaimed, else None.");
+  cls.def_property_readonly("generation", &Core::generation,
+                            "Current generation: bumped by every trigger() and every clear().");
+
+  cls.def("is_set", &Core::is_set, "Whether the last write was a trigger() (not a clear()).");
+  cls.def("clear", &Core::clear,
+          "Resets the record (not set, empty reason, timestamp 0.0) and returns the new generation.\n"
+          "Waiters are not released: wait() returns only for triggers.");
+  cls.def(
+      "wait",
+      [](Core& self, std::optional<double> timeout_s, std::optional<int64_t> after_generation) {
+        const double timeout = check_timeout(timeout_s);
+        const auto after = check_generation(after_generation);
+        py::gil_scoped_release release;
+        return self.wait(timeout, after, [] {
+          py::gil_scoped_acquire acquire;
+          if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+        });
+      },
+      py::arg("timeout_s"), py::arg("after_generation") = py::none(),
+      "Blocks, without the GIL, until a trigger with a generation above `after_generation` (default: the\n"
+      "current generation) or until `timeout_s` seconds pass (None: no limit). Returns True for a trigger,\n"
+      "False on timeout; returns at once when such a trigger already happened. On Linux it sleeps on a\n"
+      "futex in the shared segment and wakes as soon as another process triggers.");
+  cls.def(
+      "close",
+      [](Core& self) {
+        py::gil_scoped_release release;
+        self.close();
+      },
+      "Closes this handle (idempotent); waits in other threads of this process end with ValueError.\n"
+      "The segment stays for other processes until unlink().");
+  cls.def("unlink", &Core::unlink,
+          "Removes the name (the segment lives on while processes keep it mapped). Raises\n"
+          "FileNotFoundError when the name is gone, RuntimeError when it now names another segment.");
+  cls.def("__enter__", [](py::object self) { return self; });
+  cls.def(
+      "__exit__",
+      [](Core& self, py::handle, py::handle, py::handle) {
+        {
+          py::gil_scoped_release release;
+          self.close();
+        }
+        if (self.created() && !self.unlinked()) self.unlink();
+        return false;
+      },
+      "Closes the handle; a handle that created the signal also unlinks it.");
+  cls.def("__repr__", [cls_name](const Core& self) {
+    return std::string(cls_name) + "(name='" + self.name() + "', created=" + (self.created() ? "True" : "False") +
+           ", closed=" + (self.closed() ? "True" : "False") + ")";
+  });
+
+  cls.attr("MAX_REASON_BYTES") = kMaxReasonBytes;
+  cls.attr("MAGIC") = Payload::kMagic;
+  cls.attr("LAYOUT_VERSION") = Payload::kVersion;
+  cls.attr("SEGMENT_SIZE") = Core::kSegmentSize;
+  py::dict layout;
+  layout["magic"] = offsetof(Header, magic);
+  layout["layout_version"] = offsetof(Header, layout_version);
+  layout["creator_pid"] = offsetof(Header, creator_pid);
+  layout["segment_size"] = offsetof(Header, segment_size);
+  layout["writer_pid"] = offsetof(Header, writer_pid);
+  layout["wake_word"] = offsetof(Header, wake_word);
+  layout["seq"] = offsetof(Header, seq);
+  layout["generation"] = offsetof(Header, generation);
+  layout["trigger_generation"] = offsetof(Header, trigger_generation);
+  layout["is_set"] = offsetof(Header, is_set);
+  layout["waiters"] = offsetof(Header, waiters);
+  layout["payload"] = offsetof(Segment<Payload>, words);
+  cls.attr("LAYOUT") = layout;
+  return cls;
+}
+
+}  // namespace tolaria::signal
+
+using namespace tolaria::signal;
+
+PYBIND11_MODULE(_signal, m) {
+  m.doc() = "Cross-process emergency and deadline signals over POSIX shared memory (see tolaria.signals).";
+
+  static py::exception<LayoutError> layout_error(m, "SignalLayoutError", PyExc_RuntimeError);
+  layout_error.doc() = "A shared-memory name holds a segment this build cannot read (foreign, other kind or layout version).";
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const OsError& e) {
+      // OSError(errno, message, filename) becomes FileNotFoundError, FileExistsError, ... by errno.
+      py::object err = py::reinterpret_steal<py::object>(
+          PyObject_CallFunction(PyExc_OSError, "isO", e.code, e.what(), py::str(e.name).ptr()));
+      if (!err) throw py::error_already_set();
+      PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(err.ptr())), err.ptr());
+    } catch (const LayoutError& e) {
+      py::set_error(layout_error, e.what());
+    } catch (const ClosedError& e) {
+      PyErr_SetString(PyExc_ValueError, e.what());
+    } catch (const TornRecordError& e) {
+      PyErr_SetString(PyExc_RuntimeError, e.what());
+    }
+  });
+
+  m.attr("MAX_REASON_BYTES") = kMaxReasonBytes;
+
+  py::class_<SignalState>(m, "SignalState",
+                          "One consistent read of an emergency signal: level (0 = NONE when not set), reason,\n"
+                          "timestamp_ms (monotonic milliseconds; 0.0 when not set), generation, is_set.")
+      .def(py::init([](int level, std::string reason, double timestamp_ms, uint64_t generation, bool is_set) {
+             return SignalState{level, std::move(reason), timestamp_ms, generation, is_set};
+           }),
+           py::kw_only(), py::arg("level"), py::arg("reason"), py::arg("timestamp_ms"), py::arg("generation"),
+           py::arg("is_set"))
+      .def_readonly("level", &SignalState::level)
+      .def_readonly("reason", &SignalState::reason)
+      .def_readonly("timestamp_ms", &SignalState::timestamp_ms)
+      .def_readonly("generation", &SignalState::generation)
+      .def_readonly("is_set", &SignalState::is_set)
+      .def("__eq__",
+           [](const SignalState& a, const SignalState& b) {
+             return a.level == b.level && a.reason == b.reason && a.timestamp_ms == b.timestamp_ms &&
+                    a.generation == b.generation && a.is_set == b.is_set;
+           }, py::is_operator())
+      .def("__hash__", [](const SignalState& s) {
+        return py::hash(py::make_tuple(s.level, s.reason, s.timestamp_ms, s.generation, s.is_set));
+      })
+      .def("__repr__", [](const SignalState& s) {
+        return "SignalState(level=" + std::to_string(s.level) + ", reason=" + py::repr(py::str(s.reason)).cast<std::string>() +
+               ", timestamp_ms=" + py::repr(py::float_(s.timestamp_ms)).cast<std::string>() +
+               ", generation=" + std::to_string(s.generation) + ", is_set=" + (s.is_set ? "True" : "False") + ")";
+      })
+      .def(py::pickle(
+          [](const SignalState& s) { return py::make_tuple(s.level, s.reason, s.timestamp_ms, s.generation, s.is_set); },
+          [](const py::tuple& t) {
+            return SignalState{t[0].cast<int>(), t[1].cast<std::string>(), t[2].cast<double>(), t[3].cast<uint64_t>(),
+                               t[4].cast<bool>()};
+          }));
+
+  py::class_<DeadlineState>(m, "DeadlineState",
+                            "One consistent read of a deadline signal: timestamp_ms (monotonic milliseconds when\n"
+                            "the deadline tripped; 0.0 when not set), reason, generation, is_set.")
+      .def(py::init([](double timestamp_ms, std::string reason, uint64_t generation, bool is_set) {
+             return DeadlineState{timestamp_ms, std::move(reason), generation, is_set};
+           }),
+           py::kw_only(), py::arg("timestamp_ms"), py::arg("reason"), py::arg("generation"), py::arg("is_set"))
+      .def_readonly("timestamp_ms", &DeadlineState::timestamp_ms)
+      .def_readonly("reason", &DeadlineState::reason)
+      .def_readonly("generation", &DeadlineState::generation)
+      .def_readonly("is_set", &DeadlineState::is_set)
+      .def("__eq__",
+           [](const DeadlineState& a, const DeadlineState& b) {
+             return a.timestamp_ms == b.timestamp_ms && a.reason == b.reason && a.generation == b.generation &&
+                    a.is_set == b.is_set;
+           }, py::is_operator())
+      .def("__hash__", [](const DeadlineState& s) {
+        return py::hash(py::make_tuple(s.timestamp_ms, s.reason, s.generation, s.is_set));
+      })
+      .def("__repr__", [](const DeadlineState& s) {
+        return "DeadlineState(timestamp_ms=" + py::repr(py::float_(s.timestamp_ms)).cast<std::string>() +
+               ", reason=" + py::repr(py::str(s.reason)).cast<std::string>() +
+               ", generation=" + std::to_string(s.generation) + ", is_set=" + (s.is_set ? "True" : "False") + ")";
+      })
+      .def(py::pickle(
+          [](const DeadlineState& s) { return py::make_tuple(s.timestamp_ms, s.reason, s.generation, s.is_set); },
+          [](const py::tuple& t) {
+            return DeadlineState{t[0].cast<double>(), t[1].cast<std::string>(), t[2].cast<uint64_t>(), t[3].cast<bool>()};
+          }));
+
+  bind_signal<EmergencyPayload>(
+      m, "SharedEmergencySignal",
+      "The host-wide emergency level, in POSIX shared memory: one process triggers, every attached\n"
+      "process reads it or wakes from wait() within microseconds.")
+      .def(
+          "trigger",
+          [](EmergencyCore& self, py::handle level, const py::str& reason, std::optional<double> monotonic_ms) {
+            EmergencyPayload p{};
+            p.level = check_level(level);
+            store_reason(p, reason);
+            p.timestamp_ms = check_timestamp(monotonic_ms);
+            return self.trigger(p);
+          },
+          py::arg("level"), py::arg("reason"), py::arg("monotonic_ms") = py::none(),
+          "Sets the signal to `level` (EmergencyLevel NOTICE..HALT; NONE is clear()'s job) with `reason`\n"
+          "(UTF-8, cut to MAX_REASON_BYTES = 256 bytes on a character boundary) and `monotonic_ms` (default:\n"
+          "now, from the clock behind time.monotonic()), as one record no reader sees half-written. Wakes\n"
+          "every waiter and returns the new generation.")
+      .def(
+          "raise_level",
+          [](EmergencyCore& self, py::handle level, const py::str& reason, std::optional<double> monotonic_ms) {
+            EmergencyPayload p{};
+            p.level = check_level(level);
+            store_reason(p, reason);
+            p.timestamp_ms = check_timestamp(monotonic_ms);
+            return self.trigger_if(p, [&p](const EmergencyPayload& current, bool is_set) {
+              return !is_set || current.level < p.level;
+            });
+          },
+          py::arg("level"), py::arg("reason"), py::arg("monotonic_ms") = py::none(),
+          "Like trigger(), but only if `level` is above the current level (NONE when not set), decided\n"
+          "atomically with respect to writers in every process: two processes escalating at once can never\n"
+          "lower the level. Returns the new generation, or None when the level was already as high.")
+      .def(
+          "read",
+          [](const EmergencyCore& self) {
+            auto snap = self.read();
+            return SignalState{snap.payload.level, load_reason(snap.payload), snap.payload.timestamp_ms,
+                               snap.generation, snap.is_set};
+          },
+          "Returns the current record as a SignalState, read consistently.");
+
+  bind_signal<DeadlinePayload>(
+      m, "SharedDeadlineSignal",
+      "Tells every process on the host that a rollback deadline tripped, when, and why. Same primitive\n"
+      "as SharedEmergencySignal, with its own layout.")
+      .def(
+          "trigger",
+          [](DeadlineCore& self, const py::str& reason, std::optional<double> monotonic_ms) {
+            DeadlinePayload p{};
+            store_reason(p, reason);
+            p.timestamp_ms = check_timestamp(monotonic_ms);
+            return self.trigger(p);
+          },
+          py::arg("reason"), py::arg("monotonic_ms") = py::none(),
+          "Marks the deadline as tripped with `reason` (UTF-8, cut to MAX_REASON_BYTES = 256 bytes on a\n"
+          "character boundary) at `monotonic_ms` (default: now). Wakes every waiter and returns the new\n"
+          "generation.")
+      .def(
+          "read",
+          [](const DeadlineCore& self) {
+            auto snap = self.read();
+            return DeadlineState{snap.payload.timestamp_ms, load_reason(snap.payload), snap.generation, snap.is_set};
+          },
+          "Returns the current record as a DeadlineState, read consistently.");
+}

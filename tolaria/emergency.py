@@ -1,0 +1,487 @@
+"""Emergency levels, the controller that raises and lowers them, and the in-process signal.
+
+The level says how careful training must be, from :attr:`EmergencyLevel.NONE` to
+:attr:`EmergencyLevel.HALT`. An :class:`EmergencyController` owns the transitions:
+
+- ``escalate(level, reason)`` raises the level; a level at or below the current one is a no-op that
+  is still reported (returned record, telemetry, log).
+- ``deescalate(level, reason)`` lowers it explicitly (to NONE: the signal is cleared).
+- Each call returns an :class:`Escalation` record. The new level is written to the controller's
+  signal (a :class:`~tolaria.signals.SharedEmergencySignal` reaches every process on the host; a
+  :class:`LocalEmergencySignal` stays in this process), then handed to the broadcaster.
+- A broadcaster that raises is recorded on the record's ``error``, logged and counted in telemetry.
+- At most ``max_broadcasts_per_min`` broadcasts go out per rolling minute; later ones wait in a
+  queue, in order, and go out when the window allows: at the next ``escalate``/``deescalate`` or an
+  explicit :meth:`EmergencyController.flush_pending`. Nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import numbers
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any, Protocol
+
+from tolaria.signals import MAX_REASON_BYTES, SignalState
+from tolaria.telemetry import TelemetryEmitter, emitter_or_default
+
+log = logging.getLogger("tolaria.emergency")
+
+BROADCAST_WINDOW_S = 60.0
+
+
+class EmergencyLevel(IntEnum):
+    """How careful training must be; higher is more severe."""
+
+    NONE = 0
+    NOTICE = 1
+    ELEVATED = 2
+    CONSERVATIVE = 3
+    HALT = 4
+
+
+def as_level(level: object) -> EmergencyLevel:
+    """``level`` as an :class:`EmergencyLevel`; anything else (bool, float, str, out of range) is a ValueError."""
+    if isinstance(level, bool) or not isinstance(level, numbers.Integral):
+        raise ValueError(f"invalid emergency level {level!r}: expected an EmergencyLevel or an int in 0..4")
+    try:
+        return EmergencyLevel(int(level))
+    except ValueError:
+        raise ValueError(
+            f"invalid emergency level {int(level)}: EmergencyLevel values are 0..4 "
+            "(NONE, NOTICE, ELEVATED, CONSERVATIVE, HALT)"
+        ) from None
+
+
+def _trigger_level(level: object) -> EmergencyLevel:
+    checked = as_level(level)
+    if checked == EmergencyLevel.NONE:
+        raise ValueError("cannot trigger emergency level NONE (0): use clear() to reset the signal")
+    return checked
+
+
+def _utf8_prefix(text: str, max_bytes: int = MAX_REASON_BYTES) -> str:
+    """``text`` cut to at most ``max_bytes`` UTF-8 bytes without splitting a character (as the shared signal does)."""
+    if not isinstance(text, str):
+        raise TypeError(f"reason must be a str, got {type(text).__name__}")
+    data = text.encode("utf-8")
+    if len(data) <= max_bytes:
+        return text
+    # Bytes cut mid-character are the only undecodable ones, all at the end: drop them.
+    return data[:max_bytes].decode("utf-8", errors="ignore")
+
+
+def _check_timestamp(monotonic_ms: float | None) -> float:
+    if monotonic_ms is None:
+        return time.monotonic() * 1e3
+    t = float(monotonic_ms)
+    if not math.isfinite(t) or t < 0:
+        raise ValueError(f"monotonic_ms must be a finite, non-negative time in milliseconds, got {monotonic_ms!r}")
+    return t
+
+
+def _check_timeout(timeout_s: float | None) -> float | None:
+    if timeout_s is None:
+        return None
+    t = float(timeout_s)
+    if math.isnan(t) or t < 0:
+        raise ValueError(f"timeout_s must be a non-negative number of seconds or None, got {timeout_s!r}")
+    return None if math.isinf(t) else t
+
+
+class EmergencySignal(Protocol):
+    """What the controller needs from a signal; both signal classes provide it."""
+
+    def raise_level(self, level: int, reason: str, monotonic_ms: float | None = None) -> int | None: ...
+
+    def trigger(self, level: int, reason: str, monotonic_ms: float | None = None) -> int: ...
+
+    def clear(self) -> int: ...
+
+    def read(self) -> SignalState: ...
+
+
+class LocalEmergencySignal:
+    """The emergency signal within one process, with the semantics of
+    :class:`~tolaria.signals.SharedEmergencySignal`: ``trigger`` stamps the time (``time.monotonic``,
+    milliseconds) when none is given and cuts the reason to ``MAX_REASON_BYTES`` UTF-8 bytes;
+    ``clear`` resets level, reason and timestamp and bumps the generation; ``wait`` blocks (on a
+    :class:`threading.Condition`) until a trigger newer than ``after_generation``.
+    """
+
+    MAX_REASON_BYTES = MAX_REASON_BYTES
+
+    def __init__(self, name: str = "local") -> None:
+        self.name = name
+        self._cond = threading.Condition()
+        self._level = EmergencyLevel.NONE
+        self._reason = ""
+        self._timestamp_ms = 0.0
+        self._generation = 0
+        self._trigger_generation = 0
+        self._closed = False
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError(f"emergency signal {self.name!r} is closed")
+
+    def _publish(self, level: EmergencyLevel, reason: str, monotonic_ms: float | None) -> int:
+        # Caller holds the condition's lock.
+        self._level = level
+        self._reason = _utf8_prefix(reason)
+        self._timestamp_ms = _check_timestamp(monotonic_ms)
+        self._generation += 1
+        self._trigger_generation = self._generation
+        self._cond.notify_all()
+        return self._generation
+
+    def trigger(self, level: int, reason: str, monotonic_ms: float | None = None) -> int:
+        """Sets the signal to ``level`` (NOTICE..HALT) with ``reason``; returns the new generation."""
+        checked = _trigger_level(level)
+        _check_timestamp(monotonic_ms)
+        with self._cond:
+            self._check_open()
+            return self._publish(checked, reason, monotonic_ms)
+
+    def raise_level(self, level: int, reason: str, monotonic_ms: float | None = None) -> int | None:
+        """Like :meth:`trigger`, only if ``level`` is above the current one; else returns None."""
+        checked = _trigger_level(level)
+        _check_timestamp(monotonic_ms)
+        with self._cond:
+            self._check_open()
+            if self._level >= checked:
+                return None
+            return self._publish(checked, reason, monotonic_ms)
+
+    def clear(self) -> int:
+        """Resets level, reason and timestamp; returns the new generation. Waiters stay asleep."""
+        with self._cond:
+            self._check_open()
+            self._level = EmergencyLevel.NONE
+            self._reason = ""
+            self._timestamp_ms = 0.0
+            self._generation += 1
+            return self._generation
+
+    def read(self) -> SignalState:
+        """The current record."""
+        with self._cond:
+            self._check_open()
+            return SignalState(
+                level=int(self._level),
+                reason=self._reason,
+                timestamp_ms=self._timestamp_ms,
+                generation=self._generation,
+                is_set=self._level != EmergencyLevel.NONE,
+            )
+
+    def is_set(self) -> bool:
+        with self._cond:
+            self._check_open()
+            return self._level != EmergencyLevel.NONE
+
+    @property
+    def generation(self) -> int:
+        with self._cond:
+            self._check_open()
+            return self._generation
+
+    def wait(self, timeout_s: float | None, after_generation: int | None = None) -> bool:
+        """Blocks until a trigger with a generation above ``after_generation`` (default: the current
+        one) or the timeout (None: no limit); returns whether such a trigger happened."""
+        timeout = _check_timeout(timeout_s)
+        if after_generation is not None and (isinstance(after_generation, bool) or after_generation < 0):
+            raise ValueError(f"after_generation must be a generation (>= 0), got {after_generation!r}")
+        with self._cond:
+            self._check_open()
+            target = self._generation if after_generation is None else after_generation
+            self._cond.wait_for(lambda: self._trigger_generation > target or self._closed, timeout)
+            if self._trigger_generation > target:
+                return True
+            if self._closed:
+                raise ValueError(f"emergency signal {self.name!r} was closed while waiting")
+            return False
+
+    def close(self) -> None:
+        """Closes the signal: waiters end with ValueError, later calls fail. Idempotent."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> LocalEmergencySignal:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"LocalEmergencySignal(name={self.name!r}, closed={self._closed})"
+
+
+@dataclass
+class Escalation:
+    """What one ``escalate``/``deescalate`` call did.
+
+    Attributes:
+        action: ``"escalate"`` or ``"deescalate"``.
+        level: the level asked for.
+        previous_level: the level before the call.
+        reason: the reason given.
+        changed: whether the level changed (False: a reported no-op; nothing written or broadcast).
+        broadcasted: whether the broadcaster accepted it (False while deferred by the rate cap, when
+            it failed, or when there is no broadcaster).
+        error: the exception the broadcaster raised, if it did.
+        deferred: whether the rate cap queued the broadcast (it goes out later; see
+            ``broadcast_delay``).
+        latency: seconds from the call until the level was written to the signal and broadcast (or
+            queued).
+        broadcast_delay: seconds from the call until the broadcast was attempted; None until then.
+        monotonic_ms: when the call was made (``time.monotonic``, milliseconds); the signal's timestamp.
+        signal_generation: the signal's generation after the write, when one was made.
+        signal_error: the exception the signal raised on read or write, if it did (the controller
+            then goes on with its last known level, and still broadcasts).
+    """
+
+    action: str
+    level: EmergencyLevel
+    previous_level: EmergencyLevel
+    reason: str
+    changed: bool
+    monotonic_ms: float
+    broadcasted: bool = False
+    error: BaseException | None = None
+    deferred: bool = False
+    latency: float = 0.0
+    broadcast_delay: float | None = None
+    signal_generation: int | None = None
+    signal_error: BaseException | None = None
+
+
+Broadcaster = Callable[[Escalation], None]
+
+
+class EmergencyController:
+    """Raises and lowers the emergency level, writes it to a signal and broadcasts every change.
+
+    Args:
+        broadcaster: called with each level change's :class:`Escalation` (e.g. to publish it to other
+            hosts). May raise: the error is recorded on the record, logged and counted.
+        signal: where the level lives. With a signal, the signal is the source of truth: another
+            process's trigger is seen here, and ``escalate`` raises the level atomically
+            (``raise_level``), so concurrent escalations never lower it. Without one, the
+            controller keeps the level itself.
+        max_broadcasts_per_min: broadcasts per rolling 60 s window; the rest wait in order.
+        telemetry: the emitter for events and counters.
+        clock: seconds, monotonic; injectable for tests.
+    """
+
+    def __init__(
+        self,
+        broadcaster: Broadcaster | None = None,
+        signal: EmergencySignal | None = None,
+        max_broadcasts_per_min: int = 30,
+        telemetry: TelemetryEmitter | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        if isinstance(max_broadcasts_per_min, bool) or not isinstance(max_broadcasts_per_min, numbers.Integral):
+            raise ValueError(f"max_broadcasts_per_min must be a positive int, got {max_broadcasts_per_min!r}")
+        if max_broadcasts_per_min < 1:
+            raise ValueError(f"max_broadcasts_per_min must be a positive int, got {max_broadcasts_per_min}")
+        self.broadcaster = broadcaster
+        self.signal = signal
+        self.max_broadcasts_per_min = int(max_broadcasts_per_min)
+        self.telemetry = emitter_or_default(telemetry)
+        self._clock = clock
+        # Without a signal: the level. With one: the last level read or written, used when the
+        # signal cannot be read.
+        self._level = EmergencyLevel.NONE
+        self._sent_at: deque[float] = deque()  # clock times of broadcasts in the current window
+        self._pending: deque[tuple[Escalation, float]] = deque()  # (record, clock time of its call)
+        self._lock = threading.RLock()
+
+    # ---- state -----------------------------------------------------------------------------------
+
+    @property
+    def level(self) -> EmergencyLevel:
+        """The current level (the signal's, when there is one)."""
+        if self.signal is not None:
+            return EmergencyLevel(self.signal.read().level)
+        return self._level
+
+    @property
+    def pending(self) -> tuple[Escalation, ...]:
+        """Broadcasts waiting for room under the per-minute cap, oldest first."""
+        with self._lock:
+            return tuple(record for record, _ in self._pending)
+
+    # ---- transitions -----------------------------------------------------------------------------
+
+    def escalate(self, level: int, reason: str) -> Escalation:
+        """Raises the level to ``level``; a level at or below the current one is a reported no-op."""
+        return self._transition("escalate", as_level(level), reason)
+
+    def deescalate(self, level: int, reason: str) -> Escalation:
+        """Lowers the level to ``level`` (to NONE: clears the signal); a level at or above the current
+        one is a reported no-op."""
+        return self._transition("deescalate", as_level(level), reason)
+
+    def _transition(self, action: str, target: EmergencyLevel, reason: str) -> Escalation:
+        if not isinstance(reason, str):
+            raise TypeError(f"{action} reason must be a str, got {type(reason).__name__}")
+        with self._lock:
+            started = self._clock()
+            self.flush_pending()
+            record = Escalation(action, target, EmergencyLevel.NONE, reason, changed=False,
+                                monotonic_ms=time.monotonic() * 1e3)
+            record.previous_level = self._known_level(record)
+            raising = action == "escalate"
+            if (target <= record.previous_level) if raising else (target >= record.previous_level):
+                return self._noop(record, started)
+            if self.signal is not None:
+                signal = self.signal
+                if raising:
+                    write = lambda: signal.raise_level(target, reason, record.monotonic_ms)  # noqa: E731
+                elif target == EmergencyLevel.NONE:
+                    write = signal.clear
+                else:
+                    write = lambda: signal.trigger(target, reason, record.monotonic_ms)  # noqa: E731
+                generation = self._signal_call(record, "write", write)
+                if raising and record.signal_error is None and generation is None:
+                    # Another process raised the level at least this far in the meantime.
+                    record.previous_level = self._known_level(record)
+                    return self._noop(record, started)
+                record.signal_generation = generation
+            self._level = target
+            record.changed = True
+            return self._finish(record, started)
+
+    def _known_level(self, record: Escalation) -> EmergencyLevel:
+        """The signal's level (remembered), or the last known one when the signal cannot be read."""
+        if self.signal is not None:
+            state = self._signal_call(record, "read", self.signal.read)
+            if record.signal_error is None:
+                self._level = EmergencyLevel(state.level)
+        return self._level
+
+    def _noop(self, record: Escalation, started: float) -> Escalation:
+        relation = "not above" if record.action == "escalate" else "not below"
+        message = (
+            f"{record.action} to {record.level.name} ignored: {relation} the current level "
+            f"{record.previous_level.name} ({record.reason})"
+        )
+        log.info(message)
+        self.telemetry.event(
+            "emergency.noop", severity="info", message=message, action=record.action, level=record.level.name,
+            current_level=record.previous_level.name, reason=record.reason,
+        )
+        self.telemetry.count("emergency.noops")
+        record.latency = self._clock() - started
+        return record
+
+    def _signal_call(self, record: Escalation, op: str, call: Callable[[], Any]) -> Any:
+        try:
+            return call()
+        except Exception as exc:  # recorded, logged and counted; the transition and broadcast go on
+            record.signal_error = exc
+            message = (
+                f"emergency signal {op} failed during {record.action} to {record.level.name}: "
+                f"{type(exc).__name__}: {exc}"
+            )
+            log.critical(message)
+            self.telemetry.event(
+                "emergency.signal_failed", severity="critical", message=message, op=op, action=record.action,
+                level=record.level.name, error=f"{type(exc).__name__}: {exc}",
+            )
+            self.telemetry.count("emergency.signal_errors")
+            return None
+
+    def _finish(self, record: Escalation, started: float) -> Escalation:
+        severity = "critical" if record.level == EmergencyLevel.HALT else "warning"
+        message = (
+            f"emergency level {record.previous_level.name} -> {record.level.name} ({record.action}): {record.reason}"
+        )
+        log.log(logging.CRITICAL if severity == "critical" else logging.WARNING, message)
+        self.telemetry.event(
+            f"emergency.{record.action}d", severity=severity, message=message, level=record.level.name,
+            previous_level=record.previous_level.name, reason=record.reason,
+            signal_generation=record.signal_generation,
+        )
+        self.telemetry.count("emergency.escalations" if record.action == "escalate" else "emergency.deescalations")
+        if self.broadcaster is not None:
+            if self._pending or not self._has_room(self._clock()):
+                self._defer(record, started)
+            else:
+                self._broadcast(record, started)
+        record.latency = self._clock() - started
+        return record
+
+    # ---- broadcasting under the cap ----------------------------------------------------------------
+
+    def _has_room(self, now: float) -> bool:
+        while self._sent_at and now - self._sent_at[0] >= BROADCAST_WINDOW_S:
+            self._sent_at.popleft()
+        return len(self._sent_at) < self.max_broadcasts_per_min
+
+    def _defer(self, record: Escalation, started: float) -> None:
+        record.deferred = True
+        self._pending.append((record, started))
+        message = (
+            f"broadcast of {record.action} to {record.level.name} deferred: cap of "
+            f"{self.max_broadcasts_per_min} per minute reached; {len(self._pending)} waiting"
+        )
+        log.warning(message)
+        self.telemetry.event(
+            "emergency.broadcast_deferred", severity="warning", message=message, level=record.level.name,
+            pending=len(self._pending),
+        )
+        self.telemetry.count("emergency.broadcasts_deferred")
+
+    def _broadcast(self, record: Escalation, started: float) -> None:
+        assert self.broadcaster is not None
+        self._sent_at.append(self._clock())
+        try:
+            self.broadcaster(record)
+        except Exception as exc:  # recorded on the record, logged and counted: never swallowed
+            record.error = exc
+            message = (
+                f"broadcast of {record.action} to {record.level.name} failed: {type(exc).__name__}: {exc}"
+            )
+            log.error(message)
+            self.telemetry.event(
+                "emergency.broadcast_failed", severity="error", message=message, level=record.level.name,
+                action=record.action, error=f"{type(exc).__name__}: {exc}",
+            )
+            self.telemetry.count("emergency.broadcast_errors")
+        else:
+            record.broadcasted = True
+            self.telemetry.count("emergency.broadcasts")
+        record.broadcast_delay = self._clock() - started
+
+    def flush_pending(self) -> list[Escalation]:
+        """Broadcasts queued records, oldest first, while the per-minute cap allows; returns those
+        broadcast (their ``broadcasted``/``error`` fields are updated). Records still waiting stay
+        queued. Also runs at the start of every ``escalate``/``deescalate``."""
+        flushed: list[Escalation] = []
+        with self._lock:
+            while self._pending and self._has_room(self._clock()):
+                record, started = self._pending.popleft()
+                self._broadcast(record, started)
+                flushed.append(record)
+            if flushed:
+                self.telemetry.event(
+                    "emergency.broadcasts_flushed", severity="info",
+                    message=f"{len(flushed)} deferred broadcasts sent; {len(self._pending)} still waiting",
+                    flushed=len(flushed), pending=len(self._pending),
+                )
+        return flushed
