@@ -6,7 +6,10 @@ device, with two passes over the gradients whatever K is.
 """
 
 from .aggregator import Aggregator
+from .aligned_mtl import AlignedMTL
 from .buffer import GradientBuffer
+from .cagrad import CAGrad
+from .dualproj import DualProj
 from .engine import Weights
 from .functional import (
     aggregate_mean,
@@ -17,12 +20,52 @@ from .functional import (
     grads_to_flat,
     pcgrad,
 )
+from .imtlg import IMTLG
+from .mgda import MGDA
 from .pcgrad import PCGrad
 from .stats import AggregationStats
+from .upgrad import UPGrad
 from .weighted import Mean, Sum, Weighted
 
+# The names the trainer's ``aggregator`` setting and ``tolaria train --aggregator`` accept.
+_REGISTRY: dict[str, type[Aggregator]] = {
+    "pcgrad": PCGrad,
+    "mean": Mean,
+    "sum": Sum,
+    "weighted": Weighted,
+    "mgda": MGDA,
+    "upgrad": UPGrad,
+    "cagrad": CAGrad,
+    "imtlg": IMTLG,
+    "aligned_mtl": AlignedMTL,
+    "dualproj": DualProj,
+}
+AGGREGATOR_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+
+
+def build_aggregator(name: str, **kwargs) -> Aggregator:
+    """The aggregator called ``name`` (case-insensitive; see ``AGGREGATOR_NAMES``), built with ``kwargs``.
+
+    Raises ``ValueError`` naming the valid names for an unknown one; a bad keyword argument raises
+    the class's own ``TypeError`` or ``ValueError``.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"aggregator name must be a string, got {type(name).__name__}")
+    cls = _REGISTRY.get(name.strip().lower())
+    if cls is None:
+        raise ValueError(f"unknown aggregator {name!r}; valid names are {', '.join(AGGREGATOR_NAMES)}")
+    return cls(**kwargs)
+
 __all__ = [
+    "AGGREGATOR_NAMES",
     "Aggregator",
+    "AlignedMTL",
+    "CAGrad",
+    "DualProj",
+    "IMTLG",
+    "MGDA",
+    "UPGrad",
+    "build_aggregator",
     "AggregationStats",
     "GradientBuffer",
     "Mean",

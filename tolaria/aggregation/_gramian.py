@@ -1,0 +1,47 @@
+"""Helpers shared by the weightings that solve something on the Gram matrix.
+
+They keep the weightings free of host reads: a non-finite Gram matrix (``nonfinite="propagate"``)
+is replaced by zeros for the solve and the weights are set to NaN afterwards, so a solver never
+meets NaN (LAPACK may raise on it) and the NaN still propagates to the result as documented.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from ._weights import as_weight_vector, on_device
+
+
+def solve_if_finite(gram: Tensor, solve: Callable[[Tensor], Tensor]) -> Tensor:
+    """``solve(gram)`` when every entry of G is finite, else NaN weights; never reads on the host."""
+    finite = torch.isfinite(gram).all()
+    weights = solve(torch.where(finite, gram, torch.zeros_like(gram)))
+    return torch.where(finite, weights, torch.full_like(weights, torch.nan))
+
+
+def conflicting_pairs(gram: Tensor) -> Tensor:
+    """The number of pairs i < j of sources whose gradients conflict (G_ij < 0), as an int64 scalar.
+
+    Counted on G + G^T, symmetric to the bit, so a backend's rounding cannot count a pair once.
+    """
+    return torch.div(((gram + gram.mT) < 0).sum(), 2, rounding_mode="floor")
+
+
+def preference_vector(pref_vector: Sequence[float] | Tensor | None, owner: str) -> Tensor | None:
+    """Validates a user preference vector (one weight per source) once, at construction."""
+    return None if pref_vector is None else as_weight_vector(pref_vector, owner)
+
+
+def preference_on(pref_vector: Tensor | None, gram: Tensor) -> Tensor:
+    """The preference vector on G's device and dtype; the mean (1/K each) when none was given."""
+    k = gram.shape[-1]
+    if pref_vector is None:
+        return torch.full((k,), 1.0 / k, dtype=gram.dtype, device=gram.device)
+    return on_device(pref_vector, gram)
+
+
+def pref_repr(pref_vector: Tensor | None) -> str:
+    return "None" if pref_vector is None else repr(pref_vector.tolist())
