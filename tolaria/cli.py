@@ -1,4 +1,4 @@
-"""The ``tolaria`` command: ``tolaria bench`` (and ``train`` / ``report`` where installed)."""
+"""The ``tolaria`` command: ``tolaria train``, ``tolaria bench`` and ``tolaria report``."""
 
 from __future__ import annotations
 
@@ -19,13 +19,44 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    from tolaria.trainer.command import add_arguments, run
+
+    p = sub.add_parser(
+        "train",
+        help="train the embedded two-digit task (PCGrad, CPU), with faults to demonstrate recovery",
+        description=(
+            "With no arguments: two handwritten digits side by side (scikit-learn's bundled digits), one head "
+            "per digit, PCGrad, on the CPU, with a progress bar and a summary table. "
+            "--inject-fault nan|hang-policy|kill shows a NaN rollback, a hung policy timing out, or a crash "
+            "and --resume."
+        ),
+    )
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    from tolaria.trainer.report import add_arguments, run
+
+    p = sub.add_parser(
+        "report",
+        help="draw PNG plots of a run's telemetry (losses, learning rate, conflict rate, cosine heatmap)",
+        description="Reads RUN_DIR/telemetry.jsonl and writes PNG plots to RUN_DIR/report (or --out).",
+    )
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tolaria",
         description="Conflict-aware multi-source gradient aggregation and a training loop built to survive.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_train(sub)
     _add_bench(sub)
+    _add_report(sub)
     return parser
 
 

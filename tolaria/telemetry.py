@@ -79,6 +79,58 @@ class JsonlSink:
         self._file.close()
 
 
+class TensorBoardSink:
+    """Writes metrics as TensorBoard scalars and events as text (the optional ``tensorboard`` extra).
+
+    A record's tag is its kind, followed by ``/<source>`` when it has a ``source`` field. Numeric
+    metrics become scalars at the record's ``step``; list-valued metrics (e.g. a cosine matrix) become
+    one scalar per element (``tag/i`` or ``tag/i_j``); events become text ``[severity] message``.
+    """
+
+    def __init__(self, log_dir: str | Path):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:
+            raise ImportError(
+                "the TensorBoard sink needs the 'tensorboard' package, which is not installed; "
+                "install it with: pip install 'tolaria[tensorboard]'"
+            ) from exc
+        self.log_dir = Path(log_dir)
+        self.writer = SummaryWriter(log_dir=str(self.log_dir))
+
+    def write(self, records: Sequence[dict[str, Any]]) -> None:
+        for r in records:
+            tag = str(r["kind"]) + (f"/{r['source']}" if "source" in r else "")
+            step = r.get("step")
+            walltime = r.get("time")
+            if r.get("type") == "metric":
+                for suffix, value in _scalars(r.get("value")):
+                    if value is None:
+                        self.writer.add_text(tag + suffix, json.dumps(r.get("value"), default=str), step, walltime)
+                    else:
+                        self.writer.add_scalar(tag + suffix, value, step, walltime)
+            else:
+                self.writer.add_text(tag, f"[{r.get('severity', 'info')}] {r.get('message', '')}", step, walltime)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def _scalars(value: Any, suffix: str = "") -> list[tuple[str, float | None]]:
+    """(tag suffix, number) pairs of a metric value; ``None`` marks a value that is not numeric."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, list, tuple)):
+        return [(suffix, None)]
+    if isinstance(value, (int, float)):
+        return [(suffix, float(value))]
+    out: list[tuple[str, float | None]] = []
+    for i, item in enumerate(value):
+        out.extend(_scalars(item, f"{suffix}/{i}" if not suffix else f"{suffix}_{i}"))
+    if any(v is None for _, v in out):
+        return [(suffix, None)]
+    return out
+
+
 class MemorySink:
     """Keeps records in a list; for tests and for in-process consumers."""
 
@@ -150,6 +202,7 @@ class TelemetryEmitter:
         self._since_flush = 0
         self._lock = threading.RLock()
         self._closed = False
+        self._closing = False
 
     # ---- building records ------------------------------------------------------------------
 
@@ -185,11 +238,14 @@ class TelemetryEmitter:
             return self.counters[name]
 
     def flush_counters(self) -> None:
-        """Emits every counter's current value as a metric record."""
+        """Emits every counter's current value, and every count of records dropped by policy, as metrics."""
         with self._lock:
             snapshot = dict(self.counters)
+            dropped = dict(self.dropped)
         for name, value in sorted(snapshot.items()):
             self.metric(f"counter.{name}", value)
+        for reason, value in sorted(dropped.items()):
+            self.metric(f"dropped.{reason}", value)
 
     # ---- delivery -----------------------------------------------------------------------------
 
@@ -201,12 +257,7 @@ class TelemetryEmitter:
         now = time.monotonic()
         start, sent, suppressed = self._window.get(kind, (now, 0, 0))
         if now - start >= 1.0:
-            if suppressed:
-                self._enqueue(
-                    {"type": "event", "kind": "rate_limited", "severity": "warning", "time": time.time(),
-                     "message": f"{suppressed} {kind!r} records suppressed by its rate limit",
-                     "suppressed_kind": kind, "suppressed": suppressed, **self.attributes}
-                )
+            self._summarise_suppressed(kind, suppressed)
             start, sent, suppressed = now, 0, 0
         if sent < rate:
             self._window[kind] = (start, sent + 1, suppressed)
@@ -214,6 +265,23 @@ class TelemetryEmitter:
         self._window[kind] = (start, sent, suppressed + 1)
         self.dropped[f"rate_limit:{kind}"] = self.dropped.get(f"rate_limit:{kind}", 0) + 1
         return True
+
+    def _summarise_suppressed(self, kind: str, suppressed: int) -> None:
+        if suppressed:
+            self._enqueue(
+                {"type": "event", "kind": "rate_limited", "severity": "warning", "time": time.time(),
+                 "message": f"{suppressed} {kind!r} records suppressed by its rate limit",
+                 "suppressed_kind": kind, "suppressed": suppressed, **self.attributes}
+            )
+
+    def _release_windows(self, *, force: bool) -> None:
+        """Folds suppressed counts of finished rate windows (all of them if ``force``) into summaries,
+        so a count is reported even when no later record of that kind arrives."""
+        now = time.monotonic()
+        for kind, (start, sent, suppressed) in list(self._window.items()):
+            if suppressed and (force or now - start >= 1.0):
+                self._summarise_suppressed(kind, suppressed)
+                self._window[kind] = (start, sent, 0)
 
     def _enqueue(self, record: dict[str, Any]) -> None:
         for q in self._queues:
@@ -242,6 +310,7 @@ class TelemetryEmitter:
         """Delivers every queued record; returns False if some sink failed (its queue is kept)."""
         ok = True
         with self._lock:
+            self._release_windows(force=self._closing)
             self._since_flush = 0
             for q in self._queues:
                 while q.pending:
@@ -271,6 +340,7 @@ class TelemetryEmitter:
         with self._lock:
             if self._closed:
                 return
+            self._closing = True
             self.flush_counters()
             delivered = self.flush()
             self._closed = True

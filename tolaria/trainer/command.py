@@ -1,0 +1,255 @@
+"""``tolaria train``: the embedded default task from the command line, with fault demos.
+
+With no arguments it trains the embedded two-digit task (see :mod:`.tasks`) with PCGrad on the CPU,
+shows a progress bar and prints a summary table. ``--inject-fault`` demonstrates recovery:
+
+- ``nan``: the losses turn NaN for a few steps in the first epoch: the steps are skipped, the
+  run rolls back to its newest snapshot, and training goes on;
+- ``hang-policy``: the control policy hangs on its first call: the call times out, the loop goes on
+  in conservative mode, and control resumes once calls succeed again;
+- ``kill``: the process kills itself (SIGKILL) in the middle of the second epoch, after the first
+  durable checkpoint: ``tolaria train --resume --out DIR`` picks the run up from that checkpoint.
+
+A ``--config FILE`` is a TOML file of :class:`~tolaria.trainer.TrainerConfig` keys plus an optional
+``[task]`` table of :class:`~tolaria.trainer.tasks.DigitsTaskConfig` keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+import sys
+import threading
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, TrainerConfig
+from .gradient import AGGREGATOR_NAMES
+from .loop import HALTED, INTERRUPTED, RunSummary, Trainer, default_run_dir
+from .mediator import ControlState
+from .tasks import DigitsTaskConfig, build_default_task
+
+log = logging.getLogger("tolaria.train")
+
+FAULTS = ("nan", "hang-policy", "kill")
+DEMO_CONTROL_TIMEOUT_S = 2.0
+
+
+# ---- the control policy and executor of the demo -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReportProgress:
+    """The demo policy's command: report the epoch's losses (the executor logs it)."""
+
+    epoch: int
+    losses: Mapping[str, float]
+
+
+class EpochReportPolicy:
+    """A small policy: one :class:`ReportProgress` per epoch end. With ``hang_first`` its first
+    call blocks until :meth:`release` (or forever), to show that a hung policy cannot stall training."""
+
+    def __init__(self, *, hang_first: bool = False):
+        self.hang_first = hang_first
+        self.calls = 0
+        self._release = threading.Event()
+
+    def evaluate(self, state: ControlState) -> list[ReportProgress]:
+        self.calls += 1
+        if self.hang_first and self.calls == 1:
+            self._release.wait()  # hangs: the mediator abandons this call after its timeout
+        return [ReportProgress(state.epoch, dict(state.losses))]
+
+    def release(self) -> None:
+        self._release.set()
+
+
+class LoggingExecutor:
+    """Carries out :class:`ReportProgress` commands by logging them; anything else is an error."""
+
+    def __init__(self) -> None:
+        self.applied: list[ReportProgress] = []
+
+    def apply(self, command: Any) -> str:
+        if not isinstance(command, ReportProgress):
+            raise TypeError(f"LoggingExecutor cannot apply {command!r}")
+        self.applied.append(command)
+        text = ", ".join(f"{k} {v:.4f}" for k, v in command.losses.items())
+        log.info("policy report for epoch %d: %s", command.epoch + 1, text)
+        return text
+
+
+# ---- fault injection -------------------------------------------------------------------------
+
+
+class FaultyLoss:
+    """Wraps a loss function; injects NaN losses over some calls, or kills the process at one call."""
+
+    def __init__(self, loss_fn: Callable[[Any, Any], Any], *, nan_calls: range = range(0), kill_at: int | None = None,
+                 kill_message: str = ""):
+        self.loss_fn = loss_fn
+        self.nan_calls = nan_calls
+        self.kill_at = kill_at
+        self.kill_message = kill_message
+        self.calls = 0
+
+    def __call__(self, outputs: Any, batch: Any) -> Any:
+        self.calls += 1
+        if self.kill_at is not None and self.calls == self.kill_at:
+            print(self.kill_message, file=sys.stderr, flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        losses = self.loss_fn(outputs, batch)
+        if self.calls in self.nan_calls:
+            if isinstance(losses, Mapping):
+                return {name: loss * float("nan") for name, loss in losses.items()}
+            return losses * float("nan")
+        return losses
+
+
+# ---- arguments and configuration ------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="TOML file of TrainerConfig keys (and an optional [task] table)")
+    parser.add_argument("--out", metavar="DIR", help="run folder (default ./runs/<timestamp>)")
+    parser.add_argument("--epochs", type=int, metavar="N", help="passes over the data (default 5)")
+    parser.add_argument("--max-steps", type=int, metavar="N", help="stop after N optimizer steps")
+    parser.add_argument("--aggregator", metavar="NAME", help=f"how the tasks' gradients combine (default pcgrad; one of {', '.join(AGGREGATOR_NAMES)})")
+    parser.add_argument("--device", metavar="DEVICE", help='"cpu" (default), "cuda", "cuda:N" or "auto"')
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    parser.add_argument("--inject-fault", choices=FAULTS, help="demonstrate recovery: nan (NaN losses: skip, roll back), hang-policy (a hung policy times out), "
+                        "kill (SIGKILL mid-epoch 2; then --resume)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def load_config(path: str | None) -> tuple[TrainerConfig, DigitsTaskConfig, set[str]]:
+    """The trainer and task configs of a TOML file (defaults without one), and the keys it set."""
+    if path is None:
+        return TrainerConfig(), DigitsTaskConfig(), set()
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    task = data.pop("task", {})
+    try:
+        return TrainerConfig.from_dict(data), DigitsTaskConfig.from_dict(task, where="task."), set(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def build_config(args: argparse.Namespace) -> tuple[TrainerConfig, DigitsTaskConfig]:
+    """The run's configuration: the file's, then the flags over it."""
+    config, task, given = load_config(args.config)
+    changes: dict[str, Any] = {"progress": not args.no_progress}
+    if args.epochs is not None:
+        changes["epochs"] = args.epochs
+    if args.max_steps is not None:
+        changes["max_steps"] = args.max_steps
+    if args.aggregator is not None:
+        changes["aggregator"] = args.aggregator
+    if args.device is not None:
+        changes["device"] = args.device
+    elif "device" not in given:
+        changes["device"] = "cpu"  # the embedded task is sized for a CPU
+    if args.resume:
+        if args.out is None and config.run_dir is None:
+            raise ConfigError("--resume needs the run folder to continue: give --out DIR")
+        changes["checkpoint"] = dataclasses.replace(config.checkpoint, resume=True)
+    changes["run_dir"] = args.out if args.out is not None else config.run_dir or str(default_run_dir())
+    if args.inject_fault == "hang-policy" and "control_timeout_s" not in given:
+        changes["control_timeout_s"] = DEMO_CONTROL_TIMEOUT_S
+    return config.replace(**changes), task
+
+
+# ---- the command -----------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        config, task_config = build_config(args)
+        if config.checkpoint.resume and not Path(config.run_dir or "").joinpath("checkpoints").exists():
+            raise ConfigError(f"--resume: {config.run_dir} has no checkpoints folder; is it a `tolaria train` run folder?")
+    except ConfigError as exc:
+        print(f"tolaria train: error: {exc}", file=sys.stderr)
+        return 2
+    task = build_default_task(task_config)
+    loss_fn: Callable[[Any, Any], Any] = task.loss_fn
+    policy = EpochReportPolicy(hang_first=args.inject_fault == "hang-policy")
+    executor = LoggingExecutor()
+    steps_per_epoch = len(task.data)
+    fault = args.inject_fault
+    if fault == "nan":
+        first = max(1, steps_per_epoch // 2)
+        calls = range(first, first + config.safety.rollback_after)
+        loss_fn = FaultyLoss(task.loss_fn, nan_calls=calls)
+        print(f"injected fault: NaN losses at batches {calls.start}..{calls.stop - 1} of the run "
+              f"(rollback after {config.safety.rollback_after} in a row)", file=sys.stderr)
+    elif fault == "kill":
+        if config.checkpoint.resume:
+            print("note: --inject-fault kill is ignored when resuming", file=sys.stderr)
+        else:
+            kill_at = steps_per_epoch + max(1, steps_per_epoch // 2)
+            message = (
+                f"injected fault: killing this process (SIGKILL) at batch {kill_at}, in the middle of epoch 2.\n"
+                f"Resume with: tolaria train --resume --out {config.run_dir}"
+            )
+            loss_fn = FaultyLoss(task.loss_fn, kill_at=kill_at, kill_message=message)
+            if config.epochs < 2 or (config.max_steps is not None and config.max_steps < kill_at):
+                print(f"note: the run ends before batch {kill_at}; the kill fault will not fire", file=sys.stderr)
+    elif fault == "hang-policy":
+        print(f"injected fault: the control policy hangs on its first call (timeout {config.control_timeout_s:g} s)",
+              file=sys.stderr)
+
+    try:
+        trainer = Trainer(task.model, task.optimizer, task.data, loss_fn, config, policy=policy, executor=executor,
+                          evaluate=task.evaluate)
+    except ConfigError as exc:
+        print(f"tolaria train: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"training the two-digit task ({len(task.data.x)} pairs, {steps_per_epoch} steps/epoch) with "
+          f"{trainer.aggregator!r} on {trainer.device}; run folder {trainer.run_dir}", file=sys.stderr)
+    with _logging_around_progress(config.progress):
+        try:
+            summary = trainer.fit()
+        except KeyboardInterrupt:
+            print("tolaria train: interrupted", file=sys.stderr)
+            return 130
+        finally:
+            policy.release()  # lets a hung demo call return, so its thread ends
+    print(summary.table())
+    print(f"plots: tolaria report {summary.run_dir}")
+    return _exit_code(summary)
+
+
+def _exit_code(summary: RunSummary) -> int:
+    if summary.status == HALTED:
+        return 3
+    if summary.status == INTERRUPTED:
+        return 130
+    return 0
+
+
+@contextlib.contextmanager
+def _logging_around_progress(progress: bool):
+    if not progress:
+        yield
+        return
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    with logging_redirect_tqdm():
+        yield
+
+
+__all__ = ["EpochReportPolicy", "FAULTS", "FaultyLoss", "LoggingExecutor", "ReportProgress", "add_arguments", "build_config", "run"]

@@ -1,0 +1,313 @@
+"""The gradient stage: named losses -> ``GradientBuffer`` -> the configured aggregator -> ``.grad``.
+
+Each named loss is one gradient source. Its backward pass lands in its row of a ``GradientBuffer``;
+the aggregator (PCGrad by default) combines the rows straight into the flat tensor whose views are
+the parameters' ``.grad``, so the optimizer steps on the aggregate with nothing copied twice.
+
+Per source, the stage reports (from the aggregation's Gram-space statistics, at no extra pass):
+
+- ``weight``: the source's combination weight (out = sum_k weight_k g_k);
+- ``norm``: the norm of its gradient;
+- ``share``: its part of the aggregate's weighted magnitude, ``|w_k| |g_k| / sum_j |w_j| |g_j|``;
+- ``conflicts``: conflicting projections applied this step (and the rate per source pair);
+- ``cosine``: the K x K cosine-similarity matrix of the sources' gradients.
+
+Every step ends with one host read of these few numbers (losses, weights, norms, conflicts, cosine,
+the aggregate's norm), which is also what the safety checks need.
+
+A single source whose aggregation is the identity (weight 1 for K = 1: PCGrad, mean, sum) takes a
+fast path: a plain ``backward`` into ``.grad`` and one norm, as a bare PyTorch loop would do.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from tolaria import aggregation
+from tolaria.aggregation import AGGREGATOR_NAMES, Aggregator, GradientBuffer
+from tolaria.telemetry import TelemetryEmitter
+
+
+def build_aggregator(name: str, **options: Any) -> Aggregator:
+    """The aggregator called ``name`` (see ``tolaria.aggregation.AGGREGATOR_NAMES``), built with ``options``.
+
+    Aggregators are built with ``nonfinite="propagate"`` unless ``options`` says otherwise: the
+    trainer's own safety checks handle non-finite gradients (skip, roll back), from the same host
+    read as its telemetry, so the aggregator need not read anything itself. An unknown name raises
+    ``ValueError`` listing the valid ones; bad options raise ``ValueError`` naming them.
+    """
+    options = {"nonfinite": "propagate", **options}
+    try:
+        return aggregation.build_aggregator(name, **options)
+    except TypeError as exc:
+        raise ValueError(f"bad options {sorted(options)} for aggregator {name!r}: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class SourceStats:
+    """One step's per-source numbers, read on the host.
+
+    Attributes:
+        names: the K source names, in order.
+        losses, weights, norms, shares: per source (see the module docstring).
+        conflicts: conflicting projections this step.
+        cosine: K x K cosine similarities.
+        grad_norm: norm of the aggregated gradient (before clipping).
+        finite: whether every loss and gradient norm is finite.
+    """
+
+    names: tuple[str, ...]
+    losses: tuple[float, ...]
+    weights: tuple[float, ...]
+    norms: tuple[float, ...]
+    shares: tuple[float, ...]
+    conflicts: int
+    cosine: tuple[tuple[float, ...], ...]
+    grad_norm: float
+    finite: bool
+
+    @property
+    def conflict_rate(self) -> float | None:
+        """Conflicts per ordered source pair (PCGrad considers each of the K(K-1) at most once)."""
+        k = len(self.names)
+        return None if k < 2 else self.conflicts / (k * (k - 1))
+
+    @property
+    def total_loss(self) -> float:
+        return math.fsum(self.losses)
+
+
+def as_named_losses(losses: Tensor | Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A loss or a mapping of named losses, checked: each a scalar tensor that requires grad."""
+    if isinstance(losses, Tensor):
+        named = {"loss": losses}
+    elif isinstance(losses, Mapping):
+        named = dict(losses)
+        if not named:
+            raise ValueError("loss_fn returned an empty dict; it needs at least one named loss")
+    else:
+        raise TypeError(f"loss_fn must return a tensor or a dict of named tensors, got {type(losses).__name__}")
+    for name, loss in named.items():
+        if not isinstance(name, str):
+            raise TypeError(f"loss names must be strings, got {name!r}")
+        if not isinstance(loss, Tensor):
+            raise TypeError(f"loss {name!r} is a {type(loss).__name__}, not a tensor")
+        if loss.numel() != 1:
+            raise ValueError(f"loss {name!r} must be a scalar, got shape {tuple(loss.shape)}")
+        if not loss.requires_grad:
+            raise ValueError(f"loss {name!r} does not require grad (is it computed from the model's outputs?)")
+    return named
+
+
+def _is_identity_for_one(aggregator: Aggregator) -> bool:
+    gram = torch.ones((1, 1), dtype=torch.float64)
+    return bool(aggregator.weighting(gram).weights.tolist() == [1.0])
+
+
+class GradientStage:
+    """Turns each step's named losses into the aggregated ``.grad`` of ``params``, with stats.
+
+    Args:
+        params: the model or its parameters (trainable ones are used; tied ones once).
+        aggregator: combines the sources (e.g. from :func:`build_aggregator`).
+        max_grad_norm: clip the aggregate to this norm (None: no clipping).
+    """
+
+    def __init__(self, params: nn.Module | Sequence[Tensor], aggregator: Aggregator, *, max_grad_norm: float | None = None):
+        if not isinstance(aggregator, Aggregator):
+            raise TypeError(f"aggregator must be a tolaria Aggregator, got {type(aggregator).__name__}")
+        self.aggregator = aggregator
+        self.max_grad_norm = max_grad_norm
+        self.params = [p for p in (params.parameters() if isinstance(params, nn.Module) else params) if p.requires_grad]
+        if not self.params:
+            raise ValueError("the gradient stage needs at least one parameter with requires_grad=True")
+        self.names: tuple[str, ...] | None = None
+        self.buffer: GradientBuffer | None = None
+        self.fast_path = False
+
+    def rebind(self, params: nn.Module | Sequence[Tensor]) -> None:
+        """Uses a new parameter set (e.g. after modules were grafted and the optimizer rebuilt)."""
+        self.params = [p for p in (params.parameters() if isinstance(params, nn.Module) else params) if p.requires_grad]
+        if self.names is not None:
+            self._build(len(self.names))
+
+    def _build(self, k: int) -> None:
+        self.fast_path = k == 1 and _is_identity_for_one(self.aggregator)
+        self.buffer = None if self.fast_path else GradientBuffer(self.params, num_sources=k)
+
+    def _check_names(self, named: Mapping[str, Tensor]) -> tuple[str, ...]:
+        names = tuple(named)
+        if self.names is None:
+            self.names = names
+            self._build(len(names))
+        elif names != self.names:
+            missing = [n for n in self.names if n not in named]
+            extra = [n for n in names if n not in self.names]
+            raise ValueError(
+                f"loss_fn must return the same named losses every step: expected {list(self.names)}, got "
+                f"{list(names)} (missing {missing}, unexpected {extra})"
+            )
+        return names
+
+    def zero_grad(self) -> None:
+        """Clears gradients before a step (the buffer path zeroes its rows by itself)."""
+        if self.fast_path or self.buffer is None:
+            for p in self.params:
+                p.grad = None
+
+    def backward(self, losses: Tensor | Mapping[str, Tensor]) -> SourceStats:
+        """Backpropagates every source, aggregates into ``.grad``, clips, and returns the stats."""
+        named = as_named_losses(losses)
+        names = self._check_names(named)
+        if self.fast_path:
+            return self._backward_single(names, named[names[0]])
+        loss_values = torch.stack([l.detach().reshape(()).double() for l in named.values()])
+        assert self.buffer is not None
+        self.buffer.backward(list(named.values()))
+        _, stats = self.buffer.aggregate(self.aggregator, return_stats=True)
+        gram = stats.gram.double()
+        w = stats.weights.to(gram.dtype)
+        agg_norm = (w @ gram @ w).clamp_min(0).sqrt()
+        k = len(names)
+        host = torch.cat([
+            loss_values.to(gram.device, torch.float64),
+            w, stats.norms.to(gram.dtype),
+            stats.conflicts.reshape(1).to(gram.dtype),
+            stats.cosine.to(gram.dtype).reshape(-1),
+            agg_norm.reshape(1),
+        ]).tolist()  # the one host read of the step
+        losses_h, weights = host[:k], host[k : 2 * k]
+        norms, conflicts = host[2 * k : 3 * k], host[3 * k]
+        cosine = host[3 * k + 1 : 3 * k + 1 + k * k]
+        grad_norm = host[-1]
+        finite = all(math.isfinite(v) for v in (*losses_h, *norms, grad_norm))
+        if finite and self.max_grad_norm is not None and grad_norm > self.max_grad_norm:
+            self.buffer.output.mul_(self.max_grad_norm / (grad_norm + 1e-6))
+        return SourceStats(
+            names=names,
+            losses=tuple(losses_h),
+            weights=tuple(weights),
+            norms=tuple(norms),
+            shares=_shares(weights, norms),
+            conflicts=int(conflicts) if math.isfinite(conflicts) else 0,
+            cosine=tuple(tuple(cosine[i * k : (i + 1) * k]) for i in range(k)),
+            grad_norm=grad_norm,
+            finite=finite,
+        )
+
+    def _backward_single(self, names: tuple[str, ...], loss: Tensor) -> SourceStats:
+        loss.backward()
+        grads = [p.grad for p in self.params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads, foreach=True) if grads else torch.zeros((), device=loss.device)
+        loss_h, grad_norm = torch.stack([loss.detach().reshape(()).double(), norm.to(loss.device, torch.float64)]).tolist()
+        finite = math.isfinite(loss_h) and math.isfinite(grad_norm)
+        if finite and self.max_grad_norm is not None and grad_norm > self.max_grad_norm:
+            torch.nn.utils.clip_grads_with_norm_(self.params, self.max_grad_norm, norm, foreach=True)
+        return SourceStats(
+            names=names, losses=(loss_h,), weights=(1.0,), norms=(grad_norm,), shares=(1.0,),
+            conflicts=0, cosine=((1.0,),), grad_norm=grad_norm, finite=finite,
+        )
+
+
+def _shares(weights: Sequence[float], norms: Sequence[float]) -> tuple[float, ...]:
+    mags = [abs(w) * n for w, n in zip(weights, norms)]
+    total = math.fsum(mags)
+    if not math.isfinite(total) or total <= 0:
+        return tuple(0.0 for _ in mags)
+    return tuple(m / total for m in mags)
+
+
+class SourceAccumulator:
+    """Running means of per-source stats over an epoch (or any window) of finite steps."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.steps = 0
+        self.names: tuple[str, ...] = ()
+        self._losses: list[float] = []
+        self._weights: list[float] = []
+        self._norms: list[float] = []
+        self._shares: list[float] = []
+        self._cosine: list[list[float]] = []
+        self.conflicts = 0
+
+    def add(self, stats: SourceStats) -> None:
+        if not stats.finite:
+            return
+        k = len(stats.names)
+        if self.steps == 0 or stats.names != self.names:
+            self.reset()
+            self.names = stats.names
+            self._losses, self._weights, self._norms, self._shares = [0.0] * k, [0.0] * k, [0.0] * k, [0.0] * k
+            self._cosine = [[0.0] * k for _ in range(k)]
+        self.steps += 1
+        for i in range(k):
+            self._losses[i] += stats.losses[i]
+            self._weights[i] += stats.weights[i]
+            self._norms[i] += stats.norms[i]
+            self._shares[i] += stats.shares[i]
+            for j in range(k):
+                self._cosine[i][j] += stats.cosine[i][j]
+        self.conflicts += stats.conflicts
+
+    def _mean(self, values: list[float]) -> dict[str, float]:
+        return {n: v / self.steps for n, v in zip(self.names, values)} if self.steps else {}
+
+    @property
+    def losses(self) -> dict[str, float]:
+        return self._mean(self._losses)
+
+    @property
+    def conflict_rate(self) -> float | None:
+        k = len(self.names)
+        if k < 2 or not self.steps:
+            return None
+        return self.conflicts / (self.steps * k * (k - 1))
+
+    def summary(self) -> dict[str, Any]:
+        """Means per source (losses, weights, norms, shares), conflict rate and mean cosine matrix."""
+        return {
+            "steps": self.steps,
+            "sources": list(self.names),
+            "losses": self.losses,
+            "weights": self._mean(self._weights),
+            "norms": self._mean(self._norms),
+            "shares": self._mean(self._shares),
+            "conflicts": self.conflicts,
+            "conflict_rate": self.conflict_rate,
+            "cosine": [[v / self.steps for v in row] for row in self._cosine] if self.steps else [],
+        }
+
+
+def emit_step_metrics(telemetry: TelemetryEmitter, stats: SourceStats, lrs: Sequence[float]) -> None:
+    """Writes one step's per-source metrics (``train.loss``, ``gradient.*``) and the LR."""
+    for i, name in enumerate(stats.names):
+        telemetry.metric("train.loss", stats.losses[i], source=name)
+        telemetry.metric("gradient.weight", stats.weights[i], source=name)
+        telemetry.metric("gradient.norm", stats.norms[i], source=name)
+        telemetry.metric("gradient.share", stats.shares[i], source=name)
+    telemetry.metric("train.lr", lrs[0] if len(lrs) == 1 else list(lrs))
+    telemetry.metric("gradient.total_norm", stats.grad_norm)
+    if len(stats.names) > 1:
+        telemetry.metric("gradient.conflicts", stats.conflicts)
+        telemetry.metric("gradient.conflict_rate", stats.conflict_rate)
+        telemetry.metric("gradient.cosine", [list(row) for row in stats.cosine], sources=list(stats.names))
+
+
+__all__ = [
+    "AGGREGATOR_NAMES",
+    "GradientStage",
+    "SourceAccumulator",
+    "SourceStats",
+    "as_named_losses",
+    "build_aggregator",
+    "emit_step_metrics",
+]

@@ -1,0 +1,693 @@
+"""``Trainer``: the training loop, assembled from the components around it.
+
+One step: batch -> model (bf16 autocast on CUDA) -> ``loss_fn(outputs, batch)`` -> named losses ->
+gradient stage (``GradientBuffer`` + aggregator, straight into ``.grad``) -> safety verdict (apply,
+skip, roll back, halt) -> LR for this step (``LRController``) -> optimizer step (``OptimizerManager``)
+-> snapshot on cadence (``StateManager``) -> telemetry every ``log_every_steps``.
+
+At an epoch end: evaluation (if given) -> epoch summary -> time budget check -> control mediator
+(policy/executor under timeouts) -> durable checkpoint on cadence -> emergency level bookkeeping.
+
+Every run ends with a final durable checkpoint, however it stops (completed, ``max_steps``, HALT, or
+Ctrl-C), and returns a :class:`RunSummary`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from tolaria import profiler as profiler_mod
+from tolaria.emergency import EmergencyController, EmergencyLevel, LocalEmergencySignal
+from tolaria.lr import build_controller
+from tolaria.optim import OptimizerManager
+from tolaria.state import StateError, StateManager
+from tolaria.telemetry import JsonlSink, LoggingSink, TelemetryEmitter, TensorBoardSink
+
+from .config import ConfigError, TrainerConfig
+from .gradient import GradientStage, SourceAccumulator, SourceStats, build_aggregator, emit_step_metrics
+from .mediator import ControlMediator, ControlState, Executor, Policy
+from .safety import HALT, ROLLED_BACK, SKIP, SafetyGuard
+
+log = logging.getLogger("tolaria.trainer")
+
+TELEMETRY_FILE = "telemetry.jsonl"
+CONFIG_FILE = "run_config.json"
+
+COMPLETED, MAX_STEPS, HALTED, INTERRUPTED = "completed", "max_steps", "halted", "interrupted"
+
+
+@dataclass
+class RunSummary:
+    """What a run did.
+
+    Attributes:
+        status: ``"completed"`` (all epochs), ``"max_steps"``, ``"halted"`` (emergency HALT) or
+            ``"interrupted"`` (Ctrl-C).
+        epochs: epochs completed.
+        steps: global optimizer steps taken (after any rollback).
+        skipped_steps: steps skipped for non-finite values.
+        rollbacks: rollbacks performed.
+        wall_time_s: seconds in ``fit``.
+        sources: the gradient sources' names.
+        final_losses: mean loss per source over the last epoch (or the part of it that ran).
+        metrics: the last evaluation's metrics.
+        conflict_rate: conflicting projections per source pair per step, over the run (None for one
+            source).
+        halt_reason: why the run halted, if it did.
+        run_dir: the run folder (checkpoints, telemetry, config).
+        last_checkpoint_step: step of the final durable checkpoint (None if none was written).
+        resumed_from_step: the step restored at start (None: a fresh run).
+        control_failures: failed, timed-out or refused control calls.
+        telemetry_file: the JSONL telemetry file, if one was written.
+    """
+
+    status: str
+    epochs: int
+    steps: int
+    skipped_steps: int
+    rollbacks: int
+    wall_time_s: float
+    sources: tuple[str, ...]
+    final_losses: dict[str, float]
+    metrics: dict[str, float]
+    conflict_rate: float | None
+    halt_reason: str | None
+    run_dir: Path
+    last_checkpoint_step: int | None
+    resumed_from_step: int | None = None
+    control_failures: int = 0
+    telemetry_file: Path | None = None
+
+    def table(self) -> str:
+        """A plain-text summary table (per-task loss and metrics, conflict rate, time)."""
+        rows: list[tuple[str, str]] = [("status", self.status + (f" ({self.halt_reason})" if self.halt_reason else ""))]
+        rows.append(("epochs / steps", f"{self.epochs} / {self.steps}"))
+        if self.resumed_from_step is not None:
+            rows.append(("resumed from step", str(self.resumed_from_step)))
+        for name, loss in self.final_losses.items():
+            rows.append((f"loss [{name}]", f"{loss:.4f}"))
+        for name, value in self.metrics.items():
+            rows.append((name, f"{value:.4f}" if isinstance(value, float) else str(value)))
+        rows.append(("conflict rate", "n/a (one source)" if self.conflict_rate is None else f"{self.conflict_rate:.3f}"))
+        rows.append(("skipped steps / rollbacks", f"{self.skipped_steps} / {self.rollbacks}"))
+        rows.append(("control failures", str(self.control_failures)))
+        rows.append(("time", f"{self.wall_time_s:.1f} s"))
+        rows.append(("run folder", str(self.run_dir)))
+        width = max(len(k) for k, _ in rows)
+        rule = "-" * (width + 3 + max(len(v) for _, v in rows))
+        return "\n".join([rule, *(f"{k.ljust(width)} | {v}" for k, v in rows), rule])
+
+
+# ---- batches and devices -----------------------------------------------------------------------
+
+
+def split_inputs(batch: Any) -> Any:
+    """The model's input of a batch: the batch itself (a tensor), its first item (a tuple or list),
+    or its ``"inputs"`` entry (a mapping)."""
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)):
+        if not batch:
+            raise ValueError("got an empty batch")
+        return batch[0]
+    if isinstance(batch, Mapping):
+        if "inputs" not in batch:
+            raise KeyError(f"a mapping batch needs an 'inputs' entry for the model; it has {sorted(map(str, batch))}")
+        return batch["inputs"]
+    raise TypeError(f"batches must be a tensor, a tuple/list or a mapping, got {type(batch).__name__}")
+
+
+def move_to(obj: Any, device: torch.device) -> Any:
+    """``obj`` with every tensor inside (tuples, lists, mappings) moved to ``device``."""
+    if isinstance(obj, Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, tuple):
+        moved = [move_to(o, device) for o in obj]
+        return type(obj)(*moved) if hasattr(obj, "_fields") else tuple(moved)
+    if isinstance(obj, list):
+        return [move_to(o, device) for o in obj]
+    if isinstance(obj, Mapping):
+        return {k: move_to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def first_tensor(obj: Any) -> Tensor | None:
+    """The first tensor in ``obj`` (depth first), or None."""
+    if isinstance(obj, Tensor):
+        return obj
+    if isinstance(obj, (tuple, list)):
+        items: Iterable[Any] = obj
+    elif isinstance(obj, Mapping):
+        items = obj.values()
+    else:
+        return None
+    for item in items:
+        found = first_tensor(item)
+        if found is not None:
+            return found
+    return None
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device a config names (``"auto"``: CUDA when available, else CPU); unavailable CUDA raises."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} was asked for but CUDA is not available; use device='auto' or 'cpu'")
+    return device
+
+
+def default_run_dir() -> Path:
+    return Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+# ---- the trainer -------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Trains ``model`` on ``data`` with ``loss_fn``, safely; ``fit()`` runs it and returns a :class:`RunSummary`.
+
+    Args:
+        model: the model; moved to the configured device.
+        optimizer: its optimizer (managed by an ``OptimizerManager``; fetch the live one from
+            ``trainer.optimizer``).
+        data: an iterable of batches, iterated once per epoch (``set_epoch(epoch)`` is called when
+            it has one). A batch is a tensor, a tuple/list whose first item is the model's input, or
+            a mapping with an ``"inputs"`` entry. Inputs go to the model's device; the whole batch
+            (targets included) goes to the device of the model's outputs before ``loss_fn`` sees it.
+        loss_fn: ``loss_fn(outputs, batch)`` returns a scalar tensor or a dict of named scalar
+            losses; each name is one gradient source, combined by the configured aggregator.
+        config: a :class:`TrainerConfig` (default: all defaults).
+        policy, executor: the control policy and its executor (see :mod:`.mediator`).
+        telemetry: an emitter to report to; by default the trainer builds one writing JSONL to the
+            run folder (plus logging, and TensorBoard when configured) and closes it at the end.
+        evaluate: ``evaluate(model) -> {name: value}`` at every epoch end (eval mode, no grad).
+        forward: ``forward(model, inputs) -> outputs``, if calling ``model(inputs)`` is not right.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        data: Iterable[Any],
+        loss_fn: Callable[[Any, Any], Tensor | Mapping[str, Tensor]],
+        config: TrainerConfig | None = None,
+        policy: Policy | None = None,
+        executor: Executor | None = None,
+        telemetry: TelemetryEmitter | None = None,
+        *,
+        evaluate: Callable[[nn.Module], Mapping[str, float]] | None = None,
+        forward: Callable[[nn.Module, Any], Any] | None = None,
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if not callable(loss_fn):
+            raise TypeError("loss_fn must be callable as loss_fn(outputs, batch)")
+        config = config if config is not None else TrainerConfig()
+        if not isinstance(config, TrainerConfig):
+            raise TypeError(f"config must be a TrainerConfig, got {type(config).__name__}")
+        self.config = config
+        self.model = model
+        self.data = data
+        self.loss_fn = loss_fn
+        self.evaluate = evaluate
+        self.forward = forward
+        self.device = resolve_device(config.device)
+        self.model.to(self.device)
+        _move_optimizer_state(optimizer)
+
+        self.run_dir = Path(config.run_dir) if config.run_dir is not None else default_run_dir()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._owns_telemetry = telemetry is None
+        self.telemetry = telemetry if telemetry is not None else self._build_telemetry()
+        self.telemetry.bind(rank=_rank(), epoch=0, step=0)
+        (self.run_dir / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+        self.state: StateManager | None = None
+        self.mediator: ControlMediator | None = None
+        self._shared_signal: Any = None
+        self._owns_signal = False
+        self._closed = False
+        try:
+            self.aggregator = build_aggregator(config.aggregator, **config.aggregator_options)
+            self.stage = GradientStage(self.model, self.aggregator, max_grad_norm=config.safety.max_grad_norm)
+            self.optim = OptimizerManager(optimizer, telemetry=self.telemetry)
+            self.lr = self._build_lr(optimizer)
+            self.state = StateManager(
+                self.run_dir / "checkpoints", fast_cache_mb=config.checkpoint.fast_cache_mb,
+                keep_last=config.checkpoint.keep_last, telemetry=self.telemetry,
+            )
+            self._shared_signal, self._owns_signal = self._open_signal()
+            signal = self._shared_signal if self._shared_signal is not None else LocalEmergencySignal("trainer")
+            self.emergency = EmergencyController(signal=signal, telemetry=self.telemetry)
+            self.safety = SafetyGuard(
+                config.safety, self.state, self.emergency,
+                rollback_deadline_s=config.checkpoint.rollback_deadline_s, telemetry=self.telemetry,
+            )
+            self.mediator = ControlMediator(
+                policy, executor, timeout_s=config.control_timeout_s,
+                failure_threshold=config.control_failure_threshold, cooldown_s=config.control_cooldown_s,
+                recovery_calls=config.control_recovery_calls, max_abandoned=config.control_max_abandoned,
+                telemetry=self.telemetry,
+            )
+            self.profiler = self._build_profiler()
+            self._forward_model: Callable[..., Any] = torch.compile(self.model) if config.compile else self.model
+        except BaseException:
+            self.close()  # release what was built (folder lock, shared signal, telemetry file)
+            raise
+        self.step = 0
+        self.epoch = 0
+        self._fitted = False
+        self._confirm_rebuild = False
+
+    # ---- construction helpers ------------------------------------------------------------------
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The live optimizer (a new object after an optimizer rebuild)."""
+        return self.optim.optimizer
+
+    def _build_telemetry(self) -> TelemetryEmitter:
+        cfg = self.config.telemetry
+        sinks: list[Any] = []
+        if cfg.jsonl:
+            sinks.append(JsonlSink(self.run_dir / TELEMETRY_FILE))
+        if cfg.log_severity != "off":
+            sinks.append(LoggingSink(min_severity=cfg.log_severity))
+        if cfg.tensorboard:
+            sinks.append(TensorBoardSink(self.run_dir / "tensorboard"))
+        if not sinks:
+            raise ConfigError("telemetry has no sink: enable telemetry.jsonl, telemetry.tensorboard or a log_severity")
+        return TelemetryEmitter(sinks, batch_size=cfg.batch_size, rate_limits=cfg.rate_limits)
+
+    def _total_steps(self) -> int | None:
+        per_epoch = _length(self.data)
+        by_epochs = None if per_epoch is None else per_epoch * self.config.epochs
+        if self.config.max_steps is None:
+            return by_epochs
+        return self.config.max_steps if by_epochs is None else min(by_epochs, self.config.max_steps)
+
+    def _build_lr(self, optimizer: torch.optim.Optimizer):
+        cfg = self.config.lr
+        kwargs = cfg.controller_kwargs()
+        needs_length = cfg.policy == "linear" or (cfg.policy == "cosine" and cfg.restarts is None)
+        if needs_length and cfg.t_max is None:
+            total = self._total_steps()
+            if total is None:
+                raise ConfigError(
+                    f"lr.policy {cfg.policy!r} needs lr.t_max: the data has no len() and max_steps is not set"
+                )
+            kwargs["t_max"] = max(1, total - cfg.warmup_steps)
+        return build_controller(optimizer, cfg.policy, telemetry=self.telemetry, **kwargs)
+
+    def _open_signal(self):
+        name = self.config.safety.emergency_signal
+        if name is None:
+            return None, False
+        from tolaria.signals import SharedEmergencySignal
+
+        try:
+            return SharedEmergencySignal.attach(name), False
+        except FileNotFoundError:
+            signal = SharedEmergencySignal.create(name)
+            self.telemetry.event("safety.signal_created", message=f"created shared emergency signal {name!r}", signal=name)
+            return signal, True
+
+    def _build_profiler(self):
+        cfg = self.config.profiler
+        trace_dir = cfg.trace_dir or (str(self.run_dir / "traces") if cfg.enabled else None)
+        pcfg = profiler_mod.ProfilerConfig(
+            enabled=cfg.enabled, trace_dir=trace_dir, wait=cfg.wait, warmup=cfg.warmup,
+            active_steps=cfg.active_steps, repeat=cfg.repeat, record_shapes=cfg.record_shapes,
+            profile_memory=cfg.profile_memory, with_stack=cfg.with_stack,
+        )
+        return profiler_mod.build_profiler(pcfg, run_id=str(self.telemetry.attributes.get("run_id")), telemetry=self.telemetry)
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        amp = self.config.amp
+        if amp == "off" or (amp == "auto" and self.device.type != "cuda"):
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+    # ---- one step --------------------------------------------------------------------------------
+
+    def _compute_losses(self, batch: Any) -> Tensor | Mapping[str, Tensor]:
+        model_device = next(self.model.parameters()).device
+        with self._autocast():
+            inputs = move_to(split_inputs(batch), model_device)
+            outputs = self.forward(self._forward_model, inputs) if self.forward else self._forward_model(inputs)
+            out = first_tensor(outputs)
+            if out is None:
+                raise TypeError(f"the model returned no tensor (got {type(outputs).__name__})")
+            return self.loss_fn(outputs, move_to(batch, out.device))
+
+    def _train_step(self, batch: Any) -> tuple[str, SourceStats]:
+        self.stage.zero_grad()
+        stats = self.stage.backward(self._compute_losses(batch))
+        verdict = self.safety.check_step(stats, self.step, self.model, self.optimizer)
+        if verdict.action == ROLLED_BACK:
+            assert verdict.step is not None
+            self.step = verdict.step
+            self.telemetry.bind(step=self.step)
+            return ROLLED_BACK, stats
+        if verdict.action in (SKIP, HALT):
+            if verdict.action == HALT:
+                self._halt_reason = verdict.reason
+            if self._confirm_rebuild:
+                self._confirm_rebuild = False
+                self.optim.report_failure(f"the first step after an optimizer rebuild was not finite ({verdict.action})")
+            return verdict.action, stats
+        self.lr.apply(self.step)
+        self.optimizer.step()
+        if self._confirm_rebuild:
+            self._confirm_rebuild = False
+            self.optim.report_success()
+        self.step += 1
+        self.telemetry.bind(step=self.step)
+        every = self.config.checkpoint.snapshot_every_steps
+        if every and self.step % every == 0:
+            self._snapshot()
+        return "step", stats
+
+    def _snapshot(self) -> None:
+        try:
+            self.state.snapshot(self.step, self.model, self.optimizer)
+        except StateError as exc:  # e.g. the optimizer state outgrew the cache: reported, training goes on
+            message = f"snapshot at step {self.step} failed: {exc}; rollbacks will use older snapshots or checkpoints"
+            log.error(message)
+            self.telemetry.count("train.snapshot_failures")
+            self.telemetry.event("train.snapshot_failed", severity="error", message=message)
+
+    # ---- the run ---------------------------------------------------------------------------------
+
+    def fit(self) -> RunSummary:
+        """Runs the training (see the module docstring) and returns its :class:`RunSummary`."""
+        if self._fitted:
+            raise RuntimeError("fit() was already called on this Trainer; build a new one for another run")
+        if self._closed:
+            raise RuntimeError("this Trainer is closed; build a new one to train")
+        self._fitted = True
+        started = time.monotonic()
+        self._halt_reason: str | None = None
+        run_stats = SourceAccumulator()
+        epoch_stats = SourceAccumulator()
+        metrics: dict[str, float] = {}
+        status = COMPLETED
+        epoch_complete = True  # whether self.epoch's data was used up (decides where a resume starts)
+        try:
+            if self.config.seed is not None:
+                torch.manual_seed(self.config.seed)
+            resumed = self._resume() if self.config.checkpoint.resume else None
+            start_epoch = epochs_done = self.epoch
+            last_ckpt: int | None = resumed
+            self.state.snapshot(self.step, self.model, self.optimizer)  # the first rollback target
+            self.telemetry.event(
+                "train.start", message=f"training in {self.run_dir}", run_dir=str(self.run_dir),
+                device=str(self.device), aggregator=repr(self.aggregator), epochs=self.config.epochs,
+                max_steps=self.config.max_steps, resumed_from_step=resumed,
+            )
+            for epoch in range(start_epoch, self.config.epochs):
+                self.epoch = epoch
+                self.telemetry.bind(epoch=epoch)
+                epoch_stats.reset()
+                status, epoch_complete = self._run_epoch(epoch, epoch_stats, run_stats)
+                if status in (HALTED, INTERRUPTED):
+                    break
+                if epoch_complete:
+                    epochs_done = epoch + 1
+                metrics = self._end_epoch(epoch, epoch_stats, metrics, started)
+                every = self.config.checkpoint.checkpoint_every_epochs
+                if epoch_complete and every and epochs_done % every == 0:
+                    last_ckpt = self._checkpoint(epoch_complete=True, final=False) or last_ckpt
+                self.telemetry.flush()  # the epoch's records reach the sinks with its checkpoint
+                if status == MAX_STEPS:
+                    break
+                reason = self.safety.halt_reason()
+                if reason is not None:
+                    status, self._halt_reason = HALTED, reason
+                    break
+            if status in (HALTED, INTERRUPTED) and epoch_stats.steps and self.evaluate is not None:
+                metrics = self._evaluate()
+            if last_ckpt != self.step:
+                last_ckpt = self._checkpoint(epoch_complete=epoch_complete, final=True)
+        except BaseException as exc:
+            self.telemetry.event(
+                "train.crashed", severity="critical", message=f"training stopped by {type(exc).__name__}: {exc}",
+                error=f"{type(exc).__name__}: {exc}",
+            )
+            log.critical("training stopped by %s: %s", type(exc).__name__, exc)
+            self.close()
+            raise
+        summary = RunSummary(
+            status=status,
+            epochs=epochs_done,
+            steps=self.step,
+            skipped_steps=self.safety.skipped_steps,
+            rollbacks=self.safety.rollbacks,
+            wall_time_s=time.monotonic() - started,
+            sources=tuple(self.stage.names or ()),
+            final_losses=epoch_stats.losses or run_stats.losses,
+            metrics=dict(metrics),
+            conflict_rate=run_stats.conflict_rate,
+            halt_reason=self._halt_reason if status == HALTED else None,
+            run_dir=self.run_dir,
+            last_checkpoint_step=last_ckpt,
+            resumed_from_step=resumed,
+            control_failures=self.mediator.failures,
+            telemetry_file=(self.run_dir / TELEMETRY_FILE) if self._owns_telemetry and self.config.telemetry.jsonl else None,
+        )
+        self.telemetry.event(
+            "train.end", severity="warning" if status == HALTED else "info",
+            message=f"training {status} after {summary.epochs} epoch(s), {summary.steps} step(s)",
+            status=status, epochs=summary.epochs, steps=summary.steps, skipped_steps=summary.skipped_steps,
+            rollbacks=summary.rollbacks, wall_time_s=summary.wall_time_s, metrics=summary.metrics,
+            conflict_rate=summary.conflict_rate, halt_reason=summary.halt_reason, final_losses=summary.final_losses,
+        )
+        self.close()
+        return summary
+
+    def _run_epoch(self, epoch: int, epoch_stats: SourceAccumulator, run_stats: SourceAccumulator) -> tuple[str, bool]:
+        """Runs one epoch; returns (status, whether the epoch's data was used up)."""
+        cfg = self.config
+        log_every = cfg.telemetry.log_every_steps
+        halt_every = cfg.safety.halt_check_every_steps
+        if hasattr(self.data, "set_epoch"):
+            self.data.set_epoch(epoch)
+        batches: Iterable[Any] = self.data
+        bar = None
+        if cfg.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(self.data, total=_length(self.data), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=True, dynamic_ncols=True)
+            batches = bar
+        epoch_start = time.monotonic()
+        attempts = 0
+        try:
+            with self.profiler.epoch(epoch, first_step=self.step) as window:
+                for batch in batches:
+                    attempts += 1
+                    if attempts % halt_every == 0:
+                        reason = self.safety.halt_reason()
+                        if reason is not None:
+                            self._halt_reason = reason
+                            return HALTED, False
+                    action, stats = self._train_step(batch)
+                    window.step()
+                    if action == HALT:
+                        return HALTED, False
+                    if action == "step":
+                        epoch_stats.add(stats)
+                        run_stats.add(stats)
+                        if self.step % log_every == 0:
+                            emit_step_metrics(self.telemetry, stats, self.lr.get_last_lr())
+                            if bar is not None:
+                                bar.set_postfix({n: f"{v:.3f}" for n, v in zip(stats.names, stats.losses)}, refresh=False)
+                    if cfg.control_every_steps and self.step and self.step % cfg.control_every_steps == 0 and action == "step":
+                        self._control(epoch_stats, {}, time.monotonic() - epoch_start)
+                    if cfg.max_steps is not None and self.step >= cfg.max_steps:
+                        return MAX_STEPS, False
+        except KeyboardInterrupt:
+            self.telemetry.event("train.interrupted", severity="warning", message="training interrupted (Ctrl-C); writing a final checkpoint")
+            return INTERRUPTED, False
+        finally:
+            if bar is not None:
+                bar.close()
+            self._epoch_elapsed = time.monotonic() - epoch_start
+        return COMPLETED, True
+
+    def _evaluate(self) -> dict[str, float]:
+        if self.evaluate is None:
+            return {}
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad(), self._autocast():
+                result = self.evaluate(self.model)
+        finally:
+            self.model.train(was_training)
+        if not isinstance(result, Mapping):
+            raise TypeError(f"evaluate(model) must return a mapping of metric names to numbers, got {type(result).__name__}")
+        metrics = {str(k): float(v) for k, v in result.items()}
+        for name, value in metrics.items():
+            self.telemetry.metric(f"eval.{name}", value)
+        return metrics
+
+    def _end_epoch(self, epoch: int, stats: SourceAccumulator, previous: dict[str, float], started: float) -> dict[str, float]:
+        metrics = self._evaluate() if self.evaluate is not None else previous
+        summary = stats.summary()
+        elapsed = self._epoch_elapsed
+        self.telemetry.event(
+            "train.epoch", message=f"epoch {epoch + 1} done in {elapsed:.1f} s",
+            train_steps=summary.pop("steps"), duration_s=elapsed, metrics=metrics, **summary,
+        )
+        self.safety.check_epoch_time(epoch, elapsed)
+        self._control(stats, metrics, time.monotonic() - started)
+        self.safety.end_epoch(epoch)
+        self.telemetry.flush_counters()
+        return metrics
+
+    # ---- control ---------------------------------------------------------------------------------
+
+    def _control(self, stats: SourceAccumulator, metrics: Mapping[str, float], elapsed_s: float) -> None:
+        if self.mediator.policy is None:
+            return
+        level = self.emergency.level
+        state = ControlState(
+            epoch=self.epoch, step=self.step, losses=dict(stats.losses), metrics=dict(metrics),
+            lr=tuple(self.lr.get_last_lr()) if self.lr.last_step is not None else tuple(g["lr"] for g in self.optimizer.param_groups),
+            conflict_rate=stats.conflict_rate, emergency_level=level.name,
+            conservative=self.mediator.conservative, elapsed_s=elapsed_s,
+        )
+        was_conservative = self.mediator.conservative
+        params_before = self._param_ids()
+        self.mediator.consult(state)
+        if self.mediator.conservative and not was_conservative:
+            self.emergency.escalate(EmergencyLevel.CONSERVATIVE, f"control calls failing: {self.mediator.conservative_reason}")
+        elif was_conservative and not self.mediator.conservative and self.emergency.level == EmergencyLevel.CONSERVATIVE:
+            self.emergency.deescalate(EmergencyLevel.NONE, "control calls succeed again")
+        if self._param_ids() != params_before:
+            self._rebuild_optimizer()
+
+    def _param_ids(self) -> tuple[int, ...]:
+        return tuple(id(p) for p in self.model.parameters() if p.requires_grad)
+
+    def _rebuild_optimizer(self) -> None:
+        result = self.optim.rebuild(self.model)
+        if not result.success:
+            message = f"the model's parameters changed but the optimizer rebuild failed: {result.error}"
+            log.error(message)
+            self.telemetry.event("train.rebuild_failed", severity="error", message=message)
+            return
+        self.lr.attach(self.optim.optimizer)
+        self.stage.rebind(self.model)
+        self._confirm_rebuild = True  # the next step tells the breaker whether the rebuild really worked
+        self._snapshot()  # older snapshots hold the old parameter set; give rollbacks a matching target
+        self.telemetry.event(
+            "train.rebuilt", message=f"parameters changed: optimizer rebuilt (+{result.added} / -{result.removed})",
+            added=result.added, removed=result.removed,
+        )
+
+    # ---- checkpoints and resume ------------------------------------------------------------------
+
+    def _checkpoint(self, *, epoch_complete: bool, final: bool) -> int | None:
+        extra = {
+            "epoch": self.epoch,
+            "epoch_complete": epoch_complete,
+            "step": self.step,
+            "lr": self.lr.state_dict(),
+            "sources": list(self.stage.names or ()),
+        }
+        try:
+            self.state.checkpoint(self.step, self.model, self.optimizer, extra=extra)
+        except Exception as exc:
+            message = f"{'final' if final else 'periodic'} checkpoint at step {self.step} failed: {type(exc).__name__}: {exc}"
+            log.critical(message)
+            self.telemetry.event("train.checkpoint_failed", severity="critical", message=message, final=final)
+            if final:
+                raise
+            self.emergency.escalate(EmergencyLevel.ELEVATED, message)
+            return None
+        self.telemetry.event(
+            "train.checkpoint", message=f"checkpoint at step {self.step}", final=final, epoch_complete=epoch_complete,
+        )
+        return self.step
+
+    def _resume(self) -> int:
+        restored = self.state.restore_latest_with_extra(self.model, self.optimizer)
+        step, extra = restored.step, restored.extra
+        if not isinstance(extra, Mapping) or "epoch" not in extra:
+            raise ValueError(f"checkpoint at step {step} was not written by the Trainer (no epoch in its extra data)")
+        self.step = int(step)
+        self.epoch = int(extra["epoch"]) + (1 if extra.get("epoch_complete") else 0)
+        self.lr.load_state_dict(extra["lr"])
+        self.telemetry.bind(step=self.step, epoch=self.epoch)
+        self.telemetry.event(
+            "train.resume", message=f"resumed from the checkpoint at step {self.step}; next epoch {self.epoch + 1}",
+            restored_step=self.step, next_epoch=self.epoch,
+        )
+        return self.step
+
+    # ---- shutdown --------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Releases what the trainer holds (control worker, checkpoint folder lock, signals, its own
+        telemetry). ``fit`` calls it at the end; call it yourself for a trainer never fitted. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.mediator is not None:
+            self.mediator.close()
+        if self._shared_signal is not None:
+            if self._owns_signal:
+                self._shared_signal.unlink()
+            self._shared_signal.close()
+        if self.state is not None:
+            self.state.close()
+        if self._owns_telemetry:
+            self.telemetry.close()
+        else:
+            self.telemetry.flush()
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _move_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Optimizer state created before the model moved (e.g. loaded) follows its parameters."""
+    for param, state in optimizer.state.items():
+        for key, value in state.items():
+            if isinstance(value, Tensor) and value.device != param.device and not (key == "step" and value.dim() == 0):
+                state[key] = value.to(param.device)
+
+
+def _length(data: Any) -> int | None:
+    try:
+        return len(data)
+    except TypeError:
+        return None
+
+
+def _rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return 0
+
+
+__all__ = ["RunSummary", "Trainer", "first_tensor", "move_to", "resolve_device", "split_inputs"]
