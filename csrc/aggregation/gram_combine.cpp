@@ -345,10 +345,12 @@ TOLARIA_CLONES void combine_range(DType dtype, const void* const* rows, int64_t 
 
 // Splits [0, n) into `threads` ranges aligned to 64 elements (whole cache lines for every dtype) and
 // runs fn(t, begin, end) on each; range 0 runs on the calling thread.
+constexpr int64_t kMinWorkPerThread = 1 << 19;  // elements of J (all K rows) per thread
+
 template <typename Fn>
-void parallel_ranges(int64_t n, int threads, Fn fn) {
-  constexpr int64_t kMinPerThread = 1 << 15;
-  threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, n / kMinPerThread)));
+void parallel_ranges(int64_t n, int64_t work, int threads, Fn fn) {
+  // Starting a thread costs tens of microseconds: only worth it for a few hundred KiB of rows each.
+  threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, work / kMinWorkPerThread)));
   if (threads == 1) {
     fn(0, 0, n);
     return;
@@ -378,7 +380,7 @@ void gram(const std::vector<uintptr_t>& rows, int64_t n, int dtype, uintptr_t ou
   std::vector<std::vector<double>> partial;
   auto run = [&](bool wide) {
     partial.assign(static_cast<size_t>(std::max(threads, 1)), std::vector<double>(k * k, 0.0));
-    parallel_ranges(n, threads, [&](int t, int64_t b, int64_t e) {
+    parallel_ranges(n, n * k, threads, [&](int t, int64_t b, int64_t e) {
       gram_range(d, wide, ptrs.data(), k, b, e, partial[t].data());
     });
   };
@@ -410,7 +412,7 @@ void combine(const std::vector<uintptr_t>& rows, int64_t n, int dtype, uintptr_t
   const double* w = reinterpret_cast<const double*>(weights);
   void* o = reinterpret_cast<void*>(out);
   py::gil_scoped_release release;
-  parallel_ranges(n, threads, [&](int, int64_t b, int64_t e) {
+  parallel_ranges(n, n * k, threads, [&](int, int64_t b, int64_t e) {
     combine_range(static_cast<DType>(dtype), ptrs.data(), k, w, b, e, o);
   });
 }

@@ -98,3 +98,18 @@ def test_rejects_bad_configuration():
         PCGrad(reduction="mean", weights=[1.0, -1.0])
     with pytest.raises(ValueError, match="3 weights but got 2"):
         PCGrad(weights=[1.0, 1.0, 1.0])(torch.randn(2, 4))
+
+
+
+@pytest.mark.parametrize("k", [1, 2, 5, 17])
+def test_host_loop_matches_the_device_loop(k):
+    # CPU Gram matrices take the NumPy loop; the torch loop (every other device) must agree with it.
+    from tolaria.aggregation.pcgrad import _pcgrad_coefficients_host, _pcgrad_coefficients_torch
+
+    j = _conflicting(k, 64, torch.float64, seed=k)
+    gram = j @ j.T
+    orders = draw_orders(k, shuffle=True, generator=torch.Generator().manual_seed(k), device=j.device)
+    host_coeffs, host_conflicts = _pcgrad_coefficients_host(gram, orders)
+    torch_coeffs, torch_conflicts = _pcgrad_coefficients_torch(gram, orders)
+    torch.testing.assert_close(host_coeffs, torch_coeffs)
+    assert int(host_conflicts) == int(torch_conflicts)

@@ -46,7 +46,12 @@ class Aggregator(ABC):
         sources = as_sources(grads)
         self._check_k(sources.k)
         flat, stats = aggregate(
-            sources, self.weighting, backend=self.backend, nonfinite=self.nonfinite, out=out
+            sources,
+            self.weighting,
+            backend=self.backend,
+            nonfinite=self.nonfinite,
+            out=out,
+            with_stats=return_stats,
         )
         result = flat.view(sources.shape) if out is None else out
         return (result, stats) if return_stats else result

@@ -59,11 +59,24 @@ def check_nonfinite_mode(mode: str) -> str:
     return mode
 
 
+def uses_triton(name: str, device: torch.device) -> bool:
+    """Whether :func:`select_backend` runs ``name`` on ``device`` with the Triton backend; weightings
+    then run their K x K work in its device kernels too (e.g. PCGrad's projection loop)."""
+    return name == "triton" or (name == "auto" and device.type == "cuda")
+
+
 def select_backend(name: str, sources: Sources) -> Backend:
     """The backend that will run ``sources``: forced by name, or chosen by device under "auto"."""
     if name == "auto":
-        if sources.device.type == "cuda":
-            return _triton_backend()
+        if uses_triton(name, sources.device):
+            backend = _triton_backend()
+            reason = backend.supports(sources)
+            if reason is not None:
+                raise ValueError(
+                    f"backend 'auto' picks the Triton backend for {sources.device} tensors, which cannot "
+                    f"run them: {reason}; pass backend='torch' to use plain PyTorch"
+                )
+            return backend
         if _cpu_backend.supports(sources) is None:
             return _cpu_backend
         return _torch_backend
@@ -94,8 +107,10 @@ def aggregate(
     backend: str = "auto",
     nonfinite: str = "raise",
     out: Tensor | None = None,
-) -> tuple[Tensor, AggregationStats]:
-    """Runs the three steps on ``sources``; returns the flat N-tensor result and its stats."""
+    with_stats: bool = True,
+) -> tuple[Tensor, AggregationStats | None]:
+    """Runs the three steps on ``sources``; returns the flat N-tensor result and its stats
+    (``None`` unless ``with_stats``: they cost a few small ops per call)."""
     impl = select_backend(backend, sources)
     if out is not None:
         check_out(out, sources)
@@ -106,4 +121,4 @@ def aggregate(
     gram = gram.to(torch.float64) if gram.device.type != "mps" else gram
     weights, conflicts = weighting(gram)
     flat = impl.combine(sources, weights, out)
-    return flat, stats_from_gram(gram, weights, conflicts)
+    return flat, stats_from_gram(gram, weights, conflicts) if with_stats else None

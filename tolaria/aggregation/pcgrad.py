@@ -8,19 +8,21 @@ Every g_i^PC stays a linear combination of the original rows, g_i^PC = sum_m C[i
 inner product it needs is a row of C times a column of G = J J^T. So the whole loop runs on K x K
 numbers; the final weights are w = a^T C (a: ones, 1/K, or the per-source weights), and the output is
 one weighted sum of the rows. The loop is vectorised over i (K - 1 steps for all i at once), with no
-data-dependent control flow, so it never reads a value on the host.
+data-dependent control flow, so it never reads a value on the host. On the Triton backend the same
+loop runs as one small kernel (``tolaria.kernels.pcgrad``), step for step the same arithmetic.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from ._weights import as_weight_vector, check_weight_count, on_device
 from .aggregator import Aggregator
-from .engine import Weights
+from .engine import Weights, uses_triton
 
 REDUCTIONS = ("sum", "mean")
 
@@ -49,7 +51,17 @@ def pcgrad_coefficients(gram: Tensor, orders: Tensor) -> tuple[Tensor, Tensor]:
 
     ``gram`` is G = J J^T (K x K); ``orders`` is K x (K - 1) as from :func:`draw_orders`. A source
     with zero norm is never projected against (its inner products are all zero anyway).
+
+    A CPU Gram matrix already lives in host memory, so its loop runs in NumPy, where each of the
+    few dozen tiny steps costs a microsecond instead of a torch dispatch; the arithmetic is the same.
+    Under ``torch.compile`` the torch loop is traced instead, so the graph stays whole.
     """
+    if gram.device.type == "cpu" and orders.device.type == "cpu" and not torch.compiler.is_compiling():
+        return _pcgrad_coefficients_host(gram, orders)
+    return _pcgrad_coefficients_torch(gram, orders)
+
+
+def _pcgrad_coefficients_torch(gram: Tensor, orders: Tensor) -> tuple[Tensor, Tensor]:
     k = gram.shape[0]
     coeffs = torch.eye(k, dtype=gram.dtype, device=gram.device)
     conflicts = torch.zeros((), dtype=torch.int64, device=gram.device)
@@ -65,6 +77,24 @@ def pcgrad_coefficients(gram: Tensor, orders: Tensor) -> tuple[Tensor, Tensor]:
         coeffs = coeffs.index_put((rows, j), -step_size, accumulate=True)
         conflicts = conflicts + conflict.sum()
     return coeffs, conflicts
+
+
+def _pcgrad_coefficients_host(gram: Tensor, orders: Tensor) -> tuple[Tensor, Tensor]:
+    g = gram.detach().numpy()
+    order = orders.numpy()
+    k = g.shape[0]
+    coeffs = np.eye(k, dtype=g.dtype)
+    rows = np.arange(k)
+    sq_norms = np.diagonal(g)
+    conflicts = 0
+    for step in range(order.shape[1]):
+        j = order[:, step]
+        dots = (coeffs * g[:, j].T).sum(axis=1)
+        norm_j = sq_norms[j]
+        conflict = (dots < 0) & (norm_j > 0)
+        coeffs[rows, j] -= np.where(conflict, dots / np.where(norm_j > 0, norm_j, 1), 0)
+        conflicts += int(conflict.sum())
+    return torch.from_numpy(coeffs), torch.tensor(conflicts, dtype=torch.int64)
 
 
 class PCGrad(Aggregator):
@@ -98,6 +128,7 @@ class PCGrad(Aggregator):
         self.shuffle = bool(shuffle)
         self.generator = generator
         self.weights = None if weights is None else as_weight_vector(weights, "PCGrad")
+        self._weights_on: dict[tuple[torch.device, torch.dtype], Tensor] = {}
         if self.weights is not None and reduction == "mean" and float(self.weights.sum()) <= 0:
             raise ValueError('PCGrad weights must have a positive sum under reduction="mean"')
 
@@ -107,15 +138,35 @@ class PCGrad(Aggregator):
 
     def weighting(self, gram: Tensor) -> Weights:
         k = gram.shape[0]
+        if uses_triton(self.backend, gram.device):
+            from tolaria.kernels.pcgrad import MAX_K, pcgrad_weights  # triton is heavy to load
+
+            if k <= MAX_K:  # beyond, the loop below: more launches, still no host sync
+                orders = (
+                    draw_orders(k, shuffle=True, generator=self.generator, device=gram.device)
+                    if self.shuffle
+                    else None  # the kernel walks ascending order itself
+                )
+                weights = None if self.weights is None else self._weights_like(gram)
+                return Weights(*pcgrad_weights(gram, orders, reduction=self.reduction, weights=weights))
         orders = draw_orders(k, shuffle=self.shuffle, generator=self.generator, device=gram.device)
         coeffs, conflicts = pcgrad_coefficients(gram, orders)
         if self.weights is None:
             scale = torch.full((k,), 1.0 if self.reduction == "sum" else 1.0 / k, dtype=gram.dtype, device=gram.device)
         else:
-            scale = on_device(self.weights, gram)
+            scale = self._weights_like(gram)
             if self.reduction == "mean":
                 scale = scale / scale.sum()
         return Weights(scale @ coeffs, conflicts)
+
+    def _weights_like(self, gram: Tensor) -> Tensor:
+        """The per-source weights on G's device and dtype, copied there once (a copy from the host
+        on every step would synchronise the device and could not be recorded into a CUDA graph)."""
+        key = (gram.device, gram.dtype)
+        cached = self._weights_on.get(key)
+        if cached is None:
+            cached = self._weights_on[key] = on_device(self.weights, gram)
+        return cached
 
     def __repr__(self) -> str:
         return (
