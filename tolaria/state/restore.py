@@ -1,0 +1,233 @@
+"""Capturing, checking and applying model + optimizer state, shared by the fast and durable tiers.
+
+Restoring is split in two so it is all-or-nothing: :func:`plan_restore` checks everything against
+the live model and optimizer (keys, shapes, dtypes, optimizer class, parameter groups) and touches
+nothing; :func:`apply_restore` then copies. The optimizer is applied first because it is the part
+that can still refuse (``load_state_dict``), so a refusal leaves the model untouched too.
+
+Copies go *into* the live tensors (``copy_``), so the source (a snapshot's buffers, a checkpoint's
+memory map) is never aliased by the model or the optimizer, and the tensors keep their device: state
+saved on a GPU restores onto a model that now lives on the CPU, and the other way round.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from tolaria.state.copying import copy_tensors
+from tolaria.state.errors import OptimizerStateError, StateError, StateMismatchError
+from tolaria.state.trees import clone_tree
+
+_MAX_LISTED = 5
+
+
+def qualified_name(obj: object) -> str:
+    cls = type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def optimizer_layout(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """What a saved optimizer state must match: its class and the parameter shapes of each group."""
+    return {
+        "optimizer_class": qualified_name(optimizer),
+        "param_shapes": [[list(p.shape) for p in group["params"]] for group in optimizer.param_groups],
+    }
+
+
+def capture(model: nn.Module, optimizer: torch.optim.Optimizer, extra: Any = None) -> dict[str, Any]:
+    """The live state (tensors not copied) in the layout snapshots and checkpoints share."""
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "extra": extra,
+        "meta": optimizer_layout(optimizer),
+    }
+
+
+def _listed(keys: set[Any]) -> str:
+    shown = sorted(map(str, keys))[:_MAX_LISTED]
+    more = f" and {len(keys) - _MAX_LISTED} more" if len(keys) > _MAX_LISTED else ""
+    return ", ".join(shown) + more
+
+
+def _check_model(model: nn.Module, saved: Any, source: str) -> bool:
+    """Raises StateMismatchError unless ``saved`` fits ``model``; True if every entry is a tensor."""
+    if not isinstance(saved, dict):
+        raise StateMismatchError(f"{source}: model state is a {type(saved).__qualname__}, expected a dict")
+    live = model.state_dict(keep_vars=True)
+    missing, unexpected = set(live) - set(saved), set(saved) - set(live)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {_listed(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys {_listed(unexpected)}")
+        raise StateMismatchError(f"{source}: model state does not match {type(model).__qualname__}: {'; '.join(parts)}")
+    all_tensors = True
+    for key, value in live.items():
+        other = saved[key]
+        if isinstance(value, Tensor) != isinstance(other, Tensor):
+            raise StateMismatchError(
+                f"{source}: model entry {key!r} is a {type(other).__qualname__} in the saved state, "
+                f"a {type(value).__qualname__} in the model"
+            )
+        if not isinstance(value, Tensor):
+            all_tensors = False
+            continue
+        if value.shape != other.shape:
+            raise StateMismatchError(
+                f"{source}: model entry {key!r} has shape {tuple(other.shape)} saved, {tuple(value.shape)} in the model"
+            )
+        if value.dtype != other.dtype:
+            raise StateMismatchError(f"{source}: model entry {key!r} has dtype {other.dtype} saved, {value.dtype} in the model")
+    return all_tensors
+
+
+def _flat_params(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    # The same index order as Optimizer.state_dict(): group by group, parameter by parameter.
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def _check_optimizer(optimizer: torch.optim.Optimizer, saved: Any, meta: Any, source: str) -> bool:
+    """Raises OptimizerStateError unless ``saved`` loads into ``optimizer``; True if it can be copied in place."""
+    well_formed = isinstance(saved, dict) and isinstance(saved.get("state"), dict)
+    if not well_formed or not isinstance(saved.get("param_groups"), list):
+        raise OptimizerStateError(f"{source}: optimizer state is malformed (expected a dict with 'state' and 'param_groups')")
+    if not isinstance(meta, dict) or "optimizer_class" not in meta or "param_shapes" not in meta:
+        raise OptimizerStateError(f"{source}: optimizer layout record is missing, so the state cannot be checked")
+    cls = qualified_name(optimizer)
+    if meta["optimizer_class"] != cls:
+        raise OptimizerStateError(f"{source}: optimizer state was saved from {meta['optimizer_class']}, the optimizer is {cls}")
+    groups, saved_groups, saved_shapes = optimizer.param_groups, saved["param_groups"], meta["param_shapes"]
+    if not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in saved_groups):
+        raise OptimizerStateError(f"{source}: optimizer parameter groups are malformed (each needs a 'params' list)")
+    if not len(groups) == len(saved_groups) == len(saved_shapes):
+        raise OptimizerStateError(
+            f"{source}: optimizer has {len(groups)} parameter groups, the saved state has {len(saved_groups)}"
+        )
+    for gi, (group, saved_group, shapes) in enumerate(zip(groups, saved_groups, saved_shapes)):
+        n_saved = len(saved_group["params"])
+        if len(group["params"]) != n_saved or n_saved != len(shapes):
+            raise OptimizerStateError(
+                f"{source}: optimizer group {gi} has {len(group['params'])} parameters, the saved state has {n_saved}"
+            )
+        for pi, (p, shape) in enumerate(zip(group["params"], shapes)):
+            if list(p.shape) != list(shape):
+                raise OptimizerStateError(
+                    f"{source}: optimizer group {gi} parameter {pi} has shape {tuple(p.shape)}, "
+                    f"the saved state was for shape {tuple(shape)}"
+                )
+    params = _flat_params(optimizer)
+    saved_index = [i for g in saved_groups for i in g["params"]]
+    for idx in saved["state"]:
+        if idx not in saved_index:
+            raise OptimizerStateError(f"{source}: optimizer state has an entry for parameter {idx!r}, which no group lists")
+    # In place needs the live state to have exactly the saved structure: same entries, same tensor shapes.
+    for p, idx in zip(params, saved_index):
+        saved_entry = saved["state"].get(idx)
+        live_entry = optimizer.state[p] if p in optimizer.state else {}
+        if not saved_entry and not live_entry:
+            continue
+        if not saved_entry or not live_entry or set(saved_entry) != set(live_entry):
+            return False
+        for key, value in saved_entry.items():
+            live_value = live_entry[key]
+            if isinstance(value, Tensor) != isinstance(live_value, Tensor):
+                return False
+            if isinstance(value, Tensor) and (value.shape != live_value.shape or value.dtype != live_value.dtype):
+                return False
+    return True
+
+
+@dataclass
+class RestorePlan:
+    """A checked restore, ready for :func:`apply_restore`."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    state: dict[str, Any]
+    source: str
+    model_all_tensors: bool
+    optimizer_in_place: bool
+
+
+def plan_restore(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any], source: str) -> RestorePlan:
+    """Checks ``state`` (``model``/``optimizer``/``meta`` entries) against the live objects; mutates nothing.
+
+    Raises :class:`StateMismatchError` (model) or :class:`OptimizerStateError` (optimizer) naming what
+    differs and where ``source`` came from.
+    """
+    model_all_tensors = _check_model(model, state.get("model"), source)
+    in_place = _check_optimizer(optimizer, state.get("optimizer"), state.get("meta"), source)
+    return RestorePlan(model, optimizer, state, source, model_all_tensors, in_place)
+
+
+def _optimizer_in_place(plan: RestorePlan) -> list[tuple[Tensor, Tensor]]:
+    """Sets the plain values (hyperparameters, counters) and returns the tensor copies still to do."""
+    optimizer, saved = plan.optimizer, plan.state["optimizer"]
+    pairs: list[tuple[Tensor, Tensor]] = []
+    saved_index = [i for g in saved["param_groups"] for i in g["params"]]
+    for p, idx in zip(_flat_params(optimizer), saved_index):
+        live = optimizer.state[p] if p in optimizer.state else {}
+        for key, value in saved["state"].get(idx, {}).items():
+            if isinstance(value, Tensor):
+                pairs.append((live[key], value))
+            else:
+                live[key] = copy.deepcopy(value)
+    for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):
+        for key, value in saved_group.items():
+            if key == "params":
+                continue
+            current = group.get(key)
+            if isinstance(value, Tensor) and isinstance(current, Tensor) and current.shape == value.shape:
+                pairs.append((current, value))  # keep the tensor's identity (compiled steps hold it)
+            else:
+                group[key] = value.clone() if isinstance(value, Tensor) else copy.deepcopy(value)
+    return pairs
+
+
+def _load_optimizer(plan: RestorePlan) -> None:
+    # A different structure (e.g. a fresh optimizer with no state yet): load a private copy, since
+    # load_state_dict keeps tensors that are already on the right device instead of copying them.
+    try:
+        plan.optimizer.load_state_dict(clone_tree(plan.state["optimizer"]))
+    except Exception as exc:
+        raise OptimizerStateError(
+            f"{plan.source}: optimizer state did not load ({type(exc).__name__}: {exc}); the model was not touched"
+        ) from exc
+
+
+def apply_restore(plan: RestorePlan) -> None:
+    """Copies a checked state into the live optimizer and model.
+
+    The optimizer's ``load_state_dict`` (when the state cannot be copied in place) runs first: it is
+    the one step that can still refuse, and then nothing else has been touched.
+    """
+    pairs: list[tuple[Tensor, Tensor]] = []
+    if plan.optimizer_in_place:
+        pairs += _optimizer_in_place(plan)
+    else:
+        _load_optimizer(plan)
+    try:
+        if plan.model_all_tensors:
+            live = plan.model.state_dict(keep_vars=True)
+            pairs += [(live[key], plan.state["model"][key]) for key in live]
+            copy_tensors(pairs)
+        else:  # entries such as a module's extra state go through the module's own loader
+            copy_tensors(pairs)
+            plan.model.load_state_dict(plan.state["model"], strict=True)
+    except Exception as exc:
+        raise StateError(
+            f"{plan.source}: the optimizer state was restored but copying the model state failed "
+            f"({type(exc).__name__}: {exc}); model and optimizer are now inconsistent"
+        ) from exc
+
+
+def restore(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any], source: str) -> None:
+    """Checks, then applies (see :func:`plan_restore`, :func:`apply_restore`)."""
+    apply_restore(plan_restore(model, optimizer, state, source))
