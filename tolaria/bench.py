@@ -11,7 +11,15 @@ For each (dtype, K, N) it builds one K x N matrix and times, in the same process
 
 It prints median time, effective bandwidth (bytes of J read once, divided by the time), the ratio to
 the floor and Tolaria's speed-up over each alternative, and the peak memory each method needed beyond
-its input.
+its input. On CUDA it adds the physical reference: ``pass GB/s`` counts two J's worth of bytes per
+call (Tolaria's two passes read J twice; ``copy`` reads J and writes it once), and ``x copy`` is that
+bandwidth as a fraction of the copy's, i.e. copy time / method time. A summary line per case states
+Tolaria's fraction of the copy bandwidth and its speed-ups.
+
+On CUDA the defaults are K in 2, 4, 8, 16, 32 and N in 1e6, 1e7, 1e8, 1e9 (cases that do not fit in
+memory are skipped), the aggregators skip the finiteness check (``--nonfinite propagate``: the check
+reads K values on the host, a device sync per step), and the naive loop only runs up to
+``--naive-max`` elements (K x N) to keep the run short.
 """
 
 from __future__ import annotations
@@ -30,7 +38,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from tolaria.aggregation import Aggregator, Mean, PCGrad, Sum
+from tolaria.aggregation import IMTLG, MGDA, Aggregator, AlignedMTL, CAGrad, DualProj, Mean, PCGrad, Sum, UPGrad
+from tolaria.aggregation.engine import NONFINITE_MODES, check_nonfinite_mode
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 
@@ -58,12 +67,19 @@ class Contender:
     tolaria: Callable[[str], Aggregator]  # backend name -> aggregator
     naive: Callable[[Tensor], Tensor] | None = None
     torchjd_name: str | None = None
+    torchjd_kwargs: tuple[tuple[str, object], ...] = ()  # constructor arguments of TorchJD's class
 
 
 CONTENDERS: dict[str, Contender] = {
     "pcgrad": Contender("pcgrad", lambda b: PCGrad(backend=b), naive_pcgrad, "PCGrad"),
     "mean": Contender("mean", lambda b: Mean(backend=b), None, "Mean"),
     "sum": Contender("sum", lambda b: Sum(backend=b), None, "Sum"),
+    "mgda": Contender("mgda", lambda b: MGDA(backend=b), None, "MGDA"),
+    "upgrad": Contender("upgrad", lambda b: UPGrad(backend=b), None, "UPGrad"),
+    "cagrad": Contender("cagrad", lambda b: CAGrad(c=0.5, backend=b), None, "CAGrad", (("c", 0.5),)),
+    "imtlg": Contender("imtlg", lambda b: IMTLG(backend=b), None, "IMTLG"),
+    "aligned_mtl": Contender("aligned_mtl", lambda b: AlignedMTL(backend=b), None, "AlignedMTL"),
+    "dualproj": Contender("dualproj", lambda b: DualProj(backend=b), None, "DualProj"),
 }
 
 
@@ -79,6 +95,7 @@ class Measurement:
     gb_per_s: float
     x_floor: float
     extra_mb: float | None
+    x_copy: float | None = None  # CUDA: copy time / this method's time
 
 
 def _sync(device: torch.device) -> None:
@@ -148,32 +165,54 @@ def _extra_memory_mb(fn: Callable[[], object], device: torch.device) -> float | 
     return max(0, _status_kb("VmHWM") * 1024 - base) / 2**20
 
 
-def _torchjd(name: str | None) -> Callable[[Tensor], Tensor] | None:
+def _torchjd(name: str | None, kwargs: tuple[tuple[str, object], ...] = ()) -> Callable[[Tensor], Tensor] | None:
     if name is None:
         return None
     try:
         import torchjd.aggregation as tjd
     except ImportError:
         return None
-    return getattr(tjd, name)()
+    try:
+        return getattr(tjd, name)(**dict(kwargs))
+    except ImportError as exc:  # TorchJD's optional solver (quadprog, cvxpy) is not installed
+        print(f"note: TorchJD's {name} left out: {exc}")
+        return None
 
 
 def build_methods(
-    contender: Contender, dtype_name: str, k: int, n: int, device: torch.device
+    contender: Contender,
+    dtype_name: str,
+    k: int,
+    n: int,
+    device: torch.device,
+    *,
+    nonfinite: str | None = None,
+    naive_max: float | None = None,
 ) -> tuple[int, dict[str, Callable[[], object]]]:
-    """The input's size in bytes and every method to time on one shared K x N matrix."""
-    gen = torch.Generator(device="cpu").manual_seed(k * 1_000_003 + n)
-    j = torch.randn((k, n), generator=gen, dtype=torch.float32).to(device=device, dtype=DTYPES[dtype_name])
+    """The input's size in bytes and every method to time on one shared K x N matrix.
+
+    ``nonfinite`` overrides the aggregators' finiteness mode; the naive loop is left out when
+    K x N exceeds ``naive_max``.
+    """
+    seed = k * 1_000_003 + n
+    if device.type == "cuda":  # drawn on the device: N = 1e9 would take minutes on the host
+        gen = torch.Generator(device=device).manual_seed(seed)
+        j = torch.randn((k, n), generator=gen, device=device, dtype=DTYPES[dtype_name])
+    else:
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        j = torch.randn((k, n), generator=gen, dtype=torch.float32).to(device=device, dtype=DTYPES[dtype_name])
     methods: dict[str, Callable[[], object]] = {"floor": lambda: j.sum(0)}
     if device.type == "cuda":
         methods["copy"] = lambda: j.clone()
     agg = contender.tolaria("auto")
-    methods["tolaria"] = lambda: agg(j)
     agg_torch = contender.tolaria("torch")
+    if nonfinite is not None:
+        agg.nonfinite = agg_torch.nonfinite = check_nonfinite_mode(nonfinite)
+    methods["tolaria"] = lambda: agg(j)
     methods["tolaria-torch"] = lambda: agg_torch(j)
-    if contender.naive is not None:
+    if contender.naive is not None and (naive_max is None or k * n <= naive_max):
         methods["naive-loop"] = lambda: contender.naive(j)
-    tjd = _torchjd(contender.torchjd_name)
+    tjd = _torchjd(contender.torchjd_name, contender.torchjd_kwargs)
     if tjd is not None:
         methods["torchjd"] = lambda: tjd(j)
     return j.numel() * j.element_size(), methods
@@ -188,25 +227,53 @@ def measure(
     *,
     repeats: int,
     budget_s: float,
+    nonfinite: str | None = None,
+    naive_max: float | None = None,
 ) -> list[Measurement]:
     """Times every method on one matrix; ``extra_mb`` is filled in later by :func:`add_memory`."""
-    nbytes, methods = build_methods(contender, dtype_name, k, n, device)
-    times = {m: _time_ms(fn, device, repeats, budget_s) for m, fn in methods.items()}
+    nbytes, methods = build_methods(contender, dtype_name, k, n, device, nonfinite=nonfinite, naive_max=naive_max)
+    times = {}
+    for m, fn in methods.items():
+        try:
+            times[m] = _time_ms(fn, device, repeats, budget_s)
+        except torch.cuda.OutOfMemoryError:
+            # A large case may fit Tolaria but not an alternative that copies J: say so, go on.
+            print(f"note: {contender.name} {dtype_name} K={k} N={n:.3g}: {m} ran out of GPU memory, left out")
+            torch.cuda.empty_cache()
+    if "floor" not in times or "tolaria" not in times:
+        print(f"note: {contender.name} {dtype_name} K={k} N={n:.3g}: case skipped (floor or tolaria did not fit)")
+        return []
+    copy_ms = times.get("copy")
     return [
         Measurement(
             aggregator=contender.name, method=m, dtype=dtype_name, k=k, n=n, device=str(device),
             ms=ms, gb_per_s=nbytes / (ms * 1e-3) / 1e9, x_floor=ms / times["floor"], extra_mb=None,
+            x_copy=None if copy_ms is None else copy_ms / ms,
         )
         for m, ms in times.items()
     ]
 
 
-def add_memory(group: list[Measurement], contender: Contender, device: torch.device) -> None:
+def add_memory(
+    group: list[Measurement],
+    contender: Contender,
+    device: torch.device,
+    *,
+    nonfinite: str | None = None,
+    naive_max: float | None = None,
+) -> None:
     """Fills in each method's peak extra memory, measured apart from the timings (see below)."""
     first = group[0]
-    _, methods = build_methods(contender, first.dtype, first.k, first.n, device)
+    _, methods = build_methods(
+        contender, first.dtype, first.k, first.n, device, nonfinite=nonfinite, naive_max=naive_max
+    )
     for r in group:
-        r.extra_mb = _extra_memory_mb(methods[r.method], device)
+        try:
+            r.extra_mb = _extra_memory_mb(methods[r.method], device)
+        except torch.cuda.OutOfMemoryError:
+            print(f"note: {r.aggregator} {r.dtype} K={r.k} N={r.n:.3g}: {r.method} ran out of GPU memory "
+                  "while measuring its memory; shown as n/a")
+            torch.cuda.empty_cache()
 
 
 def format_table(rows: list[Measurement]) -> str:
@@ -218,13 +285,34 @@ def format_table(rows: list[Measurement]) -> str:
         groups.setdefault((r.aggregator, r.dtype, r.k, r.n, r.device), []).append(r)
     for (agg, dt, k, n, dev), group in groups.items():
         tol = next(r.ms for r in group if r.method == "tolaria")
+        with_copy = any(r.x_copy is not None for r in group)
         out.append(f"\n{agg}  {dt}  K={k}  N={n:.3g}  ({dev})")
-        out.append(header)
+        out.append(header + (f" {'pass GB/s':>10} {'x copy':>7}" if with_copy else ""))
         for r in group:
             speed = "" if r.method in ("tolaria", "floor", "copy") else f"{r.ms / tol:.2f}x"
             mem = "n/a" if r.extra_mb is None else f"{r.extra_mb:.1f}"
-            out.append(f"{r.method:<14} {r.ms:>10.3f} {r.gb_per_s:>8.2f} {r.x_floor:>8.2f} {speed:>15} {mem:>9}")
+            line = f"{r.method:<14} {r.ms:>10.3f} {r.gb_per_s:>8.2f} {r.x_floor:>8.2f} {speed:>15} {mem:>9}"
+            if with_copy:
+                line += f" {2 * r.gb_per_s:>10.1f} {r.x_copy:>7.2f}"
+            out.append(line)
+        if with_copy:
+            out.append(_copy_summary(group))
     return "\n".join(out)
+
+
+def _copy_summary(group: list[Measurement]) -> str:
+    """One line: Tolaria's two passes against the copy bandwidth, and its speed-ups."""
+    by = {r.method: r for r in group}
+    tol, copy = by["tolaria"], by["copy"]
+    ups = ", ".join(
+        f"{by[m].ms / tol.ms:.1f}x {label}"
+        for m, label in (("tolaria-torch", "torch path"), ("naive-loop", "naive loop"), ("torchjd", "TorchJD"))
+        if m in by
+    )
+    return (
+        f"=> tolaria: 2 reads of J at {2 * tol.gb_per_s:.0f} GB/s = {100 * tol.x_copy:.0f}% of the copy "
+        f"bandwidth ({2 * copy.gb_per_s:.0f} GB/s, clone of J: read + write); {ups}"
+    )
 
 
 def _ints(text: str) -> list[int]:
@@ -233,14 +321,29 @@ def _ints(text: str) -> list[int]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    p.add_argument("--aggregators", default="pcgrad", help=f"comma list of {', '.join(CONTENDERS)} (default: pcgrad)")
+    p.add_argument(
+        "--aggregators", default="pcgrad", help=f"comma list of {', '.join(CONTENDERS)}, or all (default: pcgrad)"
+    )
     p.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32, bf16, fp16, fp64 (default: fp32,bf16)")
-    p.add_argument("--k", default="2,4,8,16", help="numbers of sources (default: 2,4,8,16)")
-    p.add_argument("--n", default="1e5,1e6,4e6,1.6e7", help="elements per source (default: 1e5,1e6,4e6,1.6e7)")
+    p.add_argument("--k", default=None, help="numbers of sources (default: 2,4,8,16; on CUDA 2,4,8,16,32)")
+    p.add_argument(
+        "--n", default=None, help="elements per source (default: 1e5,1e6,4e6,1.6e7; on CUDA 1e6,1e7,1e8,1e9)"
+    )
     p.add_argument("--repeats", type=int, default=7, help="timed repeats per method; the median is reported")
     p.add_argument("--budget-s", type=float, default=3.0, help="stop repeating a method after this many seconds")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
-    p.add_argument("--quick", action="store_true", help="the headline case only: K=8, N=4e6, fp32")
+    p.add_argument(
+        "--quick", action="store_true",
+        help="the headline case only: K=8, N=4e6, fp32 (on CUDA: K=8, N=1e8, bf16)",
+    )
+    p.add_argument(
+        "--nonfinite", choices=NONFINITE_MODES, default=None,
+        help="the aggregators' finiteness mode (default: their own, raise; on CUDA: propagate, sync-free)",
+    )
+    p.add_argument(
+        "--naive-max", type=float, default=None,
+        help="run the naive loop only up to this many elements K x N (default: no limit; on CUDA 8e9)",
+    )
     p.add_argument("--json", type=Path, help="also write every measurement to this JSON file")
 
 
@@ -249,6 +352,8 @@ def run(args: argparse.Namespace) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
     names = [a.strip() for a in args.aggregators.split(",") if a.strip()]
+    if names == ["all"]:
+        names = list(CONTENDERS)
     unknown = [a for a in names if a not in CONTENDERS]
     if unknown:
         raise SystemExit(f"unknown aggregator(s) {', '.join(unknown)}; valid: {', '.join(CONTENDERS)}")
@@ -256,13 +361,18 @@ def run(args: argparse.Namespace) -> int:
     bad = [d for d in dtypes if d not in DTYPES]
     if bad:
         raise SystemExit(f"unknown dtype(s) {', '.join(bad)}; valid: {', '.join(DTYPES)}")
-    ks, ns = _ints(args.k), _ints(args.n)
+    cuda = device.type == "cuda"
+    ks = _ints(args.k or ("2,4,8,16,32" if cuda else "2,4,8,16"))
+    ns = _ints(args.n or ("1e6,1e7,1e8,1e9" if cuda else "1e5,1e6,4e6,1.6e7"))
+    nonfinite = args.nonfinite or ("propagate" if cuda else None)
+    naive_max = args.naive_max if args.naive_max is not None else (8e9 if cuda else None)
     if args.quick:
-        dtypes, ks, ns = ["fp32"], [8], [4_000_000]
+        dtypes, ks, ns = (["bf16"], [8], [100_000_000]) if cuda else (["fp32"], [8], [4_000_000])
     print(
         f"tolaria bench: torch {torch.__version__}, {platform.machine()}, "
         f"{torch.get_num_threads()} threads, device {device}"
         + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+        + (f", nonfinite={nonfinite}" if nonfinite else "")
     )
     rows: list[Measurement] = []
     groups: list[tuple[Contender, list[Measurement]]] = []
@@ -275,20 +385,26 @@ def run(args: argparse.Namespace) -> int:
                         if need > torch.cuda.mem_get_info(device)[0]:
                             print(f"skip {name} {dt} K={k} N={n:.3g}: needs ~{need / 2**30:.1f} GiB")
                             continue
+                    if CONTENDERS[name].naive is not None and naive_max is not None and k * n > naive_max:
+                        print(f"note: {name} {dt} K={k} N={n:.3g}: naive loop skipped (K x N > {naive_max:.3g})")
                     group = measure(
-                        CONTENDERS[name], dt, k, n, device, repeats=args.repeats, budget_s=args.budget_s
+                        CONTENDERS[name], dt, k, n, device, repeats=args.repeats, budget_s=args.budget_s,
+                        nonfinite=nonfinite, naive_max=naive_max,
                     )
+                    if not group:
+                        continue
                     groups.append((CONTENDERS[name], group))
                     rows.extend(group)
-                    if args.no_memory:
+                    if cuda and not args.no_memory:  # CUDA's allocator counts peaks without tuning
+                        add_memory(group, CONTENDERS[name], device, nonfinite=nonfinite, naive_max=naive_max)
+                    if args.no_memory or cuda:
                         print(format_table(group), flush=True)
-    if not args.no_memory:
+    if not args.no_memory and not cuda:
         # Memory is measured after every timing: on CPU it needs malloc tuned in a way that slows
         # allocation, which must not leak into the times.
-        if device.type == "cpu":
-            _map_large_allocations()
+        _map_large_allocations()
         for contender, group in groups:
-            add_memory(group, contender, device)
+            add_memory(group, contender, device, nonfinite=nonfinite, naive_max=naive_max)
             print(format_table(group), flush=True)
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1))

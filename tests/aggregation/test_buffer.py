@@ -105,3 +105,15 @@ def test_bad_arguments():
             pass
     with pytest.raises(ValueError, match="got 1 losses"):
         buf.backward([torch.zeros((), requires_grad=True)])
+
+
+def test_rows_are_aligned_for_any_parameter_count():
+    params = [nn.Parameter(torch.randn(7)), nn.Parameter(torch.randn(3, 3)), nn.Parameter(torch.randn(1))]
+    buf = GradientBuffer(params, num_sources=3)  # N = 17: rows would sit 68 bytes apart unpadded
+    assert buf.buffer.shape == (3, 17)
+    for k in range(3):
+        assert buf.buffer[k].data_ptr() % 64 == 0
+    buf.backward([sum(p.sum() for p in params) * (k + 1) for k in range(3)])
+    torch.testing.assert_close(buf.buffer, torch.tensor([[1.0], [2.0], [3.0]]).expand(3, 17))
+    buf.aggregate(Sum())
+    torch.testing.assert_close(buf.output, torch.full((17,), 6.0))

@@ -35,5 +35,25 @@ def check_weight_count(weights: Tensor, k: int, owner: str) -> None:
         raise ValueError(f"{owner} has {weights.numel()} weights but got {k} gradient sources")
 
 
+class DeviceCopies:
+    """A host tensor with one copy per (device, dtype), made on first use.
+
+    Copying from the host on every step would synchronise the device and could not be recorded into
+    a CUDA graph; after the first call, a weighting only reads its cached copy.
+    """
+
+    def __init__(self, tensor: Tensor):
+        self.tensor = tensor
+        self._copies: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+    def like(self, ref: Tensor) -> Tensor:
+        key = (ref.device, ref.dtype)
+        copy = self._copies.get(key)
+        if copy is None:
+            copy = self._copies[key] = self.tensor.to(device=ref.device, dtype=ref.dtype)
+        return copy
+
+
 def on_device(weights: Tensor, like: Tensor) -> Tensor:
+    """``weights`` on ``like``'s device and dtype (a copy per call; prefer :class:`DeviceCopies`)."""
     return weights.to(device=like.device, dtype=like.dtype)

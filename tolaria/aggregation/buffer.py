@@ -19,6 +19,9 @@ from .aggregator import Aggregator
 from .stats import AggregationStats
 
 
+_ROW_ALIGN = 32  # elements
+
+
 def _trainable(params_or_model: nn.Module | Iterable[Tensor]) -> list[Tensor]:
     if isinstance(params_or_model, nn.Module):
         params = list(params_or_model.parameters())
@@ -60,7 +63,7 @@ class GradientBuffer:
 
     Attributes:
         params: the trainable parameters, in order (tied parameters once).
-        buffer: the K x N matrix of per-source gradients.
+        buffer: the K x N matrix of per-source gradients (rows padded apart for alignment).
         output: the flat N-tensor whose views are the parameters' ``.grad`` after ``aggregate``.
     """
 
@@ -71,7 +74,11 @@ class GradientBuffer:
         self.num_sources = num_sources
         first = self.params[0]
         self.numel = sum(p.numel() for p in self.params)
-        self.buffer = torch.zeros((num_sources, self.numel), dtype=first.dtype, device=first.device)
+        # Rows start on 64-byte boundaries (row stride padded to 32 elements) so that the kernels'
+        # wide vector loads stay aligned whatever N is; `buffer` is the K x N view.
+        stride = -(-self.numel // _ROW_ALIGN) * _ROW_ALIGN
+        self._storage = torch.zeros((num_sources, stride), dtype=first.dtype, device=first.device)
+        self.buffer = self._storage[:, : self.numel]
         self.output = torch.zeros(self.numel, dtype=first.dtype, device=first.device)
         self._offsets: list[tuple[int, int]] = []
         offset = 0

@@ -117,7 +117,8 @@ def aggregate(
     gram = impl.gram(sources)
     if nonfinite == "raise":
         raise_if_nonfinite(gram)
-    # The K x K work is tiny: do it in float64 wherever the device offers it, for exact weights.
+    # The K x K work is tiny: do it in float64 wherever the device offers it, for exact weights
+    # (the Triton backend's Gram pass already returns float64: no extra kernel, no sync).
     gram = gram.to(torch.float64) if gram.device.type != "mps" else gram
     weights, conflicts = weighting(gram)
     flat = impl.combine(sources, weights, out)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._weights import as_weight_vector, check_weight_count, on_device
+from ._weights import DeviceCopies, as_weight_vector, check_weight_count
 from .aggregator import Aggregator
 from .engine import Weights, uses_triton
 
@@ -128,7 +128,7 @@ class PCGrad(Aggregator):
         self.shuffle = bool(shuffle)
         self.generator = generator
         self.weights = None if weights is None else as_weight_vector(weights, "PCGrad")
-        self._weights_on: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+        self._weight_copies = None if self.weights is None else DeviceCopies(self.weights)
         if self.weights is not None and reduction == "mean" and float(self.weights.sum()) <= 0:
             raise ValueError('PCGrad weights must have a positive sum under reduction="mean"')
 
@@ -147,26 +147,17 @@ class PCGrad(Aggregator):
                     if self.shuffle
                     else None  # the kernel walks ascending order itself
                 )
-                weights = None if self.weights is None else self._weights_like(gram)
+                weights = None if self.weights is None else self._weight_copies.like(gram)
                 return Weights(*pcgrad_weights(gram, orders, reduction=self.reduction, weights=weights))
         orders = draw_orders(k, shuffle=self.shuffle, generator=self.generator, device=gram.device)
         coeffs, conflicts = pcgrad_coefficients(gram, orders)
         if self.weights is None:
             scale = torch.full((k,), 1.0 if self.reduction == "sum" else 1.0 / k, dtype=gram.dtype, device=gram.device)
         else:
-            scale = self._weights_like(gram)
+            scale = self._weight_copies.like(gram)
             if self.reduction == "mean":
                 scale = scale / scale.sum()
         return Weights(scale @ coeffs, conflicts)
-
-    def _weights_like(self, gram: Tensor) -> Tensor:
-        """The per-source weights on G's device and dtype, copied there once (a copy from the host
-        on every step would synchronise the device and could not be recorded into a CUDA graph)."""
-        key = (gram.device, gram.dtype)
-        cached = self._weights_on.get(key)
-        if cached is None:
-            cached = self._weights_on[key] = on_device(self.weights, gram)
-        return cached
 
     def __repr__(self) -> str:
         return (

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._weights import as_weight_vector, check_weight_count, on_device
+from ._weights import DeviceCopies, as_weight_vector, check_weight_count
 from .aggregator import Aggregator
 from .engine import Weights
 
@@ -26,12 +26,13 @@ class Weighted(Aggregator):
     def __init__(self, weights: Sequence[float] | Tensor, *, backend: str = "auto", nonfinite: str = "raise"):
         super().__init__(backend=backend, nonfinite=nonfinite)
         self.weights = as_weight_vector(weights, "Weighted")
+        self._copies = DeviceCopies(self.weights)
 
     def _check_k(self, k: int) -> None:
         check_weight_count(self.weights, k, "Weighted")
 
     def weighting(self, gram: Tensor) -> Weights:
-        return Weights(on_device(self.weights, gram), _no_conflicts(gram))
+        return Weights(self._copies.like(gram), _no_conflicts(gram))
 
     def __repr__(self) -> str:
         return f"Weighted(weights={self.weights.tolist()}, backend={self.backend!r}, nonfinite={self.nonfinite!r})"

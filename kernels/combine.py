@@ -1,0 +1,137 @@
+"""out = w^T J: one weighted sum of K gradient rows, in one pass (Triton kernel + torch facade).
+
+Each program owns BLOCK_N columns: it walks the K rows up to four at a time (the loads of a group
+are issued together, two 16-byte loads per thread and row), accumulates in float32 (float64 for
+float64 rows) and writes its columns once, in the rows' dtype, into a fresh tensor or straight into
+a given flat buffer (e.g. the one whose views are the parameters' ``.grad``). With fewer than four
+rows the blocks are wider, so that every thread still keeps about 128 bytes of loads in flight.
+Weights are read on the device: nothing is synchronised. Full column blocks are unmasked, so their
+loads stay vectorised whatever N is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._rows import INTERPRETED, Rows, as_rows
+
+MAX_ROWS_PER_GROUP = 4
+
+
+@triton.jit
+def _add_row(acc, base_ptr, table_ptr, row_stride, col_stride, n, w_ptr, row, cols,
+             USE_TABLE: tl.constexpr, ALIGN: tl.constexpr, COL_CONTIGUOUS: tl.constexpr,
+             MASK_COLS: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    w = tl.load(w_ptr + row).to(ACC_DTYPE)
+    if USE_TABLE:
+        off = tl.load(table_ptr + row) * ALIGN
+    else:
+        off = tl.cast(row, tl.int64) * row_stride * ALIGN
+    if COL_CONTIGUOUS:
+        ptrs = base_ptr + off + cols
+    else:
+        ptrs = base_ptr + off + cols * col_stride
+    if MASK_COLS:
+        x = tl.load(ptrs, mask=cols < n, other=0.0)
+    else:
+        x = tl.load(ptrs)
+    return acc + w * x.to(ACC_DTYPE)
+
+
+@triton.jit
+def _weighted_rows(base_ptr, table_ptr, row_stride, col_stride, n, k, w_ptr, cols,
+                   ROWS: tl.constexpr, USE_TABLE: tl.constexpr, ALIGN: tl.constexpr,
+                   COL_CONTIGUOUS: tl.constexpr, MASK_COLS: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
+    acc = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
+    k_groups = (k // ROWS) * ROWS
+    for g in range(0, k_groups, ROWS):  # ROWS rows per step, their loads issued together
+        for r in tl.static_range(ROWS):
+            acc = _add_row(acc, base_ptr, table_ptr, row_stride, col_stride, n, w_ptr, g + r, cols,
+                           USE_TABLE, ALIGN, COL_CONTIGUOUS, MASK_COLS, ACC_DTYPE)
+    for row in range(k_groups, k):  # the remaining k % ROWS rows
+        acc = _add_row(acc, base_ptr, table_ptr, row_stride, col_stride, n, w_ptr, row, cols,
+                       USE_TABLE, ALIGN, COL_CONTIGUOUS, MASK_COLS, ACC_DTYPE)
+    return acc
+
+
+@triton.jit(do_not_specialize=["n", "k"])
+def _combine_kernel(
+    base_ptr, table_ptr, row_stride, col_stride, n, k, w_ptr, out_ptr,
+    BLOCK_N: tl.constexpr, ROWS: tl.constexpr, USE_TABLE: tl.constexpr, ALIGN: tl.constexpr,
+    COL_CONTIGUOUS: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    start = tl.cast(tl.program_id(0), tl.int64) * BLOCK_N  # int64: N may pass 2^31
+    cols = start + tl.arange(0, BLOCK_N)
+    out_ty = out_ptr.dtype.element_ty
+    if start + BLOCK_N <= n:
+        acc = _weighted_rows(base_ptr, table_ptr, row_stride, col_stride, n, k, w_ptr, cols,
+                             ROWS, USE_TABLE, ALIGN, COL_CONTIGUOUS, False, ACC_DTYPE, BLOCK_N)
+        tl.store(out_ptr + cols, acc.to(out_ty))
+    else:
+        acc = _weighted_rows(base_ptr, table_ptr, row_stride, col_stride, n, k, w_ptr, cols,
+                             ROWS, USE_TABLE, ALIGN, COL_CONTIGUOUS, True, ACC_DTYPE, BLOCK_N)
+        tl.store(out_ptr + cols, acc.to(out_ty), mask=cols < n)
+
+
+def _config(rows: Rows, group: int) -> tuple[int, int]:
+    """(BLOCK_N, num_warps): two 16-byte loads per thread and row, times 4 / group rows."""
+    if INTERPRETED:
+        return 64, 1
+    per_thread = 32 // rows.base.element_size() * (MAX_ROWS_PER_GROUP // group)
+    return 128 * per_thread, 4
+
+
+def combine(
+    x: Tensor | Sequence[Tensor],
+    weights: Tensor,
+    *,
+    out: Tensor | None = None,
+    block_n: int | None = None,
+) -> Tensor:
+    """Returns the flat N-tensor ``weights @ J`` in J's dtype (float32 accumulation; float64 for
+    float64 rows), for J a K x N tensor (rows at any stride) or K tensors of N elements (never
+    stacked). ``weights`` is a K-vector of any float dtype on J's device. With ``out`` (a contiguous
+    tensor of N elements, J's dtype and device) the result is written there and ``out`` is returned
+    as a flat view.
+    """
+    rows = as_rows(x)
+    if not isinstance(weights, Tensor) or weights.shape != (rows.k,):
+        shape = tuple(weights.shape) if isinstance(weights, Tensor) else type(weights).__name__
+        raise ValueError(f"combine needs a tensor of {rows.k} weights, got {shape}")
+    if weights.device != rows.device:
+        raise ValueError(f"weights are on {weights.device}, the rows on {rows.device}")
+    if not weights.is_floating_point():
+        raise TypeError(f"weights must be floating point, got {weights.dtype}")
+    if out is None:
+        out = torch.empty(rows.n, dtype=rows.dtype, device=rows.device)
+    else:
+        if out.numel() != rows.n or out.dtype != rows.dtype or out.device != rows.device:
+            raise ValueError(
+                f"out is {out.numel()} x {out.dtype} on {out.device}; the rows are "
+                f"{rows.n} x {rows.dtype} on {rows.device}"
+            )
+        if not out.is_contiguous():
+            raise ValueError("out must be contiguous")
+    group = min(rows.k, MAX_ROWS_PER_GROUP)
+    cfg_block_n, num_warps = _config(rows, group)
+    block_n = block_n or cfg_block_n
+    if block_n < 16 or block_n & (block_n - 1):
+        raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
+    base, table, row_stride, col_stride = rows.kernel_args()
+    w = weights if weights.is_contiguous() else weights.contiguous()
+    acc_dtype = tl.float64 if rows.dtype == torch.float64 else tl.float32
+    _combine_kernel[(triton.cdiv(rows.n, block_n),)](
+        base, table, row_stride, col_stride, rows.n, rows.k, w, out,
+        BLOCK_N=block_n, ROWS=group, USE_TABLE=rows.table is not None, ALIGN=rows.align,
+        COL_CONTIGUOUS=col_stride == 1, ACC_DTYPE=acc_dtype, num_warps=num_warps,
+    )
+    return out.view(-1)
+
+
+__all__ = ["combine"]
