@@ -134,8 +134,13 @@ def _map_large_allocations() -> None:
 
 
 def _reset_peak_rss() -> int | None:
-    """Resets the process's peak RSS (Linux) and returns the current RSS in bytes, or None."""
+    """Resets the process's peak RSS (Linux) and returns the current RSS in bytes, or None.
+
+    Free heap memory is first handed back to the kernel (``malloc_trim``), else a method could reuse
+    pages that are already resident and its allocations would not show in the peak.
+    """
     try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
         Path("/proc/self/clear_refs").write_text("5")
         return _status_kb("VmRSS") * 1024
     except OSError:
