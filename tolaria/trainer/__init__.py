@@ -12,6 +12,7 @@
 from .config import (
     CheckpointConfig,
     ConfigError,
+    DistributedConfig,
     LRConfig,
     ProfilerConfig,
     SafetyConfig,
@@ -26,6 +27,7 @@ from .safety import SafetyGuard, Verdict
 __all__ = [
     "CheckpointConfig",
     "ConfigError",
+    "DistributedConfig",
     "ControlMediator",
     "ControlReport",
     "ControlState",

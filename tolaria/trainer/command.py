@@ -218,8 +218,11 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"tolaria train: error: {exc}", file=sys.stderr)
         return 2
-    print(f"training the two-digit task ({len(task.data.x)} pairs, {steps_per_epoch} steps/epoch) with "
-          f"{trainer.aggregator!r} on {trainer.device}; run folder {trainer.run_dir}", file=sys.stderr)
+    main = trainer.ctx.is_main  # under torchrun, only rank 0 prints (every rank writes its telemetry)
+    if main:
+        print(f"training the two-digit task ({len(task.data.x)} pairs, {len(trainer.data)} steps/epoch"
+              f"{f' per rank, {trainer.ctx.world_size} ranks' if trainer.ctx.is_distributed else ''}) with "
+              f"{trainer.aggregator!r} on {trainer.device}; run folder {trainer.run_dir}", file=sys.stderr)
     with _logging_around_progress(config.progress):
         try:
             summary = trainer.fit()
@@ -228,8 +231,9 @@ def run(args: argparse.Namespace) -> int:
             return 130
         finally:
             policy.release()  # lets a hung demo call return, so its thread ends
-    print(summary.table())
-    print(f"plots: tolaria report {summary.run_dir}")
+    if main:
+        print(summary.table())
+        print(f"plots: tolaria report {summary.run_dir}")
     return _exit_code(summary)
 
 

@@ -339,6 +339,34 @@ class SafetyConfig(_Section):
 
 
 @dataclass
+class DistributedConfig(_Section):
+    """Running on several processes (``torchrun --nproc-per-node N``); ignored in a single process.
+
+    Attributes:
+        emergency_check_every: the ranks agree on the highest emergency level (one 8-byte
+            all-reduce) every this many steps, so HALT on any rank stops every rank at the next such
+            step boundary (default 1: every step). Also agreed before every end-of-epoch halt check.
+            On several ranks it replaces ``safety.halt_check_every_steps`` (a rank must not stop
+            on its own signal between agreements, or the others would wait for it).
+        bucket_mb: bucket size in MiB of the per-step all-reduce of the K x N gradient buffer
+            (default 25.0).
+        timeout_s: how long a collective waits for the other ranks before failing, when the trainer
+            joins the process group itself (default 600.0). It must exceed the slowest thing one rank
+            does while the others wait (rank 0's checkpoint write, an evaluation).
+    """
+
+    emergency_check_every: int = 1
+    bucket_mb: float = 25.0
+    timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        self._check_types("distributed.")
+        _positive("distributed.", "emergency_check_every", self.emergency_check_every)
+        _positive("distributed.", "bucket_mb", self.bucket_mb)
+        _positive("distributed.", "timeout_s", self.timeout_s)
+
+
+@dataclass
 class TrainerConfig(_Section):
     """Everything a :class:`~tolaria.trainer.Trainer` run is configured by.
 
@@ -366,7 +394,7 @@ class TrainerConfig(_Section):
         compile: run the model through ``torch.compile`` (default False).
         run_dir: folder for checkpoints, telemetry and traces (default None: ``./runs/<timestamp>``).
         progress: show a tqdm progress bar (default False; ``tolaria train`` turns it on).
-        checkpoint, lr, profiler, telemetry, safety: the sections above.
+        checkpoint, lr, profiler, telemetry, safety, distributed: the sections above.
     """
 
     epochs: int = 5
@@ -390,6 +418,7 @@ class TrainerConfig(_Section):
     profiler: ProfilerConfig = field(default_factory=ProfilerConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     safety: SafetyConfig = field(default_factory=SafetyConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def __post_init__(self) -> None:
         self._check_types("")
@@ -437,6 +466,7 @@ def _check_device(device: str) -> None:
 __all__ = [
     "ConfigError",
     "CheckpointConfig",
+    "DistributedConfig",
     "LRConfig",
     "ProfilerConfig",
     "SafetyConfig",

@@ -31,6 +31,13 @@ from torch import Tensor, nn
 
 from tolaria import aggregation
 from tolaria.aggregation import AGGREGATOR_NAMES, Aggregator, GradientBuffer
+from tolaria.distributed import (
+    DEFAULT_BUCKET_MB,
+    DistributedContext,
+    allreduce_gradient_buffer,
+    allreduce_mean,
+    verify_buffer_layout,
+)
 from tolaria.telemetry import TelemetryEmitter
 
 
@@ -117,13 +124,23 @@ class GradientStage:
         params: the model or its parameters (trainable ones are used; tied ones once).
         aggregator: combines the sources (e.g. from :func:`build_aggregator`).
         max_grad_norm: clip the aggregate to this norm (None: no clipping).
+        ctx: the distributed context (default: one process). With more than one rank, every step
+            averages the K x N buffer over the ranks (one bucketed all-reduce) and the K loss values
+            before the aggregation, so every rank aggregates the same buffer; the single-source fast
+            path is then not taken (its ``.grad`` would not be averaged).
+        bucket_mb: bucket size of that all-reduce, in MiB.
     """
 
-    def __init__(self, params: nn.Module | Sequence[Tensor], aggregator: Aggregator, *, max_grad_norm: float | None = None):
+    def __init__(self, params: nn.Module | Sequence[Tensor], aggregator: Aggregator, *, max_grad_norm: float | None = None,
+                 ctx: DistributedContext | None = None, bucket_mb: float = DEFAULT_BUCKET_MB):
         if not isinstance(aggregator, Aggregator):
             raise TypeError(f"aggregator must be a tolaria Aggregator, got {type(aggregator).__name__}")
+        if ctx is not None and not isinstance(ctx, DistributedContext):
+            raise TypeError(f"ctx must be a DistributedContext or None, got {type(ctx).__name__}")
         self.aggregator = aggregator
         self.max_grad_norm = max_grad_norm
+        self.ctx = ctx if ctx is not None else DistributedContext.single_process(torch.device("cpu"))
+        self.bucket_mb = bucket_mb
         self.params = [p for p in (params.parameters() if isinstance(params, nn.Module) else params) if p.requires_grad]
         if not self.params:
             raise ValueError("the gradient stage needs at least one parameter with requires_grad=True")
@@ -138,8 +155,11 @@ class GradientStage:
             self._build(len(self.names))
 
     def _build(self, k: int) -> None:
-        self.fast_path = k == 1 and _is_identity_for_one(self.aggregator)
+        # Distributed: one source also goes through the buffer, so its gradient is all-reduced.
+        self.fast_path = k == 1 and _is_identity_for_one(self.aggregator) and not self.ctx.is_distributed
         self.buffer = None if self.fast_path else GradientBuffer(self.params, num_sources=k)
+        if self.buffer is not None:
+            verify_buffer_layout(self.buffer, self.ctx)  # every rank, same step: a mismatch raises everywhere
 
     def _check_names(self, named: Mapping[str, Tensor]) -> tuple[str, ...]:
         names = tuple(named)
@@ -168,8 +188,10 @@ class GradientStage:
         if self.fast_path:
             return self._backward_single(names, named[names[0]])
         loss_values = torch.stack([l.detach().reshape(()).double() for l in named.values()])
+        allreduce_mean(loss_values, self.ctx)  # the global batch's losses, identical on every rank
         assert self.buffer is not None
         self.buffer.backward(list(named.values()))
+        allreduce_gradient_buffer(self.buffer, self.ctx, self.bucket_mb)  # the step's one big transfer
         _, stats = self.buffer.aggregate(self.aggregator, return_stats=True)
         gram = stats.gram.double()
         w = stats.weights.to(gram.dtype)

@@ -28,6 +28,22 @@ import torch
 from torch import Tensor, nn
 
 from tolaria import profiler as profiler_mod
+from tolaria.distributed import (
+    DistributedContext,
+    DistributedError,
+    ShardedLoader,
+    agree_on_emergency_level,
+    any_rank,
+    bind_rank,
+    broadcast_json,
+    broadcast_module_state,
+    checkpoint_barrier,
+    rank_telemetry,
+    resume_from_checkpoint,
+    shard,
+    synchronized_generator,
+    telemetry_file_name,
+)
 from tolaria.emergency import EmergencyController, EmergencyLevel, LocalEmergencySignal
 from tolaria.lr import build_controller
 from tolaria.optim import OptimizerManager
@@ -195,6 +211,18 @@ class Trainer:
             run folder (plus logging, and TensorBoard when configured) and closes it at the end.
         evaluate: ``evaluate(model) -> {name: value}`` at every epoch end (eval mode, no grad).
         forward: ``forward(model, inputs) -> outputs``, if calling ``model(inputs)`` is not right.
+        ctx: the distributed context. Default: :meth:`DistributedContext.from_environment` (under
+            ``torchrun`` the trainer joins the process group itself, on ``cuda:<LOCAL_RANK>`` or the
+            CPU with gloo, and leaves it in :meth:`close`; otherwise one process). With several ranks:
+            the model starts from rank 0's parameters; the data is sharded per rank (a plain
+            ``DataLoader`` through :func:`tolaria.distributed.shard`, an object with
+            ``for_rank(rank, world_size)`` through that; anything else is used as given and must
+            already be this rank's shard, with the same number of batches on every rank); each step
+            averages the K x N gradient buffer and the losses over the ranks before the aggregation
+            (with a generator seeded the same on every rank), so replicas stay identical; the ranks
+            agree on the emergency level every ``distributed.emergency_check_every`` steps (HALT on
+            one rank stops all); rank 0 writes the checkpoints (between barriers) and consults the
+            control policy, broadcasting its outcome; every rank writes ``telemetry-rank<r>.jsonl``.
     """
 
     def __init__(
@@ -210,6 +238,7 @@ class Trainer:
         *,
         evaluate: Callable[[nn.Module], Mapping[str, float]] | None = None,
         forward: Callable[[nn.Module, Any], Any] | None = None,
+        ctx: DistributedContext | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -226,29 +255,63 @@ class Trainer:
         self.loss_fn = loss_fn
         self.evaluate = evaluate
         self.forward = forward
-        self.device = resolve_device(config.device)
-        self.model.to(self.device)
-        _move_optimizer_state(optimizer)
-
-        self.run_dir = Path(config.run_dir) if config.run_dir is not None else default_run_dir()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._owns_telemetry = telemetry is None
-        self.telemetry = telemetry if telemetry is not None else self._build_telemetry()
-        self.telemetry.bind(rank=_rank(), epoch=0, step=0)
-        (self.run_dir / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
-
+        if ctx is not None and not isinstance(ctx, DistributedContext):
+            raise TypeError(f"ctx must be a DistributedContext, got {type(ctx).__name__}")
+        self._owns_ctx = ctx is None
+        if ctx is None:
+            wanted = resolve_device(config.device)
+            # "cuda" (no index) lets a torchrun rank take its own GPU; an explicit cuda:N is kept.
+            ctx_device = "cuda" if wanted.type == "cuda" and config.device in ("auto", "cuda") else wanted
+            ctx = DistributedContext.from_environment(device=ctx_device, timeout_s=config.distributed.timeout_s)
+        self.ctx = ctx
+        self._closed = False
+        self.telemetry = None  # type: ignore[assignment]  # set below; close() checks it
+        self._owns_telemetry = False
         self.state: StateManager | None = None
         self.mediator: ControlMediator | None = None
         self._shared_signal: Any = None
         self._owns_signal = False
-        self._closed = False
         try:
-            self.aggregator = build_aggregator(config.aggregator, **config.aggregator_options)
-            self.stage = GradientStage(self.model, self.aggregator, max_grad_norm=config.safety.max_grad_norm)
+            self.device = ctx.device if ctx.is_distributed else resolve_device(config.device)
+            self.model.to(self.device)
+            _move_optimizer_state(optimizer)
+            run_dir = Path(config.run_dir) if config.run_dir is not None else default_run_dir()
+            # Every rank uses rank 0's folder (a default one is a timestamp, which could differ per rank).
+            self.run_dir = Path(broadcast_json(str(run_dir), ctx)) if ctx.is_distributed else run_dir
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._owns_telemetry = telemetry is None
+            self.telemetry = telemetry if telemetry is not None else self._build_telemetry()
+        except BaseException:
+            self.close()
+            raise
+        if ctx.is_distributed:
+            bind_rank(self.telemetry, ctx)
+            self.telemetry.bind(epoch=0, step=0)
+        else:
+            self.telemetry.bind(rank=ctx.rank, epoch=0, step=0)
+        if ctx.is_main:
+            (self.run_dir / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+        try:
+            broadcast_module_state(self.model, ctx)  # replicas start from rank 0's parameters
+            self.data = self._shard(data)
+            self.generator: torch.Generator | None = None
+            aggregator_options = dict(config.aggregator_options)
+            if _takes_generator(config.aggregator) and "generator" not in aggregator_options:
+                # The same draws on every rank (and a state to checkpoint): replicas stay identical.
+                self.generator = synchronized_generator(config.seed, ctx, telemetry=self.telemetry)
+                aggregator_options["generator"] = self.generator
+            self.aggregator = build_aggregator(config.aggregator, **aggregator_options)
+            self.stage = GradientStage(
+                self.model, self.aggregator, max_grad_norm=config.safety.max_grad_norm, ctx=ctx,
+                bucket_mb=config.distributed.bucket_mb,
+            )
             self.optim = OptimizerManager(optimizer, telemetry=self.telemetry)
             self.lr = self._build_lr(optimizer)
+            # Rank 0 owns the checkpoints; the others keep only their fast snapshots (for rollbacks).
             self.state = StateManager(
-                self.run_dir / "checkpoints", fast_cache_mb=config.checkpoint.fast_cache_mb,
+                self.run_dir / ("checkpoints" if ctx.is_main else f"state-rank{ctx.rank}"),
+                fast_cache_mb=config.checkpoint.fast_cache_mb,
                 keep_last=config.checkpoint.keep_last, telemetry=self.telemetry,
             )
             self._shared_signal, self._owns_signal = self._open_signal()
@@ -283,16 +346,39 @@ class Trainer:
 
     def _build_telemetry(self) -> TelemetryEmitter:
         cfg = self.config.telemetry
+        distributed = self.ctx.is_distributed
         sinks: list[Any] = []
-        if cfg.jsonl:
+        if cfg.jsonl and not distributed:
             sinks.append(JsonlSink(self.run_dir / TELEMETRY_FILE))
         if cfg.log_severity != "off":
             sinks.append(LoggingSink(min_severity=cfg.log_severity))
         if cfg.tensorboard:
-            sinks.append(TensorBoardSink(self.run_dir / "tensorboard"))
-        if not sinks:
+            sinks.append(TensorBoardSink(self.run_dir / ("tensorboard" if not distributed else f"tensorboard-rank{self.ctx.rank}")))
+        if not sinks and not (cfg.jsonl and distributed):
             raise ConfigError("telemetry has no sink: enable telemetry.jsonl, telemetry.tensorboard or a log_severity")
+        if cfg.jsonl and distributed:
+            # telemetry-rank<r>.jsonl, every record tagged with the rank and rank 0's run id.
+            return rank_telemetry(self.ctx, self.run_dir, sinks=sinks, batch_size=cfg.batch_size, rate_limits=cfg.rate_limits)
         return TelemetryEmitter(sinks, batch_size=cfg.batch_size, rate_limits=cfg.rate_limits)
+
+    def _shard(self, data: Iterable[Any]) -> Iterable[Any]:
+        """This rank's share of ``data`` (``data`` itself in one process)."""
+        ctx = self.ctx
+        if not ctx.is_distributed or isinstance(data, ShardedLoader):
+            return data
+        if isinstance(data, torch.utils.data.DataLoader):
+            return shard(data, ctx, seed=self.config.seed or 0, telemetry=self.telemetry)
+        for_rank = getattr(data, "for_rank", None)
+        if callable(for_rank):
+            return for_rank(ctx.rank, ctx.world_size)
+        message = (
+            f"data of type {type(data).__name__} cannot be sharded by the trainer (not a DataLoader, no "
+            f"for_rank(rank, world_size)); it is used as given and must already be rank {ctx.rank}'s shard, "
+            "with the same number of batches on every rank"
+        )
+        log.warning(message)
+        self.telemetry.event("distributed.data_unsharded", severity="warning", message=message)
+        return data
 
     def _total_steps(self) -> int | None:
         per_epoch = _length(self.data)
@@ -355,10 +441,22 @@ class Trainer:
                 raise TypeError(f"the model returned no tensor (got {type(outputs).__name__})")
             return self.loss_fn(outputs, move_to(batch, out.device))
 
+    def _agree_on_emergency(self) -> None:
+        """The highest emergency level over the ranks becomes this rank's (no-op in one process)."""
+        if self.ctx.is_distributed:
+            agree_on_emergency_level(self.emergency.level, self.ctx, controller=self.emergency, telemetry=self.telemetry)
+
     def _train_step(self, batch: Any) -> tuple[str, SourceStats]:
         self.stage.zero_grad()
         stats = self.stage.backward(self._compute_losses(batch))
         verdict = self.safety.check_step(stats, self.step, self.model, self.optimizer)
+        if self.ctx.is_distributed and verdict.action in (ROLLED_BACK, HALT):
+            # The stats are identical on every rank, so all ranks got here; but a rollback has a
+            # deadline, so it can fail on one rank only: then every rank halts.
+            if any_rank(verdict.action == HALT, self.ctx) and verdict.action != HALT:
+                reason = "a rollback failed on another rank; halting every rank"
+                self.emergency.escalate(EmergencyLevel.HALT, reason)
+                verdict = type(verdict)(HALT, reason=reason)
         if verdict.action == ROLLED_BACK:
             assert verdict.step is not None
             self.step = verdict.step
@@ -436,6 +534,7 @@ class Trainer:
                 self.telemetry.flush()  # the epoch's records reach the sinks with its checkpoint
                 if status == MAX_STEPS:
                     break
+                self._agree_on_emergency()
                 reason = self.safety.halt_reason()
                 if reason is not None:
                     status, self._halt_reason = HALTED, reason
@@ -468,7 +567,7 @@ class Trainer:
             last_checkpoint_step=last_ckpt,
             resumed_from_step=resumed,
             control_failures=self.mediator.failures,
-            telemetry_file=(self.run_dir / TELEMETRY_FILE) if self._owns_telemetry and self.config.telemetry.jsonl else None,
+            telemetry_file=(self.run_dir / telemetry_file_name(self.ctx)) if self._owns_telemetry and self.config.telemetry.jsonl else None,
         )
         self.telemetry.event(
             "train.end", severity="warning" if status == HALTED else "info",
@@ -485,11 +584,15 @@ class Trainer:
         cfg = self.config
         log_every = cfg.telemetry.log_every_steps
         halt_every = cfg.safety.halt_check_every_steps
+        distributed = self.ctx.is_distributed
+        if distributed:
+            # Every rank must stop at the same step: halts are read only where the ranks agree.
+            halt_every = cfg.distributed.emergency_check_every
         if hasattr(self.data, "set_epoch"):
             self.data.set_epoch(epoch)
         batches: Iterable[Any] = self.data
         bar = None
-        if cfg.progress:
+        if cfg.progress and self.ctx.is_main:
             from tqdm.auto import tqdm
 
             bar = tqdm(self.data, total=_length(self.data), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=True, dynamic_ncols=True)
@@ -501,6 +604,8 @@ class Trainer:
                 for batch in batches:
                     attempts += 1
                     if attempts % halt_every == 0:
+                        if distributed:
+                            self._agree_on_emergency()
                         reason = self.safety.halt_reason()
                         if reason is not None:
                             self._halt_reason = reason
@@ -565,22 +670,58 @@ class Trainer:
     def _control(self, stats: SourceAccumulator, metrics: Mapping[str, float], elapsed_s: float) -> None:
         if self.mediator.policy is None:
             return
-        level = self.emergency.level
-        state = ControlState(
-            epoch=self.epoch, step=self.step, losses=dict(stats.losses), metrics=dict(metrics),
-            lr=tuple(self.lr.get_last_lr()) if self.lr.last_step is not None else tuple(g["lr"] for g in self.optimizer.param_groups),
-            conflict_rate=stats.conflict_rate, emergency_level=level.name,
-            conservative=self.mediator.conservative, elapsed_s=elapsed_s,
-        )
+        if self.ctx.is_distributed:
+            self._control_distributed(stats, metrics, elapsed_s)
+            return
         was_conservative = self.mediator.conservative
         params_before = self._param_ids()
-        self.mediator.consult(state)
+        self.mediator.consult(self._control_state(stats, metrics, elapsed_s))
         if self.mediator.conservative and not was_conservative:
             self.emergency.escalate(EmergencyLevel.CONSERVATIVE, f"control calls failing: {self.mediator.conservative_reason}")
         elif was_conservative and not self.mediator.conservative and self.emergency.level == EmergencyLevel.CONSERVATIVE:
             self.emergency.deescalate(EmergencyLevel.NONE, "control calls succeed again")
         if self._param_ids() != params_before:
             self._rebuild_optimizer()
+
+    def _control_state(self, stats: SourceAccumulator, metrics: Mapping[str, float], elapsed_s: float) -> ControlState:
+        return ControlState(
+            epoch=self.epoch, step=self.step, losses=dict(stats.losses), metrics=dict(metrics),
+            lr=tuple(self.lr.get_last_lr()) if self.lr.last_step is not None else tuple(g["lr"] for g in self.optimizer.param_groups),
+            conflict_rate=stats.conflict_rate, emergency_level=self.emergency.level.name,
+            conservative=self.mediator.conservative, elapsed_s=elapsed_s,
+        )
+
+    def _control_distributed(self, stats: SourceAccumulator, metrics: Mapping[str, float], elapsed_s: float) -> None:
+        """Rank 0 consults the mediator (its calls are timed, so outcomes could differ per rank) and
+        broadcasts the outcome; every rank then takes the same decisions at the same step."""
+        ctx = self.ctx
+        decision: dict[str, Any] | None = None
+        if ctx.is_main:
+            was_conservative = self.mediator.conservative
+            params_before = self._param_ids()
+            self.mediator.consult(self._control_state(stats, metrics, elapsed_s))  # losses: all-reduced per step
+            decision = {
+                "was_conservative": was_conservative,
+                "conservative": self.mediator.conservative,
+                "reason": self.mediator.conservative_reason,
+                "params_changed": self._param_ids() != params_before,
+                "lrs": [float(g["lr"]) for g in self.optimizer.param_groups],
+            }
+        decision = broadcast_json(decision, ctx)
+        if decision["params_changed"]:
+            raise DistributedError(
+                "the control executor changed the model's parameters on rank 0; grafting modules is not supported "
+                "with several ranks (the other ranks' replicas would differ); stopping every rank"
+            )
+        if len(decision["lrs"]) != len(self.optimizer.param_groups):
+            raise DistributedError(f"rank 0 has {len(decision['lrs'])} param groups, rank {ctx.rank} has "
+                                   f"{len(self.optimizer.param_groups)}")
+        for group, lr in zip(self.optimizer.param_groups, decision["lrs"]):
+            group["lr"] = lr  # an LR a command set on rank 0 holds everywhere
+        if decision["conservative"] and not decision["was_conservative"]:
+            self.emergency.escalate(EmergencyLevel.CONSERVATIVE, f"control calls failing on rank 0: {decision['reason']}")
+        elif decision["was_conservative"] and not decision["conservative"] and self.emergency.level == EmergencyLevel.CONSERVATIVE:
+            self.emergency.deescalate(EmergencyLevel.NONE, "control calls succeed again on rank 0")
 
     def _param_ids(self) -> tuple[int, ...]:
         return tuple(id(p) for p in self.model.parameters() if p.requires_grad)
@@ -611,8 +752,12 @@ class Trainer:
             "lr": self.lr.state_dict(),
             "sources": list(self.stage.names or ()),
         }
+        if self.generator is not None:
+            extra["aggregator_generator"] = self.generator.get_state()
         try:
-            self.state.checkpoint(self.step, self.model, self.optimizer, extra=extra)
+            # Every rank: agree on the step, verify the replicas, rank 0 writes between barriers.
+            checkpoint_barrier(self.state if self.ctx.is_main else None, self.ctx, self.step, self.model, self.optimizer,
+                               extra, telemetry=self.telemetry)
         except Exception as exc:
             message = f"{'final' if final else 'periodic'} checkpoint at step {self.step} failed: {type(exc).__name__}: {exc}"
             log.critical(message)
@@ -627,13 +772,17 @@ class Trainer:
         return self.step
 
     def _resume(self) -> int:
-        restored = self.state.restore_latest_with_extra(self.model, self.optimizer)
+        # Rank 0 restores, every other rank receives the same state (and all raise if any fails).
+        restored = resume_from_checkpoint(self.state if self.ctx.is_main else None, self.ctx, self.model,
+                                          self.optimizer, telemetry=self.telemetry)
         step, extra = restored.step, restored.extra
         if not isinstance(extra, Mapping) or "epoch" not in extra:
             raise ValueError(f"checkpoint at step {step} was not written by the Trainer (no epoch in its extra data)")
         self.step = int(step)
         self.epoch = int(extra["epoch"]) + (1 if extra.get("epoch_complete") else 0)
         self.lr.load_state_dict(extra["lr"])
+        if self.generator is not None and "aggregator_generator" in extra:
+            self.generator.set_state(extra["aggregator_generator"])
         self.telemetry.bind(step=self.step, epoch=self.epoch)
         self.telemetry.event(
             "train.resume", message=f"resumed from the checkpoint at step {self.step}; next epoch {self.epoch + 1}",
@@ -657,10 +806,13 @@ class Trainer:
             self._shared_signal.close()
         if self.state is not None:
             self.state.close()
-        if self._owns_telemetry:
-            self.telemetry.close()
-        else:
-            self.telemetry.flush()
+        if self.telemetry is not None:
+            if self._owns_telemetry:
+                self.telemetry.close()
+            else:
+                self.telemetry.flush()
+        if self._owns_ctx:
+            self.ctx.close()
 
     def __enter__(self) -> Trainer:
         return self
@@ -684,10 +836,9 @@ def _length(data: Any) -> int | None:
         return None
 
 
-def _rank() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank()
-    return 0
+def _takes_generator(aggregator: str) -> bool:
+    """Whether the aggregator draws random numbers (from a ``generator`` it accepts)."""
+    return aggregator.strip().lower() == "pcgrad"
 
 
 __all__ = ["RunSummary", "Trainer", "first_tensor", "move_to", "resolve_device", "split_inputs"]

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 TELEMETRY_FILE = "telemetry.jsonl"
+RANK0_FILE = "telemetry-rank0.jsonl"  # a distributed run's rank 0
 
 
 @dataclass
@@ -39,7 +40,8 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
     """Every record of a telemetry JSONL file; a malformed line raises naming the file and line."""
     path = Path(path)
     if path.is_dir():
-        path = path / TELEMETRY_FILE
+        # A distributed run writes one file per rank; rank 0's stands for the run (its losses are global).
+        path = path / (TELEMETRY_FILE if (path / TELEMETRY_FILE).exists() or not (path / RANK0_FILE).exists() else RANK0_FILE)
     if not path.exists():
         raise FileNotFoundError(f"no telemetry at {path}; is this a run folder written by `tolaria train`?")
     records = []

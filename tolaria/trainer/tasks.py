@@ -94,13 +94,24 @@ class ShuffledBatches:
     example). ``len()`` is the number of batches per epoch; the last, smaller batch is kept. The
     order of epoch ``e`` depends only on ``(seed, e)`` (the trainer calls :meth:`set_epoch`), so a
     resumed run sees the same batches as an uninterrupted one.
+
+    With ``world_size > 1`` it yields only rank ``rank``'s shard of each epoch's order (as
+    ``DistributedSampler`` does: the order is padded by repeating its start to a multiple of the
+    world size, then rank ``r`` takes every ``world_size``-th example from ``r``), so every rank has
+    the same number of batches; ``batch_size`` is then per rank. See :meth:`for_rank`.
     """
 
-    def __init__(self, x: Tensor, y: Tensor, batch_size: int, *, seed: int = 0, shuffle: bool = True):
+    def __init__(self, x: Tensor, y: Tensor, batch_size: int, *, seed: int = 0, shuffle: bool = True,
+                 rank: int = 0, world_size: int = 1):
         if len(x) != len(y):
             raise ValueError(f"x and y hold {len(x)} and {len(y)} examples; they must match")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size) with world_size >= 1, got rank {rank}, world_size {world_size}")
+        if len(x) < world_size:
+            raise ValueError(f"{len(x)} examples cannot give each of {world_size} ranks one")
+        self.rank, self.world_size = rank, world_size
         self.x, self.y = x, y
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -111,13 +122,24 @@ class ShuffledBatches:
         """Selects the shuffle of epoch ``epoch``."""
         self.epoch = epoch
 
+    def for_rank(self, rank: int, world_size: int) -> ShuffledBatches:
+        """The same batches, sharded for rank ``rank`` of ``world_size`` (the trainer calls this)."""
+        return ShuffledBatches(self.x, self.y, self.batch_size, seed=self.seed, shuffle=self.shuffle,
+                               rank=rank, world_size=world_size)
+
+    def _shard_size(self) -> int:
+        return -(-len(self.x) // self.world_size)
+
     def __len__(self) -> int:
-        return -(-len(self.x) // self.batch_size)
+        return -(-self._shard_size() // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        n = len(self.x)
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(n, generator=generator) if self.shuffle else torch.arange(n)
+        order = torch.randperm(len(self.x), generator=generator) if self.shuffle else torch.arange(len(self.x))
+        if self.world_size > 1:
+            total = self._shard_size() * self.world_size
+            order = torch.cat([order, order[: total - len(order)]])[self.rank :: self.world_size]
+        n = len(order)
         for start in range(0, n, self.batch_size):
             idx = order[start : start + self.batch_size]
             yield self.x[idx], self.y[idx]
