@@ -5,7 +5,7 @@ import torch
 
 from tolaria.aggregation import DualProj
 
-from .conflict_cases import cases, make_jacobian
+from .conflict_cases import KINDS, cases, make_jacobian
 from .test_upgrad import _scipy_projector, project_onto_dual_cone_reference
 
 
@@ -26,6 +26,13 @@ def test_result_lies_in_the_dual_cone_and_is_nearest(kind, k, n):
     assert ((j @ d) >= -1e-9 * norms * norms.max()).all()
     # Nearest: (g - d) is orthogonal to d (the projection onto a cone).
     assert abs(float((g - d) @ d)) <= 1e-8 * norms.max() ** 2
+
+
+@pytest.mark.parametrize("kind,k,n", [(kind, k, n) for kind in KINDS for k, n in ((12, 60), (16, 5))])
+def test_matches_the_reference_beyond_enumeration(kind, k, n):
+    j = make_jacobian(kind, k, n, seed=34)
+    d = DualProj()(j)
+    assert (d - project_onto_dual_cone_reference(j, j.mean(0))).norm() <= 1e-7 * j.norm(dim=1).max()
 
 
 def test_pref_vector_is_projected():

@@ -17,9 +17,12 @@ from tolaria.aggregation import (
     Weighted,
     build_aggregator,
 )
+import tolaria.aggregation._qp as qp_module
 from tolaria.aggregation._eigh import jacobi_eig, symmetric_eig
+from tolaria.aggregation._sources import as_sources
+from tolaria.aggregation.engine import aggregate
 
-from .conflict_cases import cases, make_jacobian
+from .conflict_cases import KINDS, cases, make_jacobian
 
 FACTORIES = {
     "mgda": MGDA,
@@ -188,3 +191,37 @@ def test_jacobi_path_gives_the_lapack_answer(cls):
     lapack, jacobi = cls(), cls()
     jacobi.eig_method = "jacobi"
     torch.testing.assert_close(jacobi(j), lapack(j), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", FACTORIES)
+@pytest.mark.parametrize("k", [4, 12])
+def test_runs_on_meta_tensors(name, k):
+    # Meta tensors have no data: any host read (.item(), bool(), .tolist()) would fail. K = 12 takes
+    # the interior-point paths, K = 4 the enumeration.
+    agg = FACTORIES[name](backend="torch", nonfinite="propagate")
+    out, stats = agg(torch.empty(k, 100, device="meta"), return_stats=True)
+    assert out.device.type == "meta" and stats.weights.device.type == "meta"
+
+
+@pytest.mark.parametrize("name", FACTORIES)
+def test_compiles_to_one_graph(name):
+    # fullgraph=True fails on any data-dependent Python control flow.
+    agg = FACTORIES[name](backend="torch", nonfinite="propagate")
+
+    def step(j):
+        flat, stats = aggregate(as_sources(j), agg.weighting, backend="torch", nonfinite="propagate")
+        return flat, stats.conflicts
+
+    j = make_jacobian("conflicting", 5, 64, seed=9)
+    flat, _ = torch.compile(step, fullgraph=True, backend="eager")(j)
+    torch.testing.assert_close(flat, agg(j), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["mgda", "upgrad", "dualproj"])
+@pytest.mark.parametrize("kind,k,n", cases(ks=(2, 5, 8), n=40) + [("random", 8, 3), ("low_rank", 8, 2), ("scaled", 8, 4)])
+def test_interior_point_path_agrees_with_enumeration(monkeypatch, name, kind, k, n):
+    # The path beyond ENUMERATION_MAX_K sources, forced on small K where every support is checked.
+    j = make_jacobian(kind, k, n, seed=10)
+    exact = FACTORIES[name]()(j)
+    monkeypatch.setattr(qp_module, "ENUMERATION_MAX_K", 0)
+    assert (FACTORIES[name]()(j) - exact).norm() <= 1e-9 * j.norm(dim=1).max()

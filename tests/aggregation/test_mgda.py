@@ -7,7 +7,7 @@ import torch
 
 from tolaria.aggregation import MGDA
 
-from .conflict_cases import cases, make_jacobian
+from .conflict_cases import KINDS, cases, make_jacobian
 
 
 def min_norm_point_reference(j: torch.Tensor) -> torch.Tensor:
@@ -48,6 +48,17 @@ def test_defining_properties(kind, k, n):
     torch.manual_seed(0)
     others = torch.distributions.Dirichlet(torch.ones(k, dtype=torch.float64)).sample((200,)) @ j if k > 1 else j
     assert (others.norm(dim=1) >= d.norm() - 1e-9 * scale).all()
+
+
+@pytest.mark.parametrize("kind,k,n", [(kind, k, n) for kind in KINDS for k, n in ((12, 60), (16, 5))])
+def test_matches_the_min_norm_point_beyond_enumeration(kind, k, n):
+    # Beyond 10 sources the interior point runs, then the exact solve on the support it finds.
+    j = make_jacobian(kind, k, n, seed=13)
+    d = MGDA()(j)
+    ref = min_norm_point_reference(j)
+    scale = j.norm(dim=1).max()
+    assert (d - ref).norm() <= 1e-6 * scale
+    assert d.norm() <= ref.norm() + 1e-9 * scale
 
 
 def test_pareto_stationary_sources_give_zero():

@@ -7,7 +7,7 @@ import torch
 
 from tolaria.aggregation import UPGrad
 
-from .conflict_cases import cases, make_jacobian
+from .conflict_cases import KINDS, cases, make_jacobian
 
 
 def project_onto_dual_cone_reference(j: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -51,6 +51,15 @@ def test_result_lies_in_the_dual_cone(kind, k, n):
     j = make_jacobian(kind, k, n, seed=22)
     d = UPGrad()(j)
     norms = j.norm(dim=1)
+    assert ((j @ d) >= -1e-9 * norms * norms.max()).all()
+
+
+@pytest.mark.parametrize("kind,k,n", [(kind, k, n) for kind in KINDS for k, n in ((12, 60), (16, 5))])
+def test_matches_the_reference_beyond_enumeration(kind, k, n):
+    j = make_jacobian(kind, k, n, seed=24)
+    d = UPGrad()(j)
+    norms = j.norm(dim=1)
+    assert (d - upgrad_reference(j)).norm() <= 1e-7 * norms.max()
     assert ((j @ d) >= -1e-9 * norms * norms.max()).all()
 
 

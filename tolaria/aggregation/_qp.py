@@ -1,41 +1,61 @@
-"""Small quadratic programs on the K x K Gram matrix, solved on its device with a fixed budget.
+"""Small convex programs on the K x K Gram matrix, solved exactly on its device with a fixed budget.
 
-Two problems recur among the conflict-aware aggregators; both are QPs in K variables on G = J J^T:
+Two quadratic programs recur among the conflict-aware aggregators; both live on G = J J^T:
 
 - the projection onto the dual cone {d : J d >= 0} of the rows of J (UPGrad, DualProj). By
   Proposition 1 of Quinton & Rey (2024), the projection of J^T u is J^T v with
-  v = argmin_{v >= u} v^T G v;
-- the min-norm point of the convex hull of the rows (MGDA): w = argmin_{w >= 0, sum w = 1} w^T G w.
+  v = argmin_{v >= u} v^T G v (a "box" problem);
+- the min-norm point of the convex hull of the rows (MGDA): w = argmin_{w >= 0, sum w = 1} w^T G w
+  (a "simplex" problem). CAGrad's dual is a simplex problem too, with another objective
+  (:mod:`tolaria.aggregation.cagrad`), and shares the machinery below.
 
-Both are solved by one batched primal-dual interior-point method (Mehrotra's predictor-corrector)
-with a fixed number of iterations, then polished: on the active set the iterate identifies, the
-optimality conditions are solved exactly, and the exact point is kept wherever it checks out (on
-every non-degenerate problem, so the answer is exact to rounding there). Every step is a handful of
-tensor operations on K x K matrices (one LU factorisation of G + diag(z / s); not Cholesky, whose
-CPU kernel enters the thread pool even for one 8 x 8 matrix and stalls on a busy machine), with no
-data-dependent control flow: a converged element of the batch is frozen by a zero step, so nothing
-is read on the host and a CUDA device is never synchronised. G only needs to be positive
-semi-definite: zero, duplicate or linearly dependent rows are fine.
+The solution of such a problem is fixed by its support, the variables off their bound: on a given
+support the optimality (Karush-Kuhn-Tucker) conditions are linear equations. So for K up to
+``ENUMERATION_MAX_K`` (10) every support is a candidate: the 2^K equality-constrained problems are
+solved as one batch of small LU factorisations, each candidate is scored by how far it is from
+satisfying all the optimality conditions (its bounds, the signs of its multipliers, stationarity),
+and the best one is returned. The optimum is always among the candidates (there is an optimal
+point whose support has linearly, for the simplex affinely, independent rows, so its system is
+regular), hence the answer is exact to rounding on every input, degenerate ones included, with no
+iteration at all: at K = 8 the 256 systems cost less than a loop of tiny operations would.
 
-Tolerance: an element is frozen once its mean complementarity s_i z_i falls below ``tol`` (default
-1e-20) on the normalised problem. The default budget of 30 iterations is a bound, not a target:
-random and degenerate problems up to K = 32 (zero, duplicate, nearly opposite and low-rank rows,
-norms spread over six orders of magnitude) need at most 25 before the polish makes them exact to
-about 1e-10, and the tests check the answers against scipy.
+Beyond, a batched primal-dual interior-point method (Mehrotra's predictor-corrector) runs a fixed
+number of iterations and the same candidates are formed around the support it identifies: every
+combination of its ``LOCAL_BITS`` least certain variables (bound or not), at two thresholds. The
+best candidate replaces the interior-point iterate wherever it satisfies the optimality conditions
+to ``ACCEPT_TOL``; the tests check both paths against scipy.
+
+Every step is a handful of tensor operations on small matrices, with no data-dependent control
+flow, so nothing is read on the host and a CUDA device is never synchronised. G only needs to be
+positive semi-definite: zero, duplicate or linearly dependent rows are fine. LU factorisations, not
+Cholesky: the bordered systems of the simplex are indefinite, and the CPU Cholesky kernel enters
+the thread pool even for one 8 x 8 matrix and stalls on a busy machine.
 """
 
 from __future__ import annotations
+
+import functools
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 DEFAULT_MAX_ITERS = 30
 DEFAULT_TOL = 1e-20
-# Tikhonov term added to the normalised G. Where G is singular the optimal weights are not unique
-# (only J^T v is), and without it the barrier pushes the iterates off to infinity along the flat
-# directions; with it the problem is strictly convex and the solver returns (up to this term) the
-# minimum-norm optimal weights. Its effect on J^T v is of order 1e-12 relative.
-_REGULARIZATION = 1e-12
+# Up to this K every support is enumerated (2^K small systems); beyond, the interior point runs.
+ENUMERATION_MAX_K = 10
+# The interior point's supports are completed by every combination of this many uncertain variables.
+LOCAL_BITS = 5
+# A candidate whose worst violation of the optimality conditions (on the unit-scale problem, relative
+# to its largest weight where that exceeds 1) is at most this replaces the interior-point iterate.
+ACCEPT_TOL = 1e-9
+# Tikhonov term added to the interior point's unit-scale matrix. Where G is singular the optimal
+# weights are not unique (only J^T v is), and without it the barrier pushes the iterates off along
+# the flat directions. It stays at the rounding level of G's largest entries, so that rows many
+# orders of magnitude shorter than others still count. The candidates' systems have none.
+REGULARIZATION = 1e-15
+# The interior point's B systems of size K go into one block-diagonal matrix up to this B K.
+_BLOCK_DIAGONAL_MAX = 64
 
 
 def check_solver_budget(max_iters: int, tol: float, owner: str) -> None:
@@ -53,13 +73,182 @@ def normalized_gram(gram: Tensor) -> Tensor:
     return gram / safe[..., None, None]
 
 
+class Supports(NamedTuple):
+    """Candidate supports and the mask their systems are built from (see :func:`supports_from`)."""
+
+    free: Tensor  # ... x S x K, bool: the variables off their bound
+    pair: Tensor  # ... x S x K x K: both variables free
+    pivots: Tensor  # ... x S x K, int32: the identity permutation, in LAPACK's 1-based form
+
+
+def supports_from(free: Tensor) -> Supports:
+    """The masks of the supports ``free`` (... x S x K, bool)."""
+    k = free.shape[-1]
+    pivots = torch.arange(1, k + 1, dtype=torch.int32, device=free.device).expand(free.shape).contiguous()
+    return Supports(free, free.unsqueeze(-1) & free.unsqueeze(-2), pivots)
+
+
+def all_supports(k: int, device: torch.device) -> Tensor:
+    """The 2^K subsets of K variables as a (2^K, K) bool tensor: row s holds the bits of s."""
+    codes = torch.arange(1 << k, device=device)
+    return (codes.unsqueeze(-1).bitwise_right_shift(torch.arange(k, device=device)) & 1).bool()
+
+
+def every_support(k: int, device: torch.device, nonempty: bool) -> Supports:
+    """All 2^K supports (without the empty one if ``nonempty``), built once per K and device.
+
+    Under ``torch.compile`` they are built in the graph instead (a cache is host state).
+    """
+    if torch.compiler.is_compiling():
+        return _build_every_support(k, device, nonempty)
+    return _cached_every_support(k, device, nonempty)
+
+
+def _build_every_support(k: int, device: torch.device, nonempty: bool) -> Supports:
+    free = all_supports(k, device)
+    return supports_from(free[1:] if nonempty else free)
+
+
+_cached_every_support = functools.lru_cache(maxsize=64)(_build_every_support)
+
+
+def local_supports(guess: Tensor, uncertainty: Tensor, bits: int) -> Tensor:
+    """Supports near ``guess`` (B x K bool): its ``bits`` most uncertain variables take every value.
+
+    Returns B x 2^bits x K; ``uncertainty`` (B x K) ranks the variables, largest first.
+    """
+    b, k = guess.shape
+    combos = all_supports(bits, guess.device)  # 2^bits x bits
+    which = uncertainty.topk(bits, dim=-1).indices.unsqueeze(-2).expand(b, combos.shape[0], bits)
+    return guess.unsqueeze(-2).expand(b, combos.shape[0], k).scatter(-1, which, combos.expand(b, -1, -1))
+
+
+def pick_best(candidates: Tensor, score: Tensor) -> tuple[Tensor, Tensor]:
+    """The candidate (``...`` x S x K) of lowest ``score`` (``...`` x S) and that score."""
+    best = score.argmin(dim=-1, keepdim=True)
+    chosen = candidates.take_along_dim(best.unsqueeze(-1), dim=-2).squeeze(-2)
+    return chosen, score.take_along_dim(best, dim=-1).squeeze(-1)
+
+
+# The candidates of the K <= 8 problems are built from operations on at most this many elements,
+# below which torch runs an operation on the calling thread: a batched LAPACK factorisation, a BLAS
+# product of many rows or a larger elementwise operation enters the CPU thread pool, whose workers
+# then spin for milliseconds and slow the next pass over J (which runs its own threads).
+SERIAL_ELEMENTS = 32768
+
+
+def times(x: Tensor, h: Tensor) -> Tensor:
+    """x @ h for x (..., K) and a small K x K h without BLAS (see above): one broadcast product
+    where it is small enough, else a sum of K products of x's size."""
+    k = h.shape[-1]
+    if x.numel() * k < SERIAL_ELEMENTS:
+        return (x.unsqueeze(-1) * h).sum(-2)
+    out = x[..., :1] * h[0]
+    for a in range(1, k):
+        out.addcmul_(x[..., a : a + 1], h[a])
+    return out
+
+
+def factor(matrices: Tensor, pivots: Tensor) -> tuple[Tensor, Tensor]:
+    """LU factors of a batch of symmetric positive semi-definite matrices, for ``lu_solve``.
+
+    Gaussian elimination without row exchanges, in elementwise operations (LAPACK's batched
+    factorisations all enter the thread pool, see ``SERIAL_ELEMENTS``). For a positive definite
+    matrix it is as stable as Cholesky's; a singular one gives a zero pivot and non-finite
+    solutions, which the candidates' scores reject. ``pivots`` is the identity permutation.
+    """
+    lu = matrices.clone()
+    n = lu.shape[-1]
+    for i in range(n - 1):
+        row = lu[..., i, i + 1 :]
+        multipliers = row / lu[..., i, i : i + 1]  # the column below the pivot, by symmetry
+        lu[..., i + 1 :, i + 1 :].addcmul_(multipliers.unsqueeze(-1), row.unsqueeze(-2), value=-1)
+        lu[..., i + 1 :, i] = multipliers
+    return lu, pivots
+
+
+def _box_candidates(h: Tensor, lower: Tensor, supports: Supports, diagonal: bool = False) -> tuple[Tensor, Tensor]:
+    """The minimisers of v^T H v with v = lower off each support, and their optimality scores.
+
+    ``lower`` is B x K (K x K and diagonal if ``diagonal``); the supports are S x K (the same for
+    every problem) or B x S x K. Returns v (B x S x K) and the scores (B x S): the worst violation
+    of v_F >= lower_F, (H v)_F = 0 and (H v)_A >= 0 (the multipliers of the bounds), inf where the
+    solve failed.
+    """
+    k = h.shape[-1]
+    shared = supports.free.dim() == 2
+    # Shared supports: the work is laid out S x B x K, so that one factorisation per support solves
+    # all B problems from one column-major block (what LAPACK reads without a copy).
+    free = supports.free.unsqueeze(1) if shared else supports.free  # S x 1 x K, or B x S x K
+    bound = lower.unsqueeze(0) if shared else lower.unsqueeze(-2)  # 1 x B x K, or B x 1 x K
+    lu, pivots = factor(torch.where(supports.pair, h, torch.eye(k, dtype=h.dtype, device=h.device)), supports.pivots)
+    if diagonal:  # lower_b = l_b e_b (shared supports): H's row b, where b is off the support
+        fixed_times_h = (lower.diagonal() * ~supports.free).unsqueeze(-1) * h  # S x B x K
+    else:
+        fixed_times_h = times(torch.where(free, 0.0, bound), h)  # (lower, 0 on F) H
+    rhs = torch.where(free, -fixed_times_h, bound)  # H_FF v_F = -H_FA lower_A
+    if shared:
+        v = torch.linalg.lu_solve(lu, pivots, rhs.mT).mT
+    else:
+        v = torch.linalg.lu_solve(lu, pivots, rhs.unsqueeze(-1)).squeeze(-1)
+    grad = times(v, h)
+    violation = torch.nan_to_num(torch.where(free, torch.maximum(grad.abs(), bound - v), -grad).amax(-1), nan=torch.inf)
+    if shared:
+        return v.transpose(0, 1), violation.transpose(0, 1)
+    return v, violation
+
+
+def simplex_solve(h: Tensor, rhs: Tensor, supports: Supports) -> Tensor:
+    """Solves (H + 1 1^T)_SS X_S = rhs_S (X = 0 off S) for every support S (S x K x M rhs).
+
+    On the simplex sum w = 1, so H_SS w_S = nu 1 is (H + 1 1^T)_SS w_S = (nu + 1) 1: the
+    constraint enters the matrix instead of bordering it. (H + 1 1^T)_SS is positive definite
+    exactly when the gradients on S are affinely independent (when the bordered system is regular),
+    so it needs no row exchanges.
+    """
+    k = h.shape[-1]
+    eye = torch.eye(k, dtype=h.dtype, device=h.device)
+    lu, pivots = factor(torch.where(supports.pair, h + 1, eye), supports.pivots)
+    return torch.linalg.lu_solve(lu, pivots, torch.where(supports.free.unsqueeze(-1), rhs, 0.0))
+
+
+def _simplex_candidates(h: Tensor, supports: Supports) -> tuple[Tensor, Tensor]:
+    """The minimisers of w^T H w on the simplex restricted to each support (S x K), and their scores.
+
+    On S the conditions read H_SS w_S = nu 1 and sum w = 1 (nu: the multiplier of the sum); the
+    score is the worst violation of w >= 0, (H w)_S = nu and (H w)_A >= nu.
+    """
+    ones = torch.ones((h.shape[-1], 1), dtype=h.dtype, device=h.device)
+    z = simplex_solve(h, ones, supports).squeeze(-1)  # (H + 1 1^T) z = 1: w = z / sum z
+    total = z.sum(-1, keepdim=True)
+    w = z / total
+    diff = times(w, h) - (1 / total - 1)  # H w - nu
+    violation = torch.where(supports.free, torch.maximum(diff.abs(), -w), -diff)
+    return w, torch.nan_to_num(violation.amax(dim=-1), nan=torch.inf)
+
+
+def project_each_onto_dual_cone(
+    gram: Tensor, weights: Tensor, *, max_iters: int = DEFAULT_MAX_ITERS, tol: float = DEFAULT_TOL
+) -> Tensor:
+    """:func:`project_onto_dual_cone` of the K vectors u_i = weights_i e_i (row i of the result):
+    the projection of each weighted gradient, as UPGrad needs, with the diagonal u exploited."""
+    return project_onto_dual_cone(gram, torch.diag(weights), max_iters=max_iters, tol=tol, diagonal=True)
+
+
 def project_onto_dual_cone(
-    gram: Tensor, u: Tensor, *, max_iters: int = DEFAULT_MAX_ITERS, tol: float = DEFAULT_TOL
+    gram: Tensor,
+    u: Tensor,
+    *,
+    max_iters: int = DEFAULT_MAX_ITERS,
+    tol: float = DEFAULT_TOL,
+    diagonal: bool = False,
 ) -> Tensor:
     """Weights v of the projection of J^T u onto the dual cone of the rows of J: J^T v = pi_J(J^T u).
 
     ``gram`` is G = J J^T (K x K); ``u`` holds one or more weight vectors (..., K). Returns v of u's
-    shape, v = argmin_{v >= u} v^T G v (Quinton & Rey 2024, Proposition 1).
+    shape, v = argmin_{v >= u} v^T G v (Quinton & Rey 2024, Proposition 1). ``max_iters`` and
+    ``tol`` bound the interior point, used only beyond ``ENUMERATION_MAX_K`` sources. ``diagonal``
+    says that u is a K x K diagonal matrix (see :func:`project_each_onto_dual_cone`).
 
     The dual cone does not change when a row is scaled by a positive number, so the problem is
     solved on unit rows (G becomes the cosine matrix): gradients whose norms differ by orders of
@@ -76,18 +265,58 @@ def project_onto_dual_cone(
     lower = u.reshape(-1, k) * norms
     scale = lower.abs().amax(dim=-1, keepdim=True)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    unit = _interior_point(cosine, lower / scale, simplex=False, max_iters=max_iters, tol=tol) * scale
-    v = torch.where(nonzero, unit * inv, u.reshape(-1, k))
+    lower = lower / scale
+    if k <= ENUMERATION_MAX_K:
+        supports = every_support(k, gram.device, nonempty=False)
+        unit, _ = pick_best(*_box_candidates(cosine, lower, supports, diagonal=diagonal))
+    else:
+        x, s, z = interior_point(cosine, lower, simplex=False, max_iters=max_iters, tol=tol)
+        best, score = pick_best(*_box_candidates(cosine, lower, supports_from(supports_near(s, z))))
+        accept = score <= ACCEPT_TOL * best.abs().amax(dim=-1).clamp_min(1)  # the scores scale with v
+        unit = torch.where(accept.unsqueeze(-1), best, x)
+    v = torch.where(nonzero, unit * scale * inv, u.reshape(-1, k))
     return v.reshape(*batch_shape, k)
 
 
 def min_norm_convex_weights(
     gram: Tensor, *, max_iters: int = DEFAULT_MAX_ITERS, tol: float = DEFAULT_TOL
 ) -> Tensor:
-    """w = argmin_{w >= 0, sum w = 1} w^T G w: the min-norm point J^T w of the rows' convex hull."""
+    """w = argmin_{w >= 0, sum w = 1} w^T G w: the min-norm point J^T w of the rows' convex hull.
+
+    ``max_iters`` and ``tol`` bound the interior point, used only beyond ``ENUMERATION_MAX_K``.
+    """
     k = gram.shape[-1]
+    h = normalized_gram(gram)
+    if k <= ENUMERATION_MAX_K:
+        # Every non-empty support (the empty one has no point of the simplex).
+        return pick_best(*_simplex_candidates(h, every_support(k, gram.device, nonempty=True)))[0]
     lower = torch.zeros((1, k), dtype=gram.dtype, device=gram.device)
-    return _interior_point(normalized_gram(gram), lower, simplex=True, max_iters=max_iters, tol=tol)[0]
+    x, s, z = interior_point(h, lower, simplex=True, max_iters=max_iters, tol=tol)
+    best, score = pick_best(*_simplex_candidates(h, supports_from(supports_near(s, z)[0])))
+    return torch.where(score <= ACCEPT_TOL, best, x[0])
+
+
+def supports_near(slack: Tensor, multiplier: Tensor, bits: int = LOCAL_BITS) -> Tensor:
+    """Candidate supports (B x S x K) from a final interior-point iterate (slacks and multipliers).
+
+    A bound is inactive where its slack exceeds its multiplier (log ratio > 0); the variables whose
+    log ratio is nearest that threshold take every value. A second set does the same around the
+    largest gap of the sorted log ratios, which still separates the bounds where the problem is
+    degenerate (slack and multiplier both tending to 0, e.g. at a zero gradient).
+    """
+    k = slack.shape[-1]
+    bits = min(k, bits)
+    ratio = slack.log() - multiplier.log()
+    ordered, _ = ratio.sort(dim=-1)
+    cut = ordered.diff(dim=-1).argmax(dim=-1, keepdim=True)
+    gap = (ordered.gather(-1, cut) + ordered.gather(-1, cut + 1)) / 2
+    return torch.cat(
+        (
+            local_supports(ratio > 0, -ratio.abs(), bits),
+            local_supports(ratio > gap, -(ratio - gap).abs(), bits),
+        ),
+        dim=-2,
+    )
 
 
 def _step_to_boundary(value: Tensor, step: Tensor) -> Tensor:
@@ -95,42 +324,52 @@ def _step_to_boundary(value: Tensor, step: Tensor) -> Tensor:
     return (-step / value).amax(dim=-1, keepdim=True).clamp(min=1.0).reciprocal()
 
 
-def _interior_point(h: Tensor, lower: Tensor, *, simplex: bool, max_iters: int, tol: float) -> Tensor:
-    """Solves min 1/2 x^T H x s.t. x >= lower (and sum x = 1 if ``simplex``) for each row of ``lower``.
+def interior_point(
+    h: Tensor, lower: Tensor, *, simplex: bool, max_iters: int, tol: float, linear: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Approximately solves min 1/2 x^T H x + q^T x s.t. x >= lower (and sum x = 1 if ``simplex``).
 
     Primal-dual path following with Mehrotra's predictor-corrector, on the slack s = x - lower and
-    the multipliers z >= 0 of the bounds (nu for the equality). H is K x K positive semi-definite,
-    scaled to O(1) entries; ``lower`` is B x K. The loop is written for few tensor operations: on
-    K x K problems each one costs its dispatch, not its arithmetic.
+    the multipliers z >= 0 of the bounds (nu for the equality), for each row of ``lower`` (B x K)
+    and of ``linear`` (q, B x K, default 0). H is K x K, or B x K x K (one per problem), positive
+    semi-definite and scaled to O(1) entries. Returns the final (x, s, z), each B x K; a row whose
+    mean complementarity falls below ``tol`` is frozen. The loop is written for few tensor
+    operations: on K x K problems each one costs its dispatch, not its arithmetic.
     """
     b, k = lower.shape
     dtype, device = h.dtype, h.device
-    h = h + _REGULARIZATION * torch.eye(k, dtype=dtype, device=device)
+    h = h + REGULARIZATION * torch.eye(k, dtype=dtype, device=device)
+    q = torch.zeros_like(lower) if linear is None else linear
     s = torch.full((b, k), 1.0 / k if simplex else 1.0, dtype=dtype, device=device)
     x = lower + s
     z = torch.ones((b, k), dtype=dtype, device=device)
     nu = torch.zeros((b, 1), dtype=dtype, device=device)
     ones = torch.ones((b, k, 1), dtype=dtype, device=device)
+    # Few small systems go into one block-diagonal matrix: one LAPACK call, where a batch would loop
+    # over a thread pool (and stall on a busy CPU). Beyond, the dense matrix would cost (B K)^3.
+    block_diagonal = b * k <= _BLOCK_DIAGONAL_MAX
     block_mask = torch.eye(b, dtype=dtype, device=device)[:, None, :, None]  # B x 1 x B x 1
+    # The systems' shape (one block-diagonal matrix or a batch) and the right-hand sides' shape.
+    rows = (b * k, 1) if block_diagonal else (b, k, 1)
 
     for _ in range(max_iters):
         # The Newton system for (dx, dnu) once dz = (t - z dx) / s is eliminated, for a target t of
         # the complementarity s z: (H + diag(z / s)) dx - dnu 1 = nu 1 - H x + t / s (the stationarity
         # residual H x - z - nu 1 with z moved into t / s), and 1^T dx = 1 - 1^T x.
-        grad = nu - x @ h
+        grad = nu - q - (x.unsqueeze(-2) @ h).squeeze(-2)
         sz = s * z
         mu = sz.mean(dim=-1, keepdim=True)
-        # The B systems as one block-diagonal matrix: one LAPACK call, where a batch of B would
-        # loop over a thread pool (and stall on a busy CPU).
         blocks = torch.diag_embed(z / s) + h
-        lu, pivots, _ = torch.linalg.lu_factor_ex((blocks.unsqueeze(2) * block_mask).reshape(b * k, b * k))
+        if block_diagonal:
+            blocks = (blocks.unsqueeze(2) * block_mask).reshape(b * k, b * k)
+        lu, pivots, _ = torch.linalg.lu_factor_ex(blocks)
         if simplex:
             gap = 1 - x.sum(dim=-1, keepdim=True)
-            base = torch.linalg.lu_solve(lu, pivots, ones.reshape(b * k, 1)).reshape(b, k, 1)  # M^-1 1
+            base = torch.linalg.lu_solve(lu, pivots, ones.reshape(rows)).reshape(b, k, 1)  # M^-1 1
             base_sum = base.sum(dim=1)
 
         def solve(rhs: Tensor) -> tuple[Tensor, Tensor]:
-            a = torch.linalg.lu_solve(lu, pivots, rhs.reshape(b * k, 1)).reshape(b, k)
+            a = torch.linalg.lu_solve(lu, pivots, rhs.reshape(rows)).reshape(b, k)
             if not simplex:
                 return a, nu
             d_nu = (gap - a.sum(dim=-1, keepdim=True)) / base_sum
@@ -155,61 +394,4 @@ def _interior_point(h: Tensor, lower: Tensor, *, simplex: bool, max_iters: int, 
         z = torch.addcmul(z, step, dz)
         if simplex:
             nu = torch.addcmul(nu, step, d_nu)
-    return _polish(h, lower, x, s, z, simplex=simplex)
-
-
-def _active_set_guesses(s: Tensor, z: Tensor) -> Tensor:
-    """Two guesses (2 x B x K, True = bound active) of the active set from the final iterate.
-
-    The classical one, s < z; and a split at the largest gap of log(s / z), which still separates
-    the bounds when the problem is degenerate (s and z both tending to 0, e.g. a zero gradient).
-    """
-    ratio = s.log() - z.log()
-    ordered, _ = ratio.sort(dim=-1)
-    if ratio.shape[-1] > 1:
-        gaps = ordered.diff(dim=-1)
-        cut = gaps.argmax(dim=-1, keepdim=True)
-        threshold = (ordered.gather(-1, cut) + ordered.gather(-1, cut + 1)) / 2
-    else:
-        threshold = torch.zeros_like(ratio)
-    return torch.stack((s < z, ratio < threshold))
-
-
-def _polish(h: Tensor, lower: Tensor, x: Tensor, s: Tensor, z: Tensor, *, simplex: bool) -> Tensor:
-    """The exact solution on the active set the interior point identified, where it is optimal.
-
-    For each guess of the active set A (bounds with x = lower), the stationarity equations are
-    solved exactly on the other variables. A polished point replaces the interior-point one only
-    where it satisfies the optimality (Karush-Kuhn-Tucker) conditions, the first guess first, so
-    a wrong guess costs nothing.
-    """
-    k = lower.shape[-1]
-    active = _active_set_guesses(s, z)  # 2 x B x K
-    inactive = ~active
-    lower2 = lower.expand_as(active)
-    pair = inactive.unsqueeze(-1) & inactive.unsqueeze(-2)
-    # [[H_II, 0], [0, I]]: positive definite, one factorisation per guess and row.
-    matrix = torch.where(pair, h, 0.0) + torch.where(active, 1.0, 0.0).diag_embed()
-    fixed = torch.where(active, lower2, 0.0)
-    rhs = torch.where(active, lower2, -(fixed @ h))
-    lu, pivots, info = torch.linalg.lu_factor_ex(matrix)
-    if simplex:
-        free = torch.where(inactive, 1.0, 0.0)
-        both = torch.linalg.lu_solve(lu, pivots, torch.stack((rhs, free), dim=-1))
-        a, c = both[..., 0], both[..., 1]
-        denom = c.sum(-1, keepdim=True)
-        nu = (1 - a.sum(-1, keepdim=True)) / torch.where(denom != 0, denom, 1.0)
-        exact = a + nu * c
-        multipliers = exact @ h - nu
-    else:
-        exact = torch.linalg.lu_solve(lu, pivots, rhs.unsqueeze(-1)).squeeze(-1)
-        multipliers = exact @ h
-    # Optimal when x >= lower and the multipliers of the active bounds, (H x)_A - nu, are >= 0
-    # (those of the inactive ones are 0 by construction).
-    slack = 1e-12 * (1 + lower2.abs().amax(dim=-1, keepdim=True))
-    optimal = ((exact >= lower2 - slack) & (inactive | (multipliers >= -slack))).all(-1)
-    if simplex:
-        optimal = optimal & ((exact.sum(-1) - 1).abs() <= 1e-12)
-    optimal = optimal & (info == 0) & torch.isfinite(exact).all(-1)
-    first, second = optimal.unsqueeze(-1).unbind(0)
-    return torch.where(first, exact[0], torch.where(second, exact[1], x))
+    return x, s, z

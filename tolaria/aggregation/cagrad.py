@@ -9,153 +9,210 @@ problem in the K weights alone:
 and then d = g0 + (c ||g0|| / ||g_w||) g_w, i.e. the weights 1/K + (c ||g0|| / ||g_w||) w. As in
 TorchJD's CAGrad, the result is the paper's d without the optional 1/(1 + c^2) rescaling of the
 authors' code, and it is zero when ||g_w|| falls below ``norm_eps`` (on G scaled to unit trace): the
-sources are then Pareto-stationary and no conflict-averse direction exists.
+sources are then Pareto-stationary and no conflict-averse direction exists. A ball of radius 0
+(c = 0, or g0 = 0) leaves only d = g0: the weights are then 1/K.
 
-Every quantity is a function of G: g_w . g0 = w^T G 1/K and ||g_w||^2 = w^T G w. The dual is a
-second-order cone program in K + 1 variables (w and a bound tau >= ||g_w||), solved on the device by
-a log-barrier method with damped Newton steps: the barrier is self-concordant, so the step
-1 / (1 + Newton decrement) never leaves the feasible set and needs no line search, and the barrier
-weight follows a fixed schedule. No step reads a value on the host.
+Every quantity is a function of G: with b = G 1/K (b_i = g_i . g0) and r = c ||g0||, the objective
+is f(w) = b^T w + r sqrt(w^T G w). It is convex, and on a given support S (the w_i > 0) its
+stationary point is in closed form: the conditions b_S + (r / ||g_w||) (G w)_S = nu 1 and
+sum w = 1 make w_S = x + lam y affine in lam = ||g_w|| / r, where [[G_SS, 1], [1^T, 0]] gives
+x (the min-norm point of the face) and y (1^T y = 0, so x^T G y = 0), and ||g_w|| = r lam is then
+lam^2 = x^T G x / (r^2 - y^T G y). So the machinery of :mod:`tolaria.aggregation._qp` applies: up
+to ``ENUMERATION_MAX_K`` sources every support is a candidate, solved as one batch, and the one
+that best satisfies the optimality conditions of the whole problem (w >= 0; the gradient
+b + r G w / ||g_w|| equal to nu on S and at least nu off it) is the answer, exact to rounding on
+every input (K > N, rank-deficient G, nearly opposite gradients, zero or duplicate rows). When no
+candidate satisfies them, the optimum sits where g_w = 0 (no smooth stationary point exists):
+the sources are Pareto-stationary and the result is zero.
+
+Beyond ``ENUMERATION_MAX_K`` sources the optimum is found through the quadratic programs it also
+solves (see ``_search``): two batches of eight, each by the interior point of ``_qp`` with a fixed
+budget of ``newton_steps`` iterations, locate the optimal support, whose candidates are scored as
+above. Optima with ||g_w|| below ``NORM_FLOOR`` (1e-7, on G scaled to unit trace, where its square
+is at the rounding level of G) count as g_w = 0 there; with the default ``norm_eps`` they give zero
+anyway. No step reads a value on the host.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from ._gramian import conflicting_pairs, solve_if_finite
-from ._qp import normalized_gram
+from ._qp import (
+    ACCEPT_TOL,
+    DEFAULT_TOL,
+    ENUMERATION_MAX_K,
+    Supports,
+    every_support,
+    interior_point,
+    normalized_gram,
+    pick_best,
+    simplex_solve,
+    supports_from,
+    supports_near,
+    times,
+)
 from .aggregator import Aggregator
 from .engine import Weights
 
 DEFAULT_NEWTON_STEPS = 30
-# Barrier weight schedule: t starts at 1 and grows tenfold every third Newton step up to T_END,
-# then the steps re-centre. Beyond about 1e8 the cone's slack tau^2 - ||g_w||^2 is lost to rounding;
-# the polish below takes the answer from there to full precision.
-T_END = 1e6
-GROWTH = 10.0
-INNER = 3
-# Candidate step sizes of the line search: 1, 1/2, ..., 2^-(_LINE_SEARCH - 1).
-_LINE_SEARCH = 16
-# Tikhonov term on the normalised G for the polish's linear solves (as in _qp).
-_REGULARIZATION = 1e-12
+# Beyond this violation of the optimality conditions (on G scaled to unit trace, where they are
+# O(1)) no candidate is a smooth optimum: the optimum is at g_w = 0.
+STATIONARY_TOL = 1e-7
+# Beyond enumeration: the points of each grid of s (each point one quadratic program, the grid one
+# batch), and the uncertain variables near each solution whose every value is a candidate.
+_GRID_POINTS = 8
+_PARAMETRIC_BITS = 4
+# ||g_w|| (on G scaled to unit trace) below which the Gram matrix cannot tell it from 0: its
+# square is at the rounding level of G's entries.
+NORM_FLOOR = 1e-7
 
 
-def _barrier_solve(g: Tensor, b: Tensor, radius: Tensor, steps: int) -> Tensor:
-    """An approximate minimiser w of b^T w + radius ||g_w|| on the simplex (see the module)."""
-    k = g.shape[-1]
-    dtype, device = g.dtype, g.device
-    w = torch.full((k,), 1.0 / k, dtype=dtype, device=device)
-    tau = 2 * (w @ b).clamp_min(0).sqrt() + 1  # strictly above ||g_w|| = ||g0||
-    eq = torch.cat((torch.ones(k, dtype=dtype, device=device), torch.zeros(1, dtype=dtype, device=device)))
-    alphas = 0.5 ** torch.arange(_LINE_SEARCH, dtype=dtype, device=device)
-    tiny = torch.finfo(dtype).tiny
-    t = 1.0
-    for index in range(steps):
-        gw = g @ w
-        slack = tau * tau - w @ gw
-        # Gradient and Hessian of t (b^T w + radius tau) - sum log w - log(tau^2 - w^T G w).
-        grad = torch.cat((t * b - 1 / w + 2 * gw / slack, (t * radius - 2 * tau / slack).reshape(1)))
-        outer = torch.cat((-2 * gw, (2 * tau).reshape(1)))  # the gradient of the slack
-        hess = torch.outer(outer, outer) / (slack * slack)
-        hess[:k, :k] += 2 * g / slack + torch.diag(1 / (w * w))
-        hess[k, k] -= 2 / slack
-        lu, pivots, _ = torch.linalg.lu_factor_ex(hess)
-        both = torch.linalg.lu_solve(lu, pivots, torch.stack((-grad, eq), dim=-1))
-        a, e = both[:, 0], both[:, 1]
-        step = a - (eq @ a) / (eq @ e) * e  # the Newton step that keeps sum w = 1
-        # Line search on a grid, all candidates at once (no host read): the feasible point with
-        # the lowest barrier value among w + alpha step, alpha = 1, 1/2, ..., 2^-(len - 1).
-        cand_w = w + alphas[:, None] * step[:k]
-        cand_tau = tau + alphas * step[k]
-        cand_slack = cand_tau * cand_tau - ((cand_w @ g) * cand_w).sum(-1)
-        feasible = (cand_w > 0).all(-1) & (cand_tau > 0) & (cand_slack > 0)  # tau > 0: the right nappe
-        value = (
-            t * (cand_w @ b + radius * cand_tau)
-            - cand_w.clamp_min(tiny).log().sum(-1)
-            - cand_slack.clamp_min(tiny).log()
-        )
-        best = torch.where(feasible, value, torch.inf).argmin()
-        ok = feasible[best] & torch.isfinite(value[best])
-        w = torch.where(ok, cand_w[best], w)
-        tau = torch.where(ok, cand_tau[best], tau)
-        if index % INNER == INNER - 1:
-            t = min(t * GROWTH, T_END)
-    return w
+class _Faces(NamedTuple):
+    """The two solutions that every stationary point on a support S is made of (see the module).
+
+    x minimises w^T G w and y minimises 1/2 y^T G y + b^T y on S, with sum x = 1 and sum y = 0 (both
+    zero off S): G x = -p 1 and G y = -q 1 - b on S, so x^T G y = 0, x^T G x = -p and
+    y^T G y = -b^T y.
+    """
+
+    free: Tensor  # S x K
+    x: Tensor  # S x K
+    y: Tensor  # S x K
+    p: Tensor  # S
+    q: Tensor  # S
 
 
-def _polish(g: Tensor, b: Tensor, radius: Tensor, w: Tensor) -> Tensor:
-    """The exact minimiser on the support the barrier iterate identified, where it checks out.
+def _faces(g: Tensor, b: Tensor, supports: Supports) -> _Faces:
+    """x, y, p and q (see :class:`_Faces`) of every support, from one batch of solves.
 
-    With the zero set A fixed, the stationarity conditions on the others, I, read
-    G_II w_I = lam (nu 1 - b_I) with lam = ||g_w|| / radius; with sum w = 1 their solution is
-    affine in lam, w_I = p + lam r (p = G_II^-1 1 / (1^T G_II^-1 1), 1^T r = 0, so p^T G r = 0), and
-    ||g_w|| = radius lam gives lam^2 = p^T G p / (radius^2 - r^T G r) in closed form. Four guesses of A
-    are solved as one batch (none, w_i small, a split at the largest gap of log w, and one at the largest
-    gap of the objective's gradient); the first that meets the optimality conditions replaces w.
+    With M = (G + 1 1^T)_SS, M z = 1 and M u = b give x = z / sum z, p = 1 - 1 / sum z and
+    y = -u - q z, q = -sum u / sum z (:func:`~tolaria.aggregation._qp.simplex_solve`).
+    """
+    solution = simplex_solve(g, torch.stack((torch.ones_like(b), b), dim=-1), supports)
+    z, u = solution[..., 0], solution[..., 1]
+    z_sum = z.sum(-1)
+    q = -u.sum(-1) / z_sum
+    return _Faces(supports.free, z / z_sum.unsqueeze(-1), -torch.addcmul(u, q.unsqueeze(-1), z), 1 - 1 / z_sum, q)
+
+
+def _sqrt(x: Tensor) -> Tensor:
+    """sqrt(x) as 1 / rsqrt(x) (0 at 0, NaN below): torch's CPU sqrt of a few hundred values goes
+    through MKL's vector library, which enters the thread pool (see ``_qp.SERIAL_ELEMENTS``)."""
+    return x.rsqrt().reciprocal()
+
+
+def _violation(free: Tensor, w: Tensor, diff: Tensor) -> Tensor:
+    """The worst violation of w >= 0, diff = 0 on the support and diff >= 0 off it (inf if NaN)."""
+    return torch.nan_to_num(torch.where(free, torch.maximum(diff.abs(), -w), -diff).amax(-1), nan=torch.inf)
+
+
+def _candidates(g: Tensor, b: Tensor, radius: Tensor, faces: _Faces) -> tuple[Tensor, Tensor]:
+    """The stationary point of f on each support and its optimality score (see the module).
+
+    Returns the weights (S x K) and the worst violation of the optimality conditions (S), inf where
+    the support has no stationary point with g_w != 0 or the solve failed.
+    """
+    x, y, p, q = faces.x, faces.y, faces.p, faces.q
+    denom = radius * radius + (y * b).sum(-1)  # r^2 - y^T G y
+    valid = (denom > 0) & (p < 0)  # x^T G x = -p > 0
+    lam = _sqrt(-p / denom)
+    w = torch.addcmul(x, lam.unsqueeze(-1), y)
+    # The gradient b + r G w / ||g_w|| minus nu = -(p / lam + q), from w itself: where the solve
+    # is inexact (nearly dependent rows on S) the identities fail and this shows it.
+    gw = times(w, g)
+    norm = _sqrt((gw * w).sum(-1, keepdim=True))
+    diff = b + radius * gw / norm + (p / lam + q).unsqueeze(-1)
+    return w, torch.where(valid, _violation(faces.free, w, diff), torch.inf)
+
+
+def _qp_solutions(g: Tensor, b: Tensor, faces: _Faces, s: Tensor, approx: Tensor) -> Tensor:
+    """The minimiser of QP(s_j) = 1/2 w^T G w + s_j b^T w on the simplex for each s_j (B): the best of
+    problem j's share of the supports (B S_j in all, in order; w = x + s_j y on S) where it satisfies
+    the optimality conditions, else the interior-point iterate ``approx`` (B x K)."""
+    count, k = s.shape[0], g.shape[-1]
+    shape = (count, -1, k)
+    scale = s.reshape(count, 1, 1)
+    w = faces.x.reshape(shape) + scale * faces.y.reshape(shape)
+    diff = times(w, g) + scale * b + (faces.p.reshape(count, -1, 1) + scale * faces.q.reshape(count, -1, 1))
+    best, score = pick_best(w, _violation(faces.free.reshape(shape), w, diff))
+    return torch.where((score <= ACCEPT_TOL * (1 + s)).unsqueeze(-1), best, approx)
+
+
+def _parametric_solve(
+    g: Tensor, b: Tensor, radius: Tensor, s: Tensor, steps: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Solves QP(s) for a batch of s (see ``_search``) and forms the candidates near their supports.
+
+    Returns the QP solutions w(s) (B x K), phi(s) = ||g_w(s)|| - r s (B), and the CAGrad
+    candidates (B S x K) with their scores.
     """
     k = g.shape[-1]
-    logs = w.clamp_min(torch.finfo(w.dtype).tiny).log()
-    ordered, _ = logs.sort()
-    if k > 1:
-        cut = ordered.diff().argmax()
-        threshold = (ordered[cut] + ordered[cut + 1]) / 2
-    else:
-        threshold = ordered[0] - 1
-    # A third guess from the gradient of the objective, b + G w / lam: equal to the multiplier on
-    # the support and above it off the support; split at its largest gap.
-    gw_norm = (w @ (g @ w)).clamp_min(0).sqrt()
-    slope = b + radius * (g @ w) / torch.where(gw_norm > 0, gw_norm, 1.0)
-    slopes, _ = slope.sort()
-    if k > 1:
-        jump = slopes.diff().argmax()
-        slope_cut = (slopes[jump] + slopes[jump + 1]) / 2
-    else:
-        slope_cut = slopes[0] + 1
-    nothing = torch.zeros_like(w, dtype=torch.bool)  # an interior solution: every w_i > 0
-    zero = torch.stack((nothing, w < 1e-3 * w.amax(), logs < threshold, slope > slope_cut))  # 4 x K
-    free = ~zero
-    g_reg = g + _REGULARIZATION * torch.eye(k, dtype=g.dtype, device=g.device)
-    pair = free.unsqueeze(-1) & free.unsqueeze(-2)
-    matrix = torch.where(pair, g_reg, 0.0) + torch.where(zero, 1.0, 0.0).diag_embed()
-    rhs = torch.stack((free.to(g.dtype), torch.where(free, b, 0.0)), dim=-1)  # 2 x K x 2
-    lu, pivots, info = torch.linalg.lu_factor_ex(matrix)
-    sol = torch.linalg.lu_solve(lu, pivots, rhs)
-    e, f = sol[..., 0], sol[..., 1]  # G_II^-1 1 and G_II^-1 b_I, zero on A
-    e_sum = e.sum(-1, keepdim=True)
-    p = e / e_sum
-    r = e * (f.sum(-1, keepdim=True) / e_sum) - f
-    quad_p = ((p @ g_reg) * p).sum(-1, keepdim=True)
-    quad_r = ((r @ g_reg) * r).sum(-1, keepdim=True)
-    denom = radius * radius - quad_r
-    lam = (quad_p / torch.where(denom > 0, denom, 1.0)).clamp_min(0).sqrt()
-    exact = p + lam * r
-    # Optimality: exact >= 0 and, on A, the gradient b + G w / lam is at least the multiplier nu.
-    grad = b + (exact @ g_reg) / torch.where(lam > 0, lam, 1.0)
-    nu = (grad * free).sum(-1, keepdim=True) / free.sum(-1, keepdim=True).clamp_min(1)
-    slack = 1e-10 * (1 + grad.abs().amax(-1, keepdim=True))
-    optimal = ((exact >= -1e-12) & (free | (grad - nu >= -slack))).all(-1, keepdim=True)
-    optimal = optimal & (denom > 0) & (lam > 0) & (info == 0).unsqueeze(-1) & torch.isfinite(exact).all(-1, keepdim=True)
-    exact = exact.clamp_min(0)
-    result = w
-    for guess in reversed(range(zero.shape[0])):  # the first guess that checks out wins
-        result = torch.where(optimal[guess], exact[guess], result)
-    return result
+    # min 1/2 w^T G w + s b^T w, divided by 1 + s to keep the entries O(1) for the solver.
+    scale = (1 / (1 + s)).unsqueeze(-1)
+    lower = torch.zeros((s.shape[0], k), dtype=g.dtype, device=g.device)
+    approx, slack, z = interior_point(
+        g * scale.unsqueeze(-1), lower, simplex=True, max_iters=steps, tol=DEFAULT_TOL, linear=(s.unsqueeze(-1) * scale) * b
+    )
+    faces = _faces(g, b, supports_from(supports_near(slack, z, bits=_PARAMETRIC_BITS).reshape(-1, k)))
+    w = _qp_solutions(g, b, faces, s, approx)
+    phi = ((w @ g) * w).sum(-1).clamp_min(0).sqrt() - radius * s
+    return (w, phi, *_candidates(g, b, radius, faces))
+
+
+def _search(g: Tensor, b: Tensor, radius: Tensor, steps: int) -> tuple[Tensor, Tensor]:
+    """The CAGrad optimum for K beyond enumeration, through the quadratic programs it solves.
+
+    The optimum w* also minimises QP(s) = 1/2 w^T G w + s b^T w on the simplex at s* = ||g_w*|| / r
+    (compare the optimality conditions), and phi(s) = ||g_w(s)|| - r s is positive below s* and
+    negative above (each root is an optimum, and the optimum is unique in g_w). So a geometric grid
+    of s from s_max = max_i ||g_i|| / r (which bounds s*) down to NORM_FLOOR / r brackets s*, a
+    finer grid inside the bracket lands on or near the optimal support, and the closed-form
+    candidates on the supports near each QP solution's are scored. The best one is the answer
+    where it satisfies the optimality conditions; else the fine grid's QP solution nearest the
+    root, unless phi <= 0 on the whole coarse grid: the optimum is then at g_w = 0 (or below
+    NORM_FLOOR). Returns the weights and whether the optimum is smooth (g_w != 0).
+    """
+    count = _GRID_POINTS
+    radius_safe = torch.where(radius > 0, radius, 1.0)
+    s_min = NORM_FLOOR / radius_safe
+    s_max = (g.diagonal().clamp_min(0).sqrt().amax() / radius_safe).clamp_min(s_min * 10)
+    steps_01 = torch.linspace(0, 1, count, dtype=g.dtype, device=g.device)
+    coarse = s_min * (s_max / s_min) ** steps_01
+    _, phi1, cand1, score1 = _parametric_solve(g, b, radius, coarse, steps)
+    # The last grid point below s* (phi > 0) and the next one bracket it.
+    positions = torch.arange(1, count + 1, device=g.device)
+    below = torch.where(phi1 > 0, positions, 0).amax().clamp(1, count - 1).reshape(1)
+    low, high = coarse.index_select(0, below - 1), coarse.index_select(0, below)
+    fine = low * (high / low) ** steps_01
+    w2, phi2, cand2, score2 = _parametric_solve(g, b, radius, fine, steps)
+    best, score = pick_best(torch.cat((cand1, cand2)), torch.cat((score1, score2)))
+    nearest = w2.index_select(0, phi2.abs().argmin().reshape(1)).squeeze(0)
+    smooth = score <= STATIONARY_TOL
+    return torch.where(smooth, best, nearest), smooth | (phi1 > 0).any()
 
 
 def cagrad_weights(gram: Tensor, c: float, norm_eps: float, newton_steps: int = DEFAULT_NEWTON_STEPS) -> Tensor:
-    """The K CAGrad weights (see the module) from G: barrier method, then the exact polish."""
+    """The K CAGrad weights (see the module) from G."""
     k = gram.shape[-1]
     g = normalized_gram(gram)
     mean = torch.full((k,), 1.0 / k, dtype=g.dtype, device=g.device)
     b = g @ mean  # g_i . g0
     radius = c * (mean @ b).clamp_min(0).sqrt()  # c ||g0||
-    w = _polish(g, b, radius, _barrier_solve(g, b, radius, newton_steps))
+    if k <= ENUMERATION_MAX_K:
+        # Every non-empty support (the empty one has no point of the simplex).
+        w, score = pick_best(*_candidates(g, b, radius, _faces(g, b, every_support(k, g.device, nonempty=True))))
+        smooth = score <= STATIONARY_TOL
+    else:
+        w, smooth = _search(g, b, radius, newton_steps)
     gw_norm = (w @ (g @ w)).clamp_min(0).sqrt()
     weights = mean + radius / torch.where(gw_norm > 0, gw_norm, 1.0) * w
-    return torch.where(gw_norm >= norm_eps, weights, torch.zeros_like(weights))
+    weights = torch.where(smooth & (gw_norm >= norm_eps) & (gw_norm > 0), weights, torch.zeros_like(weights))
+    return torch.where(radius > 0, weights, mean)
 
 
 class CAGrad(Aggregator):
@@ -165,7 +222,8 @@ class CAGrad(Aggregator):
         c: the radius of the ball around the mean gradient, relative to its norm (0 gives the mean;
             the paper uses values in [0, 1), 0.5 by default).
         norm_eps: below this norm of g_w (on G scaled to unit trace) the result is zero.
-        newton_steps: the solver's fixed budget of Newton steps.
+        newton_steps: the fixed iteration budget of the interior point that solves the batches of
+            quadratic programs beyond ``ENUMERATION_MAX_K`` (10) sources (see the module).
         backend, nonfinite: see :class:`~tolaria.aggregation.Aggregator`.
 
     ``conflicts`` in the stats counts the pairs of sources with a negative inner product.

@@ -25,8 +25,8 @@ class DualProj(Aggregator):
 
     Args:
         pref_vector: the K preference weights p (default: 1/K each).
-        max_iters, tol: the QP solver's fixed iteration budget and tolerance (see
-            :mod:`tolaria.aggregation._qp`).
+        max_iters, tol: beyond 10 sources, the interior point's fixed iteration budget and
+            tolerance (see :mod:`tolaria.aggregation._qp`); up to 10, no iteration runs.
         backend, nonfinite: see :class:`~tolaria.aggregation.Aggregator`.
 
     ``conflicts`` in the stats counts the sources the combined gradient conflicted with before

@@ -4,8 +4,9 @@ The multiple-gradient descent algorithm (Désidéri 2012) steps along d = J^T w 
 w = argmin_{w >= 0, sum w = 1} ||J^T w||^2 (as in Sener & Koltun 2018): the one direction of the
 convex hull closest to the origin. It has a non-negative inner product with every gradient
 (g_i . d >= ||d||^2), and d = 0 exactly when the sources are Pareto-stationary (0 is in the hull).
-The QP has K variables and needs G = J J^T only: it is solved on the device by the interior-point
-method of :mod:`tolaria.aggregation._qp`, exactly rather than by Frank-Wolfe's slow approach.
+The QP has K variables and needs G = J J^T only: it is solved exactly on the device by
+:mod:`tolaria.aggregation._qp` (every support up to 10 sources, an interior point beyond), rather
+than approached by Frank-Wolfe.
 """
 
 from __future__ import annotations
@@ -22,14 +23,17 @@ class MGDA(Aggregator):
     """Multiple-gradient descent: the min-norm convex combination of the gradients.
 
     The weights sum to 1 and the result is the point of the gradients' convex hull nearest the
-    origin. Where it is not unique in w (duplicate or dependent gradients), the weights are the
-    minimum-norm optimal ones; the result itself is always unique.
+    origin. Where it is not unique in w (duplicate or dependent gradients), the weights are one
+    optimal choice, on affinely independent gradients up to 10 sources; the result itself is
+    always unique.
 
     Args:
-        epsilon: the solver's tolerance on the mean complementarity of the normalised problem (the
-            duality measure) below which it stops moving; the final polish makes non-degenerate
-            problems exact to rounding whatever its value.
-        max_iters: the solver's fixed iteration budget (no host read decides when to stop).
+        epsilon: beyond 10 sources, the interior point's tolerance on the mean complementarity of
+            the normalised problem (the duality measure) below which it stops moving; the exact
+            solve on the support it identifies follows whatever its value.
+        max_iters: beyond 10 sources, the interior point's fixed iteration budget (no host read
+            decides when to stop). Up to 10 sources no iteration runs (see
+            :mod:`tolaria.aggregation._qp`).
         backend, nonfinite: see :class:`~tolaria.aggregation.Aggregator`.
 
     ``conflicts`` in the stats counts the pairs of sources with a negative inner product.

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ._gramian import conflicting_pairs, pref_repr, preference_on, preference_vector, solve_if_finite
-from ._qp import DEFAULT_MAX_ITERS, DEFAULT_TOL, check_solver_budget, project_onto_dual_cone
+from ._qp import DEFAULT_MAX_ITERS, DEFAULT_TOL, check_solver_budget, project_each_onto_dual_cone
 from ._weights import check_weight_count
 from .aggregator import Aggregator
 from .engine import Weights
@@ -28,8 +28,8 @@ class UPGrad(Aggregator):
     Args:
         pref_vector: the K preference weights p (default: 1/K each, so that d is the mean of the
             projections, as in TorchJD).
-        max_iters, tol: the QP solver's fixed iteration budget and tolerance (see
-            :mod:`tolaria.aggregation._qp`).
+        max_iters, tol: beyond 10 sources, the interior point's fixed iteration budget and
+            tolerance (see :mod:`tolaria.aggregation._qp`); up to 10, no iteration runs.
         backend, nonfinite: see :class:`~tolaria.aggregation.Aggregator`.
 
     ``conflicts`` in the stats counts the pairs of sources with a negative inner product.
@@ -56,9 +56,9 @@ class UPGrad(Aggregator):
 
     def weighting(self, gram: Tensor) -> Weights:
         def solve(g: Tensor) -> Tensor:
-            # Row i of U is p_i e_i: the K projections, one batch.
-            u = torch.diag(preference_on(self.pref_vector, g))
-            return project_onto_dual_cone(g, u, max_iters=self.max_iters, tol=self.tol).sum(dim=0)
+            # The K projections of p_i g_i, one batch.
+            pref = preference_on(self.pref_vector, g)
+            return project_each_onto_dual_cone(g, pref, max_iters=self.max_iters, tol=self.tol).sum(dim=0)
 
         return Weights(solve_if_finite(gram, solve), conflicting_pairs(gram))
 
