@@ -135,6 +135,10 @@ def pick_best(candidates: Tensor, score: Tensor) -> tuple[Tensor, Tensor]:
 # product of many rows or a larger elementwise operation enters the CPU thread pool, whose workers
 # then spin for milliseconds and slow the next pass over J (which runs its own threads).
 SERIAL_ELEMENTS = 32768
+# A pivot below this fraction of its diagonal entry marks a support whose gradients are dependent
+# to rounding: its solution would be noise, so the candidate is dropped (another support, of
+# independent gradients, holds an optimum).
+PIVOT_TOL = 1e-13
 
 
 def times(x: Tensor, h: Tensor) -> Tensor:
@@ -149,14 +153,34 @@ def times(x: Tensor, h: Tensor) -> Tensor:
     return out
 
 
-def factor(matrices: Tensor, pivots: Tensor) -> tuple[Tensor, Tensor]:
-    """LU factors of a batch of symmetric positive semi-definite matrices, for ``lu_solve``.
+class Factors(NamedTuple):
+    """A batch of factorised symmetric positive semi-definite matrices (see :func:`factor`)."""
 
-    Gaussian elimination without row exchanges, in elementwise operations (LAPACK's batched
-    factorisations all enter the thread pool, see ``SERIAL_ELEMENTS``). For a positive definite
-    matrix it is as stable as Cholesky's; a singular one gives a zero pivot and non-finite
-    solutions, which the candidates' scores reject. ``pivots`` is the identity permutation.
+    factors: Tensor
+    pivots: Tensor | None  # LU's identity pivots; None for a Cholesky factor
+    regular: Tensor  # ... x S, bool: every pivot above PIVOT_TOL times its diagonal entry
+
+    def solve(self, rhs: Tensor) -> Tensor:
+        if self.pivots is None:
+            return torch.cholesky_solve(rhs, self.factors)
+        return torch.linalg.lu_solve(self.factors, self.pivots, rhs)
+
+
+def factor(matrices: Tensor, pivots: Tensor) -> Factors:
+    """Factors a batch of symmetric positive semi-definite matrices by elimination without exchanges.
+
+    For a positive definite matrix that is as stable as Cholesky's; a pivot is the part of its row
+    independent of the rows before it, so a pivot below ``PIVOT_TOL`` times its diagonal entry
+    marks a (numerically) singular matrix. A batch below ``SERIAL_ELEMENTS`` is eliminated in
+    elementwise operations into LU factors (``pivots``, the identity permutation, completes them):
+    LAPACK's batched factorisations enter the thread pool. A larger batch is worth the pool, and
+    gets LAPACK's Cholesky factorisation.
     """
+    diagonal = matrices.diagonal(dim1=-2, dim2=-1)
+    if matrices.numel() >= SERIAL_ELEMENTS:
+        cholesky, info = torch.linalg.cholesky_ex(matrices)
+        squares = cholesky.diagonal(dim1=-2, dim2=-1).square()
+        return Factors(cholesky, None, (info == 0) & (squares > PIVOT_TOL * diagonal).all(-1))
     lu = matrices.clone()
     n = lu.shape[-1]
     for i in range(n - 1):
@@ -164,7 +188,7 @@ def factor(matrices: Tensor, pivots: Tensor) -> tuple[Tensor, Tensor]:
         multipliers = row / lu[..., i, i : i + 1]  # the column below the pivot, by symmetry
         lu[..., i + 1 :, i + 1 :].addcmul_(multipliers.unsqueeze(-1), row.unsqueeze(-2), value=-1)
         lu[..., i + 1 :, i] = multipliers
-    return lu, pivots
+    return Factors(lu, pivots, (lu.diagonal(dim1=-2, dim2=-1) > PIVOT_TOL * diagonal).all(-1))
 
 
 def _box_candidates(h: Tensor, lower: Tensor, supports: Supports, diagonal: bool = False) -> tuple[Tensor, Tensor]:
@@ -181,35 +205,39 @@ def _box_candidates(h: Tensor, lower: Tensor, supports: Supports, diagonal: bool
     # all B problems from one column-major block (what LAPACK reads without a copy).
     free = supports.free.unsqueeze(1) if shared else supports.free  # S x 1 x K, or B x S x K
     bound = lower.unsqueeze(0) if shared else lower.unsqueeze(-2)  # 1 x B x K, or B x 1 x K
-    lu, pivots = factor(torch.where(supports.pair, h, torch.eye(k, dtype=h.dtype, device=h.device)), supports.pivots)
+    factors = factor(torch.where(supports.pair, h, torch.eye(k, dtype=h.dtype, device=h.device)), supports.pivots)
     if diagonal:  # lower_b = l_b e_b (shared supports): H's row b, where b is off the support
         fixed_times_h = (lower.diagonal() * ~supports.free).unsqueeze(-1) * h  # S x B x K
     else:
         fixed_times_h = times(torch.where(free, 0.0, bound), h)  # (lower, 0 on F) H
     rhs = torch.where(free, -fixed_times_h, bound)  # H_FF v_F = -H_FA lower_A
     if shared:
-        v = torch.linalg.lu_solve(lu, pivots, rhs.mT).mT
+        v = factors.solve(rhs.mT).mT
     else:
-        v = torch.linalg.lu_solve(lu, pivots, rhs.unsqueeze(-1)).squeeze(-1)
+        v = factors.solve(rhs.unsqueeze(-1)).squeeze(-1)
     grad = times(v, h)
     violation = torch.nan_to_num(torch.where(free, torch.maximum(grad.abs(), bound - v), -grad).amax(-1), nan=torch.inf)
+    violation = torch.where(factors.regular.unsqueeze(1) if shared else factors.regular, violation, torch.inf)
     if shared:
         return v.transpose(0, 1), violation.transpose(0, 1)
     return v, violation
 
 
-def simplex_solve(h: Tensor, rhs: Tensor, supports: Supports) -> Tensor:
-    """Solves (H + 1 1^T)_SS X_S = rhs_S (X = 0 off S) for every support S (S x K x M rhs).
+def simplex_solve(h: Tensor, rhs: Tensor, supports: Supports) -> tuple[Tensor, Tensor, Tensor]:
+    """Solves (H + a 1 1^T)_SS X_S = rhs_S (X = 0 off S) for every support S (S x K x M rhs).
 
-    On the simplex sum w = 1, so H_SS w_S = nu 1 is (H + 1 1^T)_SS w_S = (nu + 1) 1: the
-    constraint enters the matrix instead of bordering it. (H + 1 1^T)_SS is positive definite
+    On the simplex sum w = 1, so H_SS w_S = nu 1 is (H + a 1 1^T)_SS w_S = (nu + a) 1: the
+    constraint enters the matrix instead of bordering it, and the matrix is positive definite
     exactly when the gradients on S are affinely independent (when the bordered system is regular),
-    so it needs no row exchanges.
+    so it needs no row exchanges. a is S's largest diagonal entry of H (1 if it is 0), which keeps
+    the rank-one term at the scale of H_SS. Returns X, a (S x 1) and which supports are regular.
     """
     k = h.shape[-1]
     eye = torch.eye(k, dtype=h.dtype, device=h.device)
-    lu, pivots = factor(torch.where(supports.pair, h + 1, eye), supports.pivots)
-    return torch.linalg.lu_solve(lu, pivots, torch.where(supports.free.unsqueeze(-1), rhs, 0.0))
+    scale = torch.where(supports.free, h.diagonal(), 0.0).amax(-1, keepdim=True)
+    scale = torch.where(scale > 0, scale, 1.0)
+    factors = factor(torch.where(supports.pair, h + scale.unsqueeze(-1), eye), supports.pivots)
+    return factors.solve(torch.where(supports.free.unsqueeze(-1), rhs, 0.0)), scale, factors.regular
 
 
 def _simplex_candidates(h: Tensor, supports: Supports) -> tuple[Tensor, Tensor]:
@@ -219,12 +247,12 @@ def _simplex_candidates(h: Tensor, supports: Supports) -> tuple[Tensor, Tensor]:
     score is the worst violation of w >= 0, (H w)_S = nu and (H w)_A >= nu.
     """
     ones = torch.ones((h.shape[-1], 1), dtype=h.dtype, device=h.device)
-    z = simplex_solve(h, ones, supports).squeeze(-1)  # (H + 1 1^T) z = 1: w = z / sum z
-    total = z.sum(-1, keepdim=True)
-    w = z / total
-    diff = times(w, h) - (1 / total - 1)  # H w - nu
+    z, scale, regular = simplex_solve(h, ones, supports)  # (H + a 1 1^T) z = 1: w = z / sum z
+    total = z.squeeze(-1).sum(-1, keepdim=True)
+    w = z.squeeze(-1) / total
+    diff = times(w, h) - (1 / total - scale)  # H w - nu
     violation = torch.where(supports.free, torch.maximum(diff.abs(), -w), -diff)
-    return w, torch.nan_to_num(violation.amax(dim=-1), nan=torch.inf)
+    return w, torch.where(regular, torch.nan_to_num(violation.amax(dim=-1), nan=torch.inf), torch.inf)
 
 
 def project_each_onto_dual_cone(

@@ -28,9 +28,11 @@ the sources are Pareto-stationary and the result is zero.
 Beyond ``ENUMERATION_MAX_K`` sources the optimum is found through the quadratic programs it also
 solves (see ``_search``): two batches of eight, each by the interior point of ``_qp`` with a fixed
 budget of ``newton_steps`` iterations, locate the optimal support, whose candidates are scored as
-above. Optima with ||g_w|| below ``NORM_FLOOR`` (1e-7, on G scaled to unit trace, where its square
-is at the rounding level of G) count as g_w = 0 there; with the default ``norm_eps`` they give zero
-anyway. No step reads a value on the host.
+above. No step reads a value on the host.
+
+Resolution: ||g_w|| is a square root of a combination of G's entries, so optima with ||g_w|| below
+about 1e-6 (on G scaled to unit trace) are not resolved exactly, and below ``NORM_FLOOR`` (1e-7)
+they count as g_w = 0. The default ``norm_eps`` (1e-4) sends all of them to zero anyway.
 """
 
 from __future__ import annotations
@@ -67,8 +69,8 @@ STATIONARY_TOL = 1e-7
 # batch), and the uncertain variables near each solution whose every value is a candidate.
 _GRID_POINTS = 8
 _PARAMETRIC_BITS = 4
-# ||g_w|| (on G scaled to unit trace) below which the Gram matrix cannot tell it from 0: its
-# square is at the rounding level of G's entries.
+# ||g_w|| (on G scaled to unit trace) below which the Gram matrix does not resolve it (its square
+# is at the rounding level of G's entries): the optimum counts as g_w = 0, the result as zero.
 NORM_FLOOR = 1e-7
 
 
@@ -90,14 +92,17 @@ class _Faces(NamedTuple):
 def _faces(g: Tensor, b: Tensor, supports: Supports) -> _Faces:
     """x, y, p and q (see :class:`_Faces`) of every support, from one batch of solves.
 
-    With M = (G + 1 1^T)_SS, M z = 1 and M u = b give x = z / sum z, p = 1 - 1 / sum z and
-    y = -u - q z, q = -sum u / sum z (:func:`~tolaria.aggregation._qp.simplex_solve`).
+    With M = (G + a 1 1^T)_SS (:func:`~tolaria.aggregation._qp.simplex_solve`), M z = 1 and
+    M u = b give x = z / sum z, p = a - 1 / sum z, and y = -u - q z with q = -sum u / sum z.
+    Irregular supports (dependent gradients) get NaN, which their scores turn into inf.
     """
-    solution = simplex_solve(g, torch.stack((torch.ones_like(b), b), dim=-1), supports)
+    solution, scale, regular = simplex_solve(g, torch.stack((torch.ones_like(b), b), dim=-1), supports)
+    solution = torch.where(regular.reshape(-1, 1, 1), solution, torch.nan)
     z, u = solution[..., 0], solution[..., 1]
     z_sum = z.sum(-1)
     q = -u.sum(-1) / z_sum
-    return _Faces(supports.free, z / z_sum.unsqueeze(-1), -torch.addcmul(u, q.unsqueeze(-1), z), 1 - 1 / z_sum, q)
+    x, y = z / z_sum.unsqueeze(-1), -torch.addcmul(u, q.unsqueeze(-1), z)
+    return _Faces(supports.free, x, y, scale.squeeze(-1) - 1 / z_sum, q)
 
 
 def _sqrt(x: Tensor) -> Tensor:
@@ -211,7 +216,8 @@ def cagrad_weights(gram: Tensor, c: float, norm_eps: float, newton_steps: int = 
         w, smooth = _search(g, b, radius, newton_steps)
     gw_norm = (w @ (g @ w)).clamp_min(0).sqrt()
     weights = mean + radius / torch.where(gw_norm > 0, gw_norm, 1.0) * w
-    weights = torch.where(smooth & (gw_norm >= norm_eps) & (gw_norm > 0), weights, torch.zeros_like(weights))
+    keep = smooth & (gw_norm >= max(norm_eps, NORM_FLOOR))
+    weights = torch.where(keep, weights, torch.zeros_like(weights))
     return torch.where(radius > 0, weights, mean)
 
 
@@ -221,7 +227,8 @@ class CAGrad(Aggregator):
     Args:
         c: the radius of the ball around the mean gradient, relative to its norm (0 gives the mean;
             the paper uses values in [0, 1), 0.5 by default).
-        norm_eps: below this norm of g_w (on G scaled to unit trace) the result is zero.
+        norm_eps: below this norm of g_w (on G scaled to unit trace) the result is zero (values
+            below about 1e-6 are not resolved, see the module).
         newton_steps: the fixed iteration budget of the interior point that solves the batches of
             quadratic programs beyond ``ENUMERATION_MAX_K`` (10) sources (see the module).
         backend, nonfinite: see :class:`~tolaria.aggregation.Aggregator`.
