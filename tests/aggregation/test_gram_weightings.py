@@ -22,7 +22,7 @@ from tolaria.aggregation._eigh import jacobi_eig, symmetric_eig
 from tolaria.aggregation._sources import as_sources
 from tolaria.aggregation.engine import aggregate
 
-from .conflict_cases import KINDS, cases, make_jacobian
+from .conflict_cases import cases, make_jacobian
 
 FACTORIES = {
     "mgda": MGDA,
@@ -218,7 +218,9 @@ def test_compiles_to_one_graph(name):
 
 
 @pytest.mark.parametrize("name", ["mgda", "upgrad", "dualproj"])
-@pytest.mark.parametrize("kind,k,n", cases(ks=(2, 5, 8), n=40) + [("random", 8, 3), ("low_rank", 8, 2), ("scaled", 8, 4)])
+@pytest.mark.parametrize(
+    "kind,k,n", cases(ks=(2, 5, 8), n=40) + [("random", 8, 3), ("low_rank", 8, 2), ("scaled", 8, 4)]
+)
 def test_interior_point_path_agrees_with_enumeration(monkeypatch, name, kind, k, n):
     # The path beyond ENUMERATION_MAX_K sources, forced on small K where every support is checked.
     j = make_jacobian(kind, k, n, seed=10)

@@ -12,24 +12,28 @@ Two quadratic programs recur among the conflict-aware aggregators; both live on 
 The solution of such a problem is fixed by its support, the variables off their bound: on a given
 support the optimality (Karush-Kuhn-Tucker) conditions are linear equations. So for K up to
 ``ENUMERATION_MAX_K`` (10) every support is a candidate: the 2^K equality-constrained problems are
-solved as one batch of small LU factorisations, each candidate is scored by how far it is from
-satisfying all the optimality conditions (its bounds, the signs of its multipliers, stationarity),
-and the best one is returned. The optimum is always among the candidates (there is an optimal
-point whose support has linearly, for the simplex affinely, independent rows, so its system is
-regular), hence the answer is exact to rounding on every input, degenerate ones included, with no
-iteration at all: at K = 8 the 256 systems cost less than a loop of tiny operations would.
+solved as one batch, each candidate is scored by how far it is from satisfying all the
+optimality conditions (its bounds, the signs of its multipliers, stationarity, checked on G
+itself), and the best one is returned. The optimum is always among the candidates: some optimal
+point has a support of linearly (for the simplex, affinely) independent rows, whose system is
+regular. So the answer is exact to rounding on every input, degenerate ones included, with no
+iteration at all; at K = 8 the 256 systems cost less than a loop of tiny operations would.
 
-Beyond, a batched primal-dual interior-point method (Mehrotra's predictor-corrector) runs a fixed
-number of iterations and the same candidates are formed around the support it identifies: every
-combination of its ``LOCAL_BITS`` least certain variables (bound or not), at two thresholds. The
-best candidate replaces the interior-point iterate wherever it satisfies the optimality conditions
-to ``ACCEPT_TOL``; the tests check both paths against scipy.
+The systems are symmetric positive semi-definite (the simplex's constraint is folded into the
+matrix, see :func:`simplex_solve`), and positive definite exactly where the support is regular, so
+they are eliminated without row exchanges, and a support of dependent rows shows as a vanishing
+pivot (``PIVOT_ULPS``) and is dropped. Up to K = 8 every operation stays below ``SERIAL_ELEMENTS``,
+on the calling thread (see there why that matters).
+
+Beyond ``ENUMERATION_MAX_K``, a batched primal-dual interior-point method (Mehrotra's
+predictor-corrector) runs a fixed number of iterations, and the same candidates are formed around
+the support it identifies: every combination of its ``LOCAL_BITS`` least certain variables (bound
+or not), at two thresholds. The best candidate replaces the interior-point iterate wherever it
+satisfies the optimality conditions to ``ACCEPT_TOL``; the tests check both paths against scipy.
 
 Every step is a handful of tensor operations on small matrices, with no data-dependent control
 flow, so nothing is read on the host and a CUDA device is never synchronised. G only needs to be
-positive semi-definite: zero, duplicate or linearly dependent rows are fine. LU factorisations, not
-Cholesky: the bordered systems of the simplex are indefinite, and the CPU Cholesky kernel enters
-the thread pool even for one 8 x 8 matrix and stalls on a busy machine.
+positive semi-definite: zero, duplicate or linearly dependent rows are fine.
 """
 
 from __future__ import annotations
@@ -49,6 +53,16 @@ LOCAL_BITS = 5
 # A candidate whose worst violation of the optimality conditions (on the unit-scale problem, relative
 # to its largest weight where that exceeds 1) is at most this replaces the interior-point iterate.
 ACCEPT_TOL = 1e-9
+# A pivot below this many rounding units (of the dtype, about 1e-13 in float64) times its
+# diagonal entry marks a support whose rows are dependent to rounding: its solution would be
+# noise, so the candidate is dropped (a support of independent rows holds an optimum).
+PIVOT_ULPS = 500
+# Below this many elements torch runs an operation on the calling thread. A batched LAPACK
+# factorisation, a BLAS product of more than a few rows, MKL's vector functions (sqrt, exp, log)
+# and larger elementwise operations enter the CPU thread pool instead, whose workers then spin for
+# milliseconds after it and slow whatever runs its own threads next, such as the compiled CPU
+# backend's second pass over J. The candidates for K <= 8 keep below it.
+SERIAL_ELEMENTS = 32768
 # Tikhonov term added to the interior point's unit-scale matrix. Where G is singular the optimal
 # weights are not unique (only J^T v is), and without it the barrier pushes the iterates off along
 # the flat directions. It stays at the rounding level of G's largest entries, so that rows many
@@ -130,20 +144,9 @@ def pick_best(candidates: Tensor, score: Tensor) -> tuple[Tensor, Tensor]:
     return chosen, score.take_along_dim(best, dim=-1).squeeze(-1)
 
 
-# The candidates of the K <= 8 problems are built from operations on at most this many elements,
-# below which torch runs an operation on the calling thread: a batched LAPACK factorisation, a BLAS
-# product of many rows or a larger elementwise operation enters the CPU thread pool, whose workers
-# then spin for milliseconds and slow the next pass over J (which runs its own threads).
-SERIAL_ELEMENTS = 32768
-# A pivot below this fraction of its diagonal entry marks a support whose gradients are dependent
-# to rounding: its solution would be noise, so the candidate is dropped (another support, of
-# independent gradients, holds an optimum).
-PIVOT_TOL = 1e-13
-
-
 def times(x: Tensor, h: Tensor) -> Tensor:
-    """x @ h for x (..., K) and a small K x K h without BLAS (see above): one broadcast product
-    where it is small enough, else a sum of K products of x's size."""
+    """x @ h for x (..., K) and a small K x K h without BLAS (see ``SERIAL_ELEMENTS``): one
+    broadcast product where it is small enough, else a sum of K products of x's size."""
     k = h.shape[-1]
     if x.numel() * k < SERIAL_ELEMENTS:
         return (x.unsqueeze(-1) * h).sum(-2)
@@ -158,7 +161,7 @@ class Factors(NamedTuple):
 
     factors: Tensor
     pivots: Tensor | None  # LU's identity pivots; None for a Cholesky factor
-    regular: Tensor  # ... x S, bool: every pivot above PIVOT_TOL times its diagonal entry
+    regular: Tensor  # ... x S, bool: no vanishing pivot (see PIVOT_ULPS)
 
     def solve(self, rhs: Tensor) -> Tensor:
         if self.pivots is None:
@@ -170,17 +173,17 @@ def factor(matrices: Tensor, pivots: Tensor) -> Factors:
     """Factors a batch of symmetric positive semi-definite matrices by elimination without exchanges.
 
     For a positive definite matrix that is as stable as Cholesky's; a pivot is the part of its row
-    independent of the rows before it, so a pivot below ``PIVOT_TOL`` times its diagonal entry
-    marks a (numerically) singular matrix. A batch below ``SERIAL_ELEMENTS`` is eliminated in
-    elementwise operations into LU factors (``pivots``, the identity permutation, completes them):
-    LAPACK's batched factorisations enter the thread pool. A larger batch is worth the pool, and
-    gets LAPACK's Cholesky factorisation.
+    independent of the rows before it, so a pivot below ``PIVOT_ULPS`` rounding units times its
+    diagonal entry marks a (numerically) singular matrix. A batch below ``SERIAL_ELEMENTS`` is eliminated in
+    elementwise operations into LU factors (``pivots``, the identity permutation, completes them;
+    only the upper triangle is read): LAPACK's batched factorisations enter the thread pool. A
+    larger batch is worth the pool, and gets LAPACK's Cholesky factorisation.
     """
-    diagonal = matrices.diagonal(dim1=-2, dim2=-1)
+    floor = PIVOT_ULPS * torch.finfo(matrices.dtype).eps * matrices.diagonal(dim1=-2, dim2=-1)
     if matrices.numel() >= SERIAL_ELEMENTS:
         cholesky, info = torch.linalg.cholesky_ex(matrices)
         squares = cholesky.diagonal(dim1=-2, dim2=-1).square()
-        return Factors(cholesky, None, (info == 0) & (squares > PIVOT_TOL * diagonal).all(-1))
+        return Factors(cholesky, None, (info == 0) & (squares > floor).all(-1))
     lu = matrices.clone()
     n = lu.shape[-1]
     for i in range(n - 1):
@@ -188,7 +191,7 @@ def factor(matrices: Tensor, pivots: Tensor) -> Factors:
         multipliers = row / lu[..., i, i : i + 1]  # the column below the pivot, by symmetry
         lu[..., i + 1 :, i + 1 :].addcmul_(multipliers.unsqueeze(-1), row.unsqueeze(-2), value=-1)
         lu[..., i + 1 :, i] = multipliers
-    return Factors(lu, pivots, (lu.diagonal(dim1=-2, dim2=-1) > PIVOT_TOL * diagonal).all(-1))
+    return Factors(lu, pivots, (lu.diagonal(dim1=-2, dim2=-1) > floor).all(-1))
 
 
 def _box_candidates(h: Tensor, lower: Tensor, supports: Supports, diagonal: bool = False) -> tuple[Tensor, Tensor]:

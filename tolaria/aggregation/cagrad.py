@@ -160,8 +160,9 @@ def _parametric_solve(
     # min 1/2 w^T G w + s b^T w, divided by 1 + s to keep the entries O(1) for the solver.
     scale = (1 / (1 + s)).unsqueeze(-1)
     lower = torch.zeros((s.shape[0], k), dtype=g.dtype, device=g.device)
+    linear = (s.unsqueeze(-1) * scale) * b
     approx, slack, z = interior_point(
-        g * scale.unsqueeze(-1), lower, simplex=True, max_iters=steps, tol=DEFAULT_TOL, linear=(s.unsqueeze(-1) * scale) * b
+        g * scale.unsqueeze(-1), lower, simplex=True, max_iters=steps, tol=DEFAULT_TOL, linear=linear
     )
     faces = _faces(g, b, supports_from(supports_near(slack, z, bits=_PARAMETRIC_BITS).reshape(-1, k)))
     w = _qp_solutions(g, b, faces, s, approx)

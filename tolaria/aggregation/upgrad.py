@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor
 
 from ._gramian import conflicting_pairs, pref_repr, preference_on, preference_vector, solve_if_finite
