@@ -38,7 +38,6 @@ def test_rows_hold_each_source_and_unreached_params_are_zero():
     torch.testing.assert_close(buf.buffer[0], expect_a)
     torch.testing.assert_close(buf.buffer[1], expect_b)
     # head_b is not reached by source 0: its slots in row 0 are exactly zero.
-    assert torch.count_nonzero(model.head_b.weight.grad) or True
     offset = sum(p.numel() for p in params[:4])
     assert torch.all(buf.buffer[0, offset:] == 0)
 

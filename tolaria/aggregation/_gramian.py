@@ -12,7 +12,9 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from ._weights import as_weight_vector, on_device
+from ._qp import DEFAULT_MAX_ITERS, DEFAULT_TOL, check_solver_budget
+from ._weights import as_weight_vector, check_weight_count, on_device
+from .aggregator import Aggregator
 
 
 def solve_if_finite(gram: Tensor, solve: Callable[[Tensor], Tensor]) -> Tensor:
@@ -45,3 +47,33 @@ def preference_on(pref_vector: Tensor | None, gram: Tensor) -> Tensor:
 
 def pref_repr(pref_vector: Tensor | None) -> str:
     return "None" if pref_vector is None else repr(pref_vector.tolist())
+
+
+class DualConeAggregator(Aggregator):
+    """What UPGrad and DualProj share: a preference vector and the dual-cone solver's budget."""
+
+    def __init__(
+        self,
+        pref_vector: Sequence[float] | Tensor | None = None,
+        *,
+        max_iters: int = DEFAULT_MAX_ITERS,
+        tol: float = DEFAULT_TOL,
+        backend: str = "auto",
+        nonfinite: str = "raise",
+    ):
+        super().__init__(backend=backend, nonfinite=nonfinite)
+        name = type(self).__name__
+        check_solver_budget(max_iters, tol, name)
+        self.pref_vector = preference_vector(pref_vector, name)
+        self.max_iters = max_iters
+        self.tol = float(tol)
+
+    def _check_k(self, k: int) -> None:
+        if self.pref_vector is not None:
+            check_weight_count(self.pref_vector, k, type(self).__name__)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(pref_vector={pref_repr(self.pref_vector)}, max_iters={self.max_iters}, "
+            f"tol={self.tol}, backend={self.backend!r}, nonfinite={self.nonfinite!r})"
+        )

@@ -9,18 +9,14 @@ K x K Gram matrix, solved on the device by :mod:`tolaria.aggregation._qp`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from torch import Tensor
 
-from ._gramian import pref_repr, preference_on, preference_vector, solve_if_finite
-from ._qp import DEFAULT_MAX_ITERS, DEFAULT_TOL, check_solver_budget, project_onto_dual_cone
-from ._weights import check_weight_count
-from .aggregator import Aggregator
+from ._gramian import DualConeAggregator, preference_on, solve_if_finite
+from ._qp import project_onto_dual_cone
 from .engine import Weights
 
 
-class DualProj(Aggregator):
+class DualProj(DualConeAggregator):
     """The preference-weighted gradient (default: the mean) projected onto the dual cone.
 
     Args:
@@ -33,34 +29,9 @@ class DualProj(Aggregator):
     the projection ((G p)_j < 0): the constraints the projection had to restore.
     """
 
-    def __init__(
-        self,
-        pref_vector: Sequence[float] | Tensor | None = None,
-        *,
-        max_iters: int = DEFAULT_MAX_ITERS,
-        tol: float = DEFAULT_TOL,
-        backend: str = "auto",
-        nonfinite: str = "raise",
-    ):
-        super().__init__(backend=backend, nonfinite=nonfinite)
-        check_solver_budget(max_iters, tol, "DualProj")
-        self.pref_vector = preference_vector(pref_vector, "DualProj")
-        self.max_iters = max_iters
-        self.tol = float(tol)
-
-    def _check_k(self, k: int) -> None:
-        if self.pref_vector is not None:
-            check_weight_count(self.pref_vector, k, "DualProj")
-
     def weighting(self, gram: Tensor) -> Weights:
         pref = preference_on(self.pref_vector, gram)
         weights = solve_if_finite(
             gram, lambda g: project_onto_dual_cone(g, pref, max_iters=self.max_iters, tol=self.tol)
         )
         return Weights(weights, ((gram @ pref) < 0).sum())
-
-    def __repr__(self) -> str:
-        return (
-            f"DualProj(pref_vector={pref_repr(self.pref_vector)}, max_iters={self.max_iters}, tol={self.tol}, "
-            f"backend={self.backend!r}, nonfinite={self.nonfinite!r})"
-        )
