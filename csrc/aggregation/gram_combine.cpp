@@ -21,6 +21,9 @@
 #include <cstdint>
 #include <cstring>
 #include <thread>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 #include <vector>
 
 namespace py = pybind11;
@@ -282,37 +285,53 @@ TOLARIA_CLONES void gram_range(DType dtype, bool wide, const void* const* rows, 
 
 // ---- combine ------------------------------------------------------------------------------------
 
+// Stores kLanes floats as the output dtype; `stream` bypasses the cache (non-temporal store), which
+// spares the read-for-ownership of every output line when the output is far larger than the caches.
+template <DType D>
+TOLARIA_INLINE void store_lanes(void* out, int64_t col, vfloat v, bool stream) {
+  if constexpr (D == DType::kFloat32) {
+    float* p = static_cast<float*>(out) + col;
+    if (stream) {
+#if defined(__x86_64__)
+      for (int l = 0; l < kLanes; l += 4) _mm_stream_ps(p + l, _mm_setr_ps(v[l], v[l + 1], v[l + 2], v[l + 3]));
+#else
+      std::memcpy(p, &v, sizeof v);
+#endif
+    } else {
+      std::memcpy(p, &v, sizeof v);
+    }
+  } else {
+    for (int l = 0; l < kLanes; ++l) store_one<D>(out, col + l, v[l]);
+  }
+}
+
+// out[c] = sum_i w_i * row_i[c], four vectors of columns at a time with every row's contribution
+// summed in registers, so each output line is written once and J is read once.
 template <DType D>
 TOLARIA_INLINE void combine_range_lowp(const void* const* rows, int64_t k, const double* weights,
-                                       int64_t begin, int64_t end, void* out) {
-  constexpr int64_t chunk = 1024;
-  alignas(64) float acc[chunk];
+                                       int64_t begin, int64_t end, void* out, bool stream) {
+  constexpr int64_t block = 4 * kLanes;
   float* w = static_cast<float*>(alloca(sizeof(float) * k));
   for (int64_t i = 0; i < k; ++i) w[i] = static_cast<float>(weights[i]);
-  for (int64_t c0 = begin; c0 < end; c0 += chunk) {
-    const int64_t len = std::min(chunk, end - c0);
-    const int64_t vec_len = (len / kLanes) * kLanes;
+  int64_t c = begin;
+  for (; c + block <= end; c += block) {
+    vfloat a0 = {}, a1 = {}, a2 = {}, a3 = {};
     for (int64_t i = 0; i < k; ++i) {
       const vfloat wi = vfloat{} + w[i];
-      for (int64_t c = 0; c < vec_len; c += kLanes) {
-        vfloat a;
-        if (i == 0) {
-          a = vfloat{};
-        } else {
-          std::memcpy(&a, acc + c, sizeof a);
-        }
-        a += wi * load_lanes<D>(rows[i], c0 + c);
-        std::memcpy(acc + c, &a, sizeof a);
-      }
-      for (int64_t c = vec_len; c < len; ++c) {
-        acc[c] = (i == 0 ? 0.0f : acc[c]) + w[i] * load_one<D>(rows[i], c0 + c);
-      }
+      a0 += wi * load_lanes<D>(rows[i], c);
+      a1 += wi * load_lanes<D>(rows[i], c + kLanes);
+      a2 += wi * load_lanes<D>(rows[i], c + 2 * kLanes);
+      a3 += wi * load_lanes<D>(rows[i], c + 3 * kLanes);
     }
-    if constexpr (D == DType::kFloat32) {
-      std::memcpy(static_cast<float*>(out) + c0, acc, sizeof(float) * len);
-    } else {
-      for (int64_t c = 0; c < len; ++c) store_one<D>(out, c0 + c, acc[c]);
-    }
+    store_lanes<D>(out, c, a0, stream);
+    store_lanes<D>(out, c + kLanes, a1, stream);
+    store_lanes<D>(out, c + 2 * kLanes, a2, stream);
+    store_lanes<D>(out, c + 3 * kLanes, a3, stream);
+  }
+  for (; c < end; ++c) {
+    float a = 0.0f;
+    for (int64_t i = 0; i < k; ++i) a += w[i] * load_one<D>(rows[i], c);
+    store_one<D>(out, c, a);
   }
 }
 
@@ -332,11 +351,12 @@ TOLARIA_INLINE void combine_range_f64(const void* const* rows, int64_t k, const 
 }
 
 TOLARIA_CLONES void combine_range(DType dtype, const void* const* rows, int64_t k,
-                                  const double* weights, int64_t begin, int64_t end, void* out) {
+                                  const double* weights, int64_t begin, int64_t end, void* out,
+                                  bool stream) {
   switch (dtype) {
-    case DType::kFloat32: combine_range_lowp<DType::kFloat32>(rows, k, weights, begin, end, out); break;
-    case DType::kBFloat16: combine_range_lowp<DType::kBFloat16>(rows, k, weights, begin, end, out); break;
-    case DType::kFloat16: combine_range_lowp<DType::kFloat16>(rows, k, weights, begin, end, out); break;
+    case DType::kFloat32: combine_range_lowp<DType::kFloat32>(rows, k, weights, begin, end, out, stream); break;
+    case DType::kBFloat16: combine_range_lowp<DType::kBFloat16>(rows, k, weights, begin, end, out, stream); break;
+    case DType::kFloat16: combine_range_lowp<DType::kFloat16>(rows, k, weights, begin, end, out, stream); break;
     case DType::kFloat64: combine_range_f64(rows, k, weights, begin, end, out); break;
   }
 }
@@ -405,16 +425,25 @@ void gram(const std::vector<uintptr_t>& rows, int64_t n, int dtype, uintptr_t ou
   }
 }
 
+constexpr int64_t kStreamBytes = 8 << 20;
+
 void combine(const std::vector<uintptr_t>& rows, int64_t n, int dtype, uintptr_t weights,
              uintptr_t out, int threads) {
   const int64_t k = static_cast<int64_t>(rows.size());
   std::vector<const void*> ptrs = to_pointers(rows);
   const double* w = reinterpret_cast<const double*>(weights);
   void* o = reinterpret_cast<void*>(out);
+  const DType d = static_cast<DType>(dtype);
+  // Stream the output past the caches only when it is far larger than them (it will not be read
+  // back from cache anyway) and every thread's range starts on a cache line.
+  const bool stream = d == DType::kFloat32 && n * 4 >= kStreamBytes && out % 64 == 0;
   py::gil_scoped_release release;
   parallel_ranges(n, n * k, threads, [&](int, int64_t b, int64_t e) {
-    combine_range(static_cast<DType>(dtype), ptrs.data(), k, w, b, e, o);
+    combine_range(d, ptrs.data(), k, w, b, e, o, stream);
   });
+#if defined(__x86_64__)
+  if (stream) _mm_sfence();
+#endif  // non-temporal stores are weakly ordered: publish them
 }
 
 }  // namespace

@@ -39,3 +39,19 @@ def test_stats_have_no_conflicts_for_plain_sums():
     _, stats = Sum()(torch.tensor([[1.0, 0.0], [-1.0, 0.0]]), return_stats=True)
     assert int(stats.conflicts) == 0
     torch.testing.assert_close(stats.cosine, torch.tensor([[1.0, -1.0], [-1.0, 1.0]], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("out_offset", [0, 1])
+def test_large_inputs_on_every_thread_with_streamed_output(dtype, out_offset):
+    # Past 8 MiB of fp32 output the compiled combine streams its stores past the caches (only on a
+    # cache-line-aligned output: offset 1 takes the plain stores); N is not a multiple of any block,
+    # so the ragged tail of the last thread's range is covered too.
+    k, n = 3, (9 << 20) // 4 + 37
+    j = torch.randn((k, n), generator=torch.Generator().manual_seed(3)).to(dtype)
+    w = torch.tensor([0.5, -1.25, 2.0], dtype=torch.float64)
+    out = torch.full((n + out_offset,), float("nan"), dtype=dtype)[out_offset:]
+    result = Weighted(w.abs(), backend="cpu")(j, out=out)
+    assert result.data_ptr() == out.data_ptr()
+    assert_close_to_reference(result, (w.abs()[:, None] * j.to(torch.float64)).sum(0), dtype)
+    assert_close_to_reference(Sum(backend="cpu")(list(j.unbind(0))), j.to(torch.float64).sum(0), dtype)
