@@ -19,7 +19,7 @@ Durable tier (disk). Before each timed save, the previous file of that kind has 
 ``os.sync()`` has run, so both start alike with nothing dirty; the order of the two alternates.
 - ``durable save``: ``StateManager.checkpoint`` (write + checksum + fsync + rename + manifest
   commit; the previous checkpoint is deleted afterwards, in the background) vs a plain sequential
-  write of the same bytes to a new file plus fsync.
+  write of the same bytes (the checkpoint file's own content) to a new file plus fsync.
 - ``durable restore``: ``StateManager.restore_latest`` (read + checksum + load + copy into the
   model) vs a plain sequential read of the same bytes; both files are dropped from the page cache
   first (``posix_fadvise(DONTNEED)``), so both read from the device.
@@ -166,7 +166,10 @@ def bench_size(n_params: int, repeats: int, work_dir: Path, checksums: list[str]
                           telemetry=TelemetryEmitter([MemorySink()]), checksum=checksum) as manager:
             manager.checkpoint(0, model, optimizer)  # warm-up
             file_bytes = manager.checkpoints[-1].nbytes
-            payload = torch.empty(file_bytes, dtype=torch.uint8).fill_(7)
+            # The plain write writes the checkpoint's own bytes (not a constant pattern a storage
+            # layer could compress or deduplicate), so both sides move exactly the same data.
+            payload = torch.empty(file_bytes, dtype=torch.uint8)
+            plain_read(manager.root / manager.checkpoints[-1].file, memoryview(payload.numpy()))
             plain = work_dir / f"plain-{n_params}-0.bin"
             plain_write(plain, memoryview(payload.numpy()))
 
