@@ -131,6 +131,17 @@ def test_non_finite_is_flagged(sources):
     assert not math.isfinite(stats.losses[0])
 
 
+@pytest.mark.parametrize("scale", [float("inf"), 1e300])
+def test_infinite_or_overflowing_gradients_are_flagged_not_raised(scale):
+    # An inf gradient (or one whose squared norm overflows) must come out as a non-finite step for
+    # the safety checks, never as an exception from the statistics.
+    model, batch = setup(10)
+    losses = two_task_loss(model(batch[0]), batch)
+    stats = GradientStage(model, build_aggregator("sum")).backward({"a": losses["a"] * scale, "b": -losses["b"] * scale})
+    assert not stats.finite
+    assert not math.isfinite(stats.grad_norm)
+
+
 def test_names_must_stay_the_same():
     model, batch = setup(9)
     stage = GradientStage(model, build_aggregator("pcgrad"))

@@ -31,10 +31,13 @@ def draw_orders(k: int, *, shuffle: bool, generator: torch.Generator | None, dev
     """A K x (K - 1) int64 tensor: row i lists the other sources in the order i meets them.
 
     With ``shuffle`` each row is an independent uniform permutation drawn from ``generator`` (on the
-    generator's device, then moved), else ascending index order.
+    generator's device, then moved), else ascending index order. With K <= 2 there is only one
+    order, and nothing is drawn.
     """
     if k == 1:
         return torch.empty((1, 0), dtype=torch.int64, device=device)
+    if k == 2:  # each meets the other: the one possible order (nothing drawn)
+        return torch.tensor([[1], [0]], dtype=torch.int64, device=device)
     if not shuffle:
         full = torch.arange(k, device=device).expand(k, k)
         keep = ~torch.eye(k, dtype=torch.bool, device=device)
@@ -52,8 +55,9 @@ def pcgrad_coefficients(gram: Tensor, orders: Tensor) -> tuple[Tensor, Tensor]:
     ``gram`` is G = J J^T (K x K); ``orders`` is K x (K - 1) as from :func:`draw_orders`. A source
     with zero norm is never projected against (its inner products are all zero anyway).
 
-    A CPU Gram matrix already lives in host memory, so its loop runs in NumPy, where each of the
-    few dozen tiny steps costs a microsecond instead of a torch dispatch; the arithmetic is the same.
+    A CPU Gram matrix already lives in host memory, so its loop runs on host numbers (plain floats
+    for small K, NumPy beyond), where each tiny step costs well under a microsecond instead of a torch
+    dispatch; the arithmetic is the same.
     Under ``torch.compile`` the torch loop is traced instead, so the graph stays whole.
     """
     if gram.device.type == "cpu" and orders.device.type == "cpu" and not torch.compiler.is_compiling():
@@ -80,21 +84,46 @@ def _pcgrad_coefficients_torch(gram: Tensor, orders: Tensor) -> tuple[Tensor, Te
 
 
 def _pcgrad_coefficients_host(gram: Tensor, orders: Tensor) -> tuple[Tensor, Tensor]:
-    g = gram.detach().numpy()
-    order = orders.numpy()
-    k = g.shape[0]
-    coeffs = np.eye(k, dtype=g.dtype)
-    rows = np.arange(k)
-    sq_norms = np.diagonal(g)
+    coeffs, conflicts = _host_loop(gram, orders)
+    return torch.tensor(coeffs, dtype=gram.dtype), torch.tensor(conflicts, dtype=torch.int64)
+
+
+_PYTHON_LOOP_MAX_K = 8  # up to here plain floats beat NumPy's per-call cost; beyond, NumPy's vectors win
+
+
+def _host_loop(gram: Tensor, orders: Tensor) -> tuple[list[list[float]], int]:
+    """The loop of :func:`_pcgrad_coefficients_torch` on host numbers: (C as nested lists, conflicts)."""
+    k = gram.shape[0]
+    if k > _PYTHON_LOOP_MAX_K:
+        g = gram.detach().numpy()
+        order = orders.numpy()
+        coeffs = np.eye(k, dtype=g.dtype)
+        rows = np.arange(k)
+        sq_norms = np.diagonal(g)
+        conflicts = 0
+        for step in range(order.shape[1]):
+            j = order[:, step]
+            dots = (coeffs * g[:, j].T).sum(axis=1)
+            norm_j = sq_norms[j]
+            conflict = (dots < 0) & (norm_j > 0)
+            coeffs[rows, j] -= np.where(conflict, dots / np.where(norm_j > 0, norm_j, 1), 0)
+            conflicts += int(conflict.sum())
+        return coeffs.tolist(), conflicts
+    g = gram.tolist()
+    order = orders.tolist()
+    coeffs = [[1.0 if m == i else 0.0 for m in range(k)] for i in range(k)]
     conflicts = 0
-    for step in range(order.shape[1]):
-        j = order[:, step]
-        dots = (coeffs * g[:, j].T).sum(axis=1)
-        norm_j = sq_norms[j]
-        conflict = (dots < 0) & (norm_j > 0)
-        coeffs[rows, j] -= np.where(conflict, dots / np.where(norm_j > 0, norm_j, 1), 0)
-        conflicts += int(conflict.sum())
-    return torch.from_numpy(coeffs), torch.tensor(conflicts, dtype=torch.int64)
+    for step in range(k - 1):
+        # Each i updates only its own row, so visiting the i in turn is the vectorised step exactly.
+        for i in range(k):
+            j = order[i][step]
+            row = coeffs[i]
+            dot = sum(row[m] * g[m][j] for m in range(k))  # <g_i^PC, g_j>
+            norm_j = g[j][j]
+            if dot < 0 and norm_j > 0:
+                row[j] -= dot / norm_j
+                conflicts += 1
+    return coeffs, conflicts
 
 
 class PCGrad(Aggregator):
@@ -150,6 +179,18 @@ class PCGrad(Aggregator):
                 weights = None if self.weights is None else self._weight_copies.like(gram)
                 return Weights(*pcgrad_weights(gram, orders, reduction=self.reduction, weights=weights))
         orders = draw_orders(k, shuffle=self.shuffle, generator=self.generator, device=gram.device)
+        if gram.device.type == "cpu" and not torch.compiler.is_compiling():
+            # Host numbers: the loop and w = a^T C in plain floats, two small tensors at the end.
+            coeff_rows, n_conflicts = _host_loop(gram, orders)
+            if self.weights is None:
+                scale = [1.0 if self.reduction == "sum" else 1.0 / k] * k
+            else:
+                scale = self.weights.tolist()
+                if self.reduction == "mean":
+                    total = sum(scale)
+                    scale = [a / total for a in scale]
+            w = [sum(scale[i] * coeff_rows[i][m] for i in range(k)) for m in range(k)]
+            return Weights(torch.tensor(w, dtype=gram.dtype), torch.tensor(n_conflicts, dtype=torch.int64))
         coeffs, conflicts = pcgrad_coefficients(gram, orders)
         if self.weights is None:
             scale = torch.full((k,), 1.0 if self.reduction == "sum" else 1.0 / k, dtype=gram.dtype, device=gram.device)

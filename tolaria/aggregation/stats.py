@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
 
-@dataclass(frozen=True)
 class AggregationStats:
     """Per-step statistics of the gradient sources; all tensors, on the inputs' device.
 
-    Nothing here is read on the host, so asking for stats never synchronises the device.
+    Nothing here is read on the host, so asking for stats never synchronises the device. ``norms``
+    and ``cosine`` are derived from ``gram`` when first read (a few tiny ops that a caller who only
+    wants the weights does not pay for).
 
     Attributes:
         weights: the K combination weights applied to the original sources (out = weights @ J).
@@ -22,15 +21,32 @@ class AggregationStats:
         gram: the K x K Gram matrix G = J J^T the weights were computed from.
     """
 
-    weights: Tensor
-    norms: Tensor
-    cosine: Tensor
-    conflicts: Tensor
-    gram: Tensor
+    __slots__ = ("weights", "conflicts", "gram", "_norms", "_cosine")
+
+    def __init__(self, weights: Tensor, conflicts: Tensor, gram: Tensor):
+        self.weights = weights
+        self.conflicts = conflicts
+        self.gram = gram
+        self._norms: Tensor | None = None
+        self._cosine: Tensor | None = None
+
+    @property
+    def norms(self) -> Tensor:
+        if self._norms is None:
+            self._norms = self.gram.diagonal().clamp_min(0).sqrt()
+        return self._norms
+
+    @property
+    def cosine(self) -> Tensor:
+        if self._cosine is None:
+            norms = self.norms
+            outer = norms[:, None] * norms[None, :]
+            self._cosine = torch.where(outer > 0, self.gram / torch.where(outer > 0, outer, 1), 0)
+        return self._cosine
+
+    def __repr__(self) -> str:
+        return f"AggregationStats(weights={self.weights}, conflicts={self.conflicts}, gram={self.gram})"
 
 
 def stats_from_gram(gram: Tensor, weights: Tensor, conflicts: Tensor) -> AggregationStats:
-    norms = gram.diagonal().clamp_min(0).sqrt()
-    outer = norms[:, None] * norms[None, :]
-    cosine = torch.where(outer > 0, gram / torch.where(outer > 0, outer, 1), 0)
-    return AggregationStats(weights=weights, norms=norms, cosine=cosine, conflicts=conflicts, gram=gram)
+    return AggregationStats(weights=weights, conflicts=conflicts, gram=gram)

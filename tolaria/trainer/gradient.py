@@ -188,26 +188,27 @@ class GradientStage:
         if self.fast_path:
             return self._backward_single(names, named[names[0]])
         loss_values = torch.stack([l.detach().reshape(()).double() for l in named.values()])
-        allreduce_mean(loss_values, self.ctx)  # the global batch's losses, identical on every rank
+        distributed = self.ctx.is_distributed
+        if distributed:
+            allreduce_mean(loss_values, self.ctx)  # the global batch's losses, identical on every rank
         assert self.buffer is not None
         self.buffer.backward(list(named.values()))
-        allreduce_gradient_buffer(self.buffer, self.ctx, self.bucket_mb)  # the step's one big transfer
+        if distributed:
+            allreduce_gradient_buffer(self.buffer, self.ctx, self.bucket_mb)  # the step's one big transfer
         _, stats = self.buffer.aggregate(self.aggregator, return_stats=True)
-        gram = stats.gram.double()
-        w = stats.weights.to(gram.dtype)
-        agg_norm = (w @ gram @ w).clamp_min(0).sqrt()
         k = len(names)
+        gram = stats.gram.to(torch.float64)
         host = torch.cat([
             loss_values.to(gram.device, torch.float64),
-            w, stats.norms.to(gram.dtype),
-            stats.conflicts.reshape(1).to(gram.dtype),
-            stats.cosine.to(gram.dtype).reshape(-1),
-            agg_norm.reshape(1),
-        ]).tolist()  # the one host read of the step
-        losses_h, weights = host[:k], host[k : 2 * k]
-        norms, conflicts = host[2 * k : 3 * k], host[3 * k]
-        cosine = host[3 * k + 1 : 3 * k + 1 + k * k]
-        grad_norm = host[-1]
+            stats.weights.to(torch.float64),
+            stats.conflicts.reshape(1).to(torch.float64),
+            gram.reshape(-1),
+        ]).tolist()  # the one host read of the step; the rest is K x K arithmetic on host floats
+        losses_h, weights, conflicts = host[:k], host[k : 2 * k], host[2 * k]
+        g = [host[2 * k + 1 + i * k : 2 * k + 1 + (i + 1) * k] for i in range(k)]
+        norms = [_sqrt_nonnegative(g[i][i]) for i in range(k)]
+        cosine = [[_cosine(g[i][j], norms[i] * norms[j]) for j in range(k)] for i in range(k)]
+        grad_norm = _sqrt_nonnegative(sum(weights[i] * g[i][j] * weights[j] for i in range(k) for j in range(k)))
         finite = all(math.isfinite(v) for v in (*losses_h, *norms, grad_norm))
         if finite and self.max_grad_norm is not None and grad_norm > self.max_grad_norm:
             self.buffer.output.mul_(self.max_grad_norm / (grad_norm + 1e-6))
@@ -218,7 +219,7 @@ class GradientStage:
             norms=tuple(norms),
             shares=_shares(weights, norms),
             conflicts=int(conflicts) if math.isfinite(conflicts) else 0,
-            cosine=tuple(tuple(cosine[i * k : (i + 1) * k]) for i in range(k)),
+            cosine=tuple(tuple(row) for row in cosine),
             grad_norm=grad_norm,
             finite=finite,
         )
@@ -235,6 +236,15 @@ class GradientStage:
             names=names, losses=(loss_h,), weights=(1.0,), norms=(grad_norm,), shares=(1.0,),
             conflicts=0, cosine=((1.0,),), grad_norm=grad_norm, finite=finite,
         )
+
+
+def _sqrt_nonnegative(value: float) -> float:
+    """sqrt of a Gram-space square (rounding can leave it a hair below zero); NaN stays NaN."""
+    return math.sqrt(value) if value > 0 else (0.0 if value <= 0 else value)
+
+
+def _cosine(dot: float, outer: float) -> float:
+    return dot / outer if outer > 0 else 0.0  # 0 where a source has zero norm (or NaN, as the stats do)
 
 
 def _shares(weights: Sequence[float], norms: Sequence[float]) -> tuple[float, ...]:
