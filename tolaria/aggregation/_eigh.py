@@ -48,6 +48,13 @@ def _schedule(m: int) -> tuple[tuple[list[int], list[int]], ...]:
     return tuple(rounds)
 
 
+@lru_cache(maxsize=64)
+def _schedule_on(m: int, device: torch.device) -> tuple[tuple[Tensor, Tensor], ...]:
+    # Index tensors copied to the device once per (size, device): a host-to-device copy on every
+    # call would synchronise the stream and could not be captured in a CUDA graph.
+    return tuple((torch.tensor(p, device=device), torch.tensor(q, device=device)) for p, q in _schedule(m))
+
+
 def jacobi_eig(a: Tensor, sweeps: int | None = None) -> tuple[Tensor, Tensor]:
     """Cyclic Jacobi eigendecomposition of the symmetric K x K ``a``, fixed sweeps, no host reads."""
     k = a.shape[-1]
@@ -56,9 +63,7 @@ def jacobi_eig(a: Tensor, sweeps: int | None = None) -> tuple[Tensor, Tensor]:
     work[:k, :k] = (a + a.mT) / 2
     vectors = torch.eye(m, dtype=a.dtype, device=a.device)
     eye = vectors.clone()
-    rounds = [
-        (torch.tensor(p, device=a.device), torch.tensor(q, device=a.device)) for p, q in _schedule(m)
-    ]
+    rounds = _schedule_on(m, a.device)
     for _ in range(sweeps if sweeps is not None else sweeps_for(k)):
         for p, q in rounds:
             diagonal = work.diagonal()

@@ -36,12 +36,11 @@ def draw_orders(k: int, *, shuffle: bool, generator: torch.Generator | None, dev
     """
     if k == 1:
         return torch.empty((1, 0), dtype=torch.int64, device=device)
-    if k == 2:  # each meets the other: the one possible order (nothing drawn)
-        return torch.tensor([[1], [0]], dtype=torch.int64, device=device)
-    if not shuffle:
-        full = torch.arange(k, device=device).expand(k, k)
-        keep = ~torch.eye(k, dtype=torch.bool, device=device)
-        return full[keep].view(k, k - 1)
+    if not shuffle or k == 2:  # with two sources there is one order only: nothing is drawn
+        # Row i: 0..k-1 without i, i.e. j + (j >= i) for j < k - 1; built on the device (no mask,
+        # whose indexing would read a count on the host).
+        steps = torch.arange(k - 1, device=device)
+        return steps[None, :] + (steps[None, :] >= torch.arange(k, device=device)[:, None])
     gen_device = generator.device if generator is not None else device
     scores = torch.rand((k, k), generator=generator, device=gen_device)
     # Source i itself sorts last (scores are < 1), so dropping the last column removes it.
