@@ -14,6 +14,11 @@
 # 5. the kernel tests (tests/kernels), compiled on the GPU, with the time that is left.
 # Each step has a time cap, and none starts past GPU_CHECK_SECONDS (default 450) in total.
 #
+# Every step writes to the log file only (no pipes: a process a step leaves behind, such as a
+# compile worker, can then never hold the check open), runs in its own process group, which is
+# killed when the step ends or runs out of time, and its output is echoed to stdout afterwards.
+# GPU_CHECK_DRY=1 runs the same plumbing on the CPU with tiny sizes (to check the script itself).
+#
 # It installs nothing: torch and triton must be present (pytest for steps 1 and 5, TorchJD optional).
 # If tolaria is not installed, it imports the source tree, with ``tolaria.kernels`` mapped to
 # ``kernels/`` the way the editable install maps it, so no C++ build is needed (the compiled CPU
@@ -26,13 +31,14 @@ OUT=${OUT:-$ROOT/gpu_check_out}
 mkdir -p "$OUT"
 LOG=$OUT/gpu_check.log
 : >"$LOG"
-unset TRITON_INTERPRET
+unset TRITON_INTERPRET  # set again below for a dry run only
 export PYTHONUNBUFFERED=1
 SECONDS=0
 status=0
 
 say() { echo "$@" | tee -a "$LOG"; }
-TOTAL_S=${GPU_CHECK_SECONDS:-450}  # the whole check stays under this (plus start-up)
+TOTAL_S=${GPU_CHECK_SECONDS:-420}  # the whole check stays under this (plus start-up)
+export TORCHINDUCTOR_COMPILE_THREADS=1  # no pool of compile workers outliving a step
 run() {  # run CAP_S LABEL CMD...: logged, limited to CAP_S and to what is left of TOTAL_S
     local limit=$1 label=$2
     shift 2
@@ -46,8 +52,15 @@ run() {  # run CAP_S LABEL CMD...: logged, limited to CAP_S and to what is left 
     fi
     say ""
     say "== $label (limit ${limit}s, started at ${SECONDS}s)"
-    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"
-    local rc=${PIPESTATUS[0]}
+    local first=$(($(wc -l <"$LOG") + 1))
+    # Own session and process group (setsid), output to the log file only; the whole group is
+    # killed afterwards, whatever it left running.
+    setsid timeout --kill-after=10 "$limit" "$@" >>"$LOG" 2>&1 </dev/null &
+    local pid=$!
+    wait "$pid"
+    local rc=$?
+    kill -KILL -- "-$pid" 2>/dev/null
+    tail -n "+$first" "$LOG"
     if [ "$rc" = 124 ] && [ "${OPTIONAL:-0}" = 1 ]; then
         say "(stopped at the time limit: this step only uses the time that is left)"
     elif [ "$rc" -ne 0 ]; then
@@ -56,10 +69,31 @@ run() {  # run CAP_S LABEL CMD...: logged, limited to CAP_S and to what is left 
     fi
 }
 
+quick() {  # quick CMD...: a short command (at most a minute), logged like a step, its status returned
+    local first=$(($(wc -l <"$LOG") + 1))
+    timeout --kill-after=5 60 "$@" >>"$LOG" 2>&1 </dev/null
+    local rc=$?
+    tail -n "+$first" "$LOG"
+    return "$rc"
+}
+
+# The interpreter: python3 where there is no `python` (a symlink to a virtual environment's python
+# would lose that environment, so the name is looked up, never linked).
+PYTHON=${PYTHON:-$(command -v python3 || command -v python)}
+python() { "$PYTHON" "$@"; }
+
+DRY=${GPU_CHECK_DRY:-0}
+if [ "$DRY" = 1 ]; then  # the plumbing only: CPU, tiny sizes
+    export TRITON_INTERPRET=1
+    DEV=cpu HEAD_N=1e5 GRID_K=2,8 GRID_N=1e4,1e5 KERNEL_N=1e4
+else
+    DEV=cuda HEAD_N=1e8 GRID_K=2,4,8,16,32 GRID_N=1e6,1e7,1e8,1e9 KERNEL_N=1e8
+fi
+
 say "== GPU check of the Triton aggregation path, $(date -u +%Y-%m-%dT%H:%MZ)"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee -a "$LOG"
-git -C "$ROOT" log -1 --format='commit %h %cd' 2>/dev/null | tee -a "$LOG"
-python -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__, '| cuda', torch.version.cuda, '|', torch.cuda.get_device_name())" 2>&1 | tee -a "$LOG"
+quick nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+quick git -C "$ROOT" log -1 --format='commit %h %cd'
+quick "$PYTHON" -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__, '| cuda', torch.version.cuda, '|', torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
 
 # TOLARIA_SOURCE_TREE=1 imports the source tree even where some tolaria is installed.
 if [ "${TOLARIA_SOURCE_TREE:-0}" = 1 ] || ! python -c "import tolaria.kernels" >/dev/null 2>&1; then
@@ -90,21 +124,22 @@ else
     PRELUDE=""
 fi
 # PY runs a module (python -m), PYFILE a script, both with the prelude that makes tolaria importable.
-PY=(python -c "${PRELUDE}import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)")
-PYFILE=(python -c "${PRELUDE}import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
-if ! python -c "${PRELUDE}import tolaria.kernels.gram, tolaria.aggregation.backends.triton" 2>&1 | tee -a "$LOG"; then
+PY=("$PYTHON" -c "${PRELUDE}import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)")
+PYFILE=("$PYTHON" -c "${PRELUDE}import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+if ! quick "$PYTHON" -c "${PRELUDE}import tolaria.kernels.gram, tolaria.aggregation.backends.triton"; then
     say "!! tolaria.kernels does not import: nothing to check"
     exit 1
 fi
-python -c "from importlib.metadata import version; print('torchjd', version('torchjd'))" 2>&1 | tee -a "$LOG"
+quick "$PYTHON" -c "from importlib.metadata import version; print('torchjd', version('torchjd'))"
 
 HAVE_PYTEST=1
 python -c "import pytest" >/dev/null 2>&1 || { HAVE_PYTEST=0; say "!! pytest is not installed: the tests (steps 1 and 4) cannot run"; status=1; }
 PYTEST_ARGS=(-q -rfEs -p no:cacheprovider)
 
 # 0. The headline first, so that it exists whatever happens later: PCGrad, bf16, K=8, N=1e8.
-run 90 "headline: benchmarks/aggregation.py --device cuda --quick" \
-    "${PYFILE[@]}" "$ROOT/benchmarks/aggregation.py" --device cuda --quick --repeats 10 --budget-s 2
+run 90 "headline: benchmarks/aggregation.py --device $DEV --quick" \
+    "${PYFILE[@]}" "$ROOT/benchmarks/aggregation.py" --device "$DEV" --quick --repeats 10 --budget-s 2 \
+    $([ "$DRY" = 1 ] && echo "--n $HEAD_N")
 
 # 1. GPU tests.
 if [ "$HAVE_PYTEST" = 1 ]; then
@@ -112,17 +147,17 @@ if [ "$HAVE_PYTEST" = 1 ]; then
 fi
 
 # 2. Side by side, K 2..32, N up to 1e9 where memory allows.
-run 200 "side by side: benchmarks/aggregation.py --device cuda" \
-    "${PYFILE[@]}" "$ROOT/benchmarks/aggregation.py" --device cuda --aggregators pcgrad --dtypes bf16,fp32 \
-    --k 2,4,8,16,32 --n 1e6,1e7,1e8,1e9 --repeats 5 --budget-s 0.5 --json "$OUT/aggregation.json"
+run 200 "side by side: benchmarks/aggregation.py --device $DEV" \
+    "${PYFILE[@]}" "$ROOT/benchmarks/aggregation.py" --device "$DEV" --aggregators pcgrad --dtypes bf16,fp32 \
+    --k "$GRID_K" --n "$GRID_N" --repeats 5 --budget-s 0.5 --json "$OUT/aggregation.json"
 
 # 3. Each kernel against the copy bandwidth (where the time of a step goes).
-run 60 "kernels: benchmarks/triton_kernels.py" "${PYFILE[@]}" "$ROOT/benchmarks/triton_kernels.py" --dtypes bf16,fp32 --k 2,8,32 --n 1e8 --repeats 10
+run 60 "kernels: benchmarks/triton_kernels.py" "${PYFILE[@]}" "$ROOT/benchmarks/triton_kernels.py" --dtypes bf16,fp32 --k 2,8,32 --n "$KERNEL_N" --repeats 10
 
 # 4. The other aggregators on the same passes, at the headline size.
-run 60 "other aggregators: benchmarks/aggregation.py --device cuda (K=8, N=1e8, bf16)" \
-    "${PYFILE[@]}" "$ROOT/benchmarks/aggregation.py" --device cuda --aggregators all --dtypes bf16 \
-    --k 8 --n 1e8 --repeats 5 --budget-s 0.5 --json "$OUT/aggregation_all.json"
+run 60 "other aggregators: benchmarks/aggregation.py --device $DEV (K=8, N=$HEAD_N, bf16)" \
+    "${PYFILE[@]}" "$ROOT/benchmarks/aggregation.py" --device "$DEV" --aggregators all --dtypes bf16 \
+    --k 8 --n "$HEAD_N" --repeats 5 --budget-s 0.5 --json "$OUT/aggregation_all.json"
 
 # 5. The interpreter's kernel tests, compiled for the GPU, in what is left of the budget.
 if [ "$HAVE_PYTEST" = 1 ]; then

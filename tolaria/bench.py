@@ -170,6 +170,9 @@ def _extra_memory_mb(fn: Callable[[], object], device: torch.device) -> float | 
     return max(0, _status_kb("VmHWM") * 1024 - base) / 2**20
 
 
+EXTERNAL_METHODS = frozenset({"torchjd"})  # other libraries' code: a failure there leaves it out of the case
+
+
 def _torchjd(name: str | None, kwargs: tuple[tuple[str, object], ...] = ()) -> Callable[[Tensor], Tensor] | None:
     if name is None:
         return None
@@ -245,6 +248,12 @@ def measure(
             # A large case may fit Tolaria but not an alternative that copies J: say so, go on.
             print(f"note: {contender.name} {dtype_name} K={k} N={n:.3g}: {m} ran out of GPU memory, left out")
             torch.cuda.empty_cache()
+        except Exception as exc:
+            if m not in EXTERNAL_METHODS:
+                raise
+            # Another library's failure (e.g. TorchJD's UPGrad on bfloat16) is its own: shown, not fatal.
+            print(f"note: {contender.name} {dtype_name} K={k} N={n:.3g}: {m} failed and is left out: "
+                  f"{type(exc).__name__}: {exc}")
     if "floor" not in times or "tolaria" not in times:
         print(f"note: {contender.name} {dtype_name} K={k} N={n:.3g}: case skipped (floor or tolaria did not fit)")
         return []
