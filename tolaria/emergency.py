@@ -283,6 +283,10 @@ class EmergencyController:
         max_broadcasts_per_min: broadcasts per rolling 60 s window; the rest wait in order.
         telemetry: the emitter for events and counters.
         clock: seconds, monotonic; injectable for tests.
+        sleep: waits a number of seconds (``close`` waits for room under the cap); injectable for tests.
+
+    Call :meth:`close` before the process ends: it sends the broadcasts still waiting under the cap
+    (waiting for room up to a timeout) and reports any it could not send.
     """
 
     def __init__(
@@ -293,6 +297,7 @@ class EmergencyController:
         telemetry: TelemetryEmitter | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
     ):
         if isinstance(max_broadcasts_per_min, bool) or not isinstance(max_broadcasts_per_min, numbers.Integral):
             raise ValueError(f"max_broadcasts_per_min must be a positive int, got {max_broadcasts_per_min!r}")
@@ -303,6 +308,7 @@ class EmergencyController:
         self.max_broadcasts_per_min = int(max_broadcasts_per_min)
         self.telemetry = emitter_or_default(telemetry)
         self._clock = clock
+        self._sleep = sleep
         # Without a signal: the level. With one: the last level read or written, used when the
         # signal cannot be read.
         self._level = EmergencyLevel.NONE
@@ -467,6 +473,36 @@ class EmergencyController:
             record.broadcasted = True
             self.telemetry.count("emergency.broadcasts")
         record.broadcast_delay = self._clock() - started
+
+    def close(self, timeout_s: float | None = 60.0) -> list[Escalation]:
+        """Sends every queued broadcast, waiting for room under the cap for up to ``timeout_s`` (None:
+        as long as it takes);
+        returns the records still unsent at the deadline, each reported (log, telemetry event and the
+        ``emergency.broadcasts_undelivered`` counter). Nothing queued is dropped silently."""
+        timeout_s = _check_timeout(timeout_s)
+        deadline = self._clock() + (timeout_s if timeout_s is not None else math.inf)
+        with self._lock:
+            while True:
+                self.flush_pending()
+                if not self._pending:
+                    return []
+                now = self._clock()
+                room_at = self._sent_at[0] + BROADCAST_WINDOW_S if self._sent_at else now
+                if room_at > deadline:
+                    break
+                self._sleep(max(0.0, room_at - now))
+            undelivered = [record for record, _ in self._pending]
+            self._pending.clear()
+        message = (
+            f"emergency controller closed with {len(undelivered)} broadcast(s) undelivered under the cap of "
+            f"{self.max_broadcasts_per_min} per minute: "
+            + "; ".join(f"{r.action} to {r.level.name} ({r.reason})" for r in undelivered)
+        )
+        log.error(message)
+        self.telemetry.event("emergency.broadcasts_undelivered", severity="error", message=message,
+                             levels=[r.level.name for r in undelivered])
+        self.telemetry.count("emergency.broadcasts_undelivered", len(undelivered))
+        return undelivered
 
     def flush_pending(self) -> list[Escalation]:
         """Broadcasts queued records, oldest first, while the per-minute cap allows; returns those

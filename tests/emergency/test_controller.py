@@ -323,3 +323,37 @@ def test_rate_cap_keeps_later_broadcasts_behind_queued_ones(telemetry):
     assert sent == [first, second] and ctrl.pending == (third,)
     clock.now += BROADCAST_WINDOW_S
     assert ctrl.flush_pending() == [third]
+
+
+def test_close_waits_for_room_and_sends_everything_queued(telemetry, sink):
+    clock = FakeClock()
+    waits = []
+
+    def sleep(seconds):  # the fake clock moves only when the controller waits
+        waits.append(seconds)
+        clock.now += seconds
+
+    sent = []
+    ctrl = EmergencyController(broadcaster=sent.append, max_broadcasts_per_min=1, telemetry=telemetry,
+                               clock=clock, sleep=sleep)
+    records = [ctrl.escalate(L.NOTICE, "1"), ctrl.escalate(L.ELEVATED, "2"), ctrl.escalate(L.HALT, "3")]
+    assert sent == records[:1]
+    assert ctrl.close(timeout_s=3 * BROADCAST_WINDOW_S) == []
+    assert sent == records and ctrl.pending == ()
+    assert waits == [BROADCAST_WINDOW_S, BROADCAST_WINDOW_S]
+    assert sink.of_kind("emergency.broadcasts_undelivered") == []
+
+
+def test_close_reports_what_it_could_not_send_by_the_deadline(telemetry, sink, caplog):
+    clock = FakeClock()
+    sent = []
+    ctrl = EmergencyController(broadcaster=sent.append, max_broadcasts_per_min=1, telemetry=telemetry,
+                               clock=clock, sleep=lambda s: pytest.fail("must not wait past the deadline"))
+    first, second = ctrl.escalate(L.NOTICE, "1"), ctrl.escalate(L.HALT, "disk on fire")
+    with caplog.at_level("ERROR"):
+        assert ctrl.close(timeout_s=1.0) == [second]
+    assert sent == [first] and ctrl.pending == ()
+    (event,) = sink.of_kind("emergency.broadcasts_undelivered")
+    assert "escalate to HALT (disk on fire)" in event["message"] and event["severity"] == "error"
+    assert telemetry.counters["emergency.broadcasts_undelivered"] == 1
+    assert "undelivered" in caplog.text
