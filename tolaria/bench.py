@@ -9,8 +9,10 @@ For each (dtype, K, N) it builds one K x N matrix and times, in the same process
 - ``floor``: one read of the matrix (``J.sum(0)``): no aggregator can beat it; on CUDA also
   ``copy``, a ``clone`` of J, the device's measured copy bandwidth.
 
-It prints median time, effective bandwidth (bytes of J read once, divided by the time), the ratio to
-the floor and Tolaria's speed-up over each alternative, and the peak memory each method needed beyond
+Methods are timed in turns (each round calls every method once), so that a machine whose speed
+drifts during a case (a shared VM) affects every method alike. It prints median time, effective
+bandwidth (bytes of J read once, divided by the time), the ratio to the floor and Tolaria's
+speed-up over each alternative, and the peak memory each method needed beyond
 its input. On CUDA it adds the physical reference: ``pass GB/s`` counts two J's worth of bytes per
 call (Tolaria's two passes read J twice; ``copy`` reads J and writes it once), and ``x copy`` is that
 bandwidth as a fraction of the copy's, i.e. copy time / method time. A summary line per case states
@@ -103,19 +105,53 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_ms(fn: Callable[[], object], device: torch.device, repeats: int, budget_s: float) -> float:
-    fn()  # warm-up (compilation, caches, allocator)
-    _sync(device)
-    times = []
+EXTERNAL_METHODS = frozenset({"torchjd"})  # other libraries' code: a failure there leaves it out of the case
+
+
+def _time_round_robin(
+    methods: dict[str, Callable[[], object]], device: torch.device, repeats: int, budget_s: float, label: str
+) -> dict[str, float]:
+    """Median milliseconds of each method, timed in turns (one call of each per round), so that a
+    machine that speeds up or slows down during the case affects every method alike.
+
+    Each method is called once first (compilation, caches, allocator). A method that runs out of GPU
+    memory, or another library's method that fails, is left out with a note; rounds stop after
+    ``repeats`` or once ``budget_s`` per method has been spent (at least one round)."""
+    alive: dict[str, Callable[[], object]] = {}
+    for m, fn in methods.items():
+        if _call_or_note(m, fn, device, label):
+            alive[m] = fn
+    times: dict[str, list[float]] = {m: [] for m in alive}
     start = time.perf_counter()
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        for m, fn in list(alive.items()):
+            t0 = time.perf_counter()
+            if not _call_or_note(m, fn, device, label):
+                del alive[m], times[m]
+                continue
+            times[m].append((time.perf_counter() - t0) * 1e3)
+        if time.perf_counter() - start > budget_s * max(1, len(alive)):
+            break
+    return {m: statistics.median(t) for m, t in times.items()}
+
+
+def _call_or_note(m: str, fn: Callable[[], object], device: torch.device, label: str) -> bool:
+    """Calls ``fn`` and waits for the device; False (with a printed note) where it could not run."""
+    try:
         fn()
         _sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-        if time.perf_counter() - start > budget_s:
-            break
-    return statistics.median(times)
+    except torch.cuda.OutOfMemoryError:
+        # A large case may fit Tolaria but not an alternative that copies J: say so, go on.
+        print(f"note: {label}: {m} ran out of GPU memory, left out")
+        torch.cuda.empty_cache()
+        return False
+    except Exception as exc:
+        if m not in EXTERNAL_METHODS:
+            raise
+        # Another library's failure (e.g. TorchJD's UPGrad on bfloat16) is its own: shown, not fatal.
+        print(f"note: {label}: {m} failed and is left out: {type(exc).__name__}: {exc}")
+        return False
+    return True
 
 
 _M_MMAP_THRESHOLD = -3
@@ -168,9 +204,6 @@ def _extra_memory_mb(fn: Callable[[], object], device: torch.device) -> float | 
         return None
     fn()
     return max(0, _status_kb("VmHWM") * 1024 - base) / 2**20
-
-
-EXTERNAL_METHODS = frozenset({"torchjd"})  # other libraries' code: a failure there leaves it out of the case
 
 
 def _torchjd(name: str | None, kwargs: tuple[tuple[str, object], ...] = ()) -> Callable[[Tensor], Tensor] | None:
@@ -240,20 +273,7 @@ def measure(
 ) -> list[Measurement]:
     """Times every method on one matrix; ``extra_mb`` is filled in later by :func:`add_memory`."""
     nbytes, methods = build_methods(contender, dtype_name, k, n, device, nonfinite=nonfinite, naive_max=naive_max)
-    times = {}
-    for m, fn in methods.items():
-        try:
-            times[m] = _time_ms(fn, device, repeats, budget_s)
-        except torch.cuda.OutOfMemoryError:
-            # A large case may fit Tolaria but not an alternative that copies J: say so, go on.
-            print(f"note: {contender.name} {dtype_name} K={k} N={n:.3g}: {m} ran out of GPU memory, left out")
-            torch.cuda.empty_cache()
-        except Exception as exc:
-            if m not in EXTERNAL_METHODS:
-                raise
-            # Another library's failure (e.g. TorchJD's UPGrad on bfloat16) is its own: shown, not fatal.
-            print(f"note: {contender.name} {dtype_name} K={k} N={n:.3g}: {m} failed and is left out: "
-                  f"{type(exc).__name__}: {exc}")
+    times = _time_round_robin(methods, device, repeats, budget_s, f"{contender.name} {dtype_name} K={k} N={n:.3g}")
     if "floor" not in times or "tolaria" not in times:
         print(f"note: {contender.name} {dtype_name} K={k} N={n:.3g}: case skipped (floor or tolaria did not fit)")
         return []
@@ -343,8 +363,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--n", default=None, help="elements per source (default: 1e5,1e6,4e6,1.6e7; on CUDA 1e6,1e7,1e8,1e9)"
     )
-    p.add_argument("--repeats", type=int, default=7, help="timed repeats per method; the median is reported")
-    p.add_argument("--budget-s", type=float, default=3.0, help="stop repeating a method after this many seconds")
+    p.add_argument("--repeats", type=int, default=7,
+                   help="timed rounds; each round calls every method once, in turn; the median is reported")
+    p.add_argument("--budget-s", type=float, default=3.0,
+                   help="stop the rounds once this many seconds per method have been spent")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument(
         "--quick", action="store_true",
