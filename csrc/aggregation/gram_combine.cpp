@@ -62,18 +62,27 @@ TOLARIA_INLINE uint16_t float_to_bf16(float f) {
   return static_cast<uint16_t>(bits >> 16);
 }
 
-// Loads kLanes elements of a row as floats.
+typedef uint16_t vu16 __attribute__((vector_size(kLanes * sizeof(uint16_t))));
+typedef uint32_t vu32 __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+typedef int32_t vi32 __attribute__((vector_size(kLanes * sizeof(int32_t))));
+typedef _Float16 vhalf __attribute__((vector_size(kLanes * sizeof(_Float16))));
+
+// Loads kLanes elements of a row as floats, converting whole vectors (bf16: a widening shift;
+// fp16: the hardware conversion where the CPU has one).
 template <DType D>
 TOLARIA_INLINE vfloat load_lanes(const void* row, int64_t col) {
   vfloat v;
   if constexpr (D == DType::kFloat32) {
     std::memcpy(&v, static_cast<const float*>(row) + col, sizeof v);
   } else if constexpr (D == DType::kBFloat16) {
-    const uint16_t* p = static_cast<const uint16_t*>(row) + col;
-    for (int l = 0; l < kLanes; ++l) v[l] = bf16_to_float(p[l]);
+    vu16 h;
+    std::memcpy(&h, static_cast<const uint16_t*>(row) + col, sizeof h);
+    const vu32 bits = __builtin_convertvector(h, vu32) << 16;
+    std::memcpy(&v, &bits, sizeof v);
   } else if constexpr (D == DType::kFloat16) {
-    const _Float16* p = static_cast<const _Float16*>(row) + col;
-    for (int l = 0; l < kLanes; ++l) v[l] = static_cast<float>(p[l]);
+    vhalf h;
+    std::memcpy(&h, static_cast<const _Float16*>(row) + col, sizeof h);
+    v = __builtin_convertvector(h, vfloat);
   }
   return v;
 }
@@ -211,7 +220,7 @@ TOLARIA_INLINE void gram_range_fast(const void* const* rows, int64_t k, int64_t 
           x[i] = static_cast<const float*>(rows[i]) + c0;
         } else {
           float* dst = scratch.data() + i * chunk;
-          for (int64_t c = 0; c < len; ++c) dst[c] = load_one<D>(rows[i], c0 + c);
+          for (int64_t c = 0; c < len; c += kLanes) vstore(dst + c, load_lanes<D>(rows[i], c0 + c));
           x[i] = dst;
         }
       }
@@ -324,8 +333,19 @@ TOLARIA_INLINE void store_lanes(void* out, int64_t col, vfloat v, bool stream) {
     } else {
       std::memcpy(p, &v, sizeof v);
     }
+  } else if constexpr (D == DType::kBFloat16) {
+    // float_to_bf16 on whole vectors: round to nearest even; NaN stays a quiet NaN.
+    vu32 bits;
+    std::memcpy(&bits, &v, sizeof bits);
+    const vu32 rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+    const vu32 quiet_nan = (bits >> 16) | 0x40u;
+    const vi32 is_nan = (bits & 0x7fffffffu) > 0x7f800000u;
+    const vu32 chosen = is_nan ? quiet_nan : rounded;
+    const vu16 h = __builtin_convertvector(chosen, vu16);
+    std::memcpy(static_cast<uint16_t*>(out) + col, &h, sizeof h);
   } else {
-    for (int l = 0; l < kLanes; ++l) store_one<D>(out, col + l, v[l]);
+    const vhalf h = __builtin_convertvector(v, vhalf);  // round to nearest even, as torch does
+    std::memcpy(static_cast<_Float16*>(out) + col, &h, sizeof h);
   }
 }
 
@@ -339,8 +359,11 @@ TOLARIA_INLINE void combine_range_lowp(const void* const* rows, int64_t k, const
   for (int64_t i = 0; i < k; ++i) w[i] = static_cast<float>(weights[i]);
   int64_t c = begin;
   for (; c + block <= end; c += block) {
-    vfloat a0 = {}, a1 = {}, a2 = {}, a3 = {};
-    for (int64_t i = 0; i < k; ++i) {
+    // Start from row 0's products (not from +0), so that -0 sums to -0 as in torch.
+    const vfloat w0 = vfloat{} + w[0];
+    vfloat a0 = w0 * load_lanes<D>(rows[0], c), a1 = w0 * load_lanes<D>(rows[0], c + kLanes),
+           a2 = w0 * load_lanes<D>(rows[0], c + 2 * kLanes), a3 = w0 * load_lanes<D>(rows[0], c + 3 * kLanes);
+    for (int64_t i = 1; i < k; ++i) {
       const vfloat wi = vfloat{} + w[i];
       a0 += wi * load_lanes<D>(rows[i], c);
       a1 += wi * load_lanes<D>(rows[i], c + kLanes);
@@ -353,8 +376,8 @@ TOLARIA_INLINE void combine_range_lowp(const void* const* rows, int64_t k, const
     store_lanes<D>(out, c + 3 * kLanes, a3, stream);
   }
   for (; c < end; ++c) {
-    float a = 0.0f;
-    for (int64_t i = 0; i < k; ++i) a += w[i] * load_one<D>(rows[i], c);
+    float a = w[0] * load_one<D>(rows[0], c);
+    for (int64_t i = 1; i < k; ++i) a += w[i] * load_one<D>(rows[i], c);
     store_one<D>(out, c, a);
   }
 }
@@ -362,11 +385,12 @@ TOLARIA_INLINE void combine_range_lowp(const void* const* rows, int64_t k, const
 TOLARIA_INLINE void combine_range_f64(const void* const* rows, int64_t k, const double* weights,
                                       int64_t begin, int64_t end, void* out) {
   double* o = static_cast<double*>(out);
-  for (int64_t c = begin; c < end; ++c) o[c] = 0.0;
   constexpr int64_t chunk = 512;
   for (int64_t c0 = begin; c0 < end; c0 += chunk) {
     const int64_t stop = std::min(chunk + c0, end);
-    for (int64_t i = 0; i < k; ++i) {
+    const double* x0 = static_cast<const double*>(rows[0]);
+    for (int64_t c = c0; c < stop; ++c) o[c] = weights[0] * x0[c];  // from row 0: -0 stays -0
+    for (int64_t i = 1; i < k; ++i) {
       const double* x = static_cast<const double*>(rows[i]);
       const double wi = weights[i];
       for (int64_t c = c0; c < stop; ++c) o[c] += wi * x[c];

@@ -55,3 +55,31 @@ def test_large_inputs_on_every_thread_with_streamed_output(dtype, out_offset):
     assert result.data_ptr() == out.data_ptr()
     assert_close_to_reference(result, (w.abs()[:, None] * j.to(torch.float64)).sum(0), dtype)
     assert_close_to_reference(Sum(backend="cpu")(list(j.unbind(0))), j.to(torch.float64).sum(0), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_outputs_round_exactly_like_torch(dtype):
+    # The compiled pass converts whole vectors (bf16 by bit shifts, fp16 by the hardware
+    # conversion) and sums in float32, as torch's own (a.float() + b.float()).to(dtype) does: the
+    # results must agree bit for bit, ties, subnormals, -0, inf and NaN included.
+    gen = torch.Generator().manual_seed(11)
+    n = 70_001  # whole vectors and a ragged tail
+    a = (torch.randn(n, generator=gen) * torch.logspace(-6, 4, n)).to(dtype)
+    b = (torch.randn(n, generator=gen) * torch.logspace(4, -6, n)).to(dtype)
+    info = torch.finfo(dtype)
+    specials = torch.tensor([1.0, 1.0, info.max, info.tiny, info.tiny / 4, float("inf"), float("nan"), -0.0, 3.0])
+    partners = torch.tensor([2.0**-8 if dtype == torch.bfloat16 else 2.0**-11, 3 * 2.0**-9, info.max, -info.tiny / 2,
+                             info.tiny / 8, 1.0, 2.0, -0.0, -1.0])
+    a[: len(specials)], b[: len(partners)] = specials.to(dtype), partners.to(dtype)
+    out = Sum(backend="cpu", nonfinite="propagate")(torch.stack([a, b]))
+    expected = (a.float() + b.float()).to(dtype)
+    nan = expected.isnan()
+    assert torch.equal(out.isnan(), nan) and nan.any()  # NaN where torch has NaN (its payload may differ)
+    assert torch.equal(out[~nan].view(torch.int16), expected[~nan].view(torch.int16))  # every other bit
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_negative_zero_sums_to_negative_zero(dtype):
+    j = torch.tensor([[-0.0, -0.0, 1.0], [-0.0, 0.0, -1.0]], dtype=dtype)
+    out = Sum(backend="cpu")(j)
+    assert torch.equal(out.signbit(), torch.tensor([True, False, False]))
