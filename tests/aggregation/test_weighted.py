@@ -83,3 +83,31 @@ def test_negative_zero_sums_to_negative_zero(dtype):
     j = torch.tensor([[-0.0, -0.0, 1.0], [-0.0, 0.0, -1.0]], dtype=dtype)
     out = Sum(backend="cpu")(j)
     assert torch.equal(out.signbit(), torch.tensor([True, False, False]))
+
+
+@pytest.mark.parametrize("make", [lambda: Sum(), lambda: Mean(), lambda: Weighted([1.0, 2.0, 0.0])])
+def test_fixed_weights_read_j_once_unless_stats_or_trouble(make, monkeypatch):
+    # Sums, means and fixed weights need no Gram matrix: without stats only the combine pass runs;
+    # the Gram pass runs for stats, and to name the sources when the result is not finite.
+    from tolaria.aggregation import engine
+
+    calls = []
+    real_gram = engine._cpu_backend.gram
+    monkeypatch.setattr(engine._cpu_backend, "gram", lambda sources: calls.append(1) or real_gram(sources))
+    j = torch.randn(3, 1000, dtype=torch.float64)
+    agg = make()
+    agg(j)
+    assert calls == []
+    agg(j, return_stats=True)
+    assert calls == [1]
+    bad = j.clone()
+    bad[2, 7] = float("inf")  # weight 0 in Weighted: 0 * inf is NaN, still caught and named
+    with pytest.raises(ValueError, match=r"source\(s\) 2"):
+        agg(bad)
+    assert calls == [1, 1]
+
+
+def test_finite_inputs_that_overflow_are_returned_not_rejected():
+    big = torch.full((2, 100), 3e38, dtype=torch.float32)
+    out = Sum()(big)  # every input finite: the sum overflows to inf, which is the honest result
+    assert torch.isinf(out).all()

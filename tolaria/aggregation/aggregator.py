@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
+import torch
 from torch import Tensor
 
 from ._sources import as_sources
@@ -52,12 +53,17 @@ class Aggregator(ABC):
             nonfinite=self.nonfinite,
             out=out,
             with_stats=return_stats,
+            fixed_weights=self._fixed_weights,
         )
         result = flat.view(sources.shape) if out is None else out
         return (result, stats) if return_stats else result
 
     def _check_k(self, k: int) -> None:
         """Hook for aggregators whose configuration fixes K (e.g. per-source weights)."""
+
+    # Aggregators whose weights do not depend on the Gram matrix set this to a function
+    # (k, device) -> K float64 weights; calls without stats then read J only once.
+    _fixed_weights: Callable[[int, torch.device], Tensor] | None = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(backend={self.backend!r}, nonfinite={self.nonfinite!r})"

@@ -108,12 +108,24 @@ def aggregate(
     nonfinite: str = "raise",
     out: Tensor | None = None,
     with_stats: bool = True,
+    fixed_weights: Callable[[int, torch.device], Tensor] | None = None,
 ) -> tuple[Tensor, AggregationStats | None]:
     """Runs the three steps on ``sources``; returns the flat N-tensor result and its stats
-    (``None`` unless ``with_stats``: they cost a few small ops per call)."""
+    (``None`` unless ``with_stats``: they cost a few small ops per call).
+
+    ``fixed_weights(k, device)``, for weightings that ignore G (sums, means, fixed weights), lets a
+    call without stats skip the Gram pass: J is read once."""
     impl = select_backend(backend, sources)
     if out is not None:
         check_out(out, sources)
+    if fixed_weights is not None and not with_stats:
+        # Weights that do not depend on G: one pass over J, the combine; the check reads the
+        # output (1/K of J) and only reads G, to name the sources, when something is not finite.
+        weights = fixed_weights(sources.k, sources.device)
+        flat = impl.combine(sources, weights, out)
+        if nonfinite == "raise" and not bool(torch.isfinite(flat).all()):
+            raise_if_nonfinite(impl.gram(sources))  # a finite diagonal: finite inputs that overflowed
+        return flat, None
     gram = impl.gram(sources)
     if nonfinite == "raise":
         raise_if_nonfinite(gram)

@@ -1,7 +1,7 @@
 """Fixed-weight aggregators: ``Weighted``, ``Mean`` and ``Sum``.
 
-They need no Gram matrix to decide their weights, but still go through the engine: its Gram pass
-checks finiteness and feeds the stats at no extra read, and its combine pass is the fast one.
+They need no Gram matrix to decide their weights: a call without stats reads J once (the combine
+pass) and checks finiteness on the result; with stats, the Gram pass runs too and feeds them.
 """
 
 from __future__ import annotations
@@ -14,6 +14,10 @@ from torch import Tensor
 from ._weights import DeviceCopies, as_weight_vector, check_weight_count
 from .aggregator import Aggregator
 from .engine import Weights
+
+
+def _weight_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64  # as the engine's K x K work
 
 
 def _no_conflicts(gram: Tensor) -> Tensor:
@@ -34,6 +38,9 @@ class Weighted(Aggregator):
     def weighting(self, gram: Tensor) -> Weights:
         return Weights(self._copies.like(gram), _no_conflicts(gram))
 
+    def _fixed_weights(self, k: int, device: torch.device) -> Tensor:
+        return self._copies.like(torch.empty(0, dtype=_weight_dtype(device), device=device))
+
     def __repr__(self) -> str:
         return f"Weighted(weights={self.weights.tolist()}, backend={self.backend!r}, nonfinite={self.nonfinite!r})"
 
@@ -45,6 +52,9 @@ class Mean(Aggregator):
         k = gram.shape[0]
         return Weights(torch.full((k,), 1.0 / k, dtype=gram.dtype, device=gram.device), _no_conflicts(gram))
 
+    def _fixed_weights(self, k: int, device: torch.device) -> Tensor:
+        return torch.full((k,), 1.0 / k, dtype=_weight_dtype(device), device=device)
+
 
 class Sum(Aggregator):
     """out = sum_k g_k."""
@@ -52,3 +62,6 @@ class Sum(Aggregator):
     def weighting(self, gram: Tensor) -> Weights:
         k = gram.shape[0]
         return Weights(torch.ones(k, dtype=gram.dtype, device=gram.device), _no_conflicts(gram))
+
+    def _fixed_weights(self, k: int, device: torch.device) -> Tensor:
+        return torch.ones(k, dtype=_weight_dtype(device), device=device)
