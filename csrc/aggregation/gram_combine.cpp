@@ -350,14 +350,18 @@ TOLARIA_INLINE void store_lanes(void* out, int64_t col, vfloat v, bool stream) {
 }
 
 // out[c] = sum_i w_i * row_i[c], four vectors of columns at a time with every row's contribution
-// summed in registers, so each output line is written once and J is read once.
+// summed in registers, so each output line is written once and J is read once. Returns whether
+// every sum was finite: `check` gathers sum * 0, which stays 0 unless a sum is NaN or inf (so a
+// finiteness check costs no second pass over the output).
 template <DType D>
-TOLARIA_INLINE void combine_range_lowp(const void* const* rows, int64_t k, const double* weights,
+TOLARIA_INLINE bool combine_range_lowp(const void* const* rows, int64_t k, const double* weights,
                                        int64_t begin, int64_t end, void* out, bool stream) {
   constexpr int64_t block = 4 * kLanes;
   float* w = static_cast<float*>(alloca(sizeof(float) * k));
   for (int64_t i = 0; i < k; ++i) w[i] = static_cast<float>(weights[i]);
   int64_t c = begin;
+  vfloat check = {};
+  const vfloat zero = {};
   for (; c + block <= end; c += block) {
     // Start from row 0's products (not from +0), so that -0 sums to -0 as in torch.
     const vfloat w0 = vfloat{} + w[0];
@@ -370,21 +374,27 @@ TOLARIA_INLINE void combine_range_lowp(const void* const* rows, int64_t k, const
       a2 += wi * load_lanes<D>(rows[i], c + 2 * kLanes);
       a3 += wi * load_lanes<D>(rows[i], c + 3 * kLanes);
     }
+    check += a0 * zero + a1 * zero + a2 * zero + a3 * zero;
     store_lanes<D>(out, c, a0, stream);
     store_lanes<D>(out, c + kLanes, a1, stream);
     store_lanes<D>(out, c + 2 * kLanes, a2, stream);
     store_lanes<D>(out, c + 3 * kLanes, a3, stream);
   }
+  bool finite = true;
+  for (int l = 0; l < kLanes; ++l) finite = finite && check[l] == 0.0f;
   for (; c < end; ++c) {
     float a = w[0] * load_one<D>(rows[0], c);
     for (int64_t i = 1; i < k; ++i) a += w[i] * load_one<D>(rows[i], c);
+    finite = finite && std::isfinite(a);
     store_one<D>(out, c, a);
   }
+  return finite;
 }
 
-TOLARIA_INLINE void combine_range_f64(const void* const* rows, int64_t k, const double* weights,
+TOLARIA_INLINE bool combine_range_f64(const void* const* rows, int64_t k, const double* weights,
                                       int64_t begin, int64_t end, void* out) {
   double* o = static_cast<double*>(out);
+  double check = 0.0;  // sum of o * 0: stays 0 unless some o is NaN or inf
   constexpr int64_t chunk = 512;
   for (int64_t c0 = begin; c0 < end; c0 += chunk) {
     const int64_t stop = std::min(chunk + c0, end);
@@ -395,18 +405,21 @@ TOLARIA_INLINE void combine_range_f64(const void* const* rows, int64_t k, const 
       const double wi = weights[i];
       for (int64_t c = c0; c < stop; ++c) o[c] += wi * x[c];
     }
+    for (int64_t c = c0; c < stop; ++c) check += o[c] * 0.0;
   }
+  return check == 0.0;
 }
 
-TOLARIA_CLONES void combine_range(DType dtype, const void* const* rows, int64_t k,
+TOLARIA_CLONES bool combine_range(DType dtype, const void* const* rows, int64_t k,
                                   const double* weights, int64_t begin, int64_t end, void* out,
                                   bool stream) {
   switch (dtype) {
-    case DType::kFloat32: combine_range_lowp<DType::kFloat32>(rows, k, weights, begin, end, out, stream); break;
-    case DType::kBFloat16: combine_range_lowp<DType::kBFloat16>(rows, k, weights, begin, end, out, stream); break;
-    case DType::kFloat16: combine_range_lowp<DType::kFloat16>(rows, k, weights, begin, end, out, stream); break;
-    case DType::kFloat64: combine_range_f64(rows, k, weights, begin, end, out); break;
+    case DType::kFloat32: return combine_range_lowp<DType::kFloat32>(rows, k, weights, begin, end, out, stream);
+    case DType::kBFloat16: return combine_range_lowp<DType::kBFloat16>(rows, k, weights, begin, end, out, stream);
+    case DType::kFloat16: return combine_range_lowp<DType::kFloat16>(rows, k, weights, begin, end, out, stream);
+    case DType::kFloat64: return combine_range_f64(rows, k, weights, begin, end, out);
   }
+  return false;
 }
 
 // ---- threading ----------------------------------------------------------------------------------
@@ -475,7 +488,7 @@ void gram(const std::vector<uintptr_t>& rows, int64_t n, int dtype, uintptr_t ou
 
 constexpr int64_t kStreamBytes = 8 << 20;
 
-void combine(const std::vector<uintptr_t>& rows, int64_t n, int dtype, uintptr_t weights,
+bool combine(const std::vector<uintptr_t>& rows, int64_t n, int dtype, uintptr_t weights,
              uintptr_t out, int threads) {
   const int64_t k = static_cast<int64_t>(rows.size());
   std::vector<const void*> ptrs = to_pointers(rows);
@@ -485,13 +498,15 @@ void combine(const std::vector<uintptr_t>& rows, int64_t n, int dtype, uintptr_t
   // Stream the output past the caches only when it is far larger than them (it will not be read
   // back from cache anyway) and every thread's range starts on a cache line.
   const bool stream = d == DType::kFloat32 && n * 4 >= kStreamBytes && out % 64 == 0;
+  std::vector<char> finite(static_cast<size_t>(std::max(threads, 1)), 1);
   py::gil_scoped_release release;
-  parallel_ranges(n, n * k, threads, [&](int, int64_t b, int64_t e) {
-    combine_range(d, ptrs.data(), k, w, b, e, o, stream);
+  parallel_ranges(n, n * k, threads, [&](int t, int64_t b, int64_t e) {
+    finite[t] = combine_range(d, ptrs.data(), k, w, b, e, o, stream);
   });
 #if defined(__x86_64__)
   if (stream) _mm_sfence();
 #endif  // non-temporal stores are weakly ordered: publish them
+  return std::all_of(finite.begin(), finite.end(), [](char f) { return f != 0; });
 }
 
 }  // namespace
@@ -503,7 +518,8 @@ PYBIND11_MODULE(_aggregation_cpu, m) {
         "Writes G = J J^T (K x K float64, row-major) to `out` for K row pointers of length n.");
   m.def("combine", &combine, py::arg("rows"), py::arg("n"), py::arg("dtype"), py::arg("weights"),
         py::arg("out"), py::arg("threads"),
-        "Writes out = sum_k weights[k] * row_k (n elements, the rows' dtype) to `out`.");
+        "Writes out = sum_k weights[k] * row_k (n elements, the rows' dtype) to `out`; returns "
+        "whether every sum was finite (computed in float32 or wider, before rounding to the output).");
   m.attr("FLOAT32") = static_cast<int>(DType::kFloat32);
   m.attr("FLOAT64") = static_cast<int>(DType::kFloat64);
   m.attr("BFLOAT16") = static_cast<int>(DType::kBFloat16);

@@ -111,3 +111,23 @@ def test_finite_inputs_that_overflow_are_returned_not_rejected():
     big = torch.full((2, 100), 3e38, dtype=torch.float32)
     out = Sum()(big)  # every input finite: the sum overflows to inf, which is the honest result
     assert torch.isinf(out).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("where", [5, 1 << 20, (1 << 21) + 30])  # first vectors, the second thread's range, the ragged tail
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_the_combine_pass_reports_non_finite_sums_wherever_they_are(dtype, where, value):
+    from tolaria.aggregation._sources import as_sources
+    from tolaria.aggregation.backends import CompiledCpuBackend
+
+    n = (1 << 21) + 37
+    j = torch.ones((2, n), dtype=dtype)
+    w = torch.tensor([1.0, 0.5], dtype=torch.float64)
+    backend = CompiledCpuBackend()
+    _, finite = backend.combine_checked(as_sources(j), w, None)
+    assert finite
+    j[1, where] = value
+    _, finite = backend.combine_checked(as_sources(j), w, None)
+    assert not finite
+    with pytest.raises(ValueError, match=r"source\(s\) 1"):
+        Weighted(w)(j)

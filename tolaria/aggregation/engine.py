@@ -119,11 +119,13 @@ def aggregate(
     if out is not None:
         check_out(out, sources)
     if fixed_weights is not None and not with_stats:
-        # Weights that do not depend on G: one pass over J, the combine; the check reads the
-        # output (1/K of J) and only reads G, to name the sources, when something is not finite.
+        # Weights that do not depend on G: one pass over J, the combine, which also reports whether
+        # every sum was finite; G is computed only to name the sources when one was not.
         weights = fixed_weights(sources.k, sources.device)
-        flat = impl.combine(sources, weights, out)
-        if nonfinite == "raise" and not bool(torch.isfinite(flat).all()):
+        if nonfinite != "raise":
+            return impl.combine(sources, weights, out), None
+        flat, finite = impl.combine_checked(sources, weights, out)
+        if not finite:
             raise_if_nonfinite(impl.gram(sources))  # a finite diagonal: finite inputs that overflowed
         return flat, None
     gram = impl.gram(sources)

@@ -30,6 +30,11 @@ class Backend(ABC):
     @abstractmethod
     def combine(self, sources: Sources, weights: Tensor, out: Tensor | None) -> Tensor: ...
 
+    def combine_checked(self, sources: Sources, weights: Tensor, out: Tensor | None) -> tuple[Tensor, bool]:
+        """``combine``, and whether every element of the result is finite (read on the host)."""
+        flat = self.combine(sources, weights, out)
+        return flat, bool(torch.isfinite(flat).all())
+
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64; every narrower dtype accumulates in float32."""

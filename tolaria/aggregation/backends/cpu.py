@@ -64,6 +64,10 @@ class CompiledCpuBackend(Backend):
         return g
 
     def combine(self, sources: Sources, weights: Tensor, out: Tensor | None) -> Tensor:
+        return self.combine_checked(sources, weights, out)[0]
+
+    def combine_checked(self, sources: Sources, weights: Tensor, out: Tensor | None) -> tuple[Tensor, bool]:
+        # The pass itself reports whether every sum was finite: no second read of the output.
         rows = _contiguous_rows(sources)
         w = weights.to(device="cpu", dtype=torch.float64).contiguous()
         if w.shape != (sources.k,):
@@ -72,7 +76,7 @@ class CompiledCpuBackend(Backend):
             out = torch.empty(sources.n, dtype=sources.dtype)
         else:
             _sources.check_out(out, sources)
-        _ext.combine(
+        finite = _ext.combine(
             [r.data_ptr() for r in rows],
             sources.n,
             _DTYPE_CODES[sources.dtype],
@@ -80,4 +84,4 @@ class CompiledCpuBackend(Backend):
             out.data_ptr(),
             torch.get_num_threads(),
         )
-        return out.view(-1)
+        return out.view(-1), bool(finite)
