@@ -100,6 +100,9 @@ class EmergencySignal(Protocol):
 
     def raise_level(self, level: int, reason: str, monotonic_ms: float | None = None) -> int | None: ...
 
+    def lower_level(self, from_level: int, to_level: int, reason: str,
+                    monotonic_ms: float | None = None) -> int | None: ...
+
     def trigger(self, level: int, reason: str, monotonic_ms: float | None = None) -> int: ...
 
     def clear(self) -> int: ...
@@ -159,15 +162,34 @@ class LocalEmergencySignal:
                 return None
             return self._publish(checked, reason, monotonic_ms)
 
+    def lower_level(self, from_level: int, to_level: int, reason: str, monotonic_ms: float | None = None) -> int | None:
+        """Lowers the level from ``from_level`` to ``to_level`` (NONE clears), only if it is still
+        ``from_level``; returns the new generation, or None when the level had changed."""
+        source = _trigger_level(from_level)
+        target = as_level(to_level)
+        if target >= source:
+            raise ValueError(f"lower_level needs a level below {int(source)}, got {int(target)}")
+        _check_timestamp(monotonic_ms)
+        with self._cond:
+            self._check_open()
+            if self._level != source:
+                return None
+            if target == EmergencyLevel.NONE:
+                return self._clear_locked()
+            return self._publish(target, reason, monotonic_ms)
+
     def clear(self) -> int:
         """Resets level, reason and timestamp; returns the new generation. Waiters stay asleep."""
         with self._cond:
             self._check_open()
-            self._level = EmergencyLevel.NONE
-            self._reason = ""
-            self._timestamp_ms = 0.0
-            self._generation += 1
-            return self._generation
+            return self._clear_locked()
+
+    def _clear_locked(self) -> int:
+        self._level = EmergencyLevel.NONE
+        self._reason = ""
+        self._timestamp_ms = 0.0
+        self._generation += 1
+        return self._generation
 
     def read(self) -> SignalState:
         """The current record."""
@@ -358,15 +380,16 @@ class EmergencyController:
                 signal = self.signal
                 if raising:
                     write = lambda: signal.raise_level(target, reason, record.monotonic_ms)  # noqa: E731
-                elif target == EmergencyLevel.NONE:
-                    write = signal.clear
-                else:
-                    write = lambda: signal.trigger(target, reason, record.monotonic_ms)  # noqa: E731
+                else:  # only from the level just read: an escalation elsewhere is never undone
+                    previous = record.previous_level
+                    write = lambda: signal.lower_level(previous, target, reason, record.monotonic_ms)  # noqa: E731
                 generation = self._signal_call(record, "write", write)
-                if raising and record.signal_error is None and generation is None:
-                    # Another process raised the level at least this far in the meantime.
+                if record.signal_error is None and generation is None:
+                    # Another process changed the level in the meantime (raised it at least this
+                    # far, or moved it before this lowering): nothing is written over it.
+                    read_before = record.previous_level
                     record.previous_level = self._known_level(record)
-                    return self._noop(record, started)
+                    return self._noop(record, started, changed_from=None if raising else read_before)
                 record.signal_generation = generation
             self._level = target
             record.changed = True
@@ -380,12 +403,18 @@ class EmergencyController:
                 self._level = EmergencyLevel(state.level)
         return self._level
 
-    def _noop(self, record: Escalation, started: float) -> Escalation:
-        relation = "not above" if record.action == "escalate" else "not below"
-        message = (
-            f"{record.action} to {record.level.name} ignored: {relation} the current level "
-            f"{record.previous_level.name} ({record.reason})"
-        )
+    def _noop(self, record: Escalation, started: float, changed_from: EmergencyLevel | None = None) -> Escalation:
+        if changed_from is not None:
+            message = (
+                f"{record.action} to {record.level.name} ignored: the level moved from {changed_from.name} to "
+                f"{record.previous_level.name} in another writer meanwhile, and is not overwritten ({record.reason})"
+            )
+        else:
+            relation = "not above" if record.action == "escalate" else "not below"
+            message = (
+                f"{record.action} to {record.level.name} ignored: {relation} the current level "
+                f"{record.previous_level.name} ({record.reason})"
+            )
         log.info(message)
         self.telemetry.event(
             "emergency.noop", severity="info", message=message, action=record.action, level=record.level.name,

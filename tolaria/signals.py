@@ -7,7 +7,9 @@ the next trigger. The classes are compiled (``tolaria._signal``, C++):
 - :class:`SharedEmergencySignal`: ``trigger(level, reason, monotonic_ms=None)`` with an
   :class:`~tolaria.emergency.EmergencyLevel` from NOTICE to HALT (anything else, NONE included, is a
   ``ValueError``: NONE is what ``clear()`` sets); ``raise_level(...)``, the same only if the level
-  goes up, decided atomically across processes; ``read()`` gives a :class:`SignalState`
+  goes up, decided atomically across processes; ``lower_level(from_level, to_level, reason)``, a
+  lowering (to NONE: a clear) only if the level is still ``from_level``, so a concurrent escalation
+  is never undone; ``read()`` gives a :class:`SignalState`
   ``(level, reason, timestamp_ms, generation, is_set)``.
 - :class:`SharedDeadlineSignal`: ``trigger(reason, monotonic_ms=None)``; ``read()`` gives a
   :class:`DeadlineState` ``(timestamp_ms, reason, generation, is_set)``.

@@ -298,6 +298,15 @@ class SharedSeqlock {
     return write_if(payload, /*set=*/true, accept);
   }
 
+  // Clears the record only if `accept(current payload, current is_set)` holds at the moment of
+  // writing, atomically with respect to every other writer. Returns the generation, or nullopt.
+  template <class Accept>
+  std::optional<uint64_t> clear_if(const Accept& accept) {
+    std::shared_lock<std::shared_mutex> lk(mu_);
+    check_open();
+    return write_if(Payload{}, /*set=*/false, accept);
+  }
+
   // Replaces the record with the cleared one; returns the new generation.
   uint64_t clear() {
     std::shared_lock<std::shared_mutex> lk(mu_);

@@ -89,6 +89,21 @@ int check_level(py::handle level) {
   return static_cast<int>(value);
 }
 
+// The level lower_level() goes to: NONE (0) .. from - 1.
+int check_lower_target(py::handle level, int from) {
+  if (PyBool_Check(level.ptr()) || !PyIndex_Check(level.ptr())) {
+    throw std::invalid_argument("invalid emergency level " + py::repr(level).cast<std::string>() +
+                                ": expected an EmergencyLevel or an int in 0..3");
+  }
+  Py_ssize_t value = PyNumber_AsSsize_t(level.ptr(), nullptr);
+  if (value == -1 && PyErr_Occurred()) throw py::error_already_set();
+  if (value < 0 || value >= from) {
+    throw std::invalid_argument("lower_level needs a level below " + std::to_string(from) + ", got " +
+                                std::to_string(value));
+  }
+  return static_cast<int>(value);
+}
+
 double check_timestamp(std::optional<double> monotonic_ms) {
   if (!monotonic_ms.has_value()) return monotonic_ms_now();
   double t = *monotonic_ms;
@@ -365,6 +380,28 @@ PYBIND11_MODULE(_signal, m) {
           "Like trigger(), but only if `level` is above the current level (NONE when not set), decided\n"
           "atomically with respect to writers in every process: two processes escalating at once can never\n"
           "lower the level. Returns the new generation, or None when the level was already as high.")
+      .def(
+          "lower_level",
+          [](EmergencyCore& self, py::handle from_level, py::handle to_level, const py::str& reason,
+             std::optional<double> monotonic_ms) -> std::optional<uint64_t> {
+            const int from = check_level(from_level);
+            const int to = check_lower_target(to_level, from);
+            // Only if the level is still `from`: a concurrent escalation elsewhere is never undone.
+            auto still_from = [from](const EmergencyPayload& current, bool is_set) {
+              return is_set && current.level == from;
+            };
+            if (to == 0) return self.clear_if(still_from);
+            EmergencyPayload p{};
+            p.level = to;
+            store_reason(p, reason);
+            p.timestamp_ms = check_timestamp(monotonic_ms);
+            return self.trigger_if(p, still_from);
+          },
+          py::arg("from_level"), py::arg("to_level"), py::arg("reason"), py::arg("monotonic_ms") = py::none(),
+          "Lowers the level from `from_level` to `to_level` (NONE clears the signal), only if the level\n"
+          "is still `from_level`, decided atomically with respect to writers in every process: a\n"
+          "concurrent escalation is never undone. Returns the new generation, or None when the level\n"
+          "had changed.")
       .def(
           "read",
           [](const EmergencyCore& self) {

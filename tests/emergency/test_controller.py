@@ -1,5 +1,6 @@
 """EmergencyLevel, LocalEmergencySignal and EmergencyController."""
 
+import os
 import threading
 import time
 
@@ -357,3 +358,56 @@ def test_close_reports_what_it_could_not_send_by_the_deadline(telemetry, sink, c
     assert "escalate to HALT (disk on fire)" in event["message"] and event["severity"] == "error"
     assert telemetry.counters["emergency.broadcasts_undelivered"] == 1
     assert "undelivered" in caplog.text
+
+
+class _StaleReads:
+    """A signal whose first read is stale: another process raises the level right after it."""
+
+    def __init__(self, inner, raise_to):
+        self.inner, self.raise_to, self.reads = inner, raise_to, 0
+
+    def read(self):
+        state = self.inner.read()
+        self.reads += 1
+        if self.reads == 1:
+            self.inner.raise_level(self.raise_to, "another process")
+        return state
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+@pytest.mark.parametrize("kind", ["local", "shared"])
+def test_deescalate_never_undoes_a_concurrent_escalation(kind, telemetry, sink):
+    inner = LocalEmergencySignal() if kind == "local" else SharedEmergencySignal.create(f"tolaria-test-lower-{os.getpid()}")
+    try:
+        inner.trigger(L.ELEVATED, "start")
+        ctrl = EmergencyController(signal=_StaleReads(inner, L.HALT), telemetry=telemetry)
+        record = ctrl.deescalate(L.NONE, "looks fine")
+        assert not record.changed and record.previous_level == L.HALT
+        assert inner.read().level == L.HALT  # the HALT raised in between stands
+        (event,) = sink.of_kind("emergency.noop")
+        assert "moved from ELEVATED to HALT" in event["message"]
+    finally:
+        inner.close()
+        if kind == "shared":
+            inner.unlink()
+
+
+@pytest.mark.parametrize("kind", ["local", "shared"])
+def test_lower_level_only_from_the_level_named(kind):
+    sig = LocalEmergencySignal() if kind == "local" else SharedEmergencySignal.create(f"tolaria-test-lower2-{os.getpid()}")
+    try:
+        assert sig.lower_level(L.ELEVATED, L.NONE, "nothing set") is None
+        sig.trigger(L.CONSERVATIVE, "x")
+        assert sig.lower_level(L.ELEVATED, L.NOTICE, "stale") is None and sig.read().level == L.CONSERVATIVE
+        generation = sig.lower_level(L.CONSERVATIVE, L.NOTICE, "better")
+        state = sig.read()
+        assert state.generation == generation and state.level == L.NOTICE and state.reason == "better"
+        assert sig.lower_level(L.NOTICE, L.NONE, "clear") is not None and not sig.read().is_set
+        with pytest.raises(ValueError, match="below"):
+            sig.lower_level(L.NOTICE, L.HALT, "up is not down")
+    finally:
+        sig.close()
+        if kind == "shared":
+            sig.unlink()
