@@ -39,6 +39,8 @@ status=0
 say() { echo "$@" | tee -a "$LOG"; }
 TOTAL_S=${GPU_CHECK_SECONDS:-420}  # the whole check stays under this (plus start-up)
 export TORCHINDUCTOR_COMPILE_THREADS=1  # no pool of compile workers outliving a step
+next_log_line() { echo $(($(wc -l <"$LOG") + 1)); }  # where the next command's output starts
+
 run() {  # run CAP_S LABEL CMD...: logged, limited to CAP_S and to what is left of TOTAL_S
     local limit=$1 label=$2
     shift 2
@@ -52,7 +54,8 @@ run() {  # run CAP_S LABEL CMD...: logged, limited to CAP_S and to what is left 
     fi
     say ""
     say "== $label (limit ${limit}s, started at ${SECONDS}s)"
-    local first=$(($(wc -l <"$LOG") + 1))
+    local first
+    first=$(next_log_line)
     # Own session and process group (setsid), output to the log file only; the whole group is
     # killed afterwards, whatever it left running.
     setsid timeout --kill-after=10 "$limit" "$@" >>"$LOG" 2>&1 </dev/null &
@@ -60,7 +63,7 @@ run() {  # run CAP_S LABEL CMD...: logged, limited to CAP_S and to what is left 
     wait "$pid"
     local rc=$?
     kill -KILL -- "-$pid" 2>/dev/null
-    tail -n "+$first" "$LOG"
+    tail -n "+$first" "$LOG"  # the step's output, echoed once it is over
     if [ "$rc" = 124 ] && [ "${OPTIONAL:-0}" = 1 ]; then
         say "(stopped at the time limit: this step only uses the time that is left)"
     elif [ "$rc" -ne 0 ]; then
@@ -70,7 +73,8 @@ run() {  # run CAP_S LABEL CMD...: logged, limited to CAP_S and to what is left 
 }
 
 quick() {  # quick CMD...: a short command (at most a minute), logged like a step, its status returned
-    local first=$(($(wc -l <"$LOG") + 1))
+    local first
+    first=$(next_log_line)
     timeout --kill-after=5 60 "$@" >>"$LOG" 2>&1 </dev/null
     local rc=$?
     tail -n "+$first" "$LOG"

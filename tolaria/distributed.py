@@ -626,14 +626,21 @@ def broadcast_module_state(model: nn.Module, ctx: DistributedContext) -> None:
     structure (checked first, on every rank, naming the ranks that differ). Communication: the
     model's bytes once, rank 0 to all.
     """
-    _check_context(ctx)
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    tensors = _tensor_entries(model)
-    _check_same_layout(tensors, ctx, "model structure")
+    tensors = _checked_model_entries(model, ctx)
     if not ctx._live():
         return
     _broadcast_in_place([t for _, t in tensors], ctx)
+
+
+def _checked_model_entries(model: nn.Module, ctx: DistributedContext) -> list[tuple[str, Tensor]]:
+    """The model's tensor entries, after checking the arguments and that every rank's model has the
+    same structure (on every rank, naming the ranks that differ)."""
+    _check_context(ctx)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    entries = _tensor_entries(model)
+    _check_same_layout(entries, ctx, "model structure")
+    return entries
 
 
 def _tensor_entries(model: nn.Module) -> list[tuple[str, Tensor]]:
@@ -741,11 +748,7 @@ def verify_replicas(model: nn.Module, ctx: DistributedContext) -> None:
     Costs one pass over the model on its device, a host read of two ints per tensor and one
     all-gather of them: a periodic check (every epoch, after a resume), not a per-step one.
     """
-    _check_context(ctx)
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    entries = _tensor_entries(model)
-    _check_same_layout(entries, ctx, "model structure")
+    entries = _checked_model_entries(model, ctx)
     if not ctx._live():
         return
     control = _control_device(ctx)

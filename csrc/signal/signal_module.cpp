@@ -71,14 +71,20 @@ using DeadlineCore = SharedSeqlock<DeadlinePayload>;
 
 // ---- argument checks ----------------------------------------------------------------------------
 
-int check_level(py::handle level) {
+// An emergency level's integer value; `expected` says which values the caller takes.
+Py_ssize_t level_value(py::handle level, const char* expected) {
   // bool is an int in Python, but True is no emergency level.
   if (PyBool_Check(level.ptr()) || !PyIndex_Check(level.ptr())) {
     throw std::invalid_argument("invalid emergency level " + py::repr(level).cast<std::string>() +
-                                ": expected an EmergencyLevel or an int in 1..4");
+                                ": expected an EmergencyLevel or an int in " + expected);
   }
   Py_ssize_t value = PyNumber_AsSsize_t(level.ptr(), nullptr);
   if (value == -1 && PyErr_Occurred()) throw py::error_already_set();
+  return value;
+}
+
+int check_level(py::handle level) {
+  const Py_ssize_t value = level_value(level, "1..4");
   if (value == 0) {
     throw std::invalid_argument("cannot trigger emergency level NONE (0): use clear() to reset the signal");
   }
@@ -91,12 +97,7 @@ int check_level(py::handle level) {
 
 // The level lower_level() goes to: NONE (0) .. from - 1.
 int check_lower_target(py::handle level, int from) {
-  if (PyBool_Check(level.ptr()) || !PyIndex_Check(level.ptr())) {
-    throw std::invalid_argument("invalid emergency level " + py::repr(level).cast<std::string>() +
-                                ": expected an EmergencyLevel or an int in 0..3");
-  }
-  Py_ssize_t value = PyNumber_AsSsize_t(level.ptr(), nullptr);
-  if (value == -1 && PyErr_Occurred()) throw py::error_already_set();
+  const Py_ssize_t value = level_value(level, "0..3");
   if (value < 0 || value >= from) {
     throw std::invalid_argument("lower_level needs a level below " + std::to_string(from) + ", got " +
                                 std::to_string(value));

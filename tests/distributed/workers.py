@@ -7,6 +7,7 @@ lists of ``float.hex`` strings, so equality there is bitwise.
 
 from __future__ import annotations
 
+import importlib
 import json
 import traceback
 from datetime import timedelta
@@ -94,14 +95,20 @@ def combined_batches(epochs: int) -> list[list[int]]:
 
 def run(scenario: str, out: Path) -> None:
     """Runs ``scenario`` on WORLD_SIZE spawned ranks (raises if any rank failed)."""
-    mp.spawn(_entry, args=(scenario, str(out)), nprocs=WORLD_SIZE, join=True)
+    spawn(__name__, scenario, out)
+
+
+def spawn(module: str, scenario: str, out: Path) -> None:
+    """Runs ``SCENARIOS[scenario]`` of the importable ``module`` on WORLD_SIZE spawned ranks, each
+    in a gloo group (raises if any rank failed); every rank writes its result to ``out``."""
+    mp.spawn(_entry, args=(module, scenario, str(out)), nprocs=WORLD_SIZE, join=True)
 
 
 def results(scenario: str, out: Path) -> list[dict[str, Any]]:
     return [json.loads((out / f"{scenario}-rank{r}.json").read_text()) for r in range(WORLD_SIZE)]
 
 
-def _entry(rank: int, scenario: str, out: str) -> None:
+def _entry(rank: int, module: str, scenario: str, out: str) -> None:
     torch.set_num_threads(1)
     from tolaria.distributed import _import_before_process_group
 
@@ -113,7 +120,7 @@ def _entry(rank: int, scenario: str, out: str) -> None:
         from tolaria.distributed import DistributedContext
 
         ctx = DistributedContext.from_process_group()
-        result = SCENARIOS[scenario](ctx, Path(out))
+        result = importlib.import_module(module).SCENARIOS[scenario](ctx, Path(out))
         (Path(out) / f"{scenario}-rank{rank}.json").write_text(json.dumps(result))
     except BaseException:
         traceback.print_exc()

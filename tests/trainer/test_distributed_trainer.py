@@ -13,25 +13,21 @@ import json
 import os
 import subprocess
 import sys
-import traceback
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
+from distributed import workers  # tests/distributed: pytest puts tests/ on sys.path, as for this package
 from tolaria.emergency import EmergencyLevel
 from tolaria.trainer import CheckpointConfig, TelemetryConfig, Trainer, TrainerConfig
 
 pytestmark = [pytest.mark.slow]
 
-WORLD_SIZE = 2
-COLLECTIVE_TIMEOUT_S = 20  # a rank stuck in a collective fails instead of hanging the test
+WORLD_SIZE = workers.WORLD_SIZE
 SAMPLES, FEATURES, TARGETS = 16, 4, 3
 BATCH = 4  # per rank per step
 SEED = 7  # shuffle of the shards and PCGrad's generator
@@ -190,28 +186,9 @@ SCENARIOS = {"train": scenario_train, "halt": scenario_halt, "checkpoint": scena
              "rollback": scenario_rollback}
 
 
-def _entry(rank: int, scenario: str, out: str) -> None:
-    torch.set_num_threads(1)
-    from tolaria.distributed import DistributedContext, _import_before_process_group
-
-    _import_before_process_group()  # else the group outlives destroy_process_group (see its docstring)
-    store = dist.FileStore(str(Path(out) / "store"), WORLD_SIZE)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD_SIZE,
-                            timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
-    try:
-        ctx = DistributedContext.from_process_group()
-        result = SCENARIOS[scenario](ctx, Path(out))
-        (Path(out) / f"{scenario}-rank{rank}.json").write_text(json.dumps(result))
-    except BaseException:
-        traceback.print_exc()
-        raise
-    finally:
-        dist.destroy_process_group()
-
-
 def run(scenario: str, out: Path) -> list[dict[str, Any]]:
-    mp.spawn(_entry, args=(scenario, str(out)), nprocs=WORLD_SIZE, join=True)
-    return [json.loads((out / f"{scenario}-rank{r}.json").read_text()) for r in range(WORLD_SIZE)]
+    workers.spawn(__name__, scenario, out)
+    return workers.results(scenario, out)
 
 
 def records(path: Path) -> list[dict[str, Any]]:

@@ -59,9 +59,15 @@ def pcgrad_coefficients(gram: Tensor, orders: Tensor) -> tuple[Tensor, Tensor]:
     dispatch; the arithmetic is the same.
     Under ``torch.compile`` the torch loop is traced instead, so the graph stays whole.
     """
-    if gram.device.type == "cpu" and orders.device.type == "cpu" and not torch.compiler.is_compiling():
+    if _on_host(gram) and orders.device.type == "cpu":
         return _pcgrad_coefficients_host(gram, orders)
     return _pcgrad_coefficients_torch(gram, orders)
+
+
+def _on_host(gram: Tensor) -> bool:
+    """Whether the K x K loop runs on host numbers: a CPU Gram matrix, outside torch.compile tracing
+    (which needs the torch loop to keep its graph whole)."""
+    return gram.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def _pcgrad_coefficients_torch(gram: Tensor, orders: Tensor) -> tuple[Tensor, Tensor]:
@@ -178,8 +184,9 @@ class PCGrad(Aggregator):
                 weights = None if self.weights is None else self._weight_copies.like(gram)
                 return Weights(*pcgrad_weights(gram, orders, reduction=self.reduction, weights=weights))
         orders = draw_orders(k, shuffle=self.shuffle, generator=self.generator, device=gram.device)
-        if gram.device.type == "cpu" and not torch.compiler.is_compiling():
-            # Host numbers: the loop and w = a^T C in plain floats, two small tensors at the end.
+        if _on_host(gram):
+            # Host numbers: the loop and w = a^T C in plain floats, two small tensors at the end
+            # (the device branch below builds the same scale as a device tensor: no host copy there).
             coeff_rows, n_conflicts = _host_loop(gram, orders)
             if self.weights is None:
                 scale = [1.0 if self.reduction == "sum" else 1.0 / k] * k

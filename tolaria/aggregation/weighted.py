@@ -6,6 +6,7 @@ pass) and checks finiteness on the result; with stats, the Gram pass runs too an
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Sequence
 
 import torch
@@ -20,11 +21,19 @@ def _weight_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64  # as the engine's K x K work
 
 
-def _no_conflicts(gram: Tensor) -> Tensor:
-    return torch.zeros((), dtype=torch.int64, device=gram.device)
+class _FixedWeighting(Aggregator):
+    """An aggregator whose weights ignore G: ``_fixed_weights`` alone defines it."""
+
+    def weighting(self, gram: Tensor) -> Weights:
+        weights = self._fixed_weights(gram.shape[0], gram.device).to(gram.dtype)
+        return Weights(weights, torch.zeros((), dtype=torch.int64, device=gram.device))
+
+    @abstractmethod
+    def _fixed_weights(self, k: int, device: torch.device) -> Tensor:
+        """The K weights, float64 on ``device`` (float32 on MPS)."""
 
 
-class Weighted(Aggregator):
+class Weighted(_FixedWeighting):
     """out = sum_k weights[k] * g_k, with weights fixed at construction (one per source)."""
 
     def __init__(self, weights: Sequence[float] | Tensor, *, backend: str = "auto", nonfinite: str = "raise"):
@@ -35,9 +44,6 @@ class Weighted(Aggregator):
     def _check_k(self, k: int) -> None:
         check_weight_count(self.weights, k, "Weighted")
 
-    def weighting(self, gram: Tensor) -> Weights:
-        return Weights(self._copies.like(gram), _no_conflicts(gram))
-
     def _fixed_weights(self, k: int, device: torch.device) -> Tensor:
         return self._copies.like(torch.empty(0, dtype=_weight_dtype(device), device=device))
 
@@ -45,23 +51,15 @@ class Weighted(Aggregator):
         return f"Weighted(weights={self.weights.tolist()}, backend={self.backend!r}, nonfinite={self.nonfinite!r})"
 
 
-class Mean(Aggregator):
+class Mean(_FixedWeighting):
     """out = (1 / K) sum_k g_k."""
-
-    def weighting(self, gram: Tensor) -> Weights:
-        k = gram.shape[0]
-        return Weights(torch.full((k,), 1.0 / k, dtype=gram.dtype, device=gram.device), _no_conflicts(gram))
 
     def _fixed_weights(self, k: int, device: torch.device) -> Tensor:
         return torch.full((k,), 1.0 / k, dtype=_weight_dtype(device), device=device)
 
 
-class Sum(Aggregator):
+class Sum(_FixedWeighting):
     """out = sum_k g_k."""
-
-    def weighting(self, gram: Tensor) -> Weights:
-        k = gram.shape[0]
-        return Weights(torch.ones(k, dtype=gram.dtype, device=gram.device), _no_conflicts(gram))
 
     def _fixed_weights(self, k: int, device: torch.device) -> Tensor:
         return torch.ones(k, dtype=_weight_dtype(device), device=device)

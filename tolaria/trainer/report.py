@@ -85,6 +85,16 @@ def _figure():
     return plt
 
 
+def _save(fig, out: Path) -> None:
+    """Writes the figure as a PNG and frees it (a plot function returns None when it drew something)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return None
+
+
 def _mark_rollbacks(ax, records: list[dict[str, Any]]) -> None:
     """Vertical lines where the run stepped back: rollbacks (red) and resumes from a checkpoint (grey)."""
     marks = (("safety.rollback", "restored_step", "tab:red", "rollback"), ("train.resume", "restored_step", "tab:gray", "resume"))
@@ -121,10 +131,7 @@ def plot_losses(records: list[dict[str, Any]], out: Path) -> str | None:
         ax2.xaxis.get_major_locator().set_params(integer=True)
         ax2.grid(alpha=0.3)
         ax2.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return None
+    return _save(fig, out)
 
 
 def plot_lr(records: list[dict[str, Any]], out: Path) -> str | None:
@@ -143,10 +150,7 @@ def plot_lr(records: list[dict[str, Any]], out: Path) -> str | None:
         ax.plot(steps, [v for _, v in points])
     ax.set(xlabel="optimizer step", ylabel="learning rate", title="Learning rate")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return None
+    return _save(fig, out)
 
 
 def plot_conflicts(records: list[dict[str, Any]], out: Path) -> str | None:
@@ -163,10 +167,7 @@ def plot_conflicts(records: list[dict[str, Any]], out: Path) -> str | None:
     ax.set(xlabel="optimizer step", ylabel="conflicts per source pair", title="Gradient conflict rate", ylim=(-0.02, 1.02))
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return None
+    return _save(fig, out)
 
 
 def mean_cosine(records: list[dict[str, Any]]) -> tuple[list[str], list[list[float]]] | None:
@@ -218,10 +219,7 @@ def plot_cosine(records: list[dict[str, Any]], out: Path) -> str | None:
     ax2.grid(alpha=0.3)
     if xs:
         ax2.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return None
+    return _save(fig, out)
 
 
 PLOTS = {
