@@ -365,7 +365,8 @@ PYBIND11_MODULE(_signal, m) {
           "Sets the signal to `level` (EmergencyLevel NOTICE..HALT; NONE is clear()'s job) with `reason`\n"
           "(UTF-8, cut to MAX_REASON_BYTES = 256 bytes on a character boundary) and `monotonic_ms` (default:\n"
           "now, from the clock behind time.monotonic()), as one record no reader sees half-written. Wakes\n"
-          "every waiter and returns the new generation.")
+          "every waiter and returns the new generation. A trigger that woke a waiter yields the CPU once\n"
+          "(sched_yield), so a waiter queued on this CPU runs at once instead of after this time slice.")
       .def(
           "raise_level",
           [](EmergencyCore& self, py::handle level, const py::str& reason, std::optional<double> monotonic_ms) {
