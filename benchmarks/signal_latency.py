@@ -10,13 +10,14 @@
 What is measured, for each method the same way: the latency from "the writer is about to signal"
 to "the waiter runs again", one way, across two processes. The writer stores
 ``time.monotonic_ns()`` in a shared slot right before it signals; the waiter (a spawned process)
-reads the same clock right after it wakes and subtracts. Each round the writer waits for the waiter
-to report ready, then sleeps a random 0.2 to 1.2 ms, so that the waiter is asleep in its wait when
-the signal comes (and, for polling, so the signal lands at a random phase of the poll). Each
-method has its own waiter process, and the rounds of all three are interleaved in one random order,
-so that load from elsewhere on the host falls on all of them alike (the poller's waiter, awake
-every millisecond, is background activity for the other two). The first 50 wakes of each method
-are warm-up and not counted.
+reads the same clock right after it wakes and subtracts. Each round the writer opens the round
+(a pipe message to that method's waiter), waits for the waiter to report ready, then sleeps a random
+0.2 to 1.2 ms, so that the waiter is asleep in its wait when the signal comes (and, for polling, so
+the signal lands at a random phase of the poll). Each method has its own waiter process, and the
+rounds of all three are interleaved in one random order, so that load from elsewhere on the host
+falls on all of them alike. Between its rounds a waiter is parked on its pipe: only the method
+being measured is awake, so the poller's wake-ups every millisecond do not land in the other
+methods' rounds. The first 50 wakes of each method are warm-up and not counted.
 
 Latency on a shared machine is mostly scheduling: when every CPU is busy, a woken process waits for
 a time slice whatever woke it, and the tail shows that. The target figures need a quiet host.
@@ -25,6 +26,7 @@ a time slice whatever woke it, and the tail shows that. The target figures need 
 from __future__ import annotations
 
 import argparse
+import math
 import multiprocessing as mp
 import os
 import platform
@@ -45,7 +47,7 @@ def _slots(block: shared_memory.SharedMemory):
     return block.buf.cast("q")
 
 
-def _waiter(method: str, block_name: str, signal_name: str | None, event, rounds: int, results) -> None:
+def _waiter(method: str, block_name: str, signal_name: str | None, event, opened, rounds: int, results) -> None:
     # Spawned children share the parent's resource tracker, so attaching registers nothing new.
     block = shared_memory.SharedMemory(name=block_name)
     slots = _slots(block)
@@ -55,6 +57,7 @@ def _waiter(method: str, block_name: str, signal_name: str | None, event, rounds
             sig = SharedEmergencySignal.attach(signal_name)
             generation = sig.read().generation
             for i in range(rounds):
+                _open(opened, method, i)
                 slots[READY] = i + 1
                 if not sig.wait(TIMEOUT_S, after_generation=generation):
                     raise TimeoutError(f"signal: no trigger within {TIMEOUT_S} s in round {i}")
@@ -64,6 +67,7 @@ def _waiter(method: str, block_name: str, signal_name: str | None, event, rounds
             sig.close()
         elif method == "event":
             for i in range(rounds):
+                _open(opened, method, i)
                 slots[READY] = i + 1
                 if not event.wait(TIMEOUT_S):
                     raise TimeoutError(f"event: not set within {TIMEOUT_S} s in round {i}")
@@ -73,6 +77,7 @@ def _waiter(method: str, block_name: str, signal_name: str | None, event, rounds
         elif method == "poll":
             seen = slots[FLAG]
             for i in range(rounds):
+                _open(opened, method, i)
                 slots[READY] = i + 1
                 deadline = time.monotonic() + TIMEOUT_S
                 while slots[FLAG] == seen:
@@ -93,6 +98,13 @@ def _waiter(method: str, block_name: str, signal_name: str | None, event, rounds
         block.close()
 
 
+def _open(opened, method: str, i: int) -> None:
+    # Parked here between rounds (the writer may be busy with other methods' rounds for a while).
+    if not opened.poll(60 * TIMEOUT_S):
+        raise TimeoutError(f"{method}: round {i} was never opened")
+    opened.recv_bytes()
+
+
 class _Lane:
     """One method under test: its waiter process, its shared slots and its trigger."""
 
@@ -107,11 +119,14 @@ class _Lane:
         self.sig = SharedEmergencySignal.create(self.signal_name) if method == "signal" else None
         self.event = ctx.Event()
         self.results = ctx.Queue()
-        args = (method, self.block.name, self.signal_name, self.event, rounds, self.results)
+        opened, self.open_round = ctx.Pipe(duplex=False)
+        args = (method, self.block.name, self.signal_name, self.event, opened, rounds, self.results)
         self.waiter = ctx.Process(target=_waiter, args=args, daemon=True)
         self.waiter.start()
 
-    def wait_ready(self) -> None:
+    def start_round(self) -> None:
+        """Unparks the waiter and returns once it is about to wait for this round's signal."""
+        self.open_round.send_bytes(b"")
         deadline = time.monotonic() + TIMEOUT_S
         while self.slots[READY] <= self.done:
             if not self.waiter.is_alive() or time.monotonic() > deadline:
@@ -165,7 +180,7 @@ def measure(methods: list[str], rounds: int, seed: int) -> dict[str, list[float]
         rng.shuffle(schedule)
         for method in schedule:
             lane = lanes[method]
-            lane.wait_ready()
+            lane.start_round()
             time.sleep(rng.uniform(0.2e-3, 1.2e-3))
             lane.fire()
         return {method: lane.latencies_us() for method, lane in lanes.items()}
@@ -176,8 +191,8 @@ def measure(methods: list[str], rounds: int, seed: int) -> dict[str, list[float]
 
 def percentile(sorted_values: list[float], q: float) -> float:
     """Nearest-rank percentile of already sorted values."""
-    k = max(0, min(len(sorted_values) - 1, int(round(q / 100 * len(sorted_values) + 0.5)) - 1))
-    return sorted_values[k]
+    rank = math.ceil(q * len(sorted_values) / 100)  # the smallest value with q% of all at or below it
+    return sorted_values[max(1, min(len(sorted_values), rank)) - 1]
 
 
 METHODS = [
