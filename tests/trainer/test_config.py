@@ -105,3 +105,13 @@ def test_lr_controller_kwargs_pass_only_given_options():
 def test_replace_validates_again():
     with pytest.raises(ConfigError):
         TrainerConfig().replace(max_steps=-3)
+
+
+def test_profiler_section_mirrors_the_profilers_own_config():
+    # The trainer hands its [profiler] table to tolaria.profiler.ProfilerConfig by field name, with
+    # the same defaults: a field added to one and not the other must fail here, not in a run.
+    from tolaria import profiler
+
+    section = {f.name: f.default for f in dataclasses.fields(ProfilerConfig)}
+    runtime = {f.name: f.default for f in dataclasses.fields(profiler.ProfilerConfig)}
+    assert section == runtime

@@ -416,11 +416,9 @@ class Trainer:
     def _build_profiler(self):
         cfg = self.config.profiler
         trace_dir = cfg.trace_dir or (str(self.run_dir / "traces") if cfg.enabled else None)
-        pcfg = profiler_mod.ProfilerConfig(
-            enabled=cfg.enabled, trace_dir=trace_dir, wait=cfg.wait, warmup=cfg.warmup,
-            active_steps=cfg.active_steps, repeat=cfg.repeat, record_shapes=cfg.record_shapes,
-            profile_memory=cfg.profile_memory, with_stack=cfg.with_stack,
-        )
+        # The config section mirrors tolaria.profiler.ProfilerConfig field for field (a test holds
+        # them together); only the trace folder's default, the run folder, is the trainer's own.
+        pcfg = profiler_mod.ProfilerConfig(**{**cfg.to_dict(), "trace_dir": trace_dir})
         return profiler_mod.build_profiler(pcfg, run_id=str(self.telemetry.attributes.get("run_id")), telemetry=self.telemetry)
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
