@@ -4,7 +4,7 @@
 - ``multiprocessing.Event``,
 - a ``multiprocessing.shared_memory`` flag polled every 1 ms (the earlier prototype's approach).
 
-    python benchmarks/signal_latency.py                # 2000 wakes per method, about 15 s
+    python benchmarks/signal_latency.py                # 2000 wakes per method, about 7 s
     python benchmarks/signal_latency.py --wakes 5000
 
 What is measured, for each method the same way: the latency from "the writer is about to signal"
@@ -20,12 +20,17 @@ being measured is awake, so the poller's wake-ups every millisecond do not land 
 methods' rounds. The first 50 wakes of each method are warm-up and not counted.
 
 Latency on a shared machine is mostly scheduling: when every CPU is busy, a woken process waits for
-a time slice whatever woke it, and the tail shows that. The target figures need a quiet host.
+a time slice whatever woke it, and the tail shows that. The second table splits each method's wakes
+by where the waiter woke: on the CPU the writer signalled from (``trigger()`` then yields that CPU
+to it), or on another CPU, which, if it sat idle, must itself be woken first: on a VM that lets
+idle vCPUs halt, a trip through the hypervisor of tens of µs. When more than 1% of the wakes land
+on another CPU, those set the p99.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import math
 import multiprocessing as mp
 import os
@@ -33,11 +38,12 @@ import platform
 import random
 import sys
 import time
+from dataclasses import dataclass
 from multiprocessing import shared_memory
 
 from tolaria.signals import SharedEmergencySignal
 
-T0, READY, FLAG = 0, 1, 2  # int64 slots in the shared block
+T0, READY, FLAG, WRITER_CPU = 0, 1, 2, 3  # int64 slots in the shared block
 WARMUP = 50
 POLL_INTERVAL_S = 1e-3
 TIMEOUT_S = 10.0
@@ -45,6 +51,29 @@ TIMEOUT_S = 10.0
 
 def _slots(block: shared_memory.SharedMemory):
     return block.buf.cast("q")
+
+
+_sched_getcpu = getattr(ctypes.CDLL(None), "sched_getcpu", None)  # glibc/musl on Linux
+
+
+def _cpu() -> int:
+    """The CPU this process runs on now, or -1 where the C library cannot tell."""
+    return _sched_getcpu() if _sched_getcpu is not None else -1
+
+
+@dataclass
+class Wakes:
+    """One method's counted wakes: latency in µs, and whether the waiter woke on the CPU the writer
+    signalled from (None where the CPU cannot be read)."""
+
+    latencies_us: list[float]
+    on_writer_cpu: list[bool | None]
+
+
+def _woke(slots, latencies: list) -> None:
+    woke = time.monotonic_ns()  # first: everything after this is outside the measured interval
+    cpu, writer_cpu = _cpu(), slots[WRITER_CPU]
+    latencies.append((woke - slots[T0], None if cpu < 0 or writer_cpu < 0 else cpu == writer_cpu))
 
 
 def _waiter(method: str, block_name: str, signal_name: str | None, event, opened, rounds: int, results) -> None:
@@ -61,8 +90,7 @@ def _waiter(method: str, block_name: str, signal_name: str | None, event, opened
                 slots[READY] = i + 1
                 if not sig.wait(TIMEOUT_S, after_generation=generation):
                     raise TimeoutError(f"signal: no trigger within {TIMEOUT_S} s in round {i}")
-                woke = time.monotonic_ns()
-                latencies.append(woke - slots[T0])
+                _woke(slots, latencies)
                 generation = sig.read().generation
             sig.close()
         elif method == "event":
@@ -71,8 +99,7 @@ def _waiter(method: str, block_name: str, signal_name: str | None, event, opened
                 slots[READY] = i + 1
                 if not event.wait(TIMEOUT_S):
                     raise TimeoutError(f"event: not set within {TIMEOUT_S} s in round {i}")
-                woke = time.monotonic_ns()
-                latencies.append(woke - slots[T0])
+                _woke(slots, latencies)
                 event.clear()
         elif method == "poll":
             seen = slots[FLAG]
@@ -84,8 +111,7 @@ def _waiter(method: str, block_name: str, signal_name: str | None, event, opened
                     if time.monotonic() > deadline:
                         raise TimeoutError(f"poll: flag not raised within {TIMEOUT_S} s in round {i}")
                     time.sleep(POLL_INTERVAL_S)
-                woke = time.monotonic_ns()
-                latencies.append(woke - slots[T0])
+                _woke(slots, latencies)
                 seen = slots[FLAG]
         else:
             raise ValueError(f"unknown method {method!r}")
@@ -112,9 +138,10 @@ class _Lane:
         self.method = method
         self.rounds = rounds
         self.done = 0
-        self.block = shared_memory.SharedMemory(create=True, size=8 * 3)
+        self.block = shared_memory.SharedMemory(create=True, size=8 * 4)
         self.slots = _slots(self.block)
         self.slots[T0] = self.slots[READY] = self.slots[FLAG] = 0
+        self.slots[WRITER_CPU] = -1
         self.signal_name = f"tolaria-bench-{os.getpid()}-{method}"
         self.sig = SharedEmergencySignal.create(self.signal_name) if method == "signal" else None
         self.event = ctx.Event()
@@ -138,6 +165,7 @@ class _Lane:
 
     def fire(self) -> None:
         self.done += 1
+        self.slots[WRITER_CPU] = _cpu()  # before the stamp: not part of the measured interval
         if self.method == "signal":
             self.slots[T0] = time.monotonic_ns()
             self.sig.trigger(4, "benchmark")
@@ -148,12 +176,13 @@ class _Lane:
             self.slots[T0] = time.monotonic_ns()
             self.slots[FLAG] = self.done
 
-    def latencies_us(self) -> list[float]:
+    def wakes(self) -> Wakes:
         outcome = self.results.get(timeout=TIMEOUT_S)
         self.waiter.join(TIMEOUT_S)
         if isinstance(outcome, BaseException):
             raise RuntimeError(f"{self.method} waiter failed") from outcome
-        return [ns / 1e3 for ns in outcome[WARMUP:]]
+        counted = outcome[WARMUP:]
+        return Wakes([ns / 1e3 for ns, _ in counted], [same for _, same in counted])
 
     def close(self) -> None:
         if self.waiter.is_alive():
@@ -167,9 +196,10 @@ class _Lane:
         self.block.unlink()
 
 
-def measure(methods: list[str], rounds: int, seed: int) -> dict[str, list[float]]:
+def measure(methods: list[str], rounds: int, seed: int) -> dict[str, Wakes]:
     """Runs `rounds` trigger-to-wake round trips per method, the methods' rounds interleaved in a
-    random order (so load from elsewhere on the host hits them alike); returns latencies in µs."""
+    random order (so load from elsewhere on the host hits them alike); returns each method's counted
+    wakes (all but the first WARMUP)."""
     ctx = mp.get_context("spawn")
     rng = random.Random(seed)
     lanes: dict[str, _Lane] = {}
@@ -183,7 +213,7 @@ def measure(methods: list[str], rounds: int, seed: int) -> dict[str, list[float]
             lane.start_round()
             time.sleep(rng.uniform(0.2e-3, 1.2e-3))
             lane.fire()
-        return {method: lane.latencies_us() for method, lane in lanes.items()}
+        return {method: lane.wakes() for method, lane in lanes.items()}
     finally:
         for lane in lanes.values():
             lane.close()
@@ -202,6 +232,31 @@ METHODS = [
 ]
 
 
+def print_cpu_split(wakes: dict[str, Wakes]) -> None:
+    """Where each waiter woke: on the CPU the writer signalled from, or on another one. A wake onto
+    another CPU that sat idle waits for that CPU to wake up too (on a VM, a trip through the
+    hypervisor), so the share of such wakes largely sets the tail."""
+    if any(same is None for w in wakes.values() for same in w.on_writer_cpu):
+        print("where the waiters woke: not known (this C library has no sched_getcpu)")
+        return
+    print("where the waiters woke:")
+    header = f"{'method':<32}{'on the writer CPU':>19}{'p50 µs':>9}{'p99 µs':>9}{'on another':>12}{'p50 µs':>9}{'p99 µs':>9}"
+    print(header)
+    print("-" * len(header))
+    for key, label in METHODS:
+        w = wakes[key]
+        cells = []
+        for want in (True, False):
+            values = sorted(v for v, same in zip(w.latencies_us, w.on_writer_cpu) if same is want)
+            if values:
+                cells.append((len(values), f"{percentile(values, 50):.1f}", f"{percentile(values, 99):.1f}"))
+            else:
+                cells.append((0, "-", "-"))
+        (n_same, p50_same, p99_same), (n_other, p50_other, p99_other) = cells
+        print(f"{label:<32}{n_same:>19}{p50_same:>9}{p99_same:>9}{n_other:>12}{p50_other:>9}{p99_other:>9}")
+    print()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--wakes", type=int, default=2000, help="counted wakes per method (>= 1000)")
@@ -214,11 +269,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"python {platform.python_version()}, {platform.system()} {platform.release()}, {os.cpu_count()} CPUs, "
           f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
     started = time.monotonic()
-    latencies = measure([key for key, _ in METHODS], args.wakes + WARMUP, args.seed)
+    wakes = measure([key for key, _ in METHODS], args.wakes + WARMUP, args.seed)
     elapsed = time.monotonic() - started
     stats = {}
-    for key, values in latencies.items():
-        values = sorted(values)
+    for key, w in wakes.items():
+        values = sorted(w.latencies_us)
         stats[key] = (len(values), percentile(values, 50), percentile(values, 99), values[-1])
 
     base = stats["signal"]
@@ -238,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     beats = base[1] < event[1] and base[2] < event[2]
     print(f"beats multiprocessing.Event at p50 and p99: {'yes' if beats else 'NO'} "
           f"({event[1] / base[1]:.1f}x at p50, {event[2] / base[2]:.1f}x at p99)")
+    print()
+    print_cpu_split(wakes)
     print(f"total {elapsed:.1f} s")
     return 0
 

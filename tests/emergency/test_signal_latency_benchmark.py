@@ -24,13 +24,27 @@ def exit_at_once(*args):
 def test_every_method_wakes_once_per_round(bench):
     rounds = bench.WARMUP + 8
     started = time.monotonic()
-    latencies = bench.measure(["signal", "event", "poll"], rounds, seed=1)
+    wakes = bench.measure(["signal", "event", "poll"], rounds, seed=1)
     elapsed_us = (time.monotonic() - started) * 1e6
-    assert set(latencies) == {"signal", "event", "poll"}
-    for method, values in latencies.items():
-        assert len(values) == 8, method
+    assert set(wakes) == {"signal", "event", "poll"}
+    for method, w in wakes.items():
+        assert len(w.latencies_us) == len(w.on_writer_cpu) == 8, method
         # A wake is measured from the writer's stamp to the waiter's: positive, and inside the run.
-        assert all(0 < v < elapsed_us for v in values), (method, values)
+        assert all(0 < v < elapsed_us for v in w.latencies_us), (method, w.latencies_us)
+        assert all(isinstance(same, bool) for same in w.on_writer_cpu), (method, w.on_writer_cpu)
+
+
+def test_cpu_split_counts_every_wake_once(bench, capsys):
+    wakes = {
+        "signal": bench.Wakes([10.0, 20.0, 90.0], [True, True, False]),
+        "event": bench.Wakes([50.0, 60.0], [False, False]),
+        "poll": bench.Wakes([500.0], [True]),
+    }
+    bench.print_cpu_split(wakes)
+    rows = {line.split("  ")[0]: line.split() for line in capsys.readouterr().out.splitlines()}
+    assert rows["SharedEmergencySignal (futex)"][-6:] == ["2", "10.0", "20.0", "1", "90.0", "90.0"]  # nearest rank: p50 of two is the lower
+    assert rows["multiprocessing.Event"][-6:] == ["0", "-", "-", "2", "50.0", "60.0"]
+    assert rows["shared_memory flag, 1 ms poll"][-6:] == ["1", "500.0", "500.0", "0", "-", "-"]
 
 
 def test_a_dead_waiter_is_reported_not_waited_for(bench, monkeypatch):
