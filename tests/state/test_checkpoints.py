@@ -25,11 +25,6 @@ from tolaria.state.trees import check_loadable
 from tolaria.telemetry import MemorySink, TelemetryEmitter
 
 
-@pytest.fixture
-def sink() -> MemorySink:
-    return MemorySink()
-
-
 def _manager(root: Path, sink: MemorySink, keep_last: int = 3) -> StateManager:
     return StateManager(root, fast_cache_mb=1, keep_last=keep_last, telemetry=TelemetryEmitter([sink], batch_size=1))
 

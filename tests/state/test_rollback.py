@@ -10,17 +10,12 @@ import pytest
 from .helpers import assert_state_equal, full_state, make_adam, make_model, train_steps
 from tolaria.state import StateManager
 from tolaria.state import checkpoints as checkpoints_module
-from tolaria.telemetry import MemorySink, TelemetryEmitter
+from tolaria.telemetry import TelemetryEmitter
 
 # Liveness bound for "returns by the deadline even if the read never ends": generous, because the
 # machine is shared; a stuck read would otherwise block for the whole 30 s the test allows it.
 MARGIN_S = 1.0
 real_read_chunk = checkpoints_module._read_chunk
-
-
-@pytest.fixture
-def sink() -> MemorySink:
-    return MemorySink()
 
 
 @pytest.fixture

@@ -9,12 +9,7 @@ from torch import nn
 from .helpers import assert_state_equal, full_state, make_adam, make_model, train_steps
 from tolaria.state import SnapshotCache, StateError, StateManager
 from tolaria.state.trees import pack, packed_nbytes, tensors_of
-from tolaria.telemetry import MemorySink, TelemetryEmitter
-
-
-@pytest.fixture
-def sink() -> MemorySink:
-    return MemorySink()
+from tolaria.telemetry import TelemetryEmitter
 
 
 @pytest.fixture

@@ -442,18 +442,16 @@ class CheckpointStore:
             raise StagingCancelled(f"loading {what} was cancelled")
         return payload
 
-    def load_newest(self, entries: Sequence[CheckpointEntry] | None = None, *, max_step: int | None = None,
+    def load_newest(self, entries: Sequence[CheckpointEntry] | None = None, *,
                     cancel: CancelFlag | None = None) -> tuple[CheckpointEntry, dict[str, Any]]:
-        """The most recently committed checkpoint (of step <= ``max_step``) that verifies and loads.
+        """The most recently committed checkpoint (of ``entries``, default all) that verifies and loads.
 
         Each one that does not is reported (log and telemetry) and the previous commit is tried; if
         none is left, :class:`CheckpointError` lists every failure.
         """
-        pool = self._entries if entries is None else tuple(entries)
-        candidates = [e for e in pool if max_step is None or e.step <= max_step]
-        scope = f" at or before step {max_step}" if max_step is not None else ""
+        candidates = self._entries if entries is None else tuple(entries)
         if not candidates:
-            raise CheckpointError(f"no committed checkpoint{scope} in {self.root}")
+            raise CheckpointError(f"no committed checkpoint in {self.root}")
         failures = []
         for entry in reversed(sorted(candidates, key=lambda e: e.sequence)):
             try:
@@ -462,7 +460,7 @@ class CheckpointStore:
                 failures.append(str(exc))
                 report(self.telemetry, "state.checkpoint_invalid", "error",
                        f"{exc}; falling back to the previous checkpoint", step=entry.step, file=entry.file)
-        raise CheckpointError(f"no committed checkpoint{scope} in {self.root} verifies: " + "; ".join(failures))
+        raise CheckpointError(f"no committed checkpoint in {self.root} verifies: " + "; ".join(failures))
 
     def close(self) -> None:
         """Finishes pending deletions and stops the helper threads (neither waits on a read)."""

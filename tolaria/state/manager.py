@@ -36,7 +36,7 @@ from tolaria.signals import SharedDeadlineSignal
 from tolaria.state.checkpoints import CHECKPOINT_FORMAT, CheckpointEntry, CheckpointStore
 from tolaria.state.errors import CheckpointError, StateError
 from tolaria.state.reporting import report
-from tolaria.state.restore import capture, optimizer_layout, restore
+from tolaria.state.restore import capture, restore
 from tolaria.state.rollback import DeadlineRollback, RollbackResult
 from tolaria.state.snapshots import SnapshotCache, SnapshotInfo
 from tolaria.state.trees import clone_tree
@@ -96,6 +96,7 @@ class StateManager:
         self._signal: SharedDeadlineSignal | None = None
         self._rollback: DeadlineRollback | None = None
         self._store: CheckpointStore | None = None
+        self._snapshots: SnapshotCache | None = None
         try:
             self._snapshots = SnapshotCache(int(fast_cache_mb * (1 << 20)), self.telemetry)
             self._store = CheckpointStore(self.root, keep_last, checksum=checksum, telemetry=self.telemetry)
@@ -127,10 +128,6 @@ class StateManager:
     def fast_cache_bytes(self) -> int:
         """Bytes held by the in-memory snapshots (exact)."""
         return self._snapshots.nbytes
-
-    @property
-    def fast_cache_capacity_bytes(self) -> int:
-        return self._snapshots.capacity_bytes
 
     @property
     def snapshot_steps(self) -> list[int]:
@@ -197,8 +194,7 @@ class StateManager:
         _check_step(step)
         store = self._live_store()
         start = time.perf_counter()
-        payload = {"format": CHECKPOINT_FORMAT, "step": step, "model": model.state_dict(),
-                   "optimizer": optimizer.state_dict(), "extra": extra, "meta": optimizer_layout(optimizer)}
+        payload = {"format": CHECKPOINT_FORMAT, "step": step, **capture(model, optimizer, extra)}
         entry = store.write(step, payload)
         elapsed = time.perf_counter() - start
         self.telemetry.event("state.checkpoint_committed", message=f"checkpoint of step {step} committed as {entry.file}",
@@ -283,7 +279,7 @@ class StateManager:
             self._rollback.close()
         if self._store is not None:
             self._store.close()
-        if getattr(self, "_snapshots", None) is not None:
+        if self._snapshots is not None:
             self._snapshots.clear()
         if self._signal is not None and self._owns_signal:
             self._signal.close()

@@ -5,15 +5,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from tolaria.telemetry import TelemetryEmitter
+from tolaria.telemetry import _LOG_LEVELS, TelemetryEmitter
 
 log = logging.getLogger("tolaria.state")
-
-_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR,
-           "critical": logging.CRITICAL}
 
 
 def report(telemetry: TelemetryEmitter, kind: str, severity: str, message: str, **fields: Any) -> None:
     """Logs ``message`` on the ``tolaria.state`` logger and emits it as a telemetry event of ``kind``."""
-    log.log(_LEVELS[severity], "%s: %s", kind, message)
+    log.log(_LOG_LEVELS[severity], "%s: %s", kind, message)
     telemetry.event(kind, severity=severity, message=message, **fields)

@@ -55,8 +55,11 @@ def _listed(keys: set[Any]) -> str:
     return ", ".join(shown) + more
 
 
-def _check_model(model: nn.Module, saved: Any, source: str) -> bool:
-    """Raises StateMismatchError unless ``saved`` fits ``model``; True if every entry is a tensor."""
+def _check_model(model: nn.Module, saved: Any, source: str) -> tuple[bool, dict[str, Any]]:
+    """Raises StateMismatchError unless ``saved`` fits ``model``.
+
+    Returns whether every entry is a tensor, and the live entries checked (``state_dict(keep_vars=True)``).
+    """
     if not isinstance(saved, dict):
         raise StateMismatchError(f"{source}: model state is a {type(saved).__qualname__}, expected a dict")
     live = model.state_dict(keep_vars=True)
@@ -85,7 +88,7 @@ def _check_model(model: nn.Module, saved: Any, source: str) -> bool:
             )
         if value.dtype != other.dtype:
             raise StateMismatchError(f"{source}: model entry {key!r} has dtype {other.dtype} saved, {value.dtype} in the model")
-    return all_tensors
+    return all_tensors, live
 
 
 def _flat_params(optimizer: torch.optim.Optimizer) -> list[Tensor]:
@@ -93,8 +96,13 @@ def _flat_params(optimizer: torch.optim.Optimizer) -> list[Tensor]:
     return [p for group in optimizer.param_groups for p in group["params"]]
 
 
-def _check_optimizer(optimizer: torch.optim.Optimizer, saved: Any, meta: Any, source: str) -> bool:
-    """Raises OptimizerStateError unless ``saved`` loads into ``optimizer``; True if it can be copied in place."""
+def _check_optimizer(optimizer: torch.optim.Optimizer, saved: Any, meta: Any,
+                     source: str) -> tuple[bool, list[Tensor], list[Any]]:
+    """Raises OptimizerStateError unless ``saved`` loads into ``optimizer``.
+
+    Returns whether it can be copied in place, the live parameters in state-dict index order, and the
+    saved indices in that same order.
+    """
     well_formed = isinstance(saved, dict) and isinstance(saved.get("state"), dict)
     if not well_formed or not isinstance(saved.get("param_groups"), list):
         raise OptimizerStateError(f"{source}: optimizer state is malformed (expected a dict with 'state' and 'param_groups')")
@@ -124,10 +132,19 @@ def _check_optimizer(optimizer: torch.optim.Optimizer, saved: Any, meta: Any, so
                 )
     params = _flat_params(optimizer)
     saved_index = [i for g in saved_groups for i in g["params"]]
+    try:
+        known: set[Any] | list[Any] = set(saved_index)
+    except TypeError:  # an unhashable index (a malformed state): look it up in the list, as it is
+        known = saved_index
     for idx in saved["state"]:
-        if idx not in saved_index:
+        if idx not in known:
             raise OptimizerStateError(f"{source}: optimizer state has an entry for parameter {idx!r}, which no group lists")
-    # In place needs the live state to have exactly the saved structure: same entries, same tensor shapes.
+    return _fits_in_place(optimizer, saved, params, saved_index), params, saved_index
+
+
+def _fits_in_place(optimizer: torch.optim.Optimizer, saved: dict[str, Any], params: list[Tensor],
+                   saved_index: list[Any]) -> bool:
+    """In place needs the live state to have exactly the saved structure: same entries, same tensor shapes."""
     for p, idx in zip(params, saved_index):
         saved_entry = saved["state"].get(idx)
         live_entry = optimizer.state[p] if p in optimizer.state else {}
@@ -154,6 +171,11 @@ class RestorePlan:
     source: str
     model_all_tensors: bool
     optimizer_in_place: bool
+    # What the checks read from the live objects, reused when applying: apply the plan to the same,
+    # unchanged model and optimizer it was checked against.
+    live_model: dict[str, Any]  # model.state_dict(keep_vars=True)
+    params: list[Tensor]  # the optimizer's parameters, in state-dict index order
+    saved_index: list[Any]  # the saved state's parameter indices, in that same order
 
 
 def plan_restore(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any], source: str) -> RestorePlan:
@@ -162,17 +184,16 @@ def plan_restore(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict
     Raises :class:`StateMismatchError` (model) or :class:`OptimizerStateError` (optimizer) naming what
     differs and where ``source`` came from.
     """
-    model_all_tensors = _check_model(model, state.get("model"), source)
-    in_place = _check_optimizer(optimizer, state.get("optimizer"), state.get("meta"), source)
-    return RestorePlan(model, optimizer, state, source, model_all_tensors, in_place)
+    model_all_tensors, live_model = _check_model(model, state.get("model"), source)
+    in_place, params, saved_index = _check_optimizer(optimizer, state.get("optimizer"), state.get("meta"), source)
+    return RestorePlan(model, optimizer, state, source, model_all_tensors, in_place, live_model, params, saved_index)
 
 
 def _optimizer_in_place(plan: RestorePlan) -> list[tuple[Tensor, Tensor]]:
     """Sets the plain values (hyperparameters, counters) and returns the tensor copies still to do."""
     optimizer, saved = plan.optimizer, plan.state["optimizer"]
     pairs: list[tuple[Tensor, Tensor]] = []
-    saved_index = [i for g in saved["param_groups"] for i in g["params"]]
-    for p, idx in zip(_flat_params(optimizer), saved_index):
+    for p, idx in zip(plan.params, plan.saved_index):
         live = optimizer.state[p] if p in optimizer.state else {}
         for key, value in saved["state"].get(idx, {}).items():
             if isinstance(value, Tensor):
@@ -215,7 +236,7 @@ def apply_restore(plan: RestorePlan) -> None:
         _load_optimizer(plan)
     try:
         if plan.model_all_tensors:
-            live = plan.model.state_dict(keep_vars=True)
+            live = plan.live_model
             pairs += [(live[key], plan.state["model"][key]) for key in live]
             copy_tensors(pairs)
         else:  # entries such as a module's extra state go through the module's own loader

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 from tolaria.state.errors import StateError
-from tolaria.state.trees import PackedTree, pack, packed_nbytes
+from tolaria.state.reporting import report
+from tolaria.state.trees import PackedTree, pack, plan_pack
 from tolaria.telemetry import TelemetryEmitter, emitter_or_default
 
 log = logging.getLogger("tolaria.state")
@@ -40,7 +40,6 @@ class Snapshot:
 
     step: int
     packed: PackedTree
-    taken_at: float  # time.monotonic()
 
     @property
     def nbytes(self) -> int:
@@ -75,9 +74,6 @@ class SnapshotCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def __contains__(self, step: int) -> bool:
-        return step in self._entries
-
     def _remove(self, step: int) -> Snapshot:
         snapshot = self._entries.pop(step)
         self._nbytes -= snapshot.nbytes
@@ -85,7 +81,12 @@ class SnapshotCache:
 
     def put(self, step: int, tree: Any) -> SnapshotInfo:
         """Copies ``tree`` into a new snapshot for ``step`` (replacing any older one for that step)."""
-        need = packed_nbytes(tree)
+        try:
+            plan = plan_pack(tree, path=f"snapshot of step {step}")  # one walk: the bytes needed, then the copy
+        except Exception as exc:
+            self._report_failure(step, exc, [])
+            raise
+        need = plan.nbytes
         if need > self.capacity_bytes:
             raise StateError(
                 f"snapshot of step {step} needs {need} bytes but the fast cache holds at most "
@@ -101,22 +102,21 @@ class SnapshotCache:
                 self._remove(oldest)
                 evicted.append(oldest)
             try:
-                packed = pack(tree, path=f"snapshot of step {step}")
+                packed = pack(plan)
             except Exception as exc:
-                lost = ([step] if replaced else []) + evicted
-                message = f"snapshot of step {step} failed ({type(exc).__name__}: {exc}); snapshots released for it: {lost}"
-                log.error(message)
-                self.telemetry.event("state.snapshot_failed", severity="error", message=message, step=step, released=lost)
+                self._report_failure(step, exc, ([step] if replaced else []) + evicted)
                 raise
-            if packed.nbytes != need:  # the accounting is exact or it is a bug
-                raise StateError(f"snapshot of step {step} holds {packed.nbytes} bytes, {need} were planned")
-            self._entries[step] = Snapshot(step, packed, time.monotonic())
+            self._entries[step] = Snapshot(step, packed)
             self._nbytes += need
             cache_bytes = self._nbytes
         if evicted:
             self.telemetry.count("state.snapshots_evicted", len(evicted))
             log.debug("fast cache evicted snapshots of steps %s to fit step %d", evicted, step)
         return SnapshotInfo(step, need, tuple(evicted), replaced, cache_bytes)
+
+    def _report_failure(self, step: int, exc: Exception, lost: list[int]) -> None:
+        message = f"snapshot of step {step} failed ({type(exc).__name__}: {exc}); snapshots released for it: {lost}"
+        report(self.telemetry, "state.snapshot_failed", "error", message, step=step, released=lost)
 
     def get(self, step: int) -> Snapshot | None:
         """The snapshot of exactly ``step`` (marked recently used), or None."""

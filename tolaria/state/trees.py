@@ -10,7 +10,8 @@ Three things are done to them here:
 - :func:`pack` copies a tree's tensors into a few flat per-dtype buffers (pinned when the source
   lives on a CUDA device, copied asynchronously; CPU copies spread over a few threads, see
   :mod:`tolaria.state.copying`), the fast tier's in-memory snapshot. Its byte count is exact and
-  known before anything is allocated (:func:`packed_nbytes`).
+  known before anything is allocated (:func:`plan_pack` walks the tree once and lays the buffers
+  out; :func:`pack` takes that plan; :func:`packed_nbytes` counts without copying anything).
 """
 
 from __future__ import annotations
@@ -144,7 +145,7 @@ def _layout(tensors: list[Tensor]) -> tuple[list[tuple[torch.dtype, int]], dict[
 
 
 def _nbytes(lengths: dict[torch.dtype, int]) -> int:
-    return sum(n * torch.empty((), dtype=dtype).element_size() for dtype, n in lengths.items())
+    return sum(n * dtype.itemsize for dtype, n in lengths.items())
 
 
 def _collect(tree: Any, path: str) -> tuple[Any, list[Tensor]]:
@@ -170,6 +171,29 @@ def packed_nbytes(tree: Any) -> int:
     """Bytes :func:`pack` will hold for ``tree`` (exact, padding included), without copying anything."""
     _, lengths = _layout(tensors_of(tree))
     return _nbytes(lengths)
+
+
+@dataclass(frozen=True, eq=False)
+class PackPlan:
+    """One walk of a tree, ready for :func:`pack`: its structure, its tensors and their buffer layout.
+
+    ``nbytes`` is exactly what the packed tree will hold (padding included), known before anything
+    is allocated.
+    """
+
+    structure: Any  # the tree, tensors replaced by their index into ``tensors``, plain values copied
+    tensors: list[Tensor]  # detached, in walk order
+    offsets: list[tuple[torch.dtype, int]]  # per tensor: its buffer's dtype and its offset there, in elements
+    lengths: dict[torch.dtype, int]  # per dtype: the buffer's length, in elements
+    nbytes: int
+    path: str  # names the tree in errors
+
+
+def plan_pack(tree: Any, path: str = "state") -> PackPlan:
+    """Walks ``tree`` once (refusing tensors :func:`pack` cannot hold) and lays out its buffers."""
+    structure, tensors = _collect(tree, path)
+    offsets, lengths = _layout(tensors)
+    return PackPlan(structure, tensors, offsets, lengths, _nbytes(lengths), path)
 
 
 class PackedTree:
@@ -216,20 +240,25 @@ class PackedTree:
 
 
 def pack(tree: Any, path: str = "state") -> PackedTree:
-    """Copies ``tree`` into flat per-dtype buffers (pinned and asynchronous for CUDA sources)."""
-    structure, tensors = _collect(tree, path)
-    offsets, lengths = _layout(tensors)
+    """Copies ``tree`` into flat per-dtype buffers (pinned and asynchronous for CUDA sources).
+
+    ``tree`` may be a :class:`PackPlan` from :func:`plan_pack` (then its own ``path`` names it in
+    errors), so a caller that needed the byte count first walks the tree only once.
+    """
+    plan = tree if isinstance(tree, PackPlan) else plan_pack(tree, path)
+    tensors = plan.tensors
     on_cuda = {t.dtype for t in tensors if t.is_cuda}
     buffers: dict[torch.dtype, Tensor] = {}
-    for dtype, n in lengths.items():
+    for dtype, n in plan.lengths.items():
         try:
             buffers[dtype] = torch.empty(n, dtype=dtype, pin_memory=dtype in on_cuda)
         except RuntimeError as exc:
-            nbytes = n * torch.empty((), dtype=dtype).element_size()
-            raise StateError(f"{path}: could not allocate {nbytes} bytes of host memory for {dtype} tensors: {exc}") from exc
+            raise StateError(
+                f"{plan.path}: could not allocate {n * dtype.itemsize} bytes of host memory for {dtype} tensors: {exc}"
+            ) from exc
     slots: list[_Slot] = []
     pairs: list[tuple[Tensor, Tensor]] = []
-    for t, (dtype, offset) in zip(tensors, offsets):
+    for t, (dtype, offset) in zip(tensors, plan.offsets):
         slot = _Slot(dtype, offset, t.shape)
         slots.append(slot)
         pairs.append((buffers[dtype][offset : offset + t.numel()].view(t.shape), t))
@@ -240,4 +269,4 @@ def pack(tree: Any, path: str = "state") -> PackedTree:
             event = torch.cuda.Event()
             event.record()
             events.append(event)
-    return PackedTree(structure, slots, buffers, events)
+    return PackedTree(plan.structure, slots, buffers, events)
