@@ -31,7 +31,7 @@ import numbers
 import os
 import secrets
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDa
 from tolaria.aggregation import GradientBuffer
 from tolaria.emergency import EmergencyController, EmergencyLevel, as_level
 from tolaria.state import CheckpointEntry, CheckpointError, RestoredState, StateManager
+from tolaria.state.manager import _check_step
 from tolaria.state.restore import capture, restore
 from tolaria.telemetry import JsonlSink, TelemetryEmitter, TelemetrySink, emitter_or_default
 
@@ -288,10 +289,14 @@ def _env_int(name: str) -> int:
         raise DistributedError(f"environment variable {name}={raw!r} is not an integer") from None
 
 
+def _check_positive_real(name: str, value: Any, unit: str) -> None:
+    """Raises ValueError unless ``value`` is a finite real number > 0 (a bool is not one)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number of {unit} > 0, got {value!r}")
+
+
 def _check_timeout(timeout_s: float) -> float:
-    if isinstance(timeout_s, bool) or not isinstance(timeout_s, numbers.Real) or not math.isfinite(timeout_s) \
-            or timeout_s <= 0:
-        raise ValueError(f"timeout_s must be a finite number of seconds > 0, got {timeout_s!r}")
+    _check_positive_real("timeout_s", timeout_s, "seconds")
     return float(timeout_s)
 
 
@@ -478,9 +483,7 @@ def bucket_slices(numel: int, element_size: int, bucket_mb: float) -> list[tuple
     """``(start, stop)`` element ranges of about ``bucket_mb`` MiB each covering ``numel`` elements."""
     numel = _check_int("numel", numel, minimum=0)
     element_size = _check_int("element_size", element_size, minimum=1)
-    if isinstance(bucket_mb, bool) or not isinstance(bucket_mb, numbers.Real) or not math.isfinite(bucket_mb) \
-            or bucket_mb <= 0:
-        raise ValueError(f"bucket_mb must be a finite number of MiB > 0, got {bucket_mb!r}")
+    _check_positive_real("bucket_mb", bucket_mb, "MiB")
     per_bucket = max(1, int(bucket_mb * (1 << 20)) // element_size)
     return [(start, min(start + per_bucket, numel)) for start in range(0, numel, per_bucket)]
 
@@ -651,7 +654,7 @@ def _tensor_entries(model: nn.Module) -> list[tuple[str, Tensor]]:
 
 def _broadcast_in_place(tensors: Sequence[Tensor], ctx: DistributedContext) -> None:
     """Rank 0's values of ``tensors`` into every rank's tensors (asynchronous broadcasts, then waits)."""
-    comm_device = ctx.device if ctx.backend == "nccl" else torch.device("cpu")
+    comm_device = _control_device(ctx)
     pending: list[tuple[Tensor, Tensor | None, Any]] = []
     seen: set[int] = set()
     with torch.no_grad():
@@ -837,16 +840,37 @@ def agree_on_emergency_level(local_level: EmergencyLevel | int, ctx: Distributed
 # ---- checkpoints -----------------------------------------------------------------------------------
 
 
-def _share_from_main(message: dict[str, Any] | None, ctx: DistributedContext) -> dict[str, Any]:
-    """Rank 0's JSON ``message`` on every rank. Its first collective is an all-reduce, so no rank
-    leaves before rank 0 got here (a barrier)."""
-    data = json.dumps(message).encode() if ctx.is_main else b""
+def _share_bytes_from_main(data: bytes, ctx: DistributedContext) -> Any:
+    """Rank 0's JSON text ``data`` (ignored elsewhere), decoded, on every rank. Its first collective is
+    an all-reduce, so no rank leaves before rank 0 got here (a barrier)."""
     length = _allreduce_ints([len(data)], ctx, dist.ReduceOp.MAX)[0]
     wire = torch.zeros(length, dtype=torch.uint8, device=_control_device(ctx))
     if ctx.is_main:
         wire.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
     dist.broadcast(wire, src=0)
     return json.loads(wire.cpu().numpy().tobytes().decode())
+
+
+def _from_main(compute: Callable[[], Any], ctx: DistributedContext, what: str,
+               error_type: type[Exception] = DistributedError) -> Any:
+    """Rank 0 computes a JSON-able value, every rank learns it, as JSON decodes it (rank 0 too; the
+    others never call ``compute``); a live context only. If ``compute`` (or encoding its value) fails
+    on rank 0, rank 0 re-raises its own error and every other rank raises ``error_type``
+    ("rank 0 could not <what>: <the error>")."""
+    data = b""
+    error: Exception | None = None
+    if ctx.is_main:
+        try:
+            data = json.dumps({"ok": True, "value": compute()}).encode()
+        except Exception as exc:  # shared with every rank below, then re-raised here
+            error = exc
+            data = json.dumps({"ok": False, "error": f"{type(exc).__name__}: {exc}"}).encode()
+    outcome = _share_bytes_from_main(data, ctx)
+    if error is not None:
+        raise error
+    if not outcome["ok"]:
+        raise error_type(f"rank 0 could not {what}: {outcome['error']}")
+    return outcome["value"]
 
 
 def broadcast_json(value: Any, ctx: DistributedContext) -> Any:
@@ -859,21 +883,7 @@ def broadcast_json(value: Any, ctx: DistributedContext) -> Any:
     _check_context(ctx)
     if not ctx._live():
         return value
-    message: dict[str, Any] | None = None
-    error: Exception | None = None
-    if ctx.is_main:
-        try:
-            json.dumps(value, allow_nan=True)
-            message = {"ok": True, "value": value}
-        except (TypeError, ValueError) as exc:  # shared with every rank below, then re-raised here
-            error = exc
-            message = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-    outcome = _share_from_main(message, ctx)
-    if error is not None:
-        raise error
-    if not outcome["ok"]:
-        raise DistributedError(f"rank 0 could not broadcast its value: {outcome['error']}")
-    return outcome["value"]
+    return _from_main(lambda: value, ctx, "broadcast its value")
 
 
 def _agree_all_succeeded(error: BaseException | None, ctx: DistributedContext, what: str) -> None:
@@ -916,8 +926,7 @@ def checkpoint_barrier(state: StateManager | None, ctx: DistributedContext, step
     """
     _check_context(ctx)
     state = _check_state_argument(state, ctx)
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"step must be an integer >= 0, got {step!r}")
+    _check_step(step)
     if not ctx._live():
         assert state is not None
         return state.checkpoint(step, model, optimizer, extra=extra)
@@ -927,22 +936,13 @@ def checkpoint_barrier(state: StateManager | None, ctx: DistributedContext, step
                                    f"(this rank {ctx.rank} is at {step}); nothing was written")
     if verify:
         verify_replicas(model, ctx)
-    entry: CheckpointEntry | None = None
-    error: Exception | None = None
-    if ctx.is_main:
+
+    def write() -> dict[str, Any]:
         assert state is not None
-        try:
-            entry = state.checkpoint(step, model, optimizer, extra=extra)
-        except Exception as exc:  # shared with every rank below, then re-raised here
-            error = exc
-    outcome = _share_from_main(
-        ({"ok": True, "entry": asdict(entry)} if entry is not None else {"ok": False, "error": f"{type(error).__name__}: {error}"})
-        if ctx.is_main else None, ctx)
-    if error is not None:
-        raise error
-    if not outcome["ok"]:
-        raise CheckpointError(f"rank 0 could not write the checkpoint of step {step}: {outcome['error']}")
-    committed = CheckpointEntry.from_json(outcome["entry"])
+        return asdict(state.checkpoint(step, model, optimizer, extra=extra))
+
+    committed = CheckpointEntry.from_json(
+        _from_main(write, ctx, f"write the checkpoint of step {step}", CheckpointError))
     if not ctx.is_main:
         emitter_or_default(telemetry).event("distributed.checkpoint_committed",
                                             message=f"rank 0 committed the checkpoint of step {step} ({committed.file})",
@@ -974,21 +974,14 @@ def resume_from_checkpoint(state: StateManager | None, ctx: DistributedContext, 
         assert state is not None
         return state.restore_latest_with_extra(model, optimizer)
     restored: RestoredState | None = None
-    error: Exception | None = None
-    if ctx.is_main:
+
+    def restore_on_main() -> dict[str, Any]:
+        nonlocal restored
         assert state is not None
-        try:
-            restored = state.restore_latest_with_extra(model, optimizer)
-        except Exception as exc:  # shared with every rank below, then re-raised here
-            error = exc
-    outcome = _share_from_main(
-        ({"ok": True, "step": restored.step, "file": restored.file, "sequence": restored.sequence}
-         if restored is not None else {"ok": False, "error": f"{type(error).__name__}: {error}"})
-        if ctx.is_main else None, ctx)
-    if error is not None:
-        raise error
-    if not outcome["ok"]:
-        raise CheckpointError(f"rank 0 could not restore a checkpoint: {outcome['error']}")
+        restored = state.restore_latest_with_extra(model, optimizer)
+        return {"step": restored.step, "file": restored.file, "sequence": restored.sequence}
+
+    outcome = _from_main(restore_on_main, ctx, "restore a checkpoint", CheckpointError)
     step, file, sequence = int(outcome["step"]), str(outcome["file"]), int(outcome["sequence"])
     payload = broadcast_tree(capture(model, optimizer, restored.extra) if restored is not None else None, ctx)
     local_error: Exception | None = None
@@ -1083,25 +1076,16 @@ def broadcast_tree(tree: Any, ctx: DistributedContext) -> Any:
     if not ctx._live():
         return tree
     tensors: list[Tensor] = []
-    header: dict[str, Any] | None = None
-    error: Exception | None = None
-    if ctx.is_main:
-        try:
-            skeleton = _encode(tree, tensors, "state")
-        except Exception as exc:  # shared with every rank below, then re-raised here
-            error = exc
-            header = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-        else:
-            header = {"ok": True, "skeleton": skeleton,
-                      "tensors": [[str(t.dtype).removeprefix("torch."), list(t.shape), t.device.type] for t in tensors]}
-    header = _share_from_main(header, ctx)
-    if error is not None:
-        raise error
-    if not header["ok"]:
-        raise DistributedError(f"rank 0 could not broadcast its state: {header['error']}")
-    comm_device = ctx.device if ctx.backend == "nccl" else torch.device("cpu")
+
+    def describe() -> dict[str, Any]:
+        skeleton = _encode(tree, tensors, "state")
+        return {"skeleton": skeleton,
+                "tensors": [[str(t.dtype).removeprefix("torch."), list(t.shape), t.device.type] for t in tensors]}
+
+    header = _from_main(describe, ctx, "broadcast its state")
+    comm_device = _control_device(ctx)
     works: list[Any] = []
-    received: list[Tensor] = []
+    received: list[tuple[Tensor, torch.dtype]] = []
     for i, (dtype_name, shape, device_type) in enumerate(header["tensors"]):
         dtype = _dtype(dtype_name)
         if ctx.is_main:
@@ -1111,14 +1095,14 @@ def broadcast_tree(tree: Any, ctx: DistributedContext) -> Any:
             wire = torch.empty(numel * torch.empty((), dtype=dtype).element_size(), dtype=torch.uint8, device=comm_device)
         if wire.numel():
             works.append(dist.broadcast(wire, src=0, async_op=True))
-        received.append(wire)
+        received.append((wire, dtype))
     for work in works:
         work.wait()
     if ctx.is_main:
         return tree
     target_of = {"cpu": torch.device("cpu")}
-    out = [wire.view(_dtype(name)).reshape(shape).to(target_of.get(device_type, ctx.device))
-           for wire, (name, shape, device_type) in zip(received, header["tensors"])]
+    out = [wire.view(dtype).reshape(shape).to(target_of.get(device_type, ctx.device))
+           for (wire, dtype), (_, shape, device_type) in zip(received, header["tensors"])]
     return _decode(header["skeleton"], out)
 
 
@@ -1150,7 +1134,7 @@ def shared_run_id(run_id: str | None, ctx: DistributedContext) -> str:
     if not ctx._live():
         assert local is not None
         return local
-    return str(_share_from_main({"run_id": local} if ctx.is_main else None, ctx)["run_id"])
+    return str(broadcast_json(local, ctx))
 
 
 def rank_telemetry(ctx: DistributedContext, directory: str | os.PathLike[str], *, run_id: str | None = None,

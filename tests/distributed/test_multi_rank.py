@@ -1,14 +1,12 @@
 """Two CPU ranks on gloo: exact multi-source training, HALT agreement, checkpoint and resume."""
 
-import json
-
 import pytest
 import torch
 
 from tolaria.aggregation import GradientBuffer, PCGrad
 
 from . import workers
-from .workers import BATCH, INIT_SEED, PCGRAD_SEED, combined_batches, dataset, hexes, losses, model, optimizer
+from .workers import BATCH, INIT_SEED, PCGRAD_SEED, combined_batches, dataset, floats, hexes, losses, model, optimizer
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
@@ -28,10 +26,6 @@ def single_process_reference(epochs: int) -> tuple[torch.nn.Module, int]:
         conflicts += int(stats.conflicts)
         opt.step()
     return net, conflicts
-
-
-def floats(hex_values):
-    return torch.tensor([float.fromhex(h) for h in hex_values], dtype=torch.float64)
 
 
 def test_two_ranks_match_one_process_on_the_combined_batch(tmp_path):
@@ -112,7 +106,7 @@ def test_checkpoint_on_rank_zero_resumes_on_both_ranks(tmp_path):
     assert files == ["telemetry-rank0.jsonl", "telemetry-rank1.jsonl"]
     run_ids = set()
     for rank in (0, 1):
-        records = [json.loads(line) for line in (tmp_path / "telemetry" / f"telemetry-rank{rank}.jsonl").read_text().splitlines()]
+        records = workers.records(tmp_path / "telemetry" / f"telemetry-rank{rank}.jsonl")
         assert records and all(r["rank"] == rank and r["world_size"] == 2 for r in records)
         run_ids |= {r["run_id"] for r in records}
         kinds = {r["kind"] for r in records}

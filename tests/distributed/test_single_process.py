@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset, Weighte
 
 from tolaria.aggregation import GradientBuffer, PCGrad
 from tolaria.distributed import (
+    LAUNCH_ENV_VARS,
     DistributedContext,
     DistributedError,
     ShardedLoader,
@@ -51,6 +52,21 @@ def rank_of_two(rank):
     return DistributedContext(rank, 2, rank, CPU, "gloo")
 
 
+ONE_RANK_LAUNCH = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                   "MASTER_PORT": "29500"}
+
+
+def launch_env(monkeypatch, **values):
+    """Sets the torchrun launch variables given in ``values`` and removes the others."""
+    unknown = set(values) - set(LAUNCH_ENV_VARS)
+    assert not unknown, f"not launch variables: {sorted(unknown)}"
+    for name in LAUNCH_ENV_VARS:
+        if name in values:
+            monkeypatch.setenv(name, values[name])
+        else:
+            monkeypatch.delenv(name, raising=False)
+
+
 def small_model(seed=0):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
@@ -71,24 +87,19 @@ def test_single_process_context(single):
 
 
 def test_from_environment_without_launch_variables_is_single_process(monkeypatch):
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(name, raising=False)
+    launch_env(monkeypatch)
     ctx = DistributedContext.from_environment(device="cpu")
     assert (ctx.world_size, ctx.is_distributed, ctx.device) == (1, False, CPU)
 
 
 def test_from_environment_names_missing_launch_variables(monkeypatch):
-    for name in ("WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("RANK", "1")
+    launch_env(monkeypatch, RANK="1")
     with pytest.raises(DistributedError, match="RANK set but WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT missing"):
         DistributedContext.from_environment()
 
 
 def test_from_environment_rejects_non_integer_rank(monkeypatch):
-    for name, value in {"RANK": "one", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                        "MASTER_PORT": "29500"}.items():
-        monkeypatch.setenv(name, value)
+    launch_env(monkeypatch, **{**ONE_RANK_LAUNCH, "RANK": "one", "WORLD_SIZE": "2"})
     with pytest.raises(DistributedError, match="RANK='one' is not an integer"):
         DistributedContext.from_environment(device="cpu")
 
@@ -99,18 +110,14 @@ def test_from_environment_rejects_non_integer_rank(monkeypatch):
     (dict(device="cpu", timeout_s=0), "timeout_s must be"),
 ])
 def test_from_environment_rejects_bad_options(monkeypatch, kwargs, match):
-    for name, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                        "MASTER_PORT": "29500"}.items():
-        monkeypatch.setenv(name, value)
+    launch_env(monkeypatch, **ONE_RANK_LAUNCH)
     with pytest.raises(ValueError, match=match):
         DistributedContext.from_environment(**kwargs)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
 def test_from_environment_refuses_cuda_without_cuda(monkeypatch):
-    for name, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                        "MASTER_PORT": "29500"}.items():
-        monkeypatch.setenv(name, value)
+    launch_env(monkeypatch, **ONE_RANK_LAUNCH)
     with pytest.raises(DistributedError, match="device 'cuda' was asked for, but CUDA is not available"):
         DistributedContext.from_environment(device="cuda")
 

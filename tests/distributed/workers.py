@@ -20,6 +20,26 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import DistributedSampler, TensorDataset
 
+from tolaria.aggregation import GradientBuffer, PCGrad
+from tolaria.distributed import (
+    DistributedContext,
+    _import_before_process_group,
+    agree_on_emergency,
+    allreduce_gradient_buffer,
+    any_rank,
+    broadcast_json,
+    broadcast_module_state,
+    checkpoint_barrier,
+    rank_telemetry,
+    resume_from_checkpoint,
+    shard,
+    synchronized_generator,
+    verify_replicas,
+)
+from tolaria.emergency import EmergencyController, EmergencyLevel, LocalEmergencySignal
+from tolaria.state import StateManager
+from tolaria.telemetry import MemorySink, TelemetryEmitter
+
 WORLD_SIZE = 2
 COLLECTIVE_TIMEOUT_S = 20  # a rank stuck in a collective fails instead of hanging the test
 SAMPLES, FEATURES, TARGETS = 16, 4, 3
@@ -46,14 +66,18 @@ def model(seed: int) -> nn.Module:
     return nn.Sequential(nn.Linear(FEATURES, 8), nn.Tanh(), nn.Linear(8, TARGETS)).double()
 
 
-def losses(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+def source_losses(out: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
     """Three sources; the third pulls output 0 the opposite way of the first, so PCGrad projects."""
-    out = net(x)
     return [
         ((out[:, 0] - y[:, 0]) ** 2).mean(),
         ((out[:, 1] - y[:, 1]) ** 2).mean(),
         ((out[:, 0] + y[:, 0]) ** 2).mean() + ((out[:, 2] - y[:, 2]) ** 2).mean(),
     ]
+
+
+def losses(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+    """The three source losses of ``net`` on ``(x, y)`` (see :func:`source_losses`)."""
+    return source_losses(net(x), y)
 
 
 def optimizer(net: nn.Module) -> torch.optim.Optimizer:
@@ -64,10 +88,18 @@ def hexes(net: nn.Module) -> list[str]:
     return [float(v).hex() for p in net.parameters() for v in p.detach().reshape(-1).tolist()]
 
 
+def floats(hex_values: list[str]) -> torch.Tensor:
+    """The float64 tensor of ``hexes``'s strings."""
+    return torch.tensor([float.fromhex(h) for h in hex_values], dtype=torch.float64)
+
+
+def records(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSONL telemetry file."""
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
 def step(net, opt, buf, aggregator, x, y, ctx) -> int:
     """One multi-source step the distributed way; returns the conflicts PCGrad resolved."""
-    from tolaria.distributed import allreduce_gradient_buffer
-
     buf.backward(losses(net, x, y))
     allreduce_gradient_buffer(buf, ctx, bucket_mb=BUCKET_MB)
     _, stats = buf.aggregate(aggregator, return_stats=True)
@@ -75,19 +107,21 @@ def step(net, opt, buf, aggregator, x, y, ctx) -> int:
     return int(stats.conflicts)
 
 
-def combined_batches(epochs: int) -> list[list[int]]:
-    """The indices every step sees over all ranks together (rank 0's batch, then rank 1's)."""
+def epoch_batches(epoch: int) -> list[list[int]]:
+    """The indices each step of ``epoch`` sees over all ranks together (rank 0's batch, then rank 1's)."""
     data = dataset()
-    steps: list[list[int]] = []
-    for epoch in range(epochs):
-        per_rank = []
-        for rank in range(WORLD_SIZE):
-            sampler = DistributedSampler(data, num_replicas=WORLD_SIZE, rank=rank, shuffle=True, seed=SHUFFLE_SEED)
-            sampler.set_epoch(epoch)
-            per_rank.append(list(sampler))
-        for start in range(0, len(per_rank[0]), BATCH):
-            steps.append([i for indices in per_rank for i in indices[start : start + BATCH]])
-    return steps
+    per_rank = []
+    for rank in range(WORLD_SIZE):
+        sampler = DistributedSampler(data, num_replicas=WORLD_SIZE, rank=rank, shuffle=True, seed=SHUFFLE_SEED)
+        sampler.set_epoch(epoch)
+        per_rank.append(list(sampler))
+    return [[i for indices in per_rank for i in indices[start : start + BATCH]]
+            for start in range(0, len(per_rank[0]), BATCH)]
+
+
+def combined_batches(epochs: int) -> list[list[int]]:
+    """The indices every step of ``epochs`` epochs sees over all ranks together (see :func:`epoch_batches`)."""
+    return [indices for epoch in range(epochs) for indices in epoch_batches(epoch)]
 
 
 # ---- harness -----------------------------------------------------------------------------------------
@@ -110,15 +144,11 @@ def results(scenario: str, out: Path) -> list[dict[str, Any]]:
 
 def _entry(rank: int, module: str, scenario: str, out: str) -> None:
     torch.set_num_threads(1)
-    from tolaria.distributed import _import_before_process_group
-
     _import_before_process_group()  # else the group outlives destroy_process_group (see its docstring)
     store = dist.FileStore(str(Path(out) / "store"), WORLD_SIZE)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD_SIZE,
                             timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     try:
-        from tolaria.distributed import DistributedContext
-
         ctx = DistributedContext.from_process_group()
         result = importlib.import_module(module).SCENARIOS[scenario](ctx, Path(out))
         (Path(out) / f"{scenario}-rank{rank}.json").write_text(json.dumps(result))
@@ -143,15 +173,12 @@ def _raised(call) -> str:
 
 def train(ctx, out: Path) -> dict[str, Any]:
     """Multi-source training on sharded data, then the same with unsynchronised shuffles (control)."""
-    from tolaria.aggregation import GradientBuffer, PCGrad
-    from tolaria.distributed import broadcast_module_state, shard, synchronized_generator, verify_replicas
-    from tolaria.telemetry import MemorySink, TelemetryEmitter
-
     sink = MemorySink()
     telemetry = TelemetryEmitter([sink], batch_size=1)
     net = model(INIT_SEED + 17 * ctx.rank)  # different on each rank until broadcast
     broadcast_module_state(net, ctx)
-    initial_identical = _passes(lambda: verify_replicas(net, ctx))
+    verify_replicas(net, ctx)  # raises on every rank unless the broadcast made the replicas identical
+    initial_identical = True
     opt = optimizer(net)
     buf = GradientBuffer(net, num_sources=3)
     # Rank 1 asks for another seed on purpose: rank 0's must win.
@@ -190,18 +217,8 @@ def train(ctx, out: Path) -> dict[str, Any]:
     }
 
 
-def _passes(call) -> bool:
-    call()
-    return True
-
-
 def halt(ctx, out: Path) -> dict[str, Any]:
     """Rank 1 raises HALT at step 3; every rank must stop at that step boundary."""
-    from tolaria.aggregation import GradientBuffer, PCGrad
-    from tolaria.distributed import agree_on_emergency, any_rank, broadcast_json, shard, synchronized_generator
-    from tolaria.emergency import EmergencyController, EmergencyLevel, LocalEmergencySignal
-    from tolaria.telemetry import MemorySink, TelemetryEmitter
-
     sink = MemorySink()
     telemetry = TelemetryEmitter([sink], batch_size=1)
     controller = EmergencyController(signal=LocalEmergencySignal(), telemetry=telemetry)
@@ -240,10 +257,6 @@ def halt(ctx, out: Path) -> dict[str, Any]:
 def checkpoint(ctx, out: Path) -> dict[str, Any]:
     """Rank 0 checkpoints through its StateManager; a restarted job resumes on both ranks and continues
     exactly as the uninterrupted run did."""
-    from tolaria.aggregation import GradientBuffer, PCGrad
-    from tolaria.distributed import checkpoint_barrier, rank_telemetry, resume_from_checkpoint, shard, synchronized_generator
-    from tolaria.state import StateManager
-
     telemetry = rank_telemetry(ctx, out / "telemetry", batch_size=1)
     root = out / "checkpoints"
     loader = shard(dataset(), ctx, batch_size=BATCH, seed=SHUFFLE_SEED, telemetry=telemetry)

@@ -9,7 +9,6 @@ strings, so equality there is bitwise.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -18,45 +17,31 @@ from typing import Any
 
 import pytest
 import torch
-from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import DataLoader
 
-from distributed import workers  # tests/distributed: pytest puts tests/ on sys.path, as for this package
+# tests/distributed: pytest puts tests/ on sys.path, as for this package. The problem (data set, model,
+# optimizer, seeds) is the one the distributed tests train.
+from distributed import workers
+from distributed.workers import BATCH, INIT_SEED, SAMPLES, WORLD_SIZE, dataset, floats, hexes, records
+from distributed.workers import model as make_model
+from distributed.workers import optimizer as make_optimizer
+from tolaria.distributed import LAUNCH_ENV_VARS
 from tolaria.emergency import EmergencyLevel
 from tolaria.trainer import CheckpointConfig, TelemetryConfig, Trainer, TrainerConfig
 
 pytestmark = [pytest.mark.slow]
 
-WORLD_SIZE = workers.WORLD_SIZE
-SAMPLES, FEATURES, TARGETS = 16, 4, 3
-BATCH = 4  # per rank per step
-SEED = 7  # shuffle of the shards and PCGrad's generator
-INIT_SEED = 100
+SEED = workers.SHUFFLE_SEED  # the trainer's one seed: the shards' shuffle and PCGrad's generator
 
 
 # ---- the problem ------------------------------------------------------------------------------
 
 
-def dataset() -> TensorDataset:
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(SAMPLES, FEATURES, generator=g, dtype=torch.float64)
-    y = torch.randn(SAMPLES, TARGETS, generator=g, dtype=torch.float64)
-    return TensorDataset(x, y)
-
-
-def make_model(seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(FEATURES, 8), nn.Tanh(), nn.Linear(8, TARGETS)).double()
-
-
 def three_losses(out: torch.Tensor, batch: Any) -> dict[str, torch.Tensor]:
-    """Three sources; the third pulls output 0 against the first, so PCGrad projects (its draws matter)."""
+    """The distributed tests' three sources, named: the third pulls output 0 against the first, so
+    PCGrad projects (its draws matter)."""
     _, y = batch
-    return {
-        "a": ((out[:, 0] - y[:, 0]) ** 2).mean(),
-        "b": ((out[:, 1] - y[:, 1]) ** 2).mean(),
-        "c": ((out[:, 0] + y[:, 0]) ** 2).mean() + ((out[:, 2] - y[:, 2]) ** 2).mean(),
-    }
+    return dict(zip("abc", workers.source_losses(out, y)))
 
 
 def one_loss(out: torch.Tensor, batch: Any) -> torch.Tensor:
@@ -64,21 +49,9 @@ def one_loss(out: torch.Tensor, batch: Any) -> torch.Tensor:
     return ((out - y) ** 2).mean()
 
 
-def make_optimizer(net: nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
-
-
 def config(run_dir: Path, **changes: Any) -> TrainerConfig:
     base = dict(epochs=2, device="cpu", seed=SEED, run_dir=str(run_dir), telemetry=TelemetryConfig(log_every_steps=1))
     return TrainerConfig(**{**base, **changes})
-
-
-def hexes(net: nn.Module) -> list[str]:
-    return [float(v).hex() for p in net.parameters() for v in p.detach().reshape(-1).tolist()]
-
-
-def floats(hex_values: list[str]) -> torch.Tensor:
-    return torch.tensor([float.fromhex(h) for h in hex_values], dtype=torch.float64)
 
 
 class CombinedBatches:
@@ -95,13 +68,8 @@ class CombinedBatches:
         return SAMPLES // (BATCH * WORLD_SIZE)
 
     def __iter__(self):
-        per_rank = []
-        for rank in range(WORLD_SIZE):
-            sampler = DistributedSampler(self.data, num_replicas=WORLD_SIZE, rank=rank, shuffle=True, seed=SEED)
-            sampler.set_epoch(self.epoch)
-            per_rank.append(list(sampler))
-        for start in range(0, len(per_rank[0]), BATCH):
-            yield self.data[[i for indices in per_rank for i in indices[start : start + BATCH]]]
+        for indices in workers.epoch_batches(self.epoch):
+            yield self.data[indices]
 
 
 # ---- scenarios (run on every rank) ------------------------------------------------------------------
@@ -133,8 +101,8 @@ def scenario_halt(ctx, out: Path) -> dict[str, Any]:
     loader = DataLoader(dataset(), batch_size=2, shuffle=True)  # 4 steps per epoch: the halt is mid-epoch
     trainer = holder["trainer"] = Trainer(net, make_optimizer(net), loader, loss_fn, config(out / "halt"), ctx=ctx)
     summary = trainer.fit()
-    records = [json.loads(line) for line in (out / "halt" / f"telemetry-rank{ctx.rank}.jsonl").read_text().splitlines()]
-    remote = [{"source_rank": r["source_rank"], "level": r["level"]} for r in records if r["kind"] == "emergency.remote_level"]
+    remote = [{"source_rank": r["source_rank"], "level": r["level"]}
+              for r in records(out / "halt" / f"telemetry-rank{ctx.rank}.jsonl") if r["kind"] == "emergency.remote_level"]
     return {"status": summary.status, "steps": summary.steps, "halt_reason": summary.halt_reason,
             "params": hexes(net), "last_checkpoint_step": summary.last_checkpoint_step, "remote": remote}
 
@@ -189,10 +157,6 @@ SCENARIOS = {"train": scenario_train, "halt": scenario_halt, "checkpoint": scena
 def run(scenario: str, out: Path) -> list[dict[str, Any]]:
     workers.spawn(__name__, scenario, out)
     return workers.results(scenario, out)
-
-
-def records(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 # ---- tests ---------------------------------------------------------------------------------------
@@ -287,7 +251,7 @@ def test_tolaria_train_under_torchrun_writes_one_telemetry_file_per_rank(tmp_pat
         pytest.skip("torch.distributed.run (torchrun) is not available")
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+    for name in LAUNCH_ENV_VARS:
         env.pop(name, None)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                "-m", "tolaria.cli", "train", "--max-steps", "3", "--out", str(out)]
