@@ -4,6 +4,9 @@ import torch
 
 KINDS = ("random", "conflicting", "duplicate", "zero_row", "low_rank", "scaled")
 
+# Cases beyond ENUMERATION_MAX_K sources, where the interior point runs (N < K in the second).
+BEYOND_ENUMERATION = [(kind, k, n) for kind in KINDS for k, n in ((12, 60), (16, 5))]
+
 
 def make_jacobian(kind: str, k: int, n: int, seed: int = 0) -> torch.Tensor:
     """A K x N float64 matrix of the given kind; N >> K is the realistic case."""

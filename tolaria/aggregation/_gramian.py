@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ._qp import DEFAULT_MAX_ITERS, DEFAULT_TOL, check_solver_budget
-from ._weights import as_weight_vector, check_weight_count, on_device
+from ._weights import DeviceCopies, as_weight_vector, check_weight_count
 from .aggregator import Aggregator
 
 
@@ -37,12 +37,12 @@ def preference_vector(pref_vector: Sequence[float] | Tensor | None, owner: str) 
     return None if pref_vector is None else as_weight_vector(pref_vector, owner)
 
 
-def preference_on(pref_vector: Tensor | None, gram: Tensor) -> Tensor:
+def preference_on(pref: DeviceCopies | None, gram: Tensor) -> Tensor:
     """The preference vector on G's device and dtype; the mean (1/K each) when none was given."""
     k = gram.shape[-1]
-    if pref_vector is None:
+    if pref is None:
         return torch.full((k,), 1.0 / k, dtype=gram.dtype, device=gram.device)
-    return on_device(pref_vector, gram)
+    return pref.like(gram)
 
 
 def pref_repr(pref_vector: Tensor | None) -> str:
@@ -65,6 +65,7 @@ class DualConeAggregator(Aggregator):
         name = type(self).__name__
         check_solver_budget(max_iters, tol, name)
         self.pref_vector = preference_vector(pref_vector, name)
+        self._pref = None if self.pref_vector is None else DeviceCopies(self.pref_vector)
         self.max_iters = max_iters
         self.tol = float(tol)
 

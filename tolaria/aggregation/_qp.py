@@ -156,6 +156,16 @@ def times(x: Tensor, h: Tensor) -> Tensor:
     return out
 
 
+def kkt_violation(free: Tensor, deficit: Tensor, diff: Tensor) -> Tensor:
+    """The worst violation of a candidate's optimality conditions, over the last dimension (inf if NaN).
+
+    ``deficit`` is how far the candidate lies below its bound (-w for w >= 0, lower - v for
+    v >= lower): it must not be positive on the support ``free``; ``diff`` is the gradient of the
+    Lagrangian: 0 on the support, >= 0 off it (the bounds' multipliers).
+    """
+    return torch.nan_to_num(torch.where(free, torch.maximum(diff.abs(), deficit), -diff).amax(-1), nan=torch.inf)
+
+
 class Factors(NamedTuple):
     """A batch of factorised symmetric positive semi-definite matrices (see :func:`factor`)."""
 
@@ -219,7 +229,7 @@ def _box_candidates(h: Tensor, lower: Tensor, supports: Supports, diagonal: bool
     else:
         v = factors.solve(rhs.unsqueeze(-1)).squeeze(-1)
     grad = times(v, h)
-    violation = torch.nan_to_num(torch.where(free, torch.maximum(grad.abs(), bound - v), -grad).amax(-1), nan=torch.inf)
+    violation = kkt_violation(free, bound - v, grad)
     violation = torch.where(factors.regular.unsqueeze(1) if shared else factors.regular, violation, torch.inf)
     if shared:
         return v.transpose(0, 1), violation.transpose(0, 1)
@@ -254,8 +264,7 @@ def _simplex_candidates(h: Tensor, supports: Supports) -> tuple[Tensor, Tensor]:
     total = z.squeeze(-1).sum(-1, keepdim=True)
     w = z.squeeze(-1) / total
     diff = times(w, h) - (1 / total - scale)  # H w - nu
-    violation = torch.where(supports.free, torch.maximum(diff.abs(), -w), -diff)
-    return w, torch.where(regular, torch.nan_to_num(violation.amax(dim=-1), nan=torch.inf), torch.inf)
+    return w, torch.where(regular, kkt_violation(supports.free, -w, diff), torch.inf)
 
 
 def project_each_onto_dual_cone(

@@ -46,14 +46,14 @@ class DeviceCopies:
         self.tensor = tensor
         self._copies: dict[tuple[torch.device, torch.dtype], Tensor] = {}
 
-    def like(self, ref: Tensor) -> Tensor:
-        key = (ref.device, ref.dtype)
+    def get(self, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """The copy on ``device`` in ``dtype``, made on the first call for that pair."""
+        key = (device, dtype)
         copy = self._copies.get(key)
         if copy is None:
-            copy = self._copies[key] = self.tensor.to(device=ref.device, dtype=ref.dtype)
+            copy = self._copies[key] = self.tensor.to(device=device, dtype=dtype)
         return copy
 
-
-def on_device(weights: Tensor, like: Tensor) -> Tensor:
-    """``weights`` on ``like``'s device and dtype (a copy per call; prefer :class:`DeviceCopies`)."""
-    return weights.to(device=like.device, dtype=like.dtype)
+    def like(self, ref: Tensor) -> Tensor:
+        """The copy on ``ref``'s device and dtype."""
+        return self.get(ref.device, ref.dtype)

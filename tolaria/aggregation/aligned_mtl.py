@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ._eigh import symmetric_eig
 from ._gramian import conflicting_pairs, pref_repr, preference_on, preference_vector, solve_if_finite
-from ._weights import check_weight_count
+from ._weights import DeviceCopies, check_weight_count
 from .aggregator import Aggregator
 from .engine import Weights
 
@@ -72,6 +72,7 @@ class AlignedMTL(Aggregator):
         if scale_mode not in SCALE_MODES:
             raise ValueError(f"unknown scale_mode {scale_mode!r}; valid modes are {', '.join(SCALE_MODES)}")
         self.pref_vector = preference_vector(pref_vector, "AlignedMTL")
+        self._pref = None if self.pref_vector is None else DeviceCopies(self.pref_vector)
         self.scale_mode = scale_mode
         self.eig_method = "auto"
 
@@ -82,7 +83,7 @@ class AlignedMTL(Aggregator):
     def weighting(self, gram: Tensor) -> Weights:
         def solve(g: Tensor) -> Tensor:
             balance = balance_transformation(g, self.scale_mode, eig_method=self.eig_method)
-            return balance @ preference_on(self.pref_vector, g)
+            return balance @ preference_on(self._pref, g)
 
         return Weights(solve_if_finite(gram, solve), conflicting_pairs(gram))
 

@@ -51,6 +51,7 @@ from ._qp import (
     Supports,
     every_support,
     interior_point,
+    kkt_violation,
     normalized_gram,
     pick_best,
     simplex_solve,
@@ -111,11 +112,6 @@ def _sqrt(x: Tensor) -> Tensor:
     return x.rsqrt().reciprocal()
 
 
-def _violation(free: Tensor, w: Tensor, diff: Tensor) -> Tensor:
-    """The worst violation of w >= 0, diff = 0 on the support and diff >= 0 off it (inf if NaN)."""
-    return torch.nan_to_num(torch.where(free, torch.maximum(diff.abs(), -w), -diff).amax(-1), nan=torch.inf)
-
-
 def _candidates(g: Tensor, b: Tensor, radius: Tensor, faces: _Faces) -> tuple[Tensor, Tensor]:
     """The stationary point of f on each support and its optimality score (see the module).
 
@@ -132,7 +128,7 @@ def _candidates(g: Tensor, b: Tensor, radius: Tensor, faces: _Faces) -> tuple[Te
     gw = times(w, g)
     norm = _sqrt((gw * w).sum(-1, keepdim=True))
     diff = b + radius * gw / norm + (p / lam + q).unsqueeze(-1)
-    return w, torch.where(valid, _violation(faces.free, w, diff), torch.inf)
+    return w, torch.where(valid, kkt_violation(faces.free, -w, diff), torch.inf)
 
 
 def _qp_solutions(g: Tensor, b: Tensor, faces: _Faces, s: Tensor, approx: Tensor) -> Tensor:
@@ -144,7 +140,7 @@ def _qp_solutions(g: Tensor, b: Tensor, faces: _Faces, s: Tensor, approx: Tensor
     scale = s.reshape(count, 1, 1)
     w = faces.x.reshape(shape) + scale * faces.y.reshape(shape)
     diff = times(w, g) + scale * b + (faces.p.reshape(count, -1, 1) + scale * faces.q.reshape(count, -1, 1))
-    best, score = pick_best(w, _violation(faces.free.reshape(shape), w, diff))
+    best, score = pick_best(w, kkt_violation(faces.free.reshape(shape), -w, diff))
     return torch.where((score <= ACCEPT_TOL * (1 + s)).unsqueeze(-1), best, approx)
 
 

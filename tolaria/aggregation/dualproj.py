@@ -30,7 +30,7 @@ class DualProj(DualConeAggregator):
     """
 
     def weighting(self, gram: Tensor) -> Weights:
-        pref = preference_on(self.pref_vector, gram)
+        pref = preference_on(self._pref, gram)
         weights = solve_if_finite(
             gram, lambda g: project_onto_dual_cone(g, pref, max_iters=self.max_iters, tol=self.tol)
         )

@@ -35,6 +35,12 @@ class Weights(NamedTuple):
 
 Weighting = Callable[[Tensor], Weights]
 
+
+def has_float64(device: torch.device) -> bool:
+    """Whether the K x K work runs in float64 on ``device``: everywhere but MPS, which lacks it."""
+    return device.type != "mps"
+
+
 _torch_backend = TorchBackend()
 _cpu_backend = CompiledCpuBackend()
 
@@ -133,7 +139,7 @@ def aggregate(
         raise_if_nonfinite(gram)
     # The K x K work is tiny: do it in float64 wherever the device offers it, for exact weights
     # (the Triton backend's Gram pass already returns float64: no extra kernel, no sync).
-    gram = gram.to(torch.float64) if gram.device.type != "mps" else gram
+    gram = gram.to(torch.float64) if has_float64(gram.device) else gram
     weights, conflicts = weighting(gram)
     flat = impl.combine(sources, weights, out)
     return flat, stats_from_gram(gram, weights, conflicts) if with_stats else None

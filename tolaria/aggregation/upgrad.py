@@ -33,7 +33,7 @@ class UPGrad(DualConeAggregator):
     def weighting(self, gram: Tensor) -> Weights:
         def solve(g: Tensor) -> Tensor:
             # The K projections of p_i g_i, one batch.
-            pref = preference_on(self.pref_vector, g)
+            pref = preference_on(self._pref, g)
             return project_each_onto_dual_cone(g, pref, max_iters=self.max_iters, tol=self.tol).sum(dim=0)
 
         return Weights(solve_if_finite(gram, solve), conflicting_pairs(gram))

@@ -14,11 +14,11 @@ from torch import Tensor
 
 from ._weights import DeviceCopies, as_weight_vector, check_weight_count
 from .aggregator import Aggregator
-from .engine import Weights
+from .engine import Weights, has_float64
 
 
 def _weight_dtype(device: torch.device) -> torch.dtype:
-    return torch.float32 if device.type == "mps" else torch.float64  # as the engine's K x K work
+    return torch.float64 if has_float64(device) else torch.float32  # as the engine's K x K work
 
 
 class _FixedWeighting(Aggregator):
@@ -45,7 +45,7 @@ class Weighted(_FixedWeighting):
         check_weight_count(self.weights, k, "Weighted")
 
     def _fixed_weights(self, k: int, device: torch.device) -> Tensor:
-        return self._copies.like(torch.empty(0, dtype=_weight_dtype(device), device=device))
+        return self._copies.get(device, _weight_dtype(device))
 
     def __repr__(self) -> str:
         return f"Weighted(weights={self.weights.tolist()}, backend={self.backend!r}, nonfinite={self.nonfinite!r})"

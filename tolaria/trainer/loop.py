@@ -348,17 +348,18 @@ class Trainer:
         cfg = self.config.telemetry
         distributed = self.ctx.is_distributed
         sinks: list[Any] = []
+        rank_jsonl = cfg.jsonl and distributed  # telemetry-rank<r>.jsonl, through rank_telemetry below
         if cfg.jsonl and not distributed:
             sinks.append(JsonlSink(self.run_dir / TELEMETRY_FILE))
         if cfg.log_severity != "off":
             sinks.append(LoggingSink(min_severity=cfg.log_severity))
         if cfg.tensorboard:
             sinks.append(TensorBoardSink(self.run_dir / ("tensorboard" if not distributed else f"tensorboard-rank{self.ctx.rank}")))
-        if not sinks and not (cfg.jsonl and distributed):
-            raise ConfigError("telemetry has no sink: enable telemetry.jsonl, telemetry.tensorboard or a log_severity")
-        if cfg.jsonl and distributed:
+        if rank_jsonl:
             # telemetry-rank<r>.jsonl, every record tagged with the rank and rank 0's run id.
             return rank_telemetry(self.ctx, self.run_dir, sinks=sinks, batch_size=cfg.batch_size, rate_limits=cfg.rate_limits)
+        if not sinks:
+            raise ConfigError("telemetry has no sink: enable telemetry.jsonl, telemetry.tensorboard or a log_severity")
         return TelemetryEmitter(sinks, batch_size=cfg.batch_size, rate_limits=cfg.rate_limits)
 
     def _shard(self, data: Iterable[Any]) -> Iterable[Any]:
@@ -602,8 +603,7 @@ class Trainer:
                 for batch in batches:
                     attempts += 1
                     if attempts % halt_every == 0:
-                        if distributed:
-                            self._agree_on_emergency()
+                        self._agree_on_emergency()
                         reason = self.safety.halt_reason()
                         if reason is not None:
                             self._halt_reason = reason
@@ -671,15 +671,29 @@ class Trainer:
         if self.ctx.is_distributed:
             self._control_distributed(stats, metrics, elapsed_s)
             return
-        was_conservative = self.mediator.conservative
-        params_before = self._param_ids()
-        self.mediator.consult(self._control_state(stats, metrics, elapsed_s))
-        if self.mediator.conservative and not was_conservative:
-            self.emergency.escalate(EmergencyLevel.CONSERVATIVE, f"control calls failing: {self.mediator.conservative_reason}")
-        elif was_conservative and not self.mediator.conservative and self.emergency.level == EmergencyLevel.CONSERVATIVE:
-            self.emergency.deescalate(EmergencyLevel.NONE, "control calls succeed again")
-        if self._param_ids() != params_before:
+        decision = self._consult(stats, metrics, elapsed_s)
+        self._apply_conservative(decision)
+        if decision["params_changed"]:
             self._rebuild_optimizer()
+
+    def _consult(self, stats: SourceAccumulator, metrics: Mapping[str, float], elapsed_s: float) -> dict[str, Any]:
+        """Consults the mediator once; returns what changed (a JSON-able dict, broadcast by rank 0)."""
+        was_conservative, params_before = self.mediator.conservative, self._param_ids()
+        self.mediator.consult(self._control_state(stats, metrics, elapsed_s))  # losses: all-reduced per step
+        return {
+            "was_conservative": was_conservative,
+            "conservative": self.mediator.conservative,
+            "reason": self.mediator.conservative_reason,
+            "params_changed": self._param_ids() != params_before,
+            "lrs": [float(g["lr"]) for g in self.optimizer.param_groups],
+        }
+
+    def _apply_conservative(self, decision: Mapping[str, Any], where: str = "") -> None:
+        """Enters or leaves the conservative emergency level as the mediator did (``where``: " on rank 0")."""
+        if decision["conservative"] and not decision["was_conservative"]:
+            self.emergency.escalate(EmergencyLevel.CONSERVATIVE, f"control calls failing{where}: {decision['reason']}")
+        elif decision["was_conservative"] and not decision["conservative"] and self.emergency.level == EmergencyLevel.CONSERVATIVE:
+            self.emergency.deescalate(EmergencyLevel.NONE, f"control calls succeed again{where}")
 
     def _control_state(self, stats: SourceAccumulator, metrics: Mapping[str, float], elapsed_s: float) -> ControlState:
         return ControlState(
@@ -695,16 +709,7 @@ class Trainer:
         ctx = self.ctx
         decision: dict[str, Any] | None = None
         if ctx.is_main:
-            was_conservative = self.mediator.conservative
-            params_before = self._param_ids()
-            self.mediator.consult(self._control_state(stats, metrics, elapsed_s))  # losses: all-reduced per step
-            decision = {
-                "was_conservative": was_conservative,
-                "conservative": self.mediator.conservative,
-                "reason": self.mediator.conservative_reason,
-                "params_changed": self._param_ids() != params_before,
-                "lrs": [float(g["lr"]) for g in self.optimizer.param_groups],
-            }
+            decision = self._consult(stats, metrics, elapsed_s)
         decision = broadcast_json(decision, ctx)
         if decision["params_changed"]:
             raise DistributedError(
@@ -716,10 +721,7 @@ class Trainer:
                                    f"{len(self.optimizer.param_groups)}")
         for group, lr in zip(self.optimizer.param_groups, decision["lrs"]):
             group["lr"] = lr  # an LR a command set on rank 0 holds everywhere
-        if decision["conservative"] and not decision["was_conservative"]:
-            self.emergency.escalate(EmergencyLevel.CONSERVATIVE, f"control calls failing on rank 0: {decision['reason']}")
-        elif decision["was_conservative"] and not decision["conservative"] and self.emergency.level == EmergencyLevel.CONSERVATIVE:
-            self.emergency.deescalate(EmergencyLevel.NONE, "control calls succeed again on rank 0")
+        self._apply_conservative(decision, where=" on rank 0")
 
     def _param_ids(self) -> tuple[int, ...]:
         return tuple(id(p) for p in self.model.parameters() if p.requires_grad)
