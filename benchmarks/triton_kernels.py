@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     for dt in args.dtypes.split(","):
         for k in (int(x) for x in args.k.split(",")):
             for n in (int(float(x)) for x in args.n.split(",")):
-                need = 3 * k * n * torch.empty((), dtype=DTYPES[dt]).element_size()
+                need = 3 * k * n * DTYPES[dt].itemsize
                 if need > torch.cuda.mem_get_info()[0]:
                     print(f"\nskip {dt} K={k} N={n:.3g}: needs ~{need / 2**30:.1f} GiB")
                     continue

@@ -4,7 +4,8 @@ A kernel sees one base pointer and, for row r, an element offset from it: either
 (one K x N matrix, rows at any stride) or ``table[r] * align`` (K separate tensors anywhere in
 memory; ``table`` is a small int64 tensor on the rows' device). Either way nothing is stacked or
 copied. Element ``c`` of a row sits ``c * col_stride`` further on; ``col_stride == 1`` is passed to
-the kernels as a compile-time flag so their loads are vectorised.
+the kernels as a compile-time flag so their loads are vectorised. The kernels share this addressing
+through two Triton helpers: ``row_offsets`` (rows to offsets) and ``load_row`` (one row's columns).
 
 Row tables are built without synchronising the device (a pinned host tensor, copied with
 ``non_blocking=True``) and cached per set of row offsets, so a training loop that aggregates the
@@ -23,19 +24,20 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
+import triton
+import triton.language as tl
 from torch import Tensor
 
-# Triton decides at decoration time whether a kernel is compiled or interpreted; the kernel modules
-# report which happened through this (see ``interpreted``).
 _TABLE_CACHE_SIZE = 32
 _tables: OrderedDict[tuple, Tensor] = OrderedDict()
 _captured_tables: dict[tuple, Tensor] = {}
 _tables_lock = threading.Lock()
 
 
+# Triton decides at decoration time whether a kernel is compiled or interpreted; the kernel modules
+# report which happened through this.
 def interpreted() -> bool:
     """True when the kernels were decorated under ``TRITON_INTERPRET=1`` (they then run on CPU tensors)."""
-    import triton
     from triton.runtime.interpreter import InterpretedFunction
 
     @triton.jit
@@ -48,19 +50,27 @@ def interpreted() -> bool:
 INTERPRETED = interpreted()
 
 
-def check_device(device: torch.device, what: str) -> None:
-    """Raises unless ``device`` is one the kernels can run on in this process."""
+def device_problem(device: torch.device, what: str) -> str | None:
+    """Why the kernels cannot run on ``device`` in this process (``what`` names its tensors), or None."""
     if INTERPRETED:
         if device.type != "cpu":
-            raise ValueError(
+            return (
                 f"{what} is on {device}, but the Triton kernels were loaded under TRITON_INTERPRET=1, "
                 "where they run on CPU tensors only; unset TRITON_INTERPRET to run them on the GPU"
             )
     elif device.type != "cuda":
-        raise ValueError(
+        return (
             f"{what} is on {device}; the Triton kernels run on CUDA tensors (or on CPU tensors when "
             "TRITON_INTERPRET=1 is set before tolaria.kernels is imported)"
         )
+    return None
+
+
+def check_device(device: torch.device, what: str) -> None:
+    """Raises unless ``device`` is one the kernels can run on in this process."""
+    problem = device_problem(device, what)
+    if problem is not None:
+        raise ValueError(problem)
 
 
 @lru_cache(maxsize=None)
@@ -75,8 +85,26 @@ def multiprocessor_count(device: torch.device) -> int:
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def next_power_of_2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
+@triton.jit
+def row_offsets(table_ptr, rows, mask, row_stride, USE_TABLE: tl.constexpr, ALIGN: tl.constexpr):
+    """Element offsets of ``rows`` from the base pointer (int64), known multiples of ALIGN."""
+    if USE_TABLE:
+        return tl.load(table_ptr + rows, mask=mask, other=0) * ALIGN
+    else:
+        return tl.cast(rows, tl.int64) * row_stride * ALIGN
+
+
+@triton.jit
+def load_row(row_ptr, cols, col_stride, n, COL_CONTIGUOUS: tl.constexpr, MASK_COLS: tl.constexpr):
+    """Elements ``cols`` of the row starting at ``row_ptr`` (zeros past ``n`` when MASK_COLS)."""
+    if COL_CONTIGUOUS:
+        ptrs = row_ptr + cols
+    else:
+        ptrs = row_ptr + cols * col_stride
+    if MASK_COLS:
+        return tl.load(ptrs, mask=cols < n, other=0.0)
+    else:
+        return tl.load(ptrs)
 
 
 @dataclass(frozen=True)

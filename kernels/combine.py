@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._rows import INTERPRETED, Rows, as_rows
+from ._rows import INTERPRETED, Rows, as_rows, load_row, row_offsets
 
 MAX_ROWS_PER_GROUP = 4
 
@@ -28,18 +28,8 @@ def _add_row(acc, base_ptr, table_ptr, row_stride, col_stride, n, w_ptr, row, co
              USE_TABLE: tl.constexpr, ALIGN: tl.constexpr, COL_CONTIGUOUS: tl.constexpr,
              MASK_COLS: tl.constexpr, ACC_DTYPE: tl.constexpr):
     w = tl.load(w_ptr + row).to(ACC_DTYPE)
-    if USE_TABLE:
-        off = tl.load(table_ptr + row) * ALIGN
-    else:
-        off = tl.cast(row, tl.int64) * row_stride * ALIGN
-    if COL_CONTIGUOUS:
-        ptrs = base_ptr + off + cols
-    else:
-        ptrs = base_ptr + off + cols * col_stride
-    if MASK_COLS:
-        x = tl.load(ptrs, mask=cols < n, other=0.0)
-    else:
-        x = tl.load(ptrs)
+    off = row_offsets(table_ptr, row, True, row_stride, USE_TABLE, ALIGN)
+    x = load_row(base_ptr + off, cols, col_stride, n, COL_CONTIGUOUS, MASK_COLS)
     return acc + w * x.to(ACC_DTYPE)
 
 

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._rows import INTERPRETED, Rows, as_rows, multiprocessor_count, next_power_of_2
+from ._rows import INTERPRETED, Rows, as_rows, load_row, multiprocessor_count, row_offsets
 
 MAX_BLOCK_K = 128
 MIN_DOT_ROWS = 16
@@ -58,15 +58,6 @@ _CONFIGS = {
     (4, 64): (32, 4, 4, 3),
     (4, 128): (16, 8, 4, 1),
 }
-
-
-@triton.jit
-def _row_offsets(table_ptr, rows, mask, row_stride, USE_TABLE: tl.constexpr, ALIGN: tl.constexpr):
-    """Element offsets of ``rows`` from the base pointer (int64), known multiples of ALIGN."""
-    if USE_TABLE:
-        return tl.load(table_ptr + rows, mask=mask, other=0) * ALIGN
-    else:
-        return tl.cast(rows, tl.int64) * row_stride * ALIGN
 
 
 @triton.jit
@@ -106,15 +97,8 @@ def _accumulate_tile(acc, base_ptr, table_ptr, row_stride, col_stride, n, cols,
         # float64 (never folded): one column of the block at a time on the CUDA cores, row j from cache.
         rk = tl.arange(0, BLOCK_K)
         for j in range(0, kb):
-            off_j = _row_offsets(table_ptr, b0 + j, j < kb, row_stride, USE_TABLE, ALIGN)
-            if COL_CONTIGUOUS:
-                pj = base_ptr + off_j + cols
-            else:
-                pj = base_ptr + off_j + cols * col_stride
-            if MASK_COLS:
-                xj = tl.load(pj, mask=cols < n, other=0.0)
-            else:
-                xj = tl.load(pj)
+            off_j = row_offsets(table_ptr, b0 + j, j < kb, row_stride, USE_TABLE, ALIGN)
+            xj = load_row(base_ptr + off_j, cols, col_stride, n, COL_CONTIGUOUS, MASK_COLS)
             col = tl.sum(xa.to(acc.dtype) * xj.to(acc.dtype)[None, :], axis=1)
             acc += tl.where(rk[None, :] == j, col[:, None], 0.0)
     return acc
@@ -143,13 +127,13 @@ def _gram_partials_kernel(
     row = m % ROWS
     seg = tl.cast(m // ROWS, tl.int64) * seg_tiles * BLOCK_N  # multiple of BLOCK_N: stays aligned
     mask_a = row < ka
-    base_a = _row_offsets(table_ptr, a0 + row, mask_a, row_stride, USE_TABLE, ALIGN)
+    base_a = row_offsets(table_ptr, a0 + row, mask_a, row_stride, USE_TABLE, ALIGN)
     if SAME_ROWS:
         mask_b = mask_a
         base_b = base_a
     else:
         mask_b = row < kb
-        base_b = _row_offsets(table_ptr, b0 + row, mask_b, row_stride, USE_TABLE, ALIGN)
+        base_b = row_offsets(table_ptr, b0 + row, mask_b, row_stride, USE_TABLE, ALIGN)
     cols0 = tl.arange(0, BLOCK_N).to(tl.int64)
     acc = tl.zeros((BLOCK_K, BLOCK_K), dtype=ACC_DTYPE)
     for tile in range(tl.cast(pid, tl.int64), full_tiles, num_programs):  # int64: N may pass 2^31
@@ -226,9 +210,9 @@ def _config(rows: Rows, block_k: int) -> tuple[int, int, int, int]:
 def _shape(rows: Rows, k: int, same: bool, block_n: int | None) -> tuple[int, int, int]:
     """(ROWS, SEGMENTS, BLOCK_N) for a block of k rows (see the module docstring on folding)."""
     if rows.dtype not in _DOT_DTYPES or not same or k >= MIN_DOT_ROWS:
-        block_k = max(MIN_DOT_ROWS, next_power_of_2(k))
+        block_k = max(MIN_DOT_ROWS, triton.next_power_of_2(k))
         return block_k, 1, block_n or _config(rows, block_k)[0]
-    row_pad = next_power_of_2(k)
+    row_pad = triton.next_power_of_2(k)
     bn = block_n or _config(rows, MIN_DOT_ROWS)[0]
     segments = MIN_DOT_ROWS // row_pad
     # Fold only when every segment holds whole tiles (short rows are cheap anyway): N >= R^2 BLOCK_N
@@ -277,7 +261,7 @@ def _launch_block(rows: Rows, a0: int, ka: int, b0: int, kb: int, g: Tensor, *, 
     )
     # Few entries (K^2) and up to a few hundred partials: wide tiles over the partials, so that the
     # fixed-order sum takes a handful of steps.
-    block_e = 1024 if INTERPRETED else min(128, next_power_of_2(ka * kb))
+    block_e = 1024 if INTERPRETED else min(128, triton.next_power_of_2(ka * kb))
     block_p = 16 if INTERPRETED else min(512, 8192 // block_e)
     _gram_reduce_kernel[(triton.cdiv(ka * kb, block_e),)](
         partials, programs, ka, kb, g[a0:, b0:], g.stride(0), g.stride(1), g[b0:, a0:],

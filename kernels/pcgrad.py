@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._rows import INTERPRETED, check_device, next_power_of_2
+from ._rows import INTERPRETED, check_device
 
 MAX_K = 128
 REDUCTIONS = ("sum", "mean")
@@ -114,7 +114,7 @@ def pcgrad_weights(
         weights = weights.contiguous()
     w = torch.empty(k, dtype=gram.dtype, device=gram.device)
     conflicts = torch.empty((), dtype=torch.int64, device=gram.device)
-    block_k = max(16, next_power_of_2(k))
+    block_k = max(16, triton.next_power_of_2(k))
     _pcgrad_weights_kernel[(1,)](
         gram, gram.stride(0), gram.stride(1),
         orders if orders is not None else gram,

@@ -53,18 +53,22 @@ TOLARIA_INLINE float bf16_to_float(uint16_t h) {
   return f;
 }
 
-// Round to nearest even, as torch's float -> bfloat16 conversion does; NaN stays a quiet NaN.
+// The bfloat16 bits (in the low 16 bits) of float bits: round to nearest even, as torch's float ->
+// bfloat16 conversion does; NaN stays a quiet NaN. U is uint32_t or a vector of them (vu32).
+template <typename U>
+TOLARIA_INLINE U bf16_bits(U bits) {
+  const U rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  return ((bits & 0x7fffffffu) > 0x7f800000u) ? ((bits >> 16) | 0x40u) : rounded;
+}
+
 TOLARIA_INLINE uint16_t float_to_bf16(float f) {
   uint32_t bits;
   std::memcpy(&bits, &f, sizeof bits);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40u);
-  bits += 0x7fffu + ((bits >> 16) & 1u);
-  return static_cast<uint16_t>(bits >> 16);
+  return static_cast<uint16_t>(bf16_bits(bits));
 }
 
 typedef uint16_t vu16 __attribute__((vector_size(kLanes * sizeof(uint16_t))));
 typedef uint32_t vu32 __attribute__((vector_size(kLanes * sizeof(uint32_t))));
-typedef int32_t vi32 __attribute__((vector_size(kLanes * sizeof(int32_t))));
 typedef _Float16 vhalf __attribute__((vector_size(kLanes * sizeof(_Float16))));
 
 // Loads kLanes elements of a row as floats, converting whole vectors (bf16: a widening shift;
@@ -334,14 +338,10 @@ TOLARIA_INLINE void store_lanes(void* out, int64_t col, vfloat v, bool stream) {
       std::memcpy(p, &v, sizeof v);
     }
   } else if constexpr (D == DType::kBFloat16) {
-    // float_to_bf16 on whole vectors: round to nearest even; NaN stays a quiet NaN.
+    // float_to_bf16 on whole vectors.
     vu32 bits;
     std::memcpy(&bits, &v, sizeof bits);
-    const vu32 rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
-    const vu32 quiet_nan = (bits >> 16) | 0x40u;
-    const vi32 is_nan = (bits & 0x7fffffffu) > 0x7f800000u;
-    const vu32 chosen = is_nan ? quiet_nan : rounded;
-    const vu16 h = __builtin_convertvector(chosen, vu16);
+    const vu16 h = __builtin_convertvector(bf16_bits(bits), vu16);
     std::memcpy(static_cast<uint16_t*>(out) + col, &h, sizeof h);
   } else {
     const vhalf h = __builtin_convertvector(v, vhalf);  // round to nearest even, as torch does

@@ -17,7 +17,7 @@ import threading
 import torch
 from torch import Tensor
 
-from .._sources import Sources, check_out
+from .._sources import Sources
 from .base import Backend
 
 try:
@@ -62,20 +62,7 @@ class TritonBackend(Backend):
             return cls._default
 
     def supports(self, sources: Sources) -> str | None:
-        if _IMPORT_ERROR is not None:
-            return _IMPORT_ERROR
-        if _rows.INTERPRETED:
-            if sources.device.type != "cpu":
-                return (
-                    f"the Triton kernels were loaded under TRITON_INTERPRET=1 and run on CPU tensors only, "
-                    f"got {sources.device}; unset TRITON_INTERPRET to run them on the GPU"
-                )
-        elif sources.device.type != "cuda":
-            return (
-                f"the Triton backend runs on CUDA tensors, got {sources.device} (CPU tensors only under "
-                "TRITON_INTERPRET=1, set before tolaria.kernels is imported)"
-            )
-        return None
+        return _IMPORT_ERROR or _rows.device_problem(sources.device, "the gradients")
 
     def _check(self, sources: Sources) -> None:
         reason = self.supports(sources)
@@ -88,10 +75,6 @@ class TritonBackend(Backend):
 
     def combine(self, sources: Sources, weights: Tensor, out: Tensor | None) -> Tensor:
         self._check(sources)
-        if out is not None:
-            check_out(out, sources)
-        if weights.device != sources.device:
-            raise ValueError(f"the weights are on {weights.device}, the gradients on {sources.device}")
         return _combine(_operand(sources), weights, out=out)
 
     def __repr__(self) -> str:
