@@ -10,6 +10,7 @@ from .aligned_mtl import AlignedMTL
 from .buffer import GradientBuffer
 from .cagrad import CAGrad
 from .dualproj import DualProj
+from .backends.cpu import CPU_ISA_ENV, cpu_isa, set_cpu_isa, supported_cpu_isas
 from .engine import Weights
 from .functional import (
     aggregate_mean,
@@ -58,6 +59,10 @@ def build_aggregator(name: str, **kwargs) -> Aggregator:
 
 __all__ = [
     "AGGREGATOR_NAMES",
+    "CPU_ISA_ENV",
+    "cpu_isa",
+    "set_cpu_isa",
+    "supported_cpu_isas",
     "Aggregator",
     "AlignedMTL",
     "CAGrad",

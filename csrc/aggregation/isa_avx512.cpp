@@ -1,0 +1,50 @@
+// AVX-512 (x86-64-v4): 16 floats per register, 32 registers: 4 x 4 Gram tiles (16 accumulators and
+// 8 loaded vectors), float16 through the hardware conversion. Compiled with -march=x86-64-v4
+// (setup.py); used only where the CPU has it (dispatch.cpp).
+#if defined(__x86_64__)
+#if defined(__GNUC__) && !defined(__clang__)
+// GCC 12 warns inside its own AVX-512 conversion intrinsics (_mm512_undefined_*): a false positive.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+#include <immintrin.h>
+
+#include <alloca.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "kernel_table.h"
+
+// kernels.h goes inside an anonymous namespace (internal linkage, see there); every system header
+// it uses is included above, outside it.
+namespace {
+
+#include "kernels.h"
+
+struct Avx512 {
+  static constexpr const char* kName = "avx512";
+  static constexpr int kLanes = 16;
+  static constexpr int kTileRows = 4;
+  static constexpr int kTileCols = 4;
+  static constexpr int kCombineVectors = 4;
+  typedef float vf __attribute__((vector_size(64)));
+  typedef uint32_t vu32 __attribute__((vector_size(64)));
+  typedef uint16_t vu16 __attribute__((vector_size(32)));
+  typedef double vd __attribute__((vector_size(64)));
+
+  static TOLARIA_INLINE vf load_half(const uint16_t* p) {
+    return bit_cast_to<vf>(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+  }
+  static TOLARIA_INLINE void store_half(uint16_t* p, vf v) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                        _mm512_cvtps_ph(bit_cast_to<__m512>(v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  static TOLARIA_INLINE void stream(float* p, vf v) { _mm512_stream_ps(p, bit_cast_to<__m512>(v)); }
+};
+
+}  // namespace
+
+namespace tolaria::cpu {
+extern const KernelTable kAvx512Kernels = Kernels<Avx512>::table();
+}  // namespace tolaria::cpu
+#endif

@@ -1,0 +1,54 @@
+// The baseline of the architecture (x86-64: SSE2; elsewhere whatever the compiler assumes): 4 floats
+// per register, 16 registers: the AVX2 tile shapes, float16 converted on bits (half.h). Compiled with
+// the default flags; the fallback on every CPU, and the one level that exists on every architecture.
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#include <alloca.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "kernel_table.h"
+
+// kernels.h goes inside an anonymous namespace (internal linkage, see there); every system header
+// it uses is included above, outside it.
+namespace {
+
+#include "kernels.h"
+
+struct Baseline {
+  static constexpr const char* kName = "baseline";
+  static constexpr int kLanes = 4;
+  static constexpr int kTileRows = 4;
+  static constexpr int kTileCols = 2;
+  static constexpr int kCombineVectors = 8;
+  typedef float vf __attribute__((vector_size(16)));
+  typedef uint32_t vu32 __attribute__((vector_size(16)));
+  typedef uint16_t vu16 __attribute__((vector_size(8)));
+  typedef double vd __attribute__((vector_size(16)));
+
+  static TOLARIA_INLINE vf load_half(const uint16_t* p) {
+    vu16 h;
+    std::memcpy(&h, p, sizeof h);
+    return bit_cast_to<vf>(half_to_float_bits<vu32, vf>(__builtin_convertvector(h, vu32)));
+  }
+  static TOLARIA_INLINE void store_half(uint16_t* p, vf v) {
+    const vu16 h = __builtin_convertvector(float_bits_to_half<vu32, vf>(bit_cast_to<vu32>(v)), vu16);
+    std::memcpy(p, &h, sizeof h);
+  }
+  static TOLARIA_INLINE void stream(float* p, vf v) {
+#if defined(__x86_64__)
+    _mm_stream_ps(p, bit_cast_to<__m128>(v));
+#else
+    std::memcpy(p, &v, sizeof v);
+#endif
+  }
+};
+
+}  // namespace
+
+namespace tolaria::cpu {
+extern const KernelTable kBaselineKernels = Kernels<Baseline>::table();
+}  // namespace tolaria::cpu

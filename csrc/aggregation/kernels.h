@@ -1,0 +1,414 @@
+// The Gram and combine passes, written once and instantiated per instruction set.
+//
+// An ISA is a traits struct (see isa_*.cpp) giving the vector width (kLanes floats, the CPU's own
+// register width, so that no vector lives on the stack), the Gram tile shape (kTileRows x kTileCols
+// accumulators fit the register file beside the loaded rows), the combine's unroll, and the
+// float16 conversions and streaming stores of that ISA. This header must be included inside an
+// anonymous namespace of a translation unit compiled for exactly that ISA: every function here then
+// has internal linkage, so no code compiled for a wider ISA can be shared with a narrower one by the
+// linker. For the same reason it uses no std:: templates, and allocates nothing (the caller passes
+// a workspace).
+//
+// Gram (fast path, float32 accumulation): J is read in column chunks small enough that the K rows
+// of a chunk stay in L1 while every pair of rows is reduced over it, in tiles: a triangle of
+// kTileRows rows on the diagonal, kTileRows x kTileCols rectangles below it. Per-pair lane
+// accumulators persist across a super-chunk of 256 products per lane and are folded into double
+// there, so the result is accurate to well below float32 rounding of the inputs.
+//
+// Gram (wide path, double accumulation): float64 input, and the re-run of a float32 Gram whose
+// diagonal came out non-finite (tells a NaN/inf in the input from an overflow of a huge finite one).
+//
+// Combine: out = w^T J, kCombineVectors vectors of columns at a time with every row's contribution
+// summed in registers, so each output line is written once and J read once. It returns whether
+// every sum was finite: `check` gathers sum * 0, which stays 0 unless a sum is NaN or inf.
+#pragma once
+
+#include <alloca.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "half.h"
+#include "kernel_table.h"
+
+template <typename T>
+TOLARIA_INLINE T min_of(T a, T b) {
+  return b < a ? b : a;
+}
+
+template <typename T>
+TOLARIA_INLINE T max_of(T a, T b) {
+  return a < b ? b : a;
+}
+
+template <class Isa>
+struct Kernels {
+  using DType = tolaria::cpu::DType;
+  using vf = typename Isa::vf;
+  using vu32 = typename Isa::vu32;
+  using vu16 = typename Isa::vu16;
+  using vd = typename Isa::vd;
+  static constexpr int L = Isa::kLanes;
+  static constexpr int kRows = Isa::kTileRows;
+  static constexpr int kCols = Isa::kTileCols;
+  static_assert(kRows % kCols == 0, "rectangle tiles must divide the diagonal blocks");
+  static_assert(sizeof(vf) == L * sizeof(float) && sizeof(vu16) == L * sizeof(uint16_t), "vector widths");
+  static constexpr int DL = static_cast<int>(sizeof(vd) / sizeof(double));
+
+  // ---- loads and stores ----------------------------------------------------------------------
+
+  static TOLARIA_INLINE vf vload(const float* p) {
+    vf v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+  }
+
+  static TOLARIA_INLINE void vstore(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+
+  template <DType D>
+  static TOLARIA_INLINE vf load_lanes(const void* row, int64_t col) {
+    if constexpr (D == DType::kFloat32) {
+      return vload(static_cast<const float*>(row) + col);
+    } else if constexpr (D == DType::kBFloat16) {
+      vu16 h;
+      std::memcpy(&h, static_cast<const uint16_t*>(row) + col, sizeof h);
+      return bit_cast_to<vf>(vu32(__builtin_convertvector(h, vu32) << 16));
+    } else {
+      return Isa::load_half(static_cast<const uint16_t*>(row) + col);
+    }
+  }
+
+  template <DType D>
+  static TOLARIA_INLINE float load_one(const void* row, int64_t col) {
+    if constexpr (D == DType::kFloat32) {
+      return static_cast<const float*>(row)[col];
+    } else if constexpr (D == DType::kBFloat16) {
+      return bit_cast_to<float>(uint32_t(static_cast<const uint16_t*>(row)[col]) << 16);
+    } else {
+      const uint32_t h = static_cast<const uint16_t*>(row)[col];
+      return bit_cast_to<float>(half_to_float_bits<uint32_t, float>(h));
+    }
+  }
+
+  template <DType D>
+  static TOLARIA_INLINE double load_double(const void* row, int64_t col) {
+    if constexpr (D == DType::kFloat64) {
+      return static_cast<const double*>(row)[col];
+    } else {
+      return static_cast<double>(load_one<D>(row, col));
+    }
+  }
+
+  template <DType D>
+  static TOLARIA_INLINE void store_one(void* row, int64_t col, float value) {
+    const uint32_t bits = bit_cast_to<uint32_t>(value);
+    if constexpr (D == DType::kFloat32) {
+      static_cast<float*>(row)[col] = value;
+    } else if constexpr (D == DType::kBFloat16) {
+      static_cast<uint16_t*>(row)[col] = static_cast<uint16_t>(bf16_bits(bits));
+    } else {
+      static_cast<uint16_t*>(row)[col] = static_cast<uint16_t>(float_bits_to_half<uint32_t, float>(bits));
+    }
+  }
+
+  template <DType D>
+  static TOLARIA_INLINE void store_lanes(void* out, int64_t col, vf v, bool stream) {
+    if constexpr (D == DType::kFloat32) {
+      float* p = static_cast<float*>(out) + col;
+      if (stream) {
+        Isa::stream(p, v);
+      } else {
+        vstore(p, v);
+      }
+    } else if constexpr (D == DType::kBFloat16) {
+      const vu16 h = __builtin_convertvector(bf16_bits(bit_cast_to<vu32>(v)), vu16);
+      std::memcpy(static_cast<uint16_t*>(out) + col, &h, sizeof h);
+    } else {
+      Isa::store_half(static_cast<uint16_t*>(out) + col, v);
+    }
+  }
+
+  // ---- Gram, fast path -----------------------------------------------------------------------
+
+  // Columns per chunk: the K rows of one chunk take about 16 KiB of L1. Short chunks also sidestep
+  // L1 set conflicts between rows whose addresses differ by a multiple of 4 KiB (the K x N layout).
+  static TOLARIA_INLINE int64_t chunk_columns(int64_t k) {
+    const int64_t columns = (4096 / max_of<int64_t>(k, 1)) / L * L;
+    return min_of<int64_t>(max_of<int64_t>(columns, 2 * L), 1024);
+  }
+  static constexpr int64_t kSuperChunk = 256 * L;  // columns per lane-accumulation window
+
+  // One tile: rows i0..i0+BI-1 against rows j0..j0+BJ-1 over `len` columns of the chunk; on the
+  // diagonal (i0 == j0) only the pairs b <= a. Accumulators stay in registers across the chunk.
+  template <int BI, int BJ, bool kDiagonal>
+  static TOLARIA_INLINE void tile(const float* const* x, int64_t i0, int64_t j0, int64_t k, int64_t len,
+                                  float* va) {
+    auto slot = [&](int a, int b) { return va + ((i0 + a) * k + (j0 + b)) * L; };
+    vf acc[BI][BJ];
+#pragma GCC unroll 8
+    for (int a = 0; a < BI; ++a) {
+#pragma GCC unroll 8
+      for (int b = 0; b < BJ; ++b) {
+        if (!kDiagonal || b <= a) acc[a][b] = vload(slot(a, b));
+      }
+    }
+    for (int64_t c = 0; c < len; c += L) {
+      vf xv[BI], yv[BJ];
+#pragma GCC unroll 8
+      for (int a = 0; a < BI; ++a) xv[a] = vload(x[i0 + a] + c);
+      if constexpr (!kDiagonal) {
+#pragma GCC unroll 8
+        for (int b = 0; b < BJ; ++b) yv[b] = vload(x[j0 + b] + c);
+      }
+#pragma GCC unroll 8
+      for (int a = 0; a < BI; ++a) {
+#pragma GCC unroll 8
+        for (int b = 0; b < BJ; ++b) {
+          if constexpr (kDiagonal) {
+            if (b <= a) acc[a][b] += xv[a] * xv[b];
+          } else {
+            acc[a][b] += xv[a] * yv[b];
+          }
+        }
+      }
+    }
+#pragma GCC unroll 8
+    for (int a = 0; a < BI; ++a) {
+#pragma GCC unroll 8
+      for (int b = 0; b < BJ; ++b) {
+        if (!kDiagonal || b <= a) vstore(slot(a, b), acc[a][b]);
+      }
+    }
+  }
+
+  // The ragged last block of rows (k % kRows of them) takes the same tiles with fewer rows.
+  template <int BI = kRows>
+  static TOLARIA_INLINE void block_row(int bi, const float* const* x, int64_t i0, int64_t k, int64_t len,
+                                       float* va) {
+    if constexpr (BI > 1) {
+      if (bi < BI) {
+        block_row<BI - 1>(bi, x, i0, k, len, va);
+        return;
+      }
+    }
+    for (int64_t j0 = 0; j0 < i0; j0 += kCols) tile<BI, kCols, false>(x, i0, j0, k, len, va);
+    tile<BI, BI, true>(x, i0, i0, k, len, va);
+  }
+
+  static TOLARIA_INLINE void gram_chunk(const float* const* x, int64_t k, int64_t len, float* va) {
+    for (int64_t i0 = 0; i0 < k; i0 += kRows) {
+      block_row(static_cast<int>(min_of<int64_t>(kRows, k - i0)), x, i0, k, len, va);
+    }
+  }
+
+  // Workspace of the fast path: K row pointers, the lane accumulators (K x K x L floats), and for
+  // 16-bit inputs the chunk converted to float (K x chunk floats); each part 64-byte aligned.
+  static TOLARIA_INLINE int64_t align64(int64_t bytes) { return (bytes + 63) / 64 * 64; }
+
+  static int64_t gram_workspace_bytes(int64_t k) {
+    return align64(k * static_cast<int64_t>(sizeof(void*))) + align64(k * k * L * 4) +
+           align64(k * chunk_columns(k) * 4);
+  }
+
+  template <DType D>
+  static void gram_range_fast(const void* const* rows, int64_t k, int64_t begin, int64_t end, double* acc,
+                              void* workspace) {
+    char* base = static_cast<char*>(workspace);
+    const float** x = reinterpret_cast<const float**>(base);
+    float* va = reinterpret_cast<float*>(base + align64(k * static_cast<int64_t>(sizeof(void*))));
+    float* scratch = va + align64(k * k * L * 4) / 4;
+    const int64_t chunk = chunk_columns(k);
+    // Whole vectors only; the ragged tail (< L columns) is added in double below.
+    const int64_t vec_end = begin + (end - begin) / L * L;
+    for (int64_t s0 = begin; s0 < vec_end; s0 += kSuperChunk) {
+      const int64_t s1 = min_of(vec_end, s0 + kSuperChunk);
+      std::memset(va, 0, static_cast<size_t>(k * k * L) * sizeof(float));
+      for (int64_t c0 = s0; c0 < s1; c0 += chunk) {
+        const int64_t len = min_of(chunk, s1 - c0);
+        for (int64_t i = 0; i < k; ++i) {
+          if constexpr (D == DType::kFloat32) {
+            x[i] = static_cast<const float*>(rows[i]) + c0;
+          } else {
+            float* dst = scratch + i * chunk;
+            for (int64_t c = 0; c < len; c += L) vstore(dst + c, load_lanes<D>(rows[i], c0 + c));
+            x[i] = dst;
+          }
+        }
+        gram_chunk(x, k, len, va);
+      }
+      for (int64_t i = 0; i < k; ++i) {
+        for (int64_t j = 0; j <= i; ++j) {
+          const float* lanes = va + (i * k + j) * L;
+          double sum = 0.0;
+          for (int l = 0; l < L; ++l) sum += lanes[l];
+          acc[i * k + j] += sum;
+        }
+      }
+    }
+    for (int64_t i = 0; i < k; ++i) {
+      for (int64_t j = 0; j <= i; ++j) {
+        double sum = 0.0;
+        for (int64_t c = vec_end; c < end; ++c) {
+          sum += static_cast<double>(load_one<D>(rows[i], c)) * load_one<D>(rows[j], c);
+        }
+        acc[i * k + j] += sum;
+      }
+    }
+  }
+
+  // ---- Gram, wide path -----------------------------------------------------------------------
+
+  static TOLARIA_INLINE double hsum(vd v) {
+    double s = 0.0;
+    for (int l = 0; l < DL; ++l) s += v[l];
+    return s;
+  }
+
+  // Converts a chunk of K rows to double (into the workspace: 1024 / K columns, at least 16), then
+  // reduces every pair over it with two independent accumulators.
+  template <DType D>
+  static void gram_range_wide(const void* const* rows, int64_t k, int64_t begin, int64_t end, double* acc,
+                              void* workspace) {
+    const int64_t chunk = wide_chunk_columns(k);
+    double* scratch = static_cast<double*>(workspace);
+    for (int64_t c0 = begin; c0 < end; c0 += chunk) {
+      const int64_t len = min_of(chunk, end - c0);
+      const int64_t vec_len = len / DL * DL;
+      for (int64_t i = 0; i < k; ++i) {
+        double* dst = scratch + i * chunk;
+        for (int64_t c = 0; c < len; ++c) dst[c] = load_double<D>(rows[i], c0 + c);
+      }
+      for (int64_t i = 0; i < k; ++i) {
+        const double* xi = scratch + i * chunk;
+        for (int64_t j = 0; j <= i; ++j) {
+          const double* xj = scratch + j * chunk;
+          vd a = {}, b = {};
+          int64_t c = 0;
+          for (; c + 2 * DL <= vec_len; c += 2 * DL) {
+            vd x0, y0, x1, y1;
+            std::memcpy(&x0, xi + c, sizeof x0);
+            std::memcpy(&y0, xj + c, sizeof y0);
+            std::memcpy(&x1, xi + c + DL, sizeof x1);
+            std::memcpy(&y1, xj + c + DL, sizeof y1);
+            a += x0 * y0;
+            b += x1 * y1;
+          }
+          for (; c < vec_len; c += DL) {
+            vd x0, y0;
+            std::memcpy(&x0, xi + c, sizeof x0);
+            std::memcpy(&y0, xj + c, sizeof y0);
+            a += x0 * y0;
+          }
+          double sum = hsum(a + b);
+          for (; c < len; ++c) sum += xi[c] * xj[c];
+          acc[i * k + j] += sum;
+        }
+      }
+    }
+  }
+
+  static TOLARIA_INLINE int64_t wide_chunk_columns(int64_t k) {
+    return max_of<int64_t>((3072 / max_of<int64_t>(k, 1)) / 8 * 8, 32);
+  }
+
+  static void gram_range(DType dtype, bool wide, const void* const* rows, int64_t k, int64_t begin, int64_t end,
+                         double* acc, void* workspace) {
+    // The wide path's scratch (K x chunk doubles) fits in the fast path's workspace: see
+    // workspace_bytes, which takes the larger of the two.
+    switch (dtype) {
+      case DType::kFloat32:
+        return wide ? gram_range_wide<DType::kFloat32>(rows, k, begin, end, acc, workspace)
+                    : gram_range_fast<DType::kFloat32>(rows, k, begin, end, acc, workspace);
+      case DType::kBFloat16:
+        return wide ? gram_range_wide<DType::kBFloat16>(rows, k, begin, end, acc, workspace)
+                    : gram_range_fast<DType::kBFloat16>(rows, k, begin, end, acc, workspace);
+      case DType::kFloat16:
+        return wide ? gram_range_wide<DType::kFloat16>(rows, k, begin, end, acc, workspace)
+                    : gram_range_fast<DType::kFloat16>(rows, k, begin, end, acc, workspace);
+      case DType::kFloat64:
+        return gram_range_wide<DType::kFloat64>(rows, k, begin, end, acc, workspace);
+    }
+  }
+
+  static int64_t workspace_bytes(int64_t k) {
+    return max_of(gram_workspace_bytes(k), align64(k * wide_chunk_columns(k) * 8));
+  }
+
+  // ---- combine -------------------------------------------------------------------------------
+
+  template <DType D>
+  static bool combine_range_lowp(const void* const* rows, int64_t k, const double* weights, int64_t begin,
+                                 int64_t end, void* out, bool stream) {
+    constexpr int V = Isa::kCombineVectors;
+    constexpr int64_t block = V * L;
+    float* w = static_cast<float*>(alloca(sizeof(float) * static_cast<size_t>(k)));
+    for (int64_t i = 0; i < k; ++i) w[i] = static_cast<float>(weights[i]);
+    int64_t c = begin;
+    vf check = {};
+    const vf zero = {};
+    for (; c + block <= end; c += block) {
+      // Start from row 0's products (not from +0), so that -0 sums to -0 as in torch.
+      const vf w0 = vf{} + w[0];
+      vf a[V];
+#pragma GCC unroll 8
+      for (int v = 0; v < V; ++v) a[v] = w0 * load_lanes<D>(rows[0], c + v * L);
+      for (int64_t i = 1; i < k; ++i) {
+        const vf wi = vf{} + w[i];
+#pragma GCC unroll 8
+        for (int v = 0; v < V; ++v) a[v] += wi * load_lanes<D>(rows[i], c + v * L);
+      }
+#pragma GCC unroll 8
+      for (int v = 0; v < V; ++v) {
+        check += a[v] * zero;
+        store_lanes<D>(out, c + v * L, a[v], stream);
+      }
+    }
+    bool finite = true;
+    for (int l = 0; l < L; ++l) finite = finite && check[l] == 0.0f;
+    for (; c < end; ++c) {
+      float s = w[0] * load_one<D>(rows[0], c);
+      for (int64_t i = 1; i < k; ++i) s += w[i] * load_one<D>(rows[i], c);
+      finite = finite && __builtin_isfinite(s);
+      store_one<D>(out, c, s);
+    }
+    return finite;
+  }
+
+  static bool combine_range_f64(const void* const* rows, int64_t k, const double* weights, int64_t begin,
+                                int64_t end, void* out) {
+    double* o = static_cast<double*>(out);
+    double check = 0.0;  // sum of o * 0: stays 0 unless some o is NaN or inf
+    constexpr int64_t chunk = 512;
+    for (int64_t c0 = begin; c0 < end; c0 += chunk) {
+      const int64_t stop = min_of(chunk + c0, end);
+      const double* x0 = static_cast<const double*>(rows[0]);
+      for (int64_t c = c0; c < stop; ++c) o[c] = weights[0] * x0[c];  // from row 0: -0 stays -0
+      for (int64_t i = 1; i < k; ++i) {
+        const double* xi = static_cast<const double*>(rows[i]);
+        const double wi = weights[i];
+        for (int64_t c = c0; c < stop; ++c) o[c] += wi * xi[c];
+      }
+      for (int64_t c = c0; c < stop; ++c) check += o[c] * 0.0;
+    }
+    return check == 0.0;
+  }
+
+  static bool combine_range(DType dtype, const void* const* rows, int64_t k, const double* weights,
+                            int64_t begin, int64_t end, void* out, bool stream) {
+    switch (dtype) {
+      case DType::kFloat32:
+        return combine_range_lowp<DType::kFloat32>(rows, k, weights, begin, end, out, stream);
+      case DType::kBFloat16:
+        return combine_range_lowp<DType::kBFloat16>(rows, k, weights, begin, end, out, false);
+      case DType::kFloat16:
+        return combine_range_lowp<DType::kFloat16>(rows, k, weights, begin, end, out, false);
+      case DType::kFloat64:
+        return combine_range_f64(rows, k, weights, begin, end, out);
+    }
+    return false;
+  }
+
+  static constexpr tolaria::cpu::KernelTable table() {
+    return {Isa::kName, L, &workspace_bytes, &gram_range, &combine_range};
+  }
+};
