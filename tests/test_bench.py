@@ -59,3 +59,24 @@ def test_bad_arguments_name_the_valid_choices():
         bench.main(["--aggregators", "nope"])
     with pytest.raises(SystemExit, match="unknown dtype"):
         bench.main(["--dtypes", "fp8"])
+
+
+def test_isa_flag_runs_under_the_forced_level_and_names_it(tmp_path, capsys):
+    from tolaria.aggregation import cpu_isa, set_cpu_isa, supported_cpu_isas
+
+    before = cpu_isa()
+    narrowest = supported_cpu_isas()[-1]
+    try:
+        out = tmp_path / "m.json"
+        args = ["--isa", narrowest, "--k", "2", "--n", "1000", "--dtypes", "fp32", "--repeats", "1", "--no-memory",
+                "--json", str(out)]
+        assert bench.main(args) == 0
+        assert f"CPU ISA {narrowest}," in capsys.readouterr().out.splitlines()[0]
+        assert {m["cpu_isa"] for m in json.loads(out.read_text())} == {narrowest}
+    finally:
+        set_cpu_isa(before)
+
+
+def test_isa_flag_rejects_an_unknown_level_with_the_valid_ones():
+    with pytest.raises(SystemExit, match="--isa avx9000: unknown CPU ISA level .* valid levels are"):
+        bench.main(["--isa", "avx9000", "--quick"])

@@ -40,7 +40,20 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from tolaria.aggregation import IMTLG, MGDA, Aggregator, AlignedMTL, CAGrad, DualProj, Mean, PCGrad, Sum, UPGrad
+from tolaria.aggregation import (
+    IMTLG,
+    MGDA,
+    Aggregator,
+    AlignedMTL,
+    CAGrad,
+    DualProj,
+    Mean,
+    PCGrad,
+    Sum,
+    UPGrad,
+    cpu_isa,
+    set_cpu_isa,
+)
 from tolaria.aggregation.engine import NONFINITE_MODES, check_nonfinite_mode
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
@@ -98,6 +111,7 @@ class Measurement:
     x_floor: float
     extra_mb: float | None
     x_copy: float | None = None  # CUDA: copy time / this method's time
+    cpu_isa: str | None = None  # the compiled CPU passes' ISA level during the run
 
 
 def _sync(device: torch.device) -> None:
@@ -381,6 +395,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="run the naive loop only up to this many elements K x N (default: no limit; on CUDA 8e9)",
     )
     p.add_argument("--json", type=Path, help="also write every measurement to this JSON file")
+    p.add_argument(
+        "--isa", default=None,
+        help="run the compiled CPU passes at this ISA level (avx512, avx2, baseline; neon on aarch64; "
+        "default: TOLARIA_CPU_ISA, else the widest this CPU supports)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -404,8 +423,13 @@ def run(args: argparse.Namespace) -> int:
     naive_max = args.naive_max if args.naive_max is not None else (8e9 if cuda else None)
     if args.quick:
         dtypes, ks, ns = (["bf16"], [8], [100_000_000]) if cuda else (["fp32"], [8], [4_000_000])
+    if args.isa:
+        try:
+            set_cpu_isa(args.isa)
+        except (ValueError, RuntimeError) as exc:
+            raise SystemExit(f"--isa {args.isa}: {exc}") from None
     print(
-        f"tolaria bench: torch {torch.__version__}, {platform.machine()}, "
+        f"tolaria bench: torch {torch.__version__}, {platform.machine()}, CPU ISA {cpu_isa() or 'none (no compiled extension)'}, "
         f"{torch.get_num_threads()} threads, device {device}"
         + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
         + (f", nonfinite={nonfinite}" if nonfinite else "")
@@ -429,6 +453,8 @@ def run(args: argparse.Namespace) -> int:
                     )
                     if not group:
                         continue
+                    for m in group:
+                        m.cpu_isa = cpu_isa()
                     groups.append((CONTENDERS[name], group))
                     rows.extend(group)
                     if cuda and not args.no_memory:  # CUDA's allocator counts peaks without tuning

@@ -1,6 +1,6 @@
 """The aggregation engine: Gram matrix, weighting, one weighted sum.
 
-Every aggregator is "weights from the Gram matrix, then one weighted sum" (DESIGN.md):
+Every aggregator is "weights from the Gram matrix, then one weighted sum" (docs/ARCHITECTURE.md):
 
 1. ``gram``: G = J J^T, one pass over the K x N matrix J;
 2. ``weighting``: a function of the K x K matrix G alone, returning the K weights w;

@@ -1,0 +1,115 @@
+"""The compiled CPU engine at every ISA level this CPU runs, interleaved in one process.
+
+    python benchmarks/cpu_isa.py            # N = 4e6: K = 2, 4, 8, 16 fp32 and K = 8 bf16, every level
+    python benchmarks/cpu_isa.py --rounds 15
+
+For each case it times, in turns (one call of each method per round, so drift on a shared machine
+hits all alike): the floor (one read of J, ``J.sum(0)`` in J's dtype), Tolaria's PCGrad at each ISA
+level (forced with ``set_cpu_isa``, as ``TOLARIA_CPU_ISA`` does), and at K = 8 fp32 TorchJD's PCGrad
+(when installed) and the naive pairwise loop. It then times PCGrad right after a torch op against
+the same call after a 50 ms pause (torch's OpenMP workers spin for a while after each op; a pass that
+fights them for the cores pays for it). Ratios, not times, are the figures to compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from tolaria.aggregation import PCGrad, cpu_isa, set_cpu_isa, supported_cpu_isas
+from tolaria.bench import naive_pcgrad
+
+try:
+    from torchjd.aggregation import PCGrad as TorchJDPCGrad
+except ImportError:  # TorchJD is the `bench` extra
+    TorchJDPCGrad = None
+
+N = 4_000_000
+CASES = [("fp32", 2), ("fp32", 4), ("fp32", 8), ("fp32", 16), ("bf16", 8)]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _at_level(level: str, fn: Callable[[], object]) -> Callable[[], object]:
+    def call() -> object:
+        set_cpu_isa(level)
+        return fn()
+
+    return call
+
+
+def _interleaved(methods: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    for fn in methods.values():
+        fn()  # warm-up: allocator, caches, lazy initialisation
+    for _ in range(rounds):
+        for name, fn in methods.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+
+
+def _after_op_vs_idle(level: str, j: torch.Tensor, rounds: int) -> float:
+    set_cpu_isa(level)
+    pcgrad = PCGrad(shuffle=False)
+    after_op, after_idle = [], []
+    for _ in range(rounds):
+        j.sum(0)  # torch's workers are still spinning when the next call starts
+        start = time.perf_counter()
+        pcgrad(j)
+        after_op.append(time.perf_counter() - start)
+        time.sleep(0.05)
+        start = time.perf_counter()
+        pcgrad(j)
+        after_idle.append(time.perf_counter() - start)
+    return statistics.median(after_op) / statistics.median(after_idle)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=11, help="timed rounds per case (median reported)")
+    p.add_argument("--n", type=float, default=N, help="elements per source")
+    args = p.parse_args(argv)
+    n = int(args.n)
+    levels = supported_cpu_isas()
+    default = cpu_isa()
+    print(
+        f"cpu_isa benchmark: torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads, "
+        f"levels {', '.join(levels)} (default {default}), N = {n:.3g}, median of {args.rounds} interleaved rounds"
+    )
+    gen = torch.Generator().manual_seed(0)
+    for dtype_name, k in CASES:
+        j = torch.randn(k, n, generator=gen).to(DTYPES[dtype_name])
+        pcgrad = PCGrad(shuffle=False)
+        methods: dict[str, Callable[[], object]] = {"floor": lambda j=j: j.sum(0)}
+        for level in levels:
+            methods[f"tolaria[{level}]"] = _at_level(level, lambda j=j: pcgrad(j))
+        if dtype_name == "fp32" and k == 8:
+            if TorchJDPCGrad is not None:
+                torchjd = TorchJDPCGrad()
+                methods["torchjd"] = lambda j=j: torchjd(j)
+            methods["naive-loop"] = lambda j=j: naive_pcgrad(j)
+        ms = _interleaved(methods, args.rounds if "naive-loop" not in methods else max(3, args.rounds // 3))
+        print(f"\nPCGrad {dtype_name} K={k} N={n:.3g}")
+        print(f"{'method':<18} {'ms':>9} {'x floor':>8}  {'vs torchjd':>10} {'vs naive':>9}")
+        for name, t in ms.items():
+            extra = ""
+            if name.startswith("tolaria") and "torchjd" in ms:
+                extra = f"  {ms['torchjd'] / t:>9.2f}x {ms['naive-loop'] / t:>8.1f}x"
+            print(f"{name:<18} {t:>9.3f} {t / ms['floor']:>8.2f}{extra}")
+        del j
+    j = torch.randn(8, n, generator=gen)
+    print("\nPCGrad fp32 K=8 right after a torch op, as a multiple of the same call after a 50 ms pause")
+    for level in levels:
+        print(f"tolaria[{level}]    {_after_op_vs_idle(level, j, args.rounds):.3f}x")
+    set_cpu_isa(default)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
