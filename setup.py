@@ -35,6 +35,8 @@ def _extension(module: str, folder: str) -> Pybind11Extension:
     return Pybind11Extension(
         module,
         sources,
+        # Headers too: a change to kernels.h must rebuild the ISA files that include it.
+        depends=sorted(str(p) for p in (CSRC / folder).glob("*.h")),
         cxx_std=17,
         extra_compile_args=["-O3", "-fno-math-errno", "-ffp-contract=fast", "-Wno-psabi"],
         libraries=["dl"],

@@ -30,7 +30,7 @@ def _add_row(acc, base_ptr, table_ptr, row_stride, col_stride, n, w_ptr, row, co
     w = tl.load(w_ptr + row).to(ACC_DTYPE)
     off = row_offsets(table_ptr, row, True, row_stride, USE_TABLE, ALIGN)
     x = load_row(base_ptr + off, cols, col_stride, n, COL_CONTIGUOUS, MASK_COLS)
-    return acc + w * x.to(ACC_DTYPE)
+    return acc + w * _widen(x, ACC_DTYPE)
 
 
 @triton.jit
@@ -50,6 +50,25 @@ def _weighted_rows(base_ptr, table_ptr, row_stride, col_stride, n, k, w_ptr, col
     return acc
 
 
+@triton.jit
+def _widen(x, ACC_DTYPE: tl.constexpr):
+    # 16-bit rows reach a float64 accumulator through float32 (exact), see _to_output.
+    if ACC_DTYPE == tl.float64 and x.dtype != tl.float64:
+        return x.to(tl.float32).to(ACC_DTYPE)
+    return x.to(ACC_DTYPE)
+
+
+@triton.jit
+def _to_output(acc, out_ty: tl.constexpr):
+    # A float64 sum (wide) reaches a 16-bit output through float32, as the CPU passes do (a direct
+    # float64 -> bfloat16 conversion is not supported everywhere, the interpreter included).
+    if acc.dtype == tl.float64 and out_ty != tl.float64:
+        if out_ty == tl.float32:
+            return acc.to(out_ty)
+        return acc.to(tl.float32).to(out_ty, fp_downcast_rounding="rtne")
+    return acc.to(out_ty)
+
+
 @triton.jit(do_not_specialize=["n", "k"])
 def _combine_kernel(
     base_ptr, table_ptr, row_stride, col_stride, n, k, w_ptr, out_ptr,
@@ -62,11 +81,11 @@ def _combine_kernel(
     if start + BLOCK_N <= n:
         acc = _weighted_rows(base_ptr, table_ptr, row_stride, col_stride, n, k, w_ptr, cols,
                              ROWS, USE_TABLE, ALIGN, COL_CONTIGUOUS, False, ACC_DTYPE, BLOCK_N)
-        tl.store(out_ptr + cols, acc.to(out_ty))
+        tl.store(out_ptr + cols, _to_output(acc, out_ty))
     else:
         acc = _weighted_rows(base_ptr, table_ptr, row_stride, col_stride, n, k, w_ptr, cols,
                              ROWS, USE_TABLE, ALIGN, COL_CONTIGUOUS, True, ACC_DTYPE, BLOCK_N)
-        tl.store(out_ptr + cols, acc.to(out_ty), mask=cols < n)
+        tl.store(out_ptr + cols, _to_output(acc, out_ty), mask=cols < n)
 
 
 def _config(rows: Rows, group: int) -> tuple[int, int]:
@@ -83,9 +102,10 @@ def combine(
     *,
     out: Tensor | None = None,
     block_n: int | None = None,
+    wide: bool = False,
 ) -> Tensor:
     """Returns the flat N-tensor ``weights @ J`` in J's dtype (float32 accumulation; float64 for
-    float64 rows), for J a K x N tensor (rows at any stride) or K tensors of N elements (never
+    float64 rows or with ``wide``, for weights whose terms cancel), for J a K x N tensor (rows at any stride) or K tensors of N elements (never
     stacked). ``weights`` is a K-vector of any float dtype on J's device. With ``out`` (a contiguous
     tensor of N elements, J's dtype and device) the result is written there and ``out`` is returned
     as a flat view.
@@ -115,7 +135,7 @@ def combine(
         raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
     base, table, row_stride, col_stride = rows.kernel_args()
     w = weights if weights.is_contiguous() else weights.contiguous()
-    acc_dtype = tl.float64 if rows.dtype == torch.float64 else tl.float32
+    acc_dtype = tl.float64 if wide or rows.dtype == torch.float64 else tl.float32
     _combine_kernel[(triton.cdiv(rows.n, block_n),)](
         base, table, row_stride, col_stride, rows.n, rows.k, w, out,
         BLOCK_N=block_n, ROWS=group, USE_TABLE=rows.table is not None, ALIGN=rows.align,

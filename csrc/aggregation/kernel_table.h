@@ -21,9 +21,10 @@ struct KernelTable {
   void (*gram_range)(DType dtype, bool wide, const void* const* rows, int64_t k, int64_t begin, int64_t end,
                      double* acc, void* workspace);
   // out[c] = sum_i weights[i] * row_i[c] for c in [begin, end); returns whether every sum was finite.
+  // `wide`: accumulate in double (for cancelling weights), else in float32 lanes for 16/32-bit rows.
   // `stream`: non-temporal stores (float32 only; out + begin must be 64-byte aligned).
-  bool (*combine_range)(DType dtype, const void* const* rows, int64_t k, const double* weights, int64_t begin,
-                        int64_t end, void* out, bool stream);
+  bool (*combine_range)(DType dtype, bool wide, const void* const* rows, int64_t k, const double* weights,
+                        int64_t begin, int64_t end, void* out, bool stream);
 };
 
 // Defined by the isa_*.cpp of the running architecture (the others compile to nothing).

@@ -140,25 +140,38 @@ struct Kernels {
 
   // One tile: rows i0..i0+BI-1 against rows j0..j0+BJ-1 over `len` columns of the chunk; on the
   // diagonal (i0 == j0) only the pairs b <= a. Accumulators stay in registers across the chunk.
-  template <int BI, int BJ, bool kDiagonal>
-  static TOLARIA_INLINE void tile(const float* const* x, int64_t i0, int64_t j0, int64_t k, int64_t len,
-                                  float* va) {
-    auto slot = [&](int a, int b) { return va + ((i0 + a) * k + (j0 + b)) * L; };
-    vf acc[BI][BJ];
+  // V: the vector type (vf for float lanes, vd for the wide path's double lanes), T its element.
+  template <typename V, typename T>
+  static TOLARIA_INLINE V load_vector(const T* p) {
+    V v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+  }
+
+  template <typename V, typename T>
+  static TOLARIA_INLINE void store_vector(T* p, V v) {
+    std::memcpy(p, &v, sizeof v);
+  }
+
+  template <typename V, typename T, int BI, int BJ, bool kDiagonal>
+  static TOLARIA_INLINE void tile(const T* const* x, int64_t i0, int64_t j0, int64_t k, int64_t len, T* va) {
+    constexpr int W = static_cast<int>(sizeof(V) / sizeof(T));
+    auto slot = [&](int a, int b) { return va + ((i0 + a) * k + (j0 + b)) * W; };
+    V acc[BI][BJ];
 #pragma GCC unroll 8
     for (int a = 0; a < BI; ++a) {
 #pragma GCC unroll 8
       for (int b = 0; b < BJ; ++b) {
-        if (!kDiagonal || b <= a) acc[a][b] = vload(slot(a, b));
+        if (!kDiagonal || b <= a) acc[a][b] = load_vector<V>(slot(a, b));
       }
     }
-    for (int64_t c = 0; c < len; c += L) {
-      vf xv[BI], yv[BJ];
+    for (int64_t c = 0; c < len; c += W) {
+      V xv[BI], yv[BJ];
 #pragma GCC unroll 8
-      for (int a = 0; a < BI; ++a) xv[a] = vload(x[i0 + a] + c);
+      for (int a = 0; a < BI; ++a) xv[a] = load_vector<V>(x[i0 + a] + c);
       if constexpr (!kDiagonal) {
 #pragma GCC unroll 8
-        for (int b = 0; b < BJ; ++b) yv[b] = vload(x[j0 + b] + c);
+        for (int b = 0; b < BJ; ++b) yv[b] = load_vector<V>(x[j0 + b] + c);
       }
 #pragma GCC unroll 8
       for (int a = 0; a < BI; ++a) {
@@ -176,28 +189,30 @@ struct Kernels {
     for (int a = 0; a < BI; ++a) {
 #pragma GCC unroll 8
       for (int b = 0; b < BJ; ++b) {
-        if (!kDiagonal || b <= a) vstore(slot(a, b), acc[a][b]);
+        if (!kDiagonal || b <= a) store_vector<V>(slot(a, b), acc[a][b]);
       }
     }
   }
 
   // The ragged last block of rows (k % kRows of them) takes the same tiles with fewer rows.
-  template <int BI = kRows>
-  static TOLARIA_INLINE void block_row(int bi, const float* const* x, int64_t i0, int64_t k, int64_t len,
-                                       float* va) {
+  template <typename V, typename T, int BI = kRows>
+  static TOLARIA_INLINE void block_row(int bi, const T* const* x, int64_t i0, int64_t k, int64_t len, T* va) {
     if constexpr (BI > 1) {
       if (bi < BI) {
-        block_row<BI - 1>(bi, x, i0, k, len, va);
+        block_row<V, T, BI - 1>(bi, x, i0, k, len, va);
         return;
       }
     }
-    for (int64_t j0 = 0; j0 < i0; j0 += kCols) tile<BI, kCols, false>(x, i0, j0, k, len, va);
-    tile<BI, BI, true>(x, i0, i0, k, len, va);
+    for (int64_t j0 = 0; j0 < i0; j0 += kCols) tile<V, T, BI, kCols, false>(x, i0, j0, k, len, va);
+    tile<V, T, BI, BI, true>(x, i0, i0, k, len, va);
   }
 
-  static TOLARIA_INLINE void gram_chunk(const float* const* x, int64_t k, int64_t len, float* va) {
+  // va[(i * k + j) * W + lane] += the chunk's products of rows i and j, lane-wise, for j <= i (tiles
+  // on the diagonal also fill some j > i: other entries of the same symmetric matrix, never read).
+  template <typename V, typename T>
+  static TOLARIA_INLINE void gram_chunk(const T* const* x, int64_t k, int64_t len, T* va) {
     for (int64_t i0 = 0; i0 < k; i0 += kRows) {
-      block_row(static_cast<int>(min_of<int64_t>(kRows, k - i0)), x, i0, k, len, va);
+      block_row<V, T>(static_cast<int>(min_of<int64_t>(kRows, k - i0)), x, i0, k, len, va);
     }
   }
 
@@ -234,7 +249,7 @@ struct Kernels {
             x[i] = dst;
           }
         }
-        gram_chunk(x, k, len, va);
+        gram_chunk<vf, float>(x, k, len, va);
       }
       for (int64_t i = 0; i < k; ++i) {
         for (int64_t j = 0; j <= i; ++j) {
@@ -264,51 +279,50 @@ struct Kernels {
     return s;
   }
 
-  // Converts a chunk of K rows to double (into the workspace: 1024 / K columns, at least 16), then
-  // reduces every pair over it with two independent accumulators.
+  // The same tiles on double lanes: every chunk of K rows converted to double in the workspace (a
+  // float64 chunk is read in place), products exact for 16/32-bit inputs, accumulated in double.
+  static TOLARIA_INLINE int64_t wide_chunk_columns(int64_t k) {
+    const int64_t columns = (2048 / max_of<int64_t>(k, 1)) / DL * DL;
+    return min_of<int64_t>(max_of<int64_t>(columns, 2 * DL), 512);
+  }
+
+  static int64_t wide_workspace_bytes(int64_t k) {
+    return align64(k * static_cast<int64_t>(sizeof(void*))) + align64(k * k * DL * 8) +
+           align64(k * wide_chunk_columns(k) * 8);
+  }
+
   template <DType D>
   static void gram_range_wide(const void* const* rows, int64_t k, int64_t begin, int64_t end, double* acc,
                               void* workspace) {
+    char* base = static_cast<char*>(workspace);
+    const double** x = reinterpret_cast<const double**>(base);
+    double* va = reinterpret_cast<double*>(base + align64(k * static_cast<int64_t>(sizeof(void*))));
+    double* scratch = va + align64(k * k * DL * 8) / 8;
     const int64_t chunk = wide_chunk_columns(k);
-    double* scratch = static_cast<double*>(workspace);
-    for (int64_t c0 = begin; c0 < end; c0 += chunk) {
-      const int64_t len = min_of(chunk, end - c0);
-      const int64_t vec_len = len / DL * DL;
+    const int64_t vec_end = begin + (end - begin) / DL * DL;
+    std::memset(va, 0, static_cast<size_t>(k * k * DL) * sizeof(double));
+    for (int64_t c0 = begin; c0 < vec_end; c0 += chunk) {
+      const int64_t len = min_of(chunk, vec_end - c0);
       for (int64_t i = 0; i < k; ++i) {
-        double* dst = scratch + i * chunk;
-        for (int64_t c = 0; c < len; ++c) dst[c] = load_double<D>(rows[i], c0 + c);
-      }
-      for (int64_t i = 0; i < k; ++i) {
-        const double* xi = scratch + i * chunk;
-        for (int64_t j = 0; j <= i; ++j) {
-          const double* xj = scratch + j * chunk;
-          vd a = {}, b = {};
-          int64_t c = 0;
-          for (; c + 2 * DL <= vec_len; c += 2 * DL) {
-            vd x0, y0, x1, y1;
-            std::memcpy(&x0, xi + c, sizeof x0);
-            std::memcpy(&y0, xj + c, sizeof y0);
-            std::memcpy(&x1, xi + c + DL, sizeof x1);
-            std::memcpy(&y1, xj + c + DL, sizeof y1);
-            a += x0 * y0;
-            b += x1 * y1;
-          }
-          for (; c < vec_len; c += DL) {
-            vd x0, y0;
-            std::memcpy(&x0, xi + c, sizeof x0);
-            std::memcpy(&y0, xj + c, sizeof y0);
-            a += x0 * y0;
-          }
-          double sum = hsum(a + b);
-          for (; c < len; ++c) sum += xi[c] * xj[c];
-          acc[i * k + j] += sum;
+        if constexpr (D == DType::kFloat64) {
+          x[i] = static_cast<const double*>(rows[i]) + c0;
+        } else {
+          double* dst = scratch + i * chunk;
+          for (int64_t c = 0; c < len; ++c) dst[c] = load_double<D>(rows[i], c0 + c);
+          x[i] = dst;
         }
       }
+      gram_chunk<vd, double>(x, k, len, va);
     }
-  }
-
-  static TOLARIA_INLINE int64_t wide_chunk_columns(int64_t k) {
-    return max_of<int64_t>((3072 / max_of<int64_t>(k, 1)) / 8 * 8, 32);
+    for (int64_t i = 0; i < k; ++i) {
+      for (int64_t j = 0; j <= i; ++j) {
+        const double* lanes = va + (i * k + j) * DL;
+        double sum = 0.0;
+        for (int l = 0; l < DL; ++l) sum += lanes[l];
+        for (int64_t c = vec_end; c < end; ++c) sum += load_double<D>(rows[i], c) * load_double<D>(rows[j], c);
+        acc[i * k + j] += sum;
+      }
+    }
   }
 
   static void gram_range(DType dtype, bool wide, const void* const* rows, int64_t k, int64_t begin, int64_t end,
@@ -330,9 +344,7 @@ struct Kernels {
     }
   }
 
-  static int64_t workspace_bytes(int64_t k) {
-    return max_of(gram_workspace_bytes(k), align64(k * wide_chunk_columns(k) * 8));
-  }
+  static int64_t workspace_bytes(int64_t k) { return max_of(gram_workspace_bytes(k), wide_workspace_bytes(k)); }
 
   // ---- combine -------------------------------------------------------------------------------
 
@@ -393,8 +405,84 @@ struct Kernels {
     return check == 0.0;
   }
 
-  static bool combine_range(DType dtype, const void* const* rows, int64_t k, const double* weights,
+  // The wide combine: every sum accumulated in double and rounded once to the output dtype, for
+  // weights whose terms cancel (a result far shorter than sum_i |w_i| |g_i|: float32 accumulation
+  // would leave an error of float32 rounding times that ratio). kCombineVectors vectors of DL
+  // doubles stay in registers while every row's contribution is added, as in combine_range_lowp.
+  typedef float vfh __attribute__((vector_size(sizeof(vd) / 2)));  // DL floats
+
+  template <DType D>
+  static TOLARIA_INLINE vd load_wide(const void* row, int64_t col) {
+    if constexpr (D == DType::kFloat64) {
+      return load_vector<vd>(static_cast<const double*>(row) + col);
+    } else if constexpr (D == DType::kFloat32) {
+      return __builtin_convertvector(load_vector<vfh>(static_cast<const float*>(row) + col), vd);
+    } else {
+      vd v;
+      for (int l = 0; l < DL; ++l) v[l] = load_double<D>(row, col + l);
+      return v;
+    }
+  }
+
+  template <DType D>
+  static bool combine_range_wide(const void* const* rows, int64_t k, const double* weights, int64_t begin,
+                                 int64_t end, void* out) {
+    constexpr int V = Isa::kCombineVectors;
+    constexpr int64_t block = V * DL;
+    int64_t c = begin;
+    vd check = {};
+    const vd zero = {};
+    for (; c + block <= end; c += block) {
+      const vd w0 = vd{} + weights[0];
+      vd a[V];
+#pragma GCC unroll 8
+      for (int v = 0; v < V; ++v) a[v] = w0 * load_wide<D>(rows[0], c + v * DL);  // from row 0: -0 stays -0
+      for (int64_t i = 1; i < k; ++i) {
+        const vd wi = vd{} + weights[i];
+#pragma GCC unroll 8
+        for (int v = 0; v < V; ++v) a[v] += wi * load_wide<D>(rows[i], c + v * DL);
+      }
+#pragma GCC unroll 8
+      for (int v = 0; v < V; ++v) {
+        check += a[v] * zero;
+        for (int l = 0; l < DL; ++l) {
+          if constexpr (D == DType::kFloat64) {
+            static_cast<double*>(out)[c + v * DL + l] = a[v][l];
+          } else {
+            store_one<D>(out, c + v * DL + l, static_cast<float>(a[v][l]));
+          }
+        }
+      }
+    }
+    bool finite = true;
+    for (int l = 0; l < DL; ++l) finite = finite && check[l] == 0.0;
+    for (; c < end; ++c) {
+      double sum = weights[0] * load_double<D>(rows[0], c);
+      for (int64_t i = 1; i < k; ++i) sum += weights[i] * load_double<D>(rows[i], c);
+      finite = finite && __builtin_isfinite(sum);
+      if constexpr (D == DType::kFloat64) {
+        static_cast<double*>(out)[c] = sum;
+      } else {
+        store_one<D>(out, c, static_cast<float>(sum));
+      }
+    }
+    return finite;
+  }
+
+  static bool combine_range(DType dtype, bool wide, const void* const* rows, int64_t k, const double* weights,
                             int64_t begin, int64_t end, void* out, bool stream) {
+    if (wide) {
+      switch (dtype) {
+        case DType::kFloat32:
+          return combine_range_wide<DType::kFloat32>(rows, k, weights, begin, end, out);
+        case DType::kBFloat16:
+          return combine_range_wide<DType::kBFloat16>(rows, k, weights, begin, end, out);
+        case DType::kFloat16:
+          return combine_range_wide<DType::kFloat16>(rows, k, weights, begin, end, out);
+        case DType::kFloat64:
+          return combine_range_f64(rows, k, weights, begin, end, out);
+      }
+    }
     switch (dtype) {
       case DType::kFloat32:
         return combine_range_lowp<DType::kFloat32>(rows, k, weights, begin, end, out, stream);

@@ -102,7 +102,7 @@ void gram(const std::vector<uintptr_t>& rows, int64_t n, int dtype, uintptr_t ou
 constexpr int64_t kStreamBytes = 8 << 20;
 
 bool combine(const std::vector<uintptr_t>& rows, int64_t n, int dtype, uintptr_t weights, uintptr_t out,
-             int threads) {
+             int threads, bool wide) {
   const int64_t k = static_cast<int64_t>(rows.size());
   std::vector<const void*> ptrs = to_pointers(rows);
   const double* w = reinterpret_cast<const double*>(weights);
@@ -110,13 +110,13 @@ bool combine(const std::vector<uintptr_t>& rows, int64_t n, int dtype, uintptr_t
   const DType d = static_cast<DType>(dtype);
   // Stream the output past the caches only when it is far larger than them (it will not be read
   // back from cache anyway) and every range starts on a cache line.
-  const bool stream = d == DType::kFloat32 && n * 4 >= kStreamBytes && out % 64 == 0;
+  const bool stream = !wide && d == DType::kFloat32 && n * 4 >= kStreamBytes && out % 64 == 0;
   const int ranges = range_count(n * k, threads);
   std::vector<char> finite(static_cast<size_t>(ranges), 1);
   py::gil_scoped_release release;
   const KernelTable& kernels = tolaria::cpu::active_kernels();
   tolaria::cpu::parallel_ranges(n, ranges, threads, [&](int r, int64_t b, int64_t e) {
-    finite[r] = kernels.combine_range(d, ptrs.data(), k, w, b, e, o, stream);
+    finite[r] = kernels.combine_range(d, wide, ptrs.data(), k, w, b, e, o, stream);
   });
 #if defined(__x86_64__)
   if (stream) _mm_sfence();  // non-temporal stores are weakly ordered: publish them
@@ -131,9 +131,10 @@ PYBIND11_MODULE(_aggregation_cpu, m) {
   m.def("gram", &gram, py::arg("rows"), py::arg("n"), py::arg("dtype"), py::arg("out"), py::arg("threads"),
         "Writes G = J J^T (K x K float64, row-major) to `out` for K row pointers of length n.");
   m.def("combine", &combine, py::arg("rows"), py::arg("n"), py::arg("dtype"), py::arg("weights"), py::arg("out"),
-        py::arg("threads"),
+        py::arg("threads"), py::arg("wide") = false,
         "Writes out = sum_k weights[k] * row_k (n elements, the rows' dtype) to `out`; returns "
-        "whether every sum was finite (computed in float32 or wider, before rounding to the output).");
+        "whether every sum was finite (computed in float32 or wider, before rounding to the output). "
+        "`wide`: accumulate in double and round once (for weights whose terms cancel).");
   m.def("isa", [] { return std::string(tolaria::cpu::active_kernels().name); },
         "The ISA level whose kernels run now.");
   m.def("lanes", [] { return tolaria::cpu::active_kernels().lanes; }, "Floats per vector of the level in use.");

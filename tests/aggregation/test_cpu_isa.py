@@ -92,6 +92,22 @@ def test_combine_matches_float64(level, threads, dtype, k):
         assert_close_to_reference(out, (w[:, None] * j.to(torch.float64)).sum(0), dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_wide_combine_rounds_once(level, threads, dtype):
+    # Weights whose terms cancel: the float64-accumulated sum, rounded once, is the exact sum to
+    # half a unit in its last place, however much the terms cancel.
+    k, n = 6, 70001
+    j = _matrix(k, n, dtype, seed=9)
+    w = torch.tensor([1e4, -1e4, 3.0, -2.5, 1e-3, 0.5], dtype=torch.float64)
+    exact = w @ j.to(torch.float64)
+    out, finite = BACKEND.combine_checked(as_sources(j), w, None, wide=True)
+    assert finite and out.dtype == dtype
+    half_ulp = {torch.float64: 2.0**-52, torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+    subnormal = 2.0**-24 if dtype == torch.float16 else 0.0
+    bound = 1.01 * half_ulp[dtype] * exact.abs() + subnormal + 1e-12 * (w.abs() @ j.to(torch.float64).abs())
+    assert ((out.to(torch.float64) - exact).abs() <= bound).all()
+
+
 @pytest.mark.parametrize("layout", ["strided rows", "separate tensors", "unaligned rows"])
 def test_row_layouts(level, layout):
     base = _matrix(6, 5003, torch.float32, seed=1)

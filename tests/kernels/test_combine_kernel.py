@@ -4,6 +4,7 @@ import pytest
 import torch
 from kernel_cases import DEVICE, DTYPES, KS, assert_result_close, randn
 
+from tolaria.kernels._rows import INTERPRETED
 from tolaria.kernels.combine import combine
 
 
@@ -99,3 +100,18 @@ def test_bad_inputs_are_named():
         combine(j, torch.ones(3, dtype=torch.int64, device=DEVICE))
     with pytest.raises(ValueError, match="weights are on"):
         combine(j, torch.ones(3, device="meta"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_wide_accumulates_in_float64_and_rounds_once(dtype):
+    # Cancelling weights: float32 accumulation would be off by its rounding times the cancellation.
+    j = randn(5, 300, dtype=dtype, seed=11)
+    w = torch.tensor([1e4, -1e4, 2.0, -1.5, 0.25], dtype=torch.float64, device=j.device)
+    exact = w @ j.to(torch.float64)
+    out = combine(j, w, wide=True)
+    half_ulp = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[dtype]
+    if INTERPRETED and dtype == torch.bfloat16:
+        half_ulp *= 2  # Triton's interpreter truncates float32 -> bfloat16 (a GPU rounds to nearest)
+    subnormal = 2.0**-24 if dtype == torch.float16 else 0.0
+    bound = 1.01 * half_ulp * exact.abs() + subnormal + 1e-12 * (w.abs() @ j.to(torch.float64).abs())
+    assert ((out.to(torch.float64) - exact).abs() <= bound).all()

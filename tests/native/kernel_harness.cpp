@@ -185,11 +185,12 @@ void check_combine(const KernelTable& t, DType d, int64_t k, int64_t n, const ch
   std::vector<double> storage(static_cast<size_t>(n * es / 8 + 16));
   unsigned char* out = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(storage.data()) + 63) / 64 * 64);
   const std::vector<const void*> rows = m.rows();
-  for (bool stream : {false, true}) {
+  for (int mode = 0; mode < 3; ++mode) {  // float32 lanes, streaming stores, double accumulation
+    const bool stream = mode == 1, wide = mode == 2;
     if (stream && d != DType::kFloat32) continue;
     const int64_t split = n > 200 ? (n / 2) / 64 * 64 : 0;
-    bool finite = t.combine_range(d, rows.data(), k, w.data(), 0, split, out, stream);
-    finite = t.combine_range(d, rows.data(), k, w.data(), split, n, out, stream) && finite;
+    bool finite = t.combine_range(d, wide, rows.data(), k, w.data(), 0, split, out, stream);
+    finite = t.combine_range(d, wide, rows.data(), k, w.data(), split, n, out, stream) && finite;
     ++checks;
     if (!finite) fail(std::string(t.name) + " combine reported a non-finite sum of finite inputs");
     const double rel = d == DType::kFloat64 ? 1e-14 : d == DType::kFloat32 ? 1e-6 : d == DType::kBFloat16 ? 8e-3 : 1e-3;
@@ -203,10 +204,14 @@ void check_combine(const KernelTable& t, DType d, int64_t k, int64_t n, const ch
       ++checks;
       // float16 results below 2^-14 are subnormal: their spacing is 2^-24 whatever their size.
       const double floor = d == DType::kFloat16 ? std::ldexp(1.0, -24) : 1e-30;
-      if (!(std::fabs(got - ref) <= rel * mag + floor)) {
+      // Double accumulation rounds once: half a unit in the last place of the result itself.
+      const double unit = d == DType::kFloat32 ? 0x1p-24 : d == DType::kBFloat16 ? 0x1p-8 : 0x1p-11;
+      const double tol = wide && d != DType::kFloat64 ? 1.01 * unit * std::fabs(ref) + floor + 1e-15 * mag
+                                                      : rel * mag + floor;
+      if (!(std::fabs(got - ref) <= tol)) {
         char buf[200];
-        std::snprintf(buf, sizeof buf, "%s combine %s stream=%d k=%lld n=%lld out[%lld]=%.9g ref %.9g", t.name, dname,
-                      stream, (long long)k, (long long)n, (long long)c, got, ref);
+        std::snprintf(buf, sizeof buf, "%s combine %s mode=%d k=%lld n=%lld out[%lld]=%.9g ref %.9g", t.name, dname,
+                      mode, (long long)k, (long long)n, (long long)c, got, ref);
         fail(buf);
         break;
       }
@@ -218,8 +223,10 @@ void check_combine(const KernelTable& t, DType d, int64_t k, int64_t n, const ch
     bad.set(k - 1, where, NAN, 0);
     const std::vector<const void*> bad_rows = bad.rows();
     ++checks;
-    if (t.combine_range(d, bad_rows.data(), k, w.data(), 0, n, out, false)) {
-      fail(std::string(t.name) + " combine missed a NaN in " + dname);
+    for (bool wide : {false, true}) {
+      if (t.combine_range(d, wide, bad_rows.data(), k, w.data(), 0, n, out, false)) {
+        fail(std::string(t.name) + " combine missed a NaN in " + dname);
+      }
     }
   }
 }

@@ -50,7 +50,13 @@ def pref_repr(pref_vector: Tensor | None) -> str:
 
 
 class DualConeAggregator(Aggregator):
-    """What UPGrad and DualProj share: a preference vector and the dual-cone solver's budget."""
+    """What UPGrad and DualProj share: a preference vector and the dual-cone solver's budget.
+
+    Their result lies in the dual cone (it conflicts with no source), which float32 accumulation
+    cannot keep where the weights cancel: the combine accumulates in float64 (``wide_combine``).
+    """
+
+    wide_combine = True
 
     def __init__(
         self,
@@ -58,12 +64,19 @@ class DualConeAggregator(Aggregator):
         *,
         max_iters: int = DEFAULT_MAX_ITERS,
         tol: float = DEFAULT_TOL,
+        reg_eps: float = 0.0,
+        norm_eps: float = 0.0,
         backend: str = "auto",
         nonfinite: str = "raise",
     ):
         super().__init__(backend=backend, nonfinite=nonfinite)
         name = type(self).__name__
         check_solver_budget(max_iters, tol, name)
+        for label, value in (("reg_eps", reg_eps), ("norm_eps", norm_eps)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= float(value) < float("inf"):
+                raise ValueError(f"{name} {label} must be a finite number >= 0 (0: exact), got {value!r}")
+        self.reg_eps = float(reg_eps)
+        self.norm_eps = float(norm_eps)
         self.pref_vector = preference_vector(pref_vector, name)
         self._pref = None if self.pref_vector is None else DeviceCopies(self.pref_vector)
         self.max_iters = max_iters
@@ -76,5 +89,6 @@ class DualConeAggregator(Aggregator):
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(pref_vector={pref_repr(self.pref_vector)}, max_iters={self.max_iters}, "
-            f"tol={self.tol}, backend={self.backend!r}, nonfinite={self.nonfinite!r})"
+            f"tol={self.tol}, reg_eps={self.reg_eps}, norm_eps={self.norm_eps}, backend={self.backend!r}, "
+            f"nonfinite={self.nonfinite!r})"
         )

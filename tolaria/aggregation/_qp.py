@@ -267,75 +267,6 @@ def _simplex_candidates(h: Tensor, supports: Supports) -> tuple[Tensor, Tensor]:
     return w, torch.where(regular, kkt_violation(supports.free, -w, diff), torch.inf)
 
 
-def project_each_onto_dual_cone(
-    gram: Tensor, weights: Tensor, *, max_iters: int = DEFAULT_MAX_ITERS, tol: float = DEFAULT_TOL
-) -> Tensor:
-    """:func:`project_onto_dual_cone` of the K vectors u_i = weights_i e_i (row i of the result):
-    the projection of each weighted gradient, as UPGrad needs, with the diagonal u exploited."""
-    return project_onto_dual_cone(gram, torch.diag(weights), max_iters=max_iters, tol=tol, diagonal=True)
-
-
-def project_onto_dual_cone(
-    gram: Tensor,
-    u: Tensor,
-    *,
-    max_iters: int = DEFAULT_MAX_ITERS,
-    tol: float = DEFAULT_TOL,
-    diagonal: bool = False,
-) -> Tensor:
-    """Weights v of the projection of J^T u onto the dual cone of the rows of J: J^T v = pi_J(J^T u).
-
-    ``gram`` is G = J J^T (K x K); ``u`` holds one or more weight vectors (..., K). Returns v of u's
-    shape, v = argmin_{v >= u} v^T G v (Quinton & Rey 2024, Proposition 1). ``max_iters`` and
-    ``tol`` bound the interior point, used only beyond ``ENUMERATION_MAX_K`` sources. ``diagonal``
-    says that u is a K x K diagonal matrix (see :func:`project_each_onto_dual_cone`).
-
-    The dual cone does not change when a row is scaled by a positive number, so the problem is
-    solved on unit rows (G becomes the cosine matrix): gradients whose norms differ by orders of
-    magnitude then condition it no worse than equal ones. A zero row constrains nothing; its weight
-    is returned as given in ``u`` (it multiplies a zero gradient). The projection is positively
-    homogeneous, so each u is also solved at unit scale and scaled back.
-    """
-    k = gram.shape[-1]
-    batch_shape = u.shape[:-1]
-    norms = gram.diagonal().clamp_min(0).sqrt()
-    nonzero = norms > 0
-    inv = torch.where(nonzero, 1 / torch.where(nonzero, norms, 1.0), 0.0)
-    cosine = gram * inv[:, None] * inv[None, :]
-    lower = u.reshape(-1, k) * norms
-    scale = lower.abs().amax(dim=-1, keepdim=True)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    lower = lower / scale
-    if k <= ENUMERATION_MAX_K:
-        supports = every_support(k, gram.device, nonempty=False)
-        unit, _ = pick_best(*_box_candidates(cosine, lower, supports, diagonal=diagonal))
-    else:
-        x, s, z = interior_point(cosine, lower, simplex=False, max_iters=max_iters, tol=tol)
-        best, score = pick_best(*_box_candidates(cosine, lower, supports_from(supports_near(s, z))))
-        accept = score <= ACCEPT_TOL * best.abs().amax(dim=-1).clamp_min(1)  # the scores scale with v
-        unit = torch.where(accept.unsqueeze(-1), best, x)
-    v = torch.where(nonzero, unit * scale * inv, u.reshape(-1, k))
-    return v.reshape(*batch_shape, k)
-
-
-def min_norm_convex_weights(
-    gram: Tensor, *, max_iters: int = DEFAULT_MAX_ITERS, tol: float = DEFAULT_TOL
-) -> Tensor:
-    """w = argmin_{w >= 0, sum w = 1} w^T G w: the min-norm point J^T w of the rows' convex hull.
-
-    ``max_iters`` and ``tol`` bound the interior point, used only beyond ``ENUMERATION_MAX_K``.
-    """
-    k = gram.shape[-1]
-    h = normalized_gram(gram)
-    if k <= ENUMERATION_MAX_K:
-        # Every non-empty support (the empty one has no point of the simplex).
-        return pick_best(*_simplex_candidates(h, every_support(k, gram.device, nonempty=True)))[0]
-    lower = torch.zeros((1, k), dtype=gram.dtype, device=gram.device)
-    x, s, z = interior_point(h, lower, simplex=True, max_iters=max_iters, tol=tol)
-    best, score = pick_best(*_simplex_candidates(h, supports_from(supports_near(s, z)[0])))
-    return torch.where(score <= ACCEPT_TOL, best, x[0])
-
-
 def supports_near(slack: Tensor, multiplier: Tensor, bits: int = LOCAL_BITS) -> Tensor:
     """Candidate supports (B x S x K) from a final interior-point iterate (slacks and multipliers).
 
@@ -365,7 +296,14 @@ def _step_to_boundary(value: Tensor, step: Tensor) -> Tensor:
 
 
 def interior_point(
-    h: Tensor, lower: Tensor, *, simplex: bool, max_iters: int, tol: float, linear: Tensor | None = None
+    h: Tensor,
+    lower: Tensor,
+    *,
+    simplex: bool,
+    max_iters: int,
+    tol: float,
+    linear: Tensor | None = None,
+    regularization: float = REGULARIZATION,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Approximately solves min 1/2 x^T H x + q^T x s.t. x >= lower (and sum x = 1 if ``simplex``).
 
@@ -373,12 +311,14 @@ def interior_point(
     the multipliers z >= 0 of the bounds (nu for the equality), for each row of ``lower`` (B x K)
     and of ``linear`` (q, B x K, default 0). H is K x K, or B x K x K (one per problem), positive
     semi-definite and scaled to O(1) entries. Returns the final (x, s, z), each B x K; a row whose
-    mean complementarity falls below ``tol`` is frozen. The loop is written for few tensor
-    operations: on K x K problems each one costs its dispatch, not its arithmetic.
+    duality gap falls to ``tol`` times its objective is frozen (so ``tol`` bounds the relative
+    excess of the objective). ``regularization`` is added to H's diagonal (see ``REGULARIZATION``).
+    The loop is written for few tensor operations: on K x K problems each one costs its dispatch,
+    not its arithmetic.
     """
     b, k = lower.shape
     dtype, device = h.dtype, h.device
-    h = h + REGULARIZATION * torch.eye(k, dtype=dtype, device=device)
+    h = h + regularization * torch.eye(k, dtype=dtype, device=device)
     q = torch.zeros_like(lower) if linear is None else linear
     s = torch.full((b, k), 1.0 / k if simplex else 1.0, dtype=dtype, device=device)
     x = lower + s
@@ -425,9 +365,15 @@ def interior_point(
         target = sigma * mu - sz - dx_aff * dz_aff
         dx, d_nu = solve(grad + z + target / s)
         dz = (target - z * dx) / s
-        # The step fraction tends to 1 as mu falls (a fast end game); a row with mu <= tol is frozen.
+        # The step fraction tends to 1 as mu falls (a fast end game). A row is frozen once its duality
+        # gap s^T z = K mu, which bounds how far its objective lies above the optimum, is at most
+        # `tol` times that objective: a relative stopping rule, met at loose tolerances too.
         fraction = 1 - mu.clamp(1e-8, 1e-2)
-        step = fraction * torch.minimum(_step_to_boundary(s, dx), _step_to_boundary(z, dz)) * (mu > tol)
+        objective = ((x.unsqueeze(-2) @ h).squeeze(-2) * x).sum(dim=-1, keepdim=True) / 2 + (q * x).sum(
+            dim=-1, keepdim=True
+        )
+        running = sz.sum(dim=-1, keepdim=True) > tol * objective.abs()
+        step = fraction * torch.minimum(_step_to_boundary(s, dx), _step_to_boundary(z, dz)) * running
         move = step * dx
         x = x + move
         s = s + move

@@ -54,12 +54,19 @@ class Aggregator(ABC):
             out=out,
             with_stats=return_stats,
             fixed_weights=self._fixed_weights,
+            wide_combine=self.wide_combine,
         )
         result = flat.view(sources.shape) if out is None else out
         return (result, stats) if return_stats else result
 
     def _check_k(self, k: int) -> None:
         """Hook for aggregators whose configuration fixes K (e.g. per-source weights)."""
+
+    # Aggregators that promise a result conflicting with no source set this: their weights can cancel
+    # (a result far shorter than sum_i |w_i| |g_i|, e.g. near a Pareto-stationary point), where a
+    # float32 accumulation's rounding, amplified by that ratio, would break the promise. Their combine
+    # accumulates in float64 and rounds once to the sources' dtype.
+    wide_combine: bool = False
 
     # Aggregators whose weights do not depend on the Gram matrix set this to a function
     # (k, device) -> K float64 weights; calls without stats then read J only once.

@@ -12,7 +12,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from ._gramian import DualConeAggregator, preference_on, solve_if_finite
-from ._qp import project_onto_dual_cone
+from ._canonical import project_onto_dual_cone
 from .engine import Weights
 
 
@@ -23,7 +23,12 @@ class DualProj(DualConeAggregator):
         pref_vector: the K preference weights p (default: 1/K each).
         max_iters, tol: beyond 10 sources, the interior point's fixed iteration budget and
             tolerance (see :mod:`tolaria.aggregation._qp`); up to 10, no iteration runs.
+        reg_eps, norm_eps: TorchJD's regularisation (see :class:`~tolaria.aggregation.UPGrad`);
+            0 each (default) is the exact projection.
         backend, nonfinite: see :class:`~tolaria.aggregation.Aggregator`.
+
+    The weights are the minimum-norm optimum (unique where G is singular), and the combine
+    accumulates in float64 (``wide_combine``).
 
     ``conflicts`` in the stats counts the sources the combined gradient conflicted with before
     the projection ((G p)_j < 0): the constraints the projection had to restore.
@@ -32,6 +37,9 @@ class DualProj(DualConeAggregator):
     def weighting(self, gram: Tensor) -> Weights:
         pref = preference_on(self._pref, gram)
         weights = solve_if_finite(
-            gram, lambda g: project_onto_dual_cone(g, pref, max_iters=self.max_iters, tol=self.tol)
+            gram,
+            lambda g: project_onto_dual_cone(
+                g, pref, max_iters=self.max_iters, tol=self.tol, reg_eps=self.reg_eps, norm_eps=self.norm_eps
+            ),
         )
         return Weights(weights, ((gram @ pref) < 0).sum())

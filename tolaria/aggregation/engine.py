@@ -115,12 +115,14 @@ def aggregate(
     out: Tensor | None = None,
     with_stats: bool = True,
     fixed_weights: Callable[[int, torch.device], Tensor] | None = None,
+    wide_combine: bool = False,
 ) -> tuple[Tensor, AggregationStats | None]:
     """Runs the three steps on ``sources``; returns the flat N-tensor result and its stats
     (``None`` unless ``with_stats``: they cost a few small ops per call).
 
     ``fixed_weights(k, device)``, for weightings that ignore G (sums, means, fixed weights), lets a
-    call without stats skip the Gram pass: J is read once."""
+    call without stats skip the Gram pass: J is read once. ``wide_combine`` accumulates the combine in
+    float64 (see ``Aggregator.wide_combine``)."""
     impl = select_backend(backend, sources)
     if out is not None:
         check_out(out, sources)
@@ -141,5 +143,5 @@ def aggregate(
     # (the Triton backend's Gram pass already returns float64: no extra kernel, no sync).
     gram = gram.to(torch.float64) if has_float64(gram.device) else gram
     weights, conflicts = weighting(gram)
-    flat = impl.combine(sources, weights, out)
+    flat = impl.combine(sources, weights, out, wide=wide_combine)
     return flat, stats_from_gram(gram, weights, conflicts) if with_stats else None

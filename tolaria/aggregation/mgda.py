@@ -14,7 +14,8 @@ from __future__ import annotations
 from torch import Tensor
 
 from ._gramian import conflicting_pairs, solve_if_finite
-from ._qp import DEFAULT_MAX_ITERS, DEFAULT_TOL, check_solver_budget, min_norm_convex_weights
+from ._canonical import min_norm_convex_weights
+from ._qp import DEFAULT_MAX_ITERS, DEFAULT_TOL, check_solver_budget
 from .aggregator import Aggregator
 from .engine import Weights
 
@@ -28,16 +29,23 @@ class MGDA(Aggregator):
     always unique.
 
     Args:
-        epsilon: beyond 10 sources, the interior point's tolerance on the mean complementarity of
-            the normalised problem (the duality measure) below which it stops moving; the exact
-            solve on the support it identifies follows whatever its value.
+        epsilon: beyond 10 sources, the stopping tolerance of the solver (as in TorchJD, whose
+            Frank-Wolfe solver stops on it): the interior point stops once its duality gap, which
+            bounds how far w^T G w lies above the optimum, is at most ``epsilon`` times w^T G w, so
+            the objective is within a factor 1 + epsilon of the optimum at any epsilon. The exact
+            solve on the support it identifies replaces it wherever that solve is optimal. Up to
+            10 sources the solve is exact whatever its value.
         max_iters: beyond 10 sources, the interior point's fixed iteration budget (no host read
             decides when to stop). Up to 10 sources no iteration runs (see
             :mod:`tolaria.aggregation._qp`).
         backend, nonfinite: see :class:`~tolaria.aggregation.Aggregator`.
 
-    ``conflicts`` in the stats counts the pairs of sources with a negative inner product.
+    ``conflicts`` in the stats counts the pairs of sources with a negative inner product. The
+    combine accumulates in float64 and rounds once (``wide_combine``): near a Pareto-stationary
+    point the weights cancel, and float32 accumulation would lose the non-conflicting property.
     """
+
+    wide_combine = True
 
     def __init__(
         self,

@@ -13,7 +13,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from ._gramian import DualConeAggregator, conflicting_pairs, preference_on, solve_if_finite
-from ._qp import project_each_onto_dual_cone
+from ._canonical import project_each_onto_dual_cone
 from .engine import Weights
 
 
@@ -25,7 +25,14 @@ class UPGrad(DualConeAggregator):
             projections, as in TorchJD).
         max_iters, tol: beyond 10 sources, the interior point's fixed iteration budget and
             tolerance (see :mod:`tolaria.aggregation._qp`); up to 10, no iteration runs.
+        reg_eps, norm_eps: TorchJD's regularisation of the problem (H = G / trace(G) + reg_eps I,
+            and G / trace(G) taken as 0 below ``norm_eps``). The default, 0 each, is the exact
+            projection; ``reg_eps=1e-4, norm_eps=1e-4`` (TorchJD's defaults) reproduces TorchJD.
         backend, nonfinite: see :class:`~tolaria.aggregation.Aggregator`.
+
+    The weights are the minimum-norm optimum of each projection's QP (unique and permutation-
+    equivariant where G is singular), and the combine accumulates in float64 (``wide_combine``),
+    so the result conflicts with no source to within the dtype's rounding.
 
     ``conflicts`` in the stats counts the pairs of sources with a negative inner product.
     """
@@ -34,6 +41,8 @@ class UPGrad(DualConeAggregator):
         def solve(g: Tensor) -> Tensor:
             # The K projections of p_i g_i, one batch.
             pref = preference_on(self._pref, g)
-            return project_each_onto_dual_cone(g, pref, max_iters=self.max_iters, tol=self.tol).sum(dim=0)
+            return project_each_onto_dual_cone(
+                g, pref, max_iters=self.max_iters, tol=self.tol, reg_eps=self.reg_eps, norm_eps=self.norm_eps
+            ).sum(dim=0)
 
         return Weights(solve_if_finite(gram, solve), conflicting_pairs(gram))

@@ -128,10 +128,12 @@ class CompiledCpuBackend(Backend):
         )
         return g
 
-    def combine(self, sources: Sources, weights: Tensor, out: Tensor | None) -> Tensor:
-        return self.combine_checked(sources, weights, out)[0]
+    def combine(self, sources: Sources, weights: Tensor, out: Tensor | None, *, wide: bool = False) -> Tensor:
+        return self.combine_checked(sources, weights, out, wide=wide)[0]
 
-    def combine_checked(self, sources: Sources, weights: Tensor, out: Tensor | None) -> tuple[Tensor, bool]:
+    def combine_checked(
+        self, sources: Sources, weights: Tensor, out: Tensor | None, *, wide: bool = False
+    ) -> tuple[Tensor, bool]:
         # The pass itself reports whether every sum was finite: no second read of the output.
         rows = _contiguous_rows(sources)
         w = weights.to(device="cpu", dtype=torch.float64).contiguous()
@@ -148,5 +150,6 @@ class CompiledCpuBackend(Backend):
             w.data_ptr(),
             out.data_ptr(),
             torch.get_num_threads(),
+            wide,
         )
         return out.view(-1), bool(finite)

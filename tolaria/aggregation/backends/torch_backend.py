@@ -6,6 +6,7 @@ the compiled CPU and Triton backends avoid both.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from .._sources import Sources
@@ -19,11 +20,13 @@ class TorchBackend(Backend):
         return None
 
     def gram(self, sources: Sources) -> Tensor:
-        j = sources.stacked().to(accumulation_dtype(sources.dtype))
+        # The reference path: products and sums in float64 whatever the dtype (a float32 product of a
+        # K x N matrix loses the accuracy ill-conditioned weightings need, e.g. near-opposite sources).
+        j = sources.stacked().to(torch.float64)
         return j @ j.T
 
-    def combine(self, sources: Sources, weights: Tensor, out: Tensor | None) -> Tensor:
-        acc = accumulation_dtype(sources.dtype)
+    def combine(self, sources: Sources, weights: Tensor, out: Tensor | None, *, wide: bool = False) -> Tensor:
+        acc = accumulation_dtype(sources.dtype, wide)
         j = sources.stacked().to(acc)
         result = weights.to(device=j.device, dtype=acc) @ j
         if out is None:

@@ -73,9 +73,9 @@ class TritonBackend(Backend):
         self._check(sources)
         return _gram(_operand(sources), deterministic=self.deterministic, out_dtype=torch.float64)
 
-    def combine(self, sources: Sources, weights: Tensor, out: Tensor | None) -> Tensor:
+    def combine(self, sources: Sources, weights: Tensor, out: Tensor | None, *, wide: bool = False) -> Tensor:
         self._check(sources)
-        return _combine(_operand(sources), weights, out=out)
+        return _combine(_operand(sources), weights, out=out, wide=wide)
 
     def __repr__(self) -> str:
         return f"TritonBackend(deterministic={self.deterministic})"

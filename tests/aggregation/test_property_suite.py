@@ -1,0 +1,82 @@
+"""Every aggregator against the properties it promises, over every input family (TorchJD's style:
+assertions in property_assertions.py, inputs in input_families.py), in float32 and float64, on the
+compiled CPU backend, the plain-PyTorch backend and the Triton kernels (interpreted on CPU).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tolaria.aggregation import DualProj, MGDA, build_aggregator
+
+from . import property_assertions as props
+from .input_families import FAMILIES, all_cases
+
+# What each aggregator promises (beyond finite output of the right shape, which all do).
+PROMISES: dict[str, set[str]] = {
+    "pcgrad": set(),
+    "mean": {"permutation", "linear"},
+    "sum": {"permutation", "linear"},
+    "mgda": {"non_conflicting", "permutation", "zero_if_stationary"},
+    "upgrad": {"non_conflicting", "permutation", "linear", "zero_if_stationary", "strongly_stationary"},
+    "dualproj": {"non_conflicting", "permutation", "zero_if_stationary"},
+    "cagrad": {"permutation"},
+    "imtlg": {"permutation"},
+    "aligned_mtl": {"permutation"},
+}
+DTYPES = [torch.float64, torch.float32]
+BACKENDS = ["cpu", "torch", "triton"]
+
+
+def _aggregator(name: str, backend: str):
+    kwargs = {"shuffle": False} if name == "pcgrad" else {}
+    if name == "cagrad":
+        kwargs["c"] = 0.5
+    return build_aggregator(name, backend=backend, **kwargs)
+
+
+def _param(cases):
+    return pytest.mark.parametrize("case", cases, ids=[c.name for c in cases])
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", list(PROMISES))
+@_param(all_cases())
+def test_structure_and_promised_properties(name, backend, dtype, case):
+    matrix = case.matrix.to(dtype)
+    aggregate = _aggregator(name, backend)
+    promises = PROMISES[name]
+    props.assert_expected_structure(aggregate, matrix)
+    family = next(f for f, cases in FAMILIES.items() if case in cases)
+    if "non_conflicting" in promises:
+        props.assert_non_conflicting(aggregate, matrix)
+    if "permutation" in promises:
+        props.assert_permutation_invariant(aggregate, matrix)
+    if "linear" in promises and family not in ("scaled",):
+        props.assert_linear_under_scaling(aggregate, matrix)
+    if "zero_if_stationary" in promises and family == "strongly_stationary":
+        props.assert_zero(aggregate, matrix)
+    if "strongly_stationary" in promises and family in ("weakly_not_strongly_stationary", "not_weakly_stationary"):
+        props.assert_nonzero_unless_strongly_stationary(aggregate, matrix)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@_param(all_cases())
+def test_dualproj_solves_its_qp(dtype, case):
+    matrix = case.matrix.to(dtype)
+    _, stats = DualProj()(matrix, return_stats=True)
+    k = matrix.shape[0]
+    props.assert_dual_cone_kkt(stats.weights, stats.gram, torch.full((k,), 1.0 / k, dtype=torch.float64), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@_param([c for c in all_cases() if c.matrix.abs().max() > 0])
+def test_mgda_solves_its_qp(dtype, case):
+    _, stats = MGDA()(case.matrix.to(dtype), return_stats=True)
+    props.assert_min_norm_kkt(stats.weights, stats.gram, dtype)
