@@ -46,9 +46,12 @@ from tolaria.aggregation import (
     Aggregator,
     AlignedMTL,
     CAGrad,
+    ConFIG,
     DualProj,
+    Krum,
     Mean,
     PCGrad,
+    Random,
     Sum,
     UPGrad,
     cpu_isa,
@@ -83,6 +86,7 @@ class Contender:
     naive: Callable[[Tensor], Tensor] | None = None
     torchjd_name: str | None = None
     torchjd_kwargs: tuple[tuple[str, object], ...] = ()  # constructor arguments of TorchJD's class
+    min_k: int = 1  # fewer sources than this: the case is left out with a note (Krum needs f + 3)
 
 
 CONTENDERS: dict[str, Contender] = {
@@ -95,6 +99,11 @@ CONTENDERS: dict[str, Contender] = {
     "imtlg": Contender("imtlg", lambda b: IMTLG(backend=b), None, "IMTLG"),
     "aligned_mtl": Contender("aligned_mtl", lambda b: AlignedMTL(backend=b), None, "AlignedMTL"),
     "dualproj": Contender("dualproj", lambda b: DualProj(backend=b), None, "DualProj"),
+    "config": Contender("config", lambda b: ConFIG(backend=b), None, "ConFIG"),
+    "krum": Contender(
+        "krum", lambda b: Krum(1, 2, backend=b), None, "Krum", (("n_byzantine", 1), ("n_selected", 2)), min_k=4
+    ),
+    "random": Contender("random", lambda b: Random(seed=0, backend=b), None, "Random"),
 }
 
 
@@ -445,6 +454,9 @@ def run(args: argparse.Namespace) -> int:
                         if need > torch.cuda.mem_get_info(device)[0]:
                             print(f"skip {name} {dt} K={k} N={n:.3g}: needs ~{need / 2**30:.1f} GiB")
                             continue
+                    if k < CONTENDERS[name].min_k:
+                        print(f"note: {name} K={k} left out: it needs K >= {CONTENDERS[name].min_k}")
+                        continue
                     if CONTENDERS[name].naive is not None and naive_max is not None and k * n > naive_max:
                         print(f"note: {name} {dt} K={k} N={n:.3g}: naive loop skipped (K x N > {naive_max:.3g})")
                     group = measure(

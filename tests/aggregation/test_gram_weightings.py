@@ -153,11 +153,13 @@ def test_bad_configuration_is_refused(build):
 
 def test_build_aggregator_knows_every_name():
     assert set(AGGREGATOR_NAMES) == {
-        "pcgrad", "mean", "sum", "weighted", "mgda", "upgrad", "cagrad", "imtlg", "aligned_mtl", "dualproj"
+        "pcgrad", "mean", "sum", "weighted", "mgda", "upgrad", "cagrad", "imtlg", "aligned_mtl", "dualproj",
+        "config", "constant", "krum", "random",
     }
     for name in AGGREGATOR_NAMES:
-        agg = build_aggregator(name, weights=[1.0, 2.0]) if name == "weighted" else build_aggregator(name)
-        assert agg(torch.randn(2, 7)).shape == (7,)
+        fixed = name in ("weighted", "constant")
+        agg = build_aggregator(name, weights=[1.0, 2.0, 0.5]) if fixed else build_aggregator(name)
+        assert agg(torch.randn(3, 7)).shape == (7,)
     assert isinstance(build_aggregator("PCGrad", shuffle=False), PCGrad)
     assert isinstance(build_aggregator(" Mean "), Mean)
     assert isinstance(build_aggregator("weighted", weights=[1.0]), Weighted)

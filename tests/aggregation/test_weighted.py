@@ -131,3 +131,12 @@ def test_the_combine_pass_reports_non_finite_sums_wherever_they_are(dtype, where
     assert not finite
     with pytest.raises(ValueError, match=r"source\(s\) 1"):
         Weighted(w)(j)
+
+
+def test_constant_is_torchjds_name_for_weighted():
+    from tolaria.aggregation import Constant
+
+    j = torch.randn(3, 20, dtype=torch.float64)
+    w = [0.5, 2.0, -1.0]
+    torch.testing.assert_close(Constant(w)(j), Weighted(w)(j))
+    assert repr(Constant(w)).startswith("Constant(weights=[0.5, 2.0, -1.0]")

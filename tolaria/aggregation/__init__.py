@@ -9,6 +9,7 @@ from .aggregator import Aggregator
 from .aligned_mtl import AlignedMTL
 from .buffer import GradientBuffer
 from .cagrad import CAGrad
+from .conflict_free import ConFIG
 from .dualproj import DualProj
 from .backends.cpu import CPU_ISA_ENV, cpu_isa, set_cpu_isa, supported_cpu_isas
 from .engine import Weights
@@ -22,11 +23,13 @@ from .functional import (
     pcgrad,
 )
 from .imtlg import IMTLG
+from .krum import Krum
 from .mgda import MGDA
 from .pcgrad import PCGrad
+from .random_weighting import Random
 from .stats import AggregationStats
 from .upgrad import UPGrad
-from .weighted import Mean, Sum, Weighted
+from .weighted import Constant, Mean, Sum, Weighted
 
 # The names the trainer's ``aggregator`` setting and ``tolaria train --aggregator`` accept.
 _REGISTRY: dict[str, type[Aggregator]] = {
@@ -40,6 +43,10 @@ _REGISTRY: dict[str, type[Aggregator]] = {
     "imtlg": IMTLG,
     "aligned_mtl": AlignedMTL,
     "dualproj": DualProj,
+    "config": ConFIG,
+    "constant": Constant,
+    "krum": Krum,
+    "random": Random,
 }
 AGGREGATOR_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 
@@ -66,6 +73,10 @@ __all__ = [
     "Aggregator",
     "AlignedMTL",
     "CAGrad",
+    "ConFIG",
+    "Constant",
+    "Krum",
+    "Random",
     "DualProj",
     "IMTLG",
     "MGDA",

@@ -17,6 +17,9 @@ from .aggregator import Aggregator
 from .engine import Weights, has_float64
 
 
+__all__ = ["Constant", "Mean", "Sum", "Weighted"]
+
+
 def _weight_dtype(device: torch.device) -> torch.dtype:
     return torch.float64 if has_float64(device) else torch.float32  # as the engine's K x K work
 
@@ -49,6 +52,13 @@ class Weighted(_FixedWeighting):
 
     def __repr__(self) -> str:
         return f"Weighted(weights={self.weights.tolist()}, backend={self.backend!r}, nonfinite={self.nonfinite!r})"
+
+
+class Constant(Weighted):
+    """TorchJD's name for :class:`Weighted`: out = sum_k weights[k] * g_k, weights fixed."""
+
+    def __repr__(self) -> str:
+        return f"Constant(weights={self.weights.tolist()}, backend={self.backend!r}, nonfinite={self.nonfinite!r})"
 
 
 class Mean(_FixedWeighting):
