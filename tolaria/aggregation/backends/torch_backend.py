@@ -13,6 +13,10 @@ from .._sources import Sources
 from .base import Backend, accumulation_dtype
 
 
+# Columns converted to float64 at a time by the Gram pass: a few hundred KiB per row chunk.
+_GRAM_CHUNK = 1 << 14
+
+
 class TorchBackend(Backend):
     name = "torch"
 
@@ -21,14 +25,28 @@ class TorchBackend(Backend):
 
     def gram(self, sources: Sources) -> Tensor:
         # The reference path: products and sums in float64 whatever the dtype (a float32 product of a
-        # K x N matrix loses the accuracy ill-conditioned weightings need, e.g. near-opposite sources).
-        j = sources.stacked().to(torch.float64)
-        return j @ j.T
+        # K x N matrix loses the accuracy ill-conditioned weightings need, e.g. near-opposite sources),
+        # converted a column chunk at a time so that no float64 copy of J is ever made.
+        j = sources.stacked()
+        if j.dtype == torch.float64:
+            return j @ j.T
+        g = torch.zeros((j.shape[0], j.shape[0]), dtype=torch.float64, device=j.device)
+        for start in range(0, j.shape[1], _GRAM_CHUNK):
+            chunk = j[:, start : start + _GRAM_CHUNK].to(torch.float64)
+            g.addmm_(chunk, chunk.T)
+        return g
 
     def combine(self, sources: Sources, weights: Tensor, out: Tensor | None, *, wide: bool = False) -> Tensor:
         acc = accumulation_dtype(sources.dtype, wide)
-        j = sources.stacked().to(acc)
-        result = weights.to(device=j.device, dtype=acc) @ j
-        if out is None:
-            return result.to(sources.dtype)
-        return out.view(-1).copy_(result)
+        j = sources.stacked()
+        w = weights.to(device=j.device, dtype=acc)
+        if acc == j.dtype or acc == torch.float32:  # float32 lanes as before: one product
+            result = w @ j.to(acc)
+            if out is None:
+                return result.to(sources.dtype)
+            return out.view(-1).copy_(result)
+        # Wide: float64 a column chunk at a time, each rounded once into the output.
+        flat = torch.empty(j.shape[1], dtype=sources.dtype, device=j.device) if out is None else out.view(-1)
+        for start in range(0, j.shape[1], _GRAM_CHUNK):
+            flat[start : start + _GRAM_CHUNK] = w @ j[:, start : start + _GRAM_CHUNK].to(acc)
+        return flat
