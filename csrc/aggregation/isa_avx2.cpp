@@ -17,16 +17,11 @@ namespace {
 
 #include "kernels.h"
 
-struct Avx2 {
+struct Avx2 : VectorTypes<32> {
   static constexpr const char* kName = "avx2";
-  static constexpr int kLanes = 8;
   static constexpr int kTileRows = 4;
   static constexpr int kTileCols = 2;
   static constexpr int kCombineVectors = 8;
-  typedef float vf __attribute__((vector_size(32)));
-  typedef uint32_t vu32 __attribute__((vector_size(32)));
-  typedef uint16_t vu16 __attribute__((vector_size(16)));
-  typedef double vd __attribute__((vector_size(32)));
 
   static TOLARIA_INLINE vf load_half(const uint16_t* p) {
     return bit_cast_to<vf>(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));

@@ -21,16 +21,11 @@ namespace {
 
 #include "kernels.h"
 
-struct Avx512 {
+struct Avx512 : VectorTypes<64> {
   static constexpr const char* kName = "avx512";
-  static constexpr int kLanes = 16;
   static constexpr int kTileRows = 4;
   static constexpr int kTileCols = 4;
   static constexpr int kCombineVectors = 4;
-  typedef float vf __attribute__((vector_size(64)));
-  typedef uint32_t vu32 __attribute__((vector_size(64)));
-  typedef uint16_t vu16 __attribute__((vector_size(32)));
-  typedef double vd __attribute__((vector_size(64)));
 
   static TOLARIA_INLINE vf load_half(const uint16_t* p) {
     return bit_cast_to<vf>(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));

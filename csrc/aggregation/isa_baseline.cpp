@@ -18,16 +18,11 @@ namespace {
 
 #include "kernels.h"
 
-struct Baseline {
+struct Baseline : VectorTypes<16> {
   static constexpr const char* kName = "baseline";
-  static constexpr int kLanes = 4;
   static constexpr int kTileRows = 4;
   static constexpr int kTileCols = 2;
   static constexpr int kCombineVectors = 8;
-  typedef float vf __attribute__((vector_size(16)));
-  typedef uint32_t vu32 __attribute__((vector_size(16)));
-  typedef uint16_t vu16 __attribute__((vector_size(8)));
-  typedef double vd __attribute__((vector_size(16)));
 
   static TOLARIA_INLINE vf load_half(const uint16_t* p) {
     vu16 h;

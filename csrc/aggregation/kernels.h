@@ -41,6 +41,17 @@ TOLARIA_INLINE T max_of(T a, T b) {
   return a < b ? b : a;
 }
 
+// The vector types of an ISA level whose registers hold `Bytes` bytes; each ISA's traits derive
+// from it and add the tile shape and the ISA's own conversions.
+template <int Bytes>
+struct VectorTypes {
+  static constexpr int kLanes = Bytes / 4;
+  typedef float vf __attribute__((vector_size(Bytes)));
+  typedef uint32_t vu32 __attribute__((vector_size(Bytes)));
+  typedef uint16_t vu16 __attribute__((vector_size(Bytes / 2)));
+  typedef double vd __attribute__((vector_size(Bytes)));
+};
+
 template <class Isa>
 struct Kernels {
   using DType = tolaria::cpu::DType;
@@ -130,13 +141,6 @@ struct Kernels {
 
   // ---- Gram, fast path -----------------------------------------------------------------------
 
-  // Columns per chunk: the K rows of one chunk take about 16 KiB of L1. Short chunks also sidestep
-  // L1 set conflicts between rows whose addresses differ by a multiple of 4 KiB (the K x N layout).
-  static TOLARIA_INLINE int64_t chunk_columns(int64_t k) {
-    const int64_t columns = (4096 / max_of<int64_t>(k, 1)) / L * L;
-    return min_of<int64_t>(max_of<int64_t>(columns, 2 * L), 1024);
-  }
-  static constexpr int64_t kSuperChunk = 256 * L;  // columns per lane-accumulation window
 
   // One tile: rows i0..i0+BI-1 against rows j0..j0+BJ-1 over `len` columns of the chunk; on the
   // diagonal (i0 == j0) only the pairs b <= a. Accumulators stay in registers across the chunk.
@@ -216,46 +220,69 @@ struct Kernels {
     }
   }
 
-  // Workspace of the fast path: K row pointers, the lane accumulators (K x K x L floats), and for
-  // 16-bit inputs the chunk converted to float (K x chunk floats); each part 64-byte aligned.
+  // ---- Gram over a range of columns -------------------------------------------------------------
+  //
+  // One routine for both paths: T = float (fast: lanes of L floats, folded into the double result
+  // every kSuperChunk columns, so that no lane adds more than 256 products) or T = double (wide:
+  // products exact for 16/32-bit inputs, one window for the whole range). Rows whose dtype is not T
+  // are converted a chunk at a time into the workspace; the ragged tail (fewer columns than one
+  // vector) is added in double.
   static TOLARIA_INLINE int64_t align64(int64_t bytes) { return (bytes + 63) / 64 * 64; }
 
-  static int64_t gram_workspace_bytes(int64_t k) {
-    return align64(k * static_cast<int64_t>(sizeof(void*))) + align64(k * k * L * 4) +
-           align64(k * chunk_columns(k) * 4);
+  static constexpr int64_t kSuperChunk = 256 * L;  // columns per float lane-accumulation window
+
+  // Columns per chunk: the K rows of one chunk take about 16 KiB of L1. Short chunks also sidestep
+  // L1 set conflicts between rows whose addresses differ by a multiple of 4 KiB (the K x N layout).
+  template <typename T, int W>
+  static TOLARIA_INLINE int64_t chunk_columns(int64_t k) {
+    const int64_t columns = (static_cast<int64_t>(16384 / sizeof(T)) / max_of<int64_t>(k, 1)) / W * W;
+    return min_of<int64_t>(max_of<int64_t>(columns, 2 * W), 4096 / static_cast<int64_t>(sizeof(T)));
   }
 
-  template <DType D>
-  static void gram_range_fast(const void* const* rows, int64_t k, int64_t begin, int64_t end, double* acc,
-                              void* workspace) {
+  // K row pointers, the lane accumulators (K x K x W), the converted chunk (K x chunk); 64-byte aligned.
+  template <typename T, int W>
+  static int64_t tiled_workspace_bytes(int64_t k) {
+    return align64(k * static_cast<int64_t>(sizeof(void*))) + align64(k * k * W * sizeof(T)) +
+           align64(k * chunk_columns<T, W>(k) * sizeof(T));
+  }
+
+  template <typename V, typename T, DType D>
+  static void gram_range_tiled(const void* const* rows, int64_t k, int64_t begin, int64_t end, double* acc,
+                               void* workspace) {
+    constexpr int W = static_cast<int>(sizeof(V) / sizeof(T));
+    constexpr bool kInPlace = (D == DType::kFloat32 && sizeof(T) == 4) || (D == DType::kFloat64 && sizeof(T) == 8);
     char* base = static_cast<char*>(workspace);
-    const float** x = reinterpret_cast<const float**>(base);
-    float* va = reinterpret_cast<float*>(base + align64(k * static_cast<int64_t>(sizeof(void*))));
-    float* scratch = va + align64(k * k * L * 4) / 4;
-    const int64_t chunk = chunk_columns(k);
-    // Whole vectors only; the ragged tail (< L columns) is added in double below.
-    const int64_t vec_end = begin + (end - begin) / L * L;
-    for (int64_t s0 = begin; s0 < vec_end; s0 += kSuperChunk) {
-      const int64_t s1 = min_of(vec_end, s0 + kSuperChunk);
-      std::memset(va, 0, static_cast<size_t>(k * k * L) * sizeof(float));
+    const T** x = reinterpret_cast<const T**>(base);
+    T* va = reinterpret_cast<T*>(base + align64(k * static_cast<int64_t>(sizeof(void*))));
+    T* scratch = va + align64(k * k * W * sizeof(T)) / sizeof(T);
+    const int64_t chunk = chunk_columns<T, W>(k);
+    const int64_t window = sizeof(T) == 4 ? kSuperChunk : end - begin;
+    const int64_t vec_end = begin + (end - begin) / W * W;
+    for (int64_t s0 = begin; s0 < vec_end; s0 += window) {
+      const int64_t s1 = min_of(vec_end, s0 + window);
+      std::memset(va, 0, static_cast<size_t>(k * k * W) * sizeof(T));
       for (int64_t c0 = s0; c0 < s1; c0 += chunk) {
         const int64_t len = min_of(chunk, s1 - c0);
         for (int64_t i = 0; i < k; ++i) {
-          if constexpr (D == DType::kFloat32) {
-            x[i] = static_cast<const float*>(rows[i]) + c0;
+          if constexpr (kInPlace) {
+            x[i] = static_cast<const T*>(rows[i]) + c0;
           } else {
-            float* dst = scratch + i * chunk;
-            for (int64_t c = 0; c < len; c += L) vstore(dst + c, load_lanes<D>(rows[i], c0 + c));
+            T* dst = scratch + i * chunk;
+            if constexpr (sizeof(T) == 4) {
+              for (int64_t c = 0; c < len; c += L) vstore(dst + c, load_lanes<D>(rows[i], c0 + c));
+            } else {
+              for (int64_t c = 0; c < len; ++c) dst[c] = load_double<D>(rows[i], c0 + c);
+            }
             x[i] = dst;
           }
         }
-        gram_chunk<vf, float>(x, k, len, va);
+        gram_chunk<V, T>(x, k, len, va);
       }
       for (int64_t i = 0; i < k; ++i) {
         for (int64_t j = 0; j <= i; ++j) {
-          const float* lanes = va + (i * k + j) * L;
+          const T* lanes = va + (i * k + j) * W;
           double sum = 0.0;
-          for (int l = 0; l < L; ++l) sum += lanes[l];
+          for (int l = 0; l < W; ++l) sum += lanes[l];
           acc[i * k + j] += sum;
         }
       }
@@ -263,66 +290,22 @@ struct Kernels {
     for (int64_t i = 0; i < k; ++i) {
       for (int64_t j = 0; j <= i; ++j) {
         double sum = 0.0;
-        for (int64_t c = vec_end; c < end; ++c) {
-          sum += static_cast<double>(load_one<D>(rows[i], c)) * load_one<D>(rows[j], c);
-        }
+        for (int64_t c = vec_end; c < end; ++c) sum += load_double<D>(rows[i], c) * load_double<D>(rows[j], c);
         acc[i * k + j] += sum;
       }
     }
   }
 
-  // ---- Gram, wide path -----------------------------------------------------------------------
-
-  static TOLARIA_INLINE double hsum(vd v) {
-    double s = 0.0;
-    for (int l = 0; l < DL; ++l) s += v[l];
-    return s;
-  }
-
-  // The same tiles on double lanes: every chunk of K rows converted to double in the workspace (a
-  // float64 chunk is read in place), products exact for 16/32-bit inputs, accumulated in double.
-  static TOLARIA_INLINE int64_t wide_chunk_columns(int64_t k) {
-    const int64_t columns = (2048 / max_of<int64_t>(k, 1)) / DL * DL;
-    return min_of<int64_t>(max_of<int64_t>(columns, 2 * DL), 512);
-  }
-
-  static int64_t wide_workspace_bytes(int64_t k) {
-    return align64(k * static_cast<int64_t>(sizeof(void*))) + align64(k * k * DL * 8) +
-           align64(k * wide_chunk_columns(k) * 8);
+  template <DType D>
+  static void gram_range_fast(const void* const* rows, int64_t k, int64_t begin, int64_t end, double* acc,
+                              void* workspace) {
+    gram_range_tiled<vf, float, D>(rows, k, begin, end, acc, workspace);
   }
 
   template <DType D>
   static void gram_range_wide(const void* const* rows, int64_t k, int64_t begin, int64_t end, double* acc,
                               void* workspace) {
-    char* base = static_cast<char*>(workspace);
-    const double** x = reinterpret_cast<const double**>(base);
-    double* va = reinterpret_cast<double*>(base + align64(k * static_cast<int64_t>(sizeof(void*))));
-    double* scratch = va + align64(k * k * DL * 8) / 8;
-    const int64_t chunk = wide_chunk_columns(k);
-    const int64_t vec_end = begin + (end - begin) / DL * DL;
-    std::memset(va, 0, static_cast<size_t>(k * k * DL) * sizeof(double));
-    for (int64_t c0 = begin; c0 < vec_end; c0 += chunk) {
-      const int64_t len = min_of(chunk, vec_end - c0);
-      for (int64_t i = 0; i < k; ++i) {
-        if constexpr (D == DType::kFloat64) {
-          x[i] = static_cast<const double*>(rows[i]) + c0;
-        } else {
-          double* dst = scratch + i * chunk;
-          for (int64_t c = 0; c < len; ++c) dst[c] = load_double<D>(rows[i], c0 + c);
-          x[i] = dst;
-        }
-      }
-      gram_chunk<vd, double>(x, k, len, va);
-    }
-    for (int64_t i = 0; i < k; ++i) {
-      for (int64_t j = 0; j <= i; ++j) {
-        const double* lanes = va + (i * k + j) * DL;
-        double sum = 0.0;
-        for (int l = 0; l < DL; ++l) sum += lanes[l];
-        for (int64_t c = vec_end; c < end; ++c) sum += load_double<D>(rows[i], c) * load_double<D>(rows[j], c);
-        acc[i * k + j] += sum;
-      }
-    }
+    gram_range_tiled<vd, double, D>(rows, k, begin, end, acc, workspace);
   }
 
   static void gram_range(DType dtype, bool wide, const void* const* rows, int64_t k, int64_t begin, int64_t end,
@@ -344,7 +327,9 @@ struct Kernels {
     }
   }
 
-  static int64_t workspace_bytes(int64_t k) { return max_of(gram_workspace_bytes(k), wide_workspace_bytes(k)); }
+  static int64_t workspace_bytes(int64_t k) {
+    return max_of(tiled_workspace_bytes<float, L>(k), tiled_workspace_bytes<double, DL>(k));
+  }
 
   // ---- combine -------------------------------------------------------------------------------
 
