@@ -106,7 +106,9 @@ def canonical_box(
     refined = _min_norm_box(h, lower, free)
     violation = kkt_violation(free, lower - refined, times(refined, h))
     accept = violation <= ACCEPT_TOL * refined.abs().amax(dim=-1).clamp_min(1)
-    return _where_accepted(accept.unsqueeze(-1), refined, exact)
+    # A variable of the support whose optimum sits on its bound comes out a rounding below it:
+    # put it back (within the tolerance just accepted), so that v >= lower holds exactly.
+    return _where_accepted(accept.unsqueeze(-1), torch.maximum(refined, lower), exact)
 
 
 def canonical_simplex(h: Tensor, supports: Supports, *, exact: Callable[[], Tensor]) -> Tensor:
@@ -127,6 +129,9 @@ def canonical_simplex(h: Tensor, supports: Supports, *, exact: Callable[[], Tens
     hw = times(w, h)
     violation = kkt_violation(free, -w, hw - (w * hw).sum())
     accept = (violation <= ACCEPT_TOL) & (total != 0)
+    # As in canonical_box: a weight a rounding below 0 goes back to 0, and the sum back to 1.
+    w = w.clamp_min(0)
+    w = w / torch.where(w.sum() > 0, w.sum(), 1.0)
     return _where_accepted(accept, w, exact)
 
 
