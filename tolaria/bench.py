@@ -48,6 +48,7 @@ from tolaria.aggregation import (
     CAGrad,
     ConFIG,
     DualProj,
+    FairGrad,
     Krum,
     Mean,
     PCGrad,
@@ -104,6 +105,7 @@ CONTENDERS: dict[str, Contender] = {
         "krum", lambda b: Krum(1, 2, backend=b), None, "Krum", (("n_byzantine", 1), ("n_selected", 2)), min_k=4
     ),
     "random": Contender("random", lambda b: Random(seed=0, backend=b), None, "Random"),
+    "fairgrad": Contender("fairgrad", lambda b: FairGrad(1.0, backend=b), None, "FairGrad", (("alpha", 1.0),)),
 }
 
 

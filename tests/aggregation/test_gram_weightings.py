@@ -154,7 +154,7 @@ def test_bad_configuration_is_refused(build):
 def test_build_aggregator_knows_every_name():
     assert set(AGGREGATOR_NAMES) == {
         "pcgrad", "mean", "sum", "weighted", "mgda", "upgrad", "cagrad", "imtlg", "aligned_mtl", "dualproj",
-        "config", "constant", "krum", "random",
+        "config", "constant", "krum", "random", "fairgrad",
     }
     for name in AGGREGATOR_NAMES:
         fixed = name in ("weighted", "constant")

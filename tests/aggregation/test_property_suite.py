@@ -28,6 +28,8 @@ PROMISES: dict[str, set[str]] = {
     "constant": {"linear"},
     "krum": set(),  # ties (two sources nearest each other score alike) go to the lower index
     "random": set(),
+    # Its equation has a solution only where 0 is not in the gradients' convex hull.
+    "fairgrad": {"solvable:permutation", "solvable:non_conflicting"},
 }
 DTYPES = [torch.float64, torch.float32]
 BACKENDS = ["cpu", "torch", "triton"]
@@ -65,9 +67,10 @@ def test_structure_and_promised_properties(name, backend, dtype, case):
     promises = PROMISES[name]
     props.assert_expected_structure(aggregate, matrix)
     family = next(f for f, cases in FAMILIES.items() if case in cases)
-    if "non_conflicting" in promises:
+    solvable = family == "not_weakly_stationary"
+    if "non_conflicting" in promises or ("solvable:non_conflicting" in promises and solvable):
         props.assert_non_conflicting(aggregate, matrix)
-    if "permutation" in promises:
+    if "permutation" in promises or ("solvable:permutation" in promises and solvable):
         props.assert_permutation_invariant(aggregate, matrix)
     if "linear" in promises and family not in ("scaled",):
         props.assert_linear_under_scaling(aggregate, matrix)

@@ -22,6 +22,7 @@ from .functional import (
     grads_to_flat,
     pcgrad,
 )
+from .fairgrad import FairGrad
 from .imtlg import IMTLG
 from .krum import Krum
 from .mgda import MGDA
@@ -46,6 +47,7 @@ _REGISTRY: dict[str, type[Aggregator]] = {
     "config": ConFIG,
     "constant": Constant,
     "krum": Krum,
+    "fairgrad": FairGrad,
     "random": Random,
 }
 AGGREGATOR_NAMES: tuple[str, ...] = tuple(_REGISTRY)
@@ -75,6 +77,7 @@ __all__ = [
     "CAGrad",
     "ConFIG",
     "Constant",
+    "FairGrad",
     "Krum",
     "Random",
     "DualProj",
