@@ -185,21 +185,25 @@ def project_onto_dual_cone(
         trace = gram.diagonal().sum()
         h = torch.where(trace >= norm_eps, gram / torch.where(trace > 0, trace, 1.0), 0.0)
         h = h + reg_eps * torch.eye(k, dtype=gram.dtype, device=gram.device)
-        lower = u.reshape(-1, k)
-        scale = lower.abs().amax(dim=-1, keepdim=True)
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        v = _solve_box(h, lower / scale, diagonal=diagonal, max_iters=max_iters, tol=tol) * scale
+        lower, scale = _unit_scale(u.reshape(-1, k))
+        v = _solve_box(h, lower, diagonal=diagonal, max_iters=max_iters, tol=tol) * scale
         return v.reshape(*batch_shape, k)
     norms = gram.diagonal().clamp_min(0).sqrt()
     nonzero = norms > 0
     inv = torch.where(nonzero, 1 / torch.where(nonzero, norms, 1.0), 0.0)
     cosine = gram * inv[:, None] * inv[None, :]
-    lower = u.reshape(-1, k) * norms
-    scale = lower.abs().amax(dim=-1, keepdim=True)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    unit = _solve_box(cosine, lower / scale, diagonal=diagonal, max_iters=max_iters, tol=tol)
+    lower, scale = _unit_scale(u.reshape(-1, k) * norms)
+    unit = _solve_box(cosine, lower, diagonal=diagonal, max_iters=max_iters, tol=tol)
     v = torch.where(nonzero, unit * scale * inv, u.reshape(-1, k))
     return v.reshape(*batch_shape, k)
+
+
+def _unit_scale(lower: Tensor) -> tuple[Tensor, Tensor]:
+    """Each row of ``lower`` divided by its largest magnitude (1 for a zero row), and that scale:
+    the box problem is positively homogeneous in its bound."""
+    scale = lower.abs().amax(dim=-1, keepdim=True)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return lower / scale, scale
 
 
 def _solve_box(h: Tensor, lower: Tensor, *, diagonal: bool, max_iters: int, tol: float) -> Tensor:

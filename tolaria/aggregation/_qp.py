@@ -336,7 +336,8 @@ def interior_point(
         # The Newton system for (dx, dnu) once dz = (t - z dx) / s is eliminated, for a target t of
         # the complementarity s z: (H + diag(z / s)) dx - dnu 1 = nu 1 - H x + t / s (the stationarity
         # residual H x - z - nu 1 with z moved into t / s), and 1^T dx = 1 - 1^T x.
-        grad = nu - q - (x.unsqueeze(-2) @ h).squeeze(-2)
+        xh = (x.unsqueeze(-2) @ h).squeeze(-2)
+        grad = nu - q - xh
         sz = s * z
         mu = sz.mean(dim=-1, keepdim=True)
         blocks = torch.diag_embed(z / s) + h
@@ -369,9 +370,7 @@ def interior_point(
         # gap s^T z = K mu, which bounds how far its objective lies above the optimum, is at most
         # `tol` times that objective: a relative stopping rule, met at loose tolerances too.
         fraction = 1 - mu.clamp(1e-8, 1e-2)
-        objective = ((x.unsqueeze(-2) @ h).squeeze(-2) * x).sum(dim=-1, keepdim=True) / 2 + (q * x).sum(
-            dim=-1, keepdim=True
-        )
+        objective = ((xh / 2 + q) * x).sum(dim=-1, keepdim=True)
         running = sz.sum(dim=-1, keepdim=True) > tol * objective.abs()
         step = fraction * torch.minimum(_step_to_boundary(s, dx), _step_to_boundary(z, dz)) * running
         move = step * dx

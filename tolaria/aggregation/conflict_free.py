@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._gramian import preference_vector, pref_repr, solve_if_finite
+from ._gramian import conflicting_pairs, preference_vector, pref_repr, solve_if_finite
 from ._weights import DeviceCopies, check_weight_count
 from .aggregator import Aggregator
 from .engine import Weights
@@ -53,8 +53,7 @@ class ConFIG(Aggregator):
             check_weight_count(self.pref_vector, k, "ConFIG")
 
     def weighting(self, gram: Tensor) -> Weights:
-        conflicts = torch.div(((gram + gram.mT) < 0).sum(), 2, rounding_mode="floor")
-        return Weights(solve_if_finite(gram, self._weights), conflicts)
+        return Weights(solve_if_finite(gram, self._weights), conflicting_pairs(gram))
 
     def _weights(self, gram: Tensor) -> Tensor:
         k = gram.shape[-1]

@@ -13,8 +13,9 @@ from .._sources import Sources
 from .base import Backend, accumulation_dtype
 
 
-# Columns converted to float64 at a time by the Gram pass: a few hundred KiB per row chunk.
-_GRAM_CHUNK = 1 << 14
+# Columns converted to float64 at a time by the Gram pass and the wide combine: a few hundred KiB
+# per row chunk.
+_FLOAT64_CHUNK = 1 << 14
 
 
 class TorchBackend(Backend):
@@ -31,8 +32,8 @@ class TorchBackend(Backend):
         if j.dtype == torch.float64:
             return j @ j.T
         g = torch.zeros((j.shape[0], j.shape[0]), dtype=torch.float64, device=j.device)
-        for start in range(0, j.shape[1], _GRAM_CHUNK):
-            chunk = j[:, start : start + _GRAM_CHUNK].to(torch.float64)
+        for start in range(0, j.shape[1], _FLOAT64_CHUNK):
+            chunk = j[:, start : start + _FLOAT64_CHUNK].to(torch.float64)
             g.addmm_(chunk, chunk.T)
         return g
 
@@ -47,6 +48,6 @@ class TorchBackend(Backend):
             return out.view(-1).copy_(result)
         # Wide: float64 a column chunk at a time, each rounded once into the output.
         flat = torch.empty(j.shape[1], dtype=sources.dtype, device=j.device) if out is None else out.view(-1)
-        for start in range(0, j.shape[1], _GRAM_CHUNK):
-            flat[start : start + _GRAM_CHUNK] = w @ j[:, start : start + _GRAM_CHUNK].to(acc)
+        for start in range(0, j.shape[1], _FLOAT64_CHUNK):
+            flat[start : start + _FLOAT64_CHUNK] = w @ j[:, start : start + _FLOAT64_CHUNK].to(acc)
         return flat
