@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -71,6 +72,31 @@ class Aggregator(ABC):
     # Aggregators whose weights do not depend on the Gram matrix set this to a function
     # (k, device) -> K float64 weights; calls without stats then read J only once.
     _fixed_weights: Callable[[int, torch.device], Tensor] | None = None
+
+    # Aggregators whose result depends on earlier calls (moving averages, warm starts, their own
+    # random generator) set ``stateful`` and override the three methods below. The trainer saves
+    # ``state_dict()`` in its checkpoints and rollback snapshots, so a resumed run repeats the same
+    # weights bit for bit. A state dict holds only what ``torch.load(weights_only=True)`` accepts:
+    # CPU tensors, numbers, strings, None, and lists/dicts of them.
+    stateful: bool = False
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the next call's weights depend on besides its input (empty for a stateless aggregator)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores what :meth:`state_dict` returned, so that the next calls repeat the saved run's."""
+        if not isinstance(state, dict):
+            raise TypeError(f"{type(self).__name__}.load_state_dict needs a dict, got {type(state).__name__}")
+        if state:
+            raise ValueError(
+                f"{type(self).__name__} keeps no state across calls, but was given a state with keys "
+                f"{sorted(state)}: was it saved by another aggregator?"
+            )
+
+    def reset(self) -> None:
+        """Forgets the state of earlier calls; the next call starts as the first did. A stateless
+        aggregator has nothing to forget."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(backend={self.backend!r}, nonfinite={self.nonfinite!r})"

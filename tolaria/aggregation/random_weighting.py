@@ -46,6 +46,8 @@ class Random(_FixedWeighting):
             else:
                 self.generator.manual_seed(seed)
 
+    stateful = True
+
     def _fixed_weights(self, k: int, device: torch.device) -> Tensor:
         z = torch.randn(k, generator=self.generator, dtype=torch.float64)
         return torch.softmax(z, dim=0).to(device=device, dtype=_weight_dtype(device))
@@ -53,6 +55,9 @@ class Random(_FixedWeighting):
     def state_dict(self) -> dict[str, Tensor]:
         """The generator's state: loading it makes the next draws repeat."""
         return {"generator": self.generator.get_state()}
+
+    def reset(self) -> None:
+        """Nothing to forget: the draws go on from the generator's current state (reseed it to repeat)."""
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         if not isinstance(state, dict) or not isinstance(state.get("generator"), Tensor):
