@@ -295,11 +295,11 @@ def test_a_failed_snapshot_is_reported_and_training_goes_on(tmp_path, monkeypatc
     real = trainer.state.snapshot
     calls = []
 
-    def snapshot(step, model, optimizer):
+    def snapshot(step, model, optimizer, extra=None):
         calls.append(step)
         if len(calls) > 1:
             raise StateError("the fast cache is full")
-        return real(step, model, optimizer)
+        return real(step, model, optimizer, extra)
 
     monkeypatch.setattr(trainer.state, "snapshot", snapshot)
     summary = trainer.fit()

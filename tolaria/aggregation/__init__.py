@@ -53,18 +53,26 @@ _REGISTRY: dict[str, type[Aggregator]] = {
 AGGREGATOR_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 
 
-def build_aggregator(name: str, **kwargs) -> Aggregator:
-    """The aggregator called ``name`` (case-insensitive; see ``AGGREGATOR_NAMES``), built with ``kwargs``.
+def aggregator_class(name: str) -> type[Aggregator]:
+    """The class of the aggregator called ``name`` (case-insensitive; see ``AGGREGATOR_NAMES``).
 
-    Raises ``ValueError`` naming the valid names for an unknown one; a bad keyword argument raises
-    the class's own ``TypeError`` or ``ValueError``.
+    Raises ``ValueError`` naming the valid names for an unknown one.
     """
     if not isinstance(name, str):
         raise TypeError(f"aggregator name must be a string, got {type(name).__name__}")
     cls = _REGISTRY.get(name.strip().lower())
     if cls is None:
         raise ValueError(f"unknown aggregator {name!r}; valid names are {', '.join(AGGREGATOR_NAMES)}")
-    return cls(**kwargs)
+    return cls
+
+
+def build_aggregator(name: str, **kwargs) -> Aggregator:
+    """The aggregator called ``name`` (case-insensitive; see ``AGGREGATOR_NAMES``), built with ``kwargs``.
+
+    Raises ``ValueError`` naming the valid names for an unknown one; a bad keyword argument raises
+    the class's own ``TypeError`` or ``ValueError``.
+    """
+    return aggregator_class(name)(**kwargs)
 
 __all__ = [
     "AGGREGATOR_NAMES",
@@ -84,6 +92,7 @@ __all__ = [
     "IMTLG",
     "MGDA",
     "UPGrad",
+    "aggregator_class",
     "build_aggregator",
     "AggregationStats",
     "GradientBuffer",

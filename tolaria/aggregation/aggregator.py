@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -79,6 +80,12 @@ class Aggregator(ABC):
     # weights bit for bit. A state dict holds only what ``torch.load(weights_only=True)`` accepts:
     # CPU tensors, numbers, strings, None, and lists/dicts of them.
     stateful: bool = False
+
+    @classmethod
+    def takes_generator(cls) -> bool:
+        """Whether the aggregator draws random numbers from a ``generator`` its constructor accepts
+        (the trainer then gives it one seeded alike on every rank, and checkpoints its state)."""
+        return "generator" in inspect.signature(cls.__init__).parameters
 
     def state_dict(self) -> dict[str, Any]:
         """What the next call's weights depend on besides its input (empty for a stateless aggregator)."""

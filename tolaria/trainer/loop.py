@@ -44,12 +44,14 @@ from tolaria.distributed import (
     synchronized_generator,
     telemetry_file_name,
 )
+from tolaria.aggregation import aggregator_class
 from tolaria.emergency import EmergencyController, EmergencyLevel, LocalEmergencySignal
 from tolaria.lr import build_controller
 from tolaria.optim import OptimizerManager
 from tolaria.state import StateError, StateManager
 from tolaria.telemetry import JsonlSink, LoggingSink, TelemetryEmitter, TensorBoardSink
 
+from .aggregator_state import aggregator_extra, restore_aggregator
 from .config import ConfigError, TrainerConfig
 from .gradient import GradientStage, SourceAccumulator, SourceStats, build_aggregator, emit_step_metrics
 from .mediator import ControlMediator, ControlState, Executor, Policy
@@ -297,7 +299,7 @@ class Trainer:
             self.data = self._shard(data)
             self.generator: torch.Generator | None = None
             aggregator_options = dict(config.aggregator_options)
-            if _takes_generator(config.aggregator) and "generator" not in aggregator_options:
+            if aggregator_class(config.aggregator).takes_generator() and "generator" not in aggregator_options:
                 # The same draws on every rank (and a state to checkpoint): replicas stay identical.
                 self.generator = synchronized_generator(config.seed, ctx, telemetry=self.telemetry)
                 aggregator_options["generator"] = self.generator
@@ -458,6 +460,10 @@ class Trainer:
                 verdict = type(verdict)(HALT, reason=reason)
         if verdict.action == ROLLED_BACK:
             assert verdict.step is not None
+            # The aggregator's state goes back with the model: a moving average that took in the
+            # non-finite steps would otherwise carry them past the rollback.
+            restore_aggregator(self.aggregator, self.generator, self.state.last_restored_extra, telemetry=self.telemetry,
+                               where=f"the state rolled back to (step {verdict.step})")
             self.step = verdict.step
             self.telemetry.bind(step=self.step)
             return ROLLED_BACK, stats
@@ -482,7 +488,8 @@ class Trainer:
 
     def _snapshot(self) -> None:
         try:
-            self.state.snapshot(self.step, self.model, self.optimizer)
+            self.state.snapshot(self.step, self.model, self.optimizer,
+                                extra=aggregator_extra(self.aggregator, self.generator))
         except StateError as exc:  # e.g. the optimizer state outgrew the cache: reported, training goes on
             message = f"snapshot at step {self.step} failed: {exc}; rollbacks will use older snapshots or checkpoints"
             log.error(message)
@@ -511,7 +518,8 @@ class Trainer:
             resumed = self._resume() if self.config.checkpoint.resume else None
             start_epoch = epochs_done = self.epoch
             last_ckpt: int | None = resumed
-            self.state.snapshot(self.step, self.model, self.optimizer)  # the first rollback target
+            self.state.snapshot(self.step, self.model, self.optimizer,
+                                extra=aggregator_extra(self.aggregator, self.generator))  # the first rollback target
             self.telemetry.event(
                 "train.start", message=f"training in {self.run_dir}", run_dir=str(self.run_dir),
                 device=str(self.device), aggregator=repr(self.aggregator), epochs=self.config.epochs,
@@ -752,8 +760,7 @@ class Trainer:
             "lr": self.lr.state_dict(),
             "sources": list(self.stage.names or ()),
         }
-        if self.generator is not None:
-            extra["aggregator_generator"] = self.generator.get_state()
+        extra.update(aggregator_extra(self.aggregator, self.generator))
         try:
             # Every rank: agree on the step, verify the replicas, rank 0 writes between barriers.
             checkpoint_barrier(self.state if self.ctx.is_main else None, self.ctx, self.step, self.model, self.optimizer,
@@ -781,8 +788,8 @@ class Trainer:
         self.step = int(step)
         self.epoch = int(extra["epoch"]) + (1 if extra.get("epoch_complete") else 0)
         self.lr.load_state_dict(extra["lr"])
-        if self.generator is not None and "aggregator_generator" in extra:
-            self.generator.set_state(extra["aggregator_generator"])
+        restore_aggregator(self.aggregator, self.generator, extra, telemetry=self.telemetry,
+                           where=f"the checkpoint of step {self.step}")
         self.telemetry.bind(step=self.step, epoch=self.epoch)
         self.telemetry.event(
             "train.resume", message=f"resumed from the checkpoint at step {self.step}; next epoch {self.epoch + 1}",
@@ -834,11 +841,6 @@ def _length(data: Any) -> int | None:
         return len(data)
     except TypeError:
         return None
-
-
-def _takes_generator(aggregator: str) -> bool:
-    """Whether the aggregator draws random numbers (from a ``generator`` it accepts)."""
-    return aggregator.strip().lower() == "pcgrad"
 
 
 __all__ = ["RunSummary", "Trainer", "first_tensor", "move_to", "resolve_device", "split_inputs"]
