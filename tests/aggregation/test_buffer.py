@@ -70,14 +70,117 @@ def test_optimizer_step_uses_the_aggregate():
         torch.testing.assert_close(p.detach(), p0 - 0.1 * g)
 
 
-def test_rows_are_zeroed_between_steps():
+def test_rows_accumulate_over_micro_batches_until_aggregate_consumes_them():
+    torch.manual_seed(0)
     model = TwoHeads()
-    buf = GradientBuffer(model, num_sources=1)
+    xs = [torch.randn(4, 4) for _ in range(3)]
+    buf = GradientBuffer(model, num_sources=2)
+    for x in xs:  # three micro-batches, then one aggregate: as PyTorch accumulates .grad
+        a, b = model(x)
+        buf.backward([a.sum(), b.sum()])
+    expected = torch.stack([sum(_flat_grad(model(x)[k].sum(), buf.params) for x in xs) for k in range(2)])
+    torch.testing.assert_close(buf.buffer, expected)
+    buf.aggregate(Sum())
+    torch.testing.assert_close(buf.output, expected.sum(0))
+    a, b = model(xs[0])  # the next round starts from empty rows
+    buf.zero_grad()
+    buf.backward([a.sum(), b.sum()])
+    torch.testing.assert_close(buf.buffer[0], _flat_grad(model(xs[0])[0].sum(), buf.params))
+
+
+def test_accumulate_false_keeps_only_the_last_backward():
+    model = TwoHeads()
+    buf = GradientBuffer(model, num_sources=1, accumulate=False)
+    model.trunk.weight.grad = torch.ones_like(model.trunk.weight)  # discarded, as documented
     for _ in range(2):
         a, _ = model(torch.ones(1, 4))
         buf.backward([a.sum()])
     single = _flat_grad(model(torch.ones(1, 4))[0].sum(), buf.params)
     torch.testing.assert_close(buf.buffer[0], single)
+    buf.aggregate(Sum())
+    torch.testing.assert_close(buf.output, single)
+
+
+def test_an_existing_grad_is_added_to_the_aggregate_never_dropped():
+    torch.manual_seed(1)
+    model = TwoHeads()
+    x = torch.randn(8, 4)
+    buf = GradientBuffer(model, num_sources=2)
+    regulariser = sum((p ** 2).sum() for p in model.parameters())
+    regulariser.backward()  # before the sources ...
+    a, b = model(x)
+    buf.backward([a.sum(), b.sum()])
+    extra = model.trunk.weight.sum()
+    extra.backward()  # ... and between the last source and the aggregate
+    buf.aggregate(Sum())
+    expected = (_flat_grad(sum((p ** 2).sum() for p in model.parameters()), buf.params)
+                + _flat_grad(model(x)[0].sum() + model(x)[1].sum(), buf.params)
+                + _flat_grad(model.trunk.weight.sum(), buf.params))
+    torch.testing.assert_close(buf.output, expected)
+    # A step without zero_grad accumulates the previous aggregate, as PyTorch's .grad does.
+    previous = buf.output.clone()
+    a, b = model(x)
+    buf.backward([a.sum(), b.sum()])
+    buf.aggregate(Sum())
+    torch.testing.assert_close(buf.output, previous + _flat_grad(model(x)[0].sum() + model(x)[1].sum(), buf.params))
+
+
+def test_only_shared_parameters_are_buffered_and_heads_get_their_plain_gradient():
+    torch.manual_seed(2)
+    model = TwoHeads()
+    x = torch.randn(8, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    buf = GradientBuffer(opt, num_sources=2, shared=model.trunk)
+    assert buf.params == list(model.trunk.parameters())
+    assert len(buf.unshared_params) == 4 and buf.numel == 4 * 8 + 8
+    a, b = model(x)
+    buf.backward({"a": a.sum(), "b": b.sum()})
+    buf.aggregate(PCGrad(shuffle=False))
+    head_a = torch.autograd.grad(model(x)[0].sum(), list(model.head_a.parameters()))
+    for p, g in zip(model.head_a.parameters(), head_a):
+        torch.testing.assert_close(p.grad, g)
+    trunk = torch.stack([_flat_grad(model(x)[k].sum(), buf.params) for k in range(2)])
+    torch.testing.assert_close(buf.output, PCGrad(shuffle=False)(trunk))
+
+
+def test_parameters_come_from_a_module_an_optimizer_or_its_param_groups():
+    model = TwoHeads()
+    opt = torch.optim.Adam([{"params": model.trunk.parameters()}, {"params": model.head_a.parameters(), "lr": 0.1}])
+    for source in (opt, opt.param_groups, list(model.trunk.parameters()) + list(model.head_a.parameters())):
+        buf = GradientBuffer(source, num_sources=2)
+        assert buf.numel == 4 * 8 + 8 + 8 + 1
+    with pytest.raises(TypeError, match="module, an optimizer, its param_groups"):
+        GradientBuffer([{"lr": 0.1}], 2)
+    with pytest.raises(TypeError, match="pass the aggregator to buf.aggregate"):
+        GradientBuffer(PCGrad(), 2)
+    with pytest.raises(ValueError, match="not among the buffer's parameters"):
+        GradientBuffer(model.trunk, 2, shared=model.head_a)
+
+
+def test_a_model_cast_after_the_buffer_was_built_says_to_rebuild_it():
+    model = TwoHeads()
+    buf = GradientBuffer(model, num_sources=2)
+    model.double()
+    a, b = model(torch.randn(2, 4, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="build a new GradientBuffer after model.to"):
+        buf.backward([a.sum(), b.sum()])
+
+
+def test_any_callable_on_the_matrix_aggregates_and_a_wrong_shape_is_refused():
+    model = TwoHeads()
+    buf = GradientBuffer(model, num_sources=2)
+    a, b = model(torch.randn(3, 4))
+    buf.backward([a.sum(), b.sum()], retain_graph=True)
+    rows = buf.buffer.clone()
+    buf.aggregate(lambda matrix: matrix.mean(dim=0))
+    torch.testing.assert_close(buf.output, rows.mean(0))
+    assert model.trunk.weight.grad.data_ptr() == buf.output.data_ptr()
+    buf.zero_grad()
+    buf.backward([a.sum(), b.sum()])
+    with pytest.raises(ValueError, match="must return one vector"):
+        buf.aggregate(lambda matrix: matrix)
+    with pytest.raises(ValueError, match="return_stats=True needs a Tolaria aggregator"):
+        buf.aggregate(lambda matrix: matrix.sum(0), return_stats=True)
 
 
 def test_zero_grad_inside_a_source_block_is_reported():
@@ -116,3 +219,15 @@ def test_rows_are_aligned_for_any_parameter_count():
     torch.testing.assert_close(buf.buffer, torch.tensor([[1.0], [2.0], [3.0]]).expand(3, 17))
     buf.aggregate(Sum())
     torch.testing.assert_close(buf.output, torch.full((17,), 6.0))
+
+
+def test_torchjds_aggregators_aggregate_the_buffer():
+    tjd = pytest.importorskip("torchjd.aggregation")
+    torch.manual_seed(3)
+    model = TwoHeads()
+    buf = GradientBuffer(model, num_sources=2)
+    a, b = model(torch.randn(5, 4))
+    buf.backward([a.sum(), b.sum()])
+    rows = buf.buffer.clone()
+    buf.aggregate(tjd.UPGrad())
+    torch.testing.assert_close(buf.output, tjd.UPGrad()(rows))

@@ -21,6 +21,7 @@ def single_process_reference(epochs: int) -> tuple[torch.nn.Module, int]:
     conflicts = 0
     for indices in combined_batches(epochs):
         x, y = data[indices]
+        opt.zero_grad()
         buf.backward(losses(net, x, y))
         _, stats = buf.aggregate(aggregator, return_stats=True)
         conflicts += int(stats.conflicts)

@@ -100,6 +100,7 @@ def records(path: Path) -> list[dict[str, Any]]:
 
 def step(net, opt, buf, aggregator, x, y, ctx) -> int:
     """One multi-source step the distributed way; returns the conflicts PCGrad resolved."""
+    opt.zero_grad()
     buf.backward(losses(net, x, y))
     allreduce_gradient_buffer(buf, ctx, bucket_mb=BUCKET_MB)
     _, stats = buf.aggregate(aggregator, return_stats=True)

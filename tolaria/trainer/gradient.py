@@ -176,8 +176,10 @@ class GradientStage:
         return names
 
     def zero_grad(self) -> None:
-        """Clears gradients before a step (the buffer path zeroes its rows by itself)."""
-        if self.fast_path or self.buffer is None:
+        """Clears gradients before a step (the buffer's rows, and every parameter's ``.grad``)."""
+        if self.buffer is not None:
+            self.buffer.zero_grad()
+        else:
             for p in self.params:
                 p.grad = None
 
