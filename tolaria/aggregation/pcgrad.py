@@ -154,6 +154,12 @@ class PCGrad(Aggregator):
         nonfinite: str = "raise",
     ):
         super().__init__(backend=backend, nonfinite=nonfinite)
+        if isinstance(reduction, torch.optim.Optimizer):
+            raise TypeError(
+                "tolaria.aggregation.PCGrad is an aggregator (gradients in, one gradient out); for "
+                "Pytorch-PCGrad's optimizer wrapper, PCGrad(optimizer) with pc_backward(losses), import "
+                "tolaria.compat.pcgrad.PCGrad"
+            )
         if reduction not in REDUCTIONS:
             raise ValueError(f"unknown reduction {reduction!r}; valid reductions are {', '.join(REDUCTIONS)}")
         if generator is not None and not isinstance(generator, torch.Generator):
