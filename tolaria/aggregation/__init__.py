@@ -66,6 +66,14 @@ def aggregator_class(name: str) -> type[Aggregator]:
     return cls
 
 
+def registered_name(aggregator: Aggregator) -> str:
+    """The registry name of ``aggregator``'s class (its class name if it is not registered)."""
+    for name, cls in _REGISTRY.items():
+        if type(aggregator) is cls:
+            return name
+    return type(aggregator).__name__
+
+
 def build_aggregator(name: str, **kwargs) -> Aggregator:
     """The aggregator called ``name`` (case-insensitive; see ``AGGREGATOR_NAMES``), built with ``kwargs``.
 
@@ -94,6 +102,7 @@ __all__ = [
     "UPGrad",
     "aggregator_class",
     "build_aggregator",
+    "registered_name",
     "AggregationStats",
     "GradientBuffer",
     "Mean",

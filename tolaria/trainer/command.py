@@ -213,8 +213,9 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
 
     try:
+        # The heads are task-specific: only the trunk's gradients are aggregated.
         trainer = Trainer(task.model, task.optimizer, task.data, loss_fn, config, policy=policy, executor=executor,
-                          evaluate=task.evaluate)
+                          evaluate=task.evaluate, shared=task.model.trunk)
     except ConfigError as exc:
         print(f"tolaria train: error: {exc}", file=sys.stderr)
         return 2

@@ -421,6 +421,11 @@ class TrainerConfig(_Section):
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.aggregator, str):
+            raise ConfigError(
+                f"aggregator must be a name, got {type(self.aggregator).__name__}; to train with an aggregator "
+                "instance, pass it to the trainer: Trainer(..., aggregator=instance)"
+            )
         self._check_types("")
         _positive("", "epochs", self.epochs)
         _positive("", "max_steps", self.max_steps)

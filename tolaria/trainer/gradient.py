@@ -41,6 +41,16 @@ from tolaria.distributed import (
 from tolaria.telemetry import TelemetryEmitter
 
 
+def _allreduce_mean_grads(grads: list[Tensor], ctx: DistributedContext) -> None:
+    """The heads' plain gradients averaged over the ranks: one flat all-reduce, copied back."""
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    allreduce_mean(flat, ctx)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
 def build_aggregator(name: str, **options: Any) -> Aggregator:
     """The aggregator called ``name`` (see ``tolaria.aggregation.AGGREGATOR_NAMES``), built with ``options``.
 
@@ -129,10 +139,14 @@ class GradientStage:
             before the aggregation, so every rank aggregates the same buffer; the single-source fast
             path is then not taken (its ``.grad`` would not be averaged).
         bucket_mb: bucket size of that all-reduce, in MiB.
+        shared: the shared trunk (a module or parameters among ``params``): only its gradients are
+            aggregated, the other parameters (task heads) get their plain gradient, averaged over
+            the ranks too. Default: every parameter is aggregated.
     """
 
     def __init__(self, params: nn.Module | Sequence[Tensor], aggregator: Aggregator, *, max_grad_norm: float | None = None,
-                 ctx: DistributedContext | None = None, bucket_mb: float = DEFAULT_BUCKET_MB):
+                 ctx: DistributedContext | None = None, bucket_mb: float = DEFAULT_BUCKET_MB,
+                 shared: nn.Module | Sequence[Tensor] | None = None):
         if not isinstance(aggregator, Aggregator):
             raise TypeError(f"aggregator must be a tolaria Aggregator, got {type(aggregator).__name__}")
         if ctx is not None and not isinstance(ctx, DistributedContext):
@@ -144,6 +158,8 @@ class GradientStage:
         self.params = [p for p in (params.parameters() if isinstance(params, nn.Module) else params) if p.requires_grad]
         if not self.params:
             raise ValueError("the gradient stage needs at least one parameter with requires_grad=True")
+        # The shared trunk (a module is re-read at every rebuild, so grafted layers join it).
+        self.shared = shared
         self.names: tuple[str, ...] | None = None
         self.buffer: GradientBuffer | None = None
         self.fast_path = False
@@ -157,7 +173,7 @@ class GradientStage:
     def _build(self, k: int) -> None:
         # Distributed: one source also goes through the buffer, so its gradient is all-reduced.
         self.fast_path = k == 1 and _is_identity_for_one(self.aggregator) and not self.ctx.is_distributed
-        self.buffer = None if self.fast_path else GradientBuffer(self.params, num_sources=k)
+        self.buffer = None if self.fast_path else GradientBuffer(self.params, num_sources=k, shared=self.shared)
         if self.buffer is not None:
             verify_buffer_layout(self.buffer, self.ctx)  # every rank, same step: a mismatch raises everywhere
 
@@ -195,25 +211,35 @@ class GradientStage:
             allreduce_mean(loss_values, self.ctx)  # the global batch's losses, identical on every rank
         assert self.buffer is not None
         self.buffer.backward(list(named.values()))
+        heads = [p.grad for p in self.buffer.unshared_params if p.grad is not None]
         if distributed:
             allreduce_gradient_buffer(self.buffer, self.ctx, self.bucket_mb)  # the step's one big transfer
+            if heads:
+                _allreduce_mean_grads(heads, self.ctx)
         _, stats = self.buffer.aggregate(self.aggregator, return_stats=True)
         k = len(names)
         gram = stats.gram.to(torch.float64)
+        heads_norm = torch.nn.utils.get_total_norm(heads, foreach=True) if heads else torch.zeros((), device=gram.device)
         host = torch.cat([
             loss_values.to(gram.device, torch.float64),
             stats.weights.to(torch.float64),
             stats.conflicts.reshape(1).to(torch.float64),
+            heads_norm.reshape(1).to(gram.device, torch.float64),
             gram.reshape(-1),
         ]).tolist()  # the one host read of the step; the rest is K x K arithmetic on host floats
-        losses_h, weights, conflicts = host[:k], host[k : 2 * k], host[2 * k]
-        g = [host[2 * k + 1 + i * k : 2 * k + 1 + (i + 1) * k] for i in range(k)]
+        losses_h, weights, conflicts, heads_h = host[:k], host[k : 2 * k], host[2 * k], host[2 * k + 1]
+        g = [host[2 * k + 2 + i * k : 2 * k + 2 + (i + 1) * k] for i in range(k)]
         norms = [_sqrt_nonnegative(g[i][i]) for i in range(k)]
         cosine = [[_cosine(g[i][j], norms[i] * norms[j]) for j in range(k)] for i in range(k)]
-        grad_norm = _sqrt_nonnegative(sum(weights[i] * g[i][j] * weights[j] for i in range(k) for j in range(k)))
+        shared_sq = sum(weights[i] * g[i][j] * weights[j] for i in range(k) for j in range(k))
+        # The whole update's norm: the aggregate on the shared trunk and the heads' plain gradients.
+        grad_norm = _sqrt_nonnegative(shared_sq + heads_h * heads_h)
         finite = all(math.isfinite(v) for v in (*losses_h, *norms, grad_norm))
         if finite and self.max_grad_norm is not None and grad_norm > self.max_grad_norm:
-            self.buffer.output.mul_(self.max_grad_norm / (grad_norm + 1e-6))
+            scale = self.max_grad_norm / (grad_norm + 1e-6)
+            self.buffer.output.mul_(scale)
+            if heads:
+                torch._foreach_mul_(heads, scale)
         return SourceStats(
             names=names,
             losses=tuple(losses_h),

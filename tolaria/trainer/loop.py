@@ -15,6 +15,7 @@ Ctrl-C), and returns a :class:`RunSummary`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -44,7 +45,7 @@ from tolaria.distributed import (
     synchronized_generator,
     telemetry_file_name,
 )
-from tolaria.aggregation import aggregator_class
+from tolaria.aggregation import Aggregator, aggregator_class, registered_name
 from tolaria.emergency import EmergencyController, EmergencyLevel, LocalEmergencySignal
 from tolaria.lr import build_controller
 from tolaria.optim import OptimizerManager
@@ -211,6 +212,11 @@ class Trainer:
         policy, executor: the control policy and its executor (see :mod:`.mediator`).
         telemetry: an emitter to report to; by default the trainer builds one writing JSONL to the
             run folder (plus logging, and TensorBoard when configured) and closes it at the end.
+        aggregator: an :class:`~tolaria.aggregation.Aggregator` instance, or a name, used instead of
+            ``config.aggregator`` (with an instance, ``config.aggregator_options`` must be empty).
+        shared: the shared trunk of a model with task-specific heads (a module or its parameters):
+            only its gradients are aggregated; the heads get their plain gradient, as in
+            Pytorch-PCGrad and TorchJD's ``mtl_backward``. Default: every parameter is aggregated.
         evaluate: ``evaluate(model) -> {name: value}`` at every epoch end (eval mode, no grad).
         forward: ``forward(model, inputs) -> outputs``, if calling ``model(inputs)`` is not right.
         ctx: the distributed context. Default: :meth:`DistributedContext.from_environment` (under
@@ -238,6 +244,8 @@ class Trainer:
         executor: Executor | None = None,
         telemetry: TelemetryEmitter | None = None,
         *,
+        aggregator: Aggregator | str | None = None,
+        shared: nn.Module | Iterable[Tensor] | None = None,
         evaluate: Callable[[nn.Module], Mapping[str, float]] | None = None,
         forward: Callable[[nn.Module, Any], Any] | None = None,
         ctx: DistributedContext | None = None,
@@ -251,6 +259,17 @@ class Trainer:
         config = config if config is not None else TrainerConfig()
         if not isinstance(config, TrainerConfig):
             raise TypeError(f"config must be a TrainerConfig, got {type(config).__name__}")
+        if isinstance(aggregator, str):
+            config = dataclasses.replace(config, aggregator=aggregator)
+        elif aggregator is not None and not isinstance(aggregator, Aggregator):
+            raise TypeError(f"aggregator must be a tolaria Aggregator or a name, got {type(aggregator).__name__}")
+        elif aggregator is not None:
+            if config.aggregator_options:
+                raise ConfigError(
+                    f"aggregator_options {sorted(config.aggregator_options)} configure an aggregator built by name; "
+                    f"the instance {aggregator!r} is already built: pass its options to its constructor"
+                )
+            config = dataclasses.replace(config, aggregator=registered_name(aggregator))  # for run_config.json
         self.config = config
         self.model = model
         self.data = data
@@ -298,15 +317,20 @@ class Trainer:
             broadcast_module_state(self.model, ctx)  # replicas start from rank 0's parameters
             self.data = self._shard(data)
             self.generator: torch.Generator | None = None
-            aggregator_options = dict(config.aggregator_options)
-            if aggregator_class(config.aggregator).takes_generator() and "generator" not in aggregator_options:
-                # The same draws on every rank (and a state to checkpoint): replicas stay identical.
-                self.generator = synchronized_generator(config.seed, ctx, telemetry=self.telemetry)
-                aggregator_options["generator"] = self.generator
-            self.aggregator = build_aggregator(config.aggregator, **aggregator_options)
+            if isinstance(aggregator, Aggregator):
+                # The caller's instance draws from its own generator (if it has one); under torchrun
+                # it must be seeded alike on every rank, which the replica checks verify.
+                self.aggregator = aggregator
+            else:
+                aggregator_options = dict(config.aggregator_options)
+                if aggregator_class(config.aggregator).takes_generator() and "generator" not in aggregator_options:
+                    # The same draws on every rank (and a state to checkpoint): replicas stay identical.
+                    self.generator = synchronized_generator(config.seed, ctx, telemetry=self.telemetry)
+                    aggregator_options["generator"] = self.generator
+                self.aggregator = build_aggregator(config.aggregator, **aggregator_options)
             self.stage = GradientStage(
                 self.model, self.aggregator, max_grad_norm=config.safety.max_grad_norm, ctx=ctx,
-                bucket_mb=config.distributed.bucket_mb,
+                bucket_mb=config.distributed.bucket_mb, shared=shared,
             )
             self.optim = OptimizerManager(optimizer, telemetry=self.telemetry)
             self.lr = self._build_lr(optimizer)
