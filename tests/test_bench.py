@@ -28,7 +28,7 @@ def test_another_librarys_failure_leaves_it_out_loudly(monkeypatch, capsys):
     def broken(j):
         raise TypeError("Got unsupported ScalarType BFloat16")
 
-    monkeypatch.setattr(bench, "_torchjd", lambda name, kwargs=(): broken)
+    monkeypatch.setattr(bench, "_torchjd", lambda name, kwargs=(), k=None: broken)
     rows = bench.measure(bench.CONTENDERS["mean"], "bf16", 2, 256, torch.device("cpu"), repeats=1, budget_s=0.1)
     assert "torchjd" not in {r.method for r in rows} and "tolaria" in {r.method for r in rows}
     assert "torchjd failed and is left out: TypeError: Got unsupported ScalarType BFloat16" in capsys.readouterr().out
@@ -40,7 +40,7 @@ def test_a_failure_of_tolaria_itself_is_not_hidden(monkeypatch):
             raise RuntimeError("weighting broke")
 
     contender = bench.Contender("pcgrad", lambda b: Broken(backend=b))
-    monkeypatch.setattr(bench, "_torchjd", lambda name, kwargs=(): None)
+    monkeypatch.setattr(bench, "_torchjd", lambda name, kwargs=(), k=None: None)
     with pytest.raises(RuntimeError, match="weighting broke"):
         bench.measure(contender, "fp32", 2, 64, torch.device("cpu"), repeats=1, budget_s=0.1)
 

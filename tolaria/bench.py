@@ -34,6 +34,7 @@ import random
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -46,13 +47,20 @@ from tolaria.aggregation import (
     Aggregator,
     AlignedMTL,
     CAGrad,
+    CRMOGM,
+    PCD,
     ConFIG,
     DualProj,
+    ExcessMTL,
     FairGrad,
+    GradVac,
     Krum,
     Mean,
+    MoDo,
+    NashMTL,
     PCGrad,
     Random,
+    SDMGrad,
     Sum,
     UPGrad,
     cpu_isa,
@@ -90,6 +98,11 @@ class Contender:
     min_k: int = 1  # fewer sources than this: the case is left out with a note (Krum needs f + 3)
 
 
+_WEIGHTING = "weighting:"
+# A TorchJD constructor argument that takes the case's number of sources (NashMTL's n_tasks).
+K_SOURCES = "<K>"
+
+
 CONTENDERS: dict[str, Contender] = {
     "pcgrad": Contender("pcgrad", lambda b: PCGrad(backend=b), naive_pcgrad, "PCGrad"),
     "mean": Contender("mean", lambda b: Mean(backend=b), None, "Mean"),
@@ -106,6 +119,15 @@ CONTENDERS: dict[str, Contender] = {
     ),
     "random": Contender("random", lambda b: Random(seed=0, backend=b), None, "Random"),
     "fairgrad": Contender("fairgrad", lambda b: FairGrad(1.0, backend=b), None, "FairGrad", (("alpha", 1.0),)),
+    "gradvac": Contender("gradvac", lambda b: GradVac(seed=0, backend=b), None, "GradVac"),
+    "pcd": Contender("pcd", lambda b: PCD(backend=b), None, "PCD"),
+    # TorchJD ships these three as weightings only: timed as GramianWeightedAggregator(weighting).
+    "cr_mogm": Contender("cr_mogm", lambda b: CRMOGM(backend=b), None, "weighting:CRMOGMWeighting",
+                         (("weighting", "weighting:MGDAWeighting"),)),
+    "modo": Contender("modo", lambda b: MoDo(backend=b), None, "weighting:MoDoWeighting"),
+    "sdmgrad": Contender("sdmgrad", lambda b: SDMGrad(backend=b), None, "weighting:SDMGradWeighting"),
+    "nash_mtl": Contender("nash_mtl", lambda b: NashMTL(backend=b), None, "NashMTL", (("n_tasks", K_SOURCES),)),
+    "excess_mtl": Contender("excess_mtl", lambda b: ExcessMTL(backend=b), None, "ExcessMTL"),
 }
 
 
@@ -231,14 +253,29 @@ def _extra_memory_mb(fn: Callable[[], object], device: torch.device) -> float | 
     return max(0, _status_kb("VmHWM") * 1024 - base) / 2**20
 
 
-def _torchjd(name: str | None, kwargs: tuple[tuple[str, object], ...] = ()) -> Callable[[Tensor], Tensor] | None:
+
+
+def _torchjd_weighting(tjd: Any, name: str, kwargs: tuple[tuple[str, object], ...]) -> Any:
+    """TorchJD's weighting ``name`` ("weighting:Class"); a string argument of the same form is
+    built the same way (CR-MOGM wraps another weighting)."""
+    built = {key: _torchjd_weighting(tjd, value, ()) if isinstance(value, str) and value.startswith(_WEIGHTING)
+             else value for key, value in kwargs}
+    return getattr(tjd, name[len(_WEIGHTING):])(**built)
+
+
+def _torchjd(
+    name: str | None, kwargs: tuple[tuple[str, object], ...] = (), k: int | None = None
+) -> Callable[[Tensor], Tensor] | None:
     if name is None:
         return None
     try:
         import torchjd.aggregation as tjd
     except ImportError:
         return None
+    kwargs = tuple((key, k if value == K_SOURCES else value) for key, value in kwargs)
     try:
+        if name.startswith(_WEIGHTING):  # a weighting alone: wrapped as TorchJD's own users do
+            return tjd.GramianWeightedAggregator(_torchjd_weighting(tjd, name, kwargs))
         return getattr(tjd, name)(**dict(kwargs))
     except ImportError as exc:  # TorchJD's optional solver (quadprog, cvxpy) is not installed
         print(f"note: TorchJD's {name} left out: {exc}")
@@ -278,7 +315,7 @@ def build_methods(
     methods["tolaria-torch"] = lambda: agg_torch(j)
     if contender.naive is not None and (naive_max is None or k * n <= naive_max):
         methods["naive-loop"] = lambda: contender.naive(j)
-    tjd = _torchjd(contender.torchjd_name, contender.torchjd_kwargs)
+    tjd = _torchjd(contender.torchjd_name, contender.torchjd_kwargs, k)
     if tjd is not None:
         methods["torchjd"] = lambda: tjd(j)
     return j.numel() * j.element_size(), methods

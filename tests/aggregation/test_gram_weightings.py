@@ -154,7 +154,8 @@ def test_bad_configuration_is_refused(build):
 def test_build_aggregator_knows_every_name():
     assert set(AGGREGATOR_NAMES) == {
         "pcgrad", "mean", "sum", "weighted", "mgda", "upgrad", "cagrad", "imtlg", "aligned_mtl", "dualproj",
-        "config", "constant", "krum", "random", "fairgrad",
+        "config", "constant", "krum", "random", "fairgrad", "gradvac", "pcd", "cr_mogm", "modo", "sdmgrad",
+        "nash_mtl", "excess_mtl",
     }
     for name in AGGREGATOR_NAMES:
         fixed = name in ("weighted", "constant")

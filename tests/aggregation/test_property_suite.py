@@ -30,6 +30,16 @@ PROMISES: dict[str, set[str]] = {
     "random": set(),
     # Its equation has a solution only where 0 is not in the gradients' convex hull.
     "fairgrad": {"solvable:permutation", "solvable:non_conflicting"},
+    "gradvac": set(),  # random orders, as PCGrad's
+    # Source 0 is the primary one (no permutation invariance); where the other sources' guarantees
+    # cannot all be met it returns g_0, which may conflict with them.
+    "pcd": set(),
+    # Stateful ones are reset before every call (the properties hold of one step from a fresh state).
+    "cr_mogm": {"non_conflicting", "permutation", "zero_if_stationary"},  # first step: MGDA's weights
+    "modo": {"permutation"},
+    "sdmgrad": {"permutation"},
+    "nash_mtl": {"solvable:permutation", "solvable:non_conflicting"},  # FairGrad's equation at alpha = 1
+    "excess_mtl": {"permutation"},
 }
 DTYPES = [torch.float64, torch.float32]
 BACKENDS = ["cpu", "torch", "triton"]
@@ -41,9 +51,17 @@ def _aggregator(name: str, backend: str, k: int):
         kwargs["c"] = 0.5
     if name == "constant":
         kwargs["weights"] = [1.0 + i / k for i in range(k)]
-    if name == "random":
+    if name in ("random", "gradvac"):
         kwargs["seed"] = k
-    return build_aggregator(name, backend=backend, **kwargs)
+    aggregator = build_aggregator(name, backend=backend, **kwargs)
+    if not aggregator.stateful or aggregator.takes_generator():
+        return aggregator
+
+    def from_a_fresh_state(matrix):
+        aggregator.reset()
+        return aggregator(matrix)
+
+    return from_a_fresh_state
 
 
 def _param(cases):

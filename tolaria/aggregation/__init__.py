@@ -10,7 +10,9 @@ from .aligned_mtl import AlignedMTL
 from .buffer import GradientBuffer
 from .cagrad import CAGrad
 from .conflict_free import ConFIG
+from .cr_mogm import CRMOGM
 from .dualproj import DualProj
+from .excess_mtl import ExcessMTL
 from .backends.cpu import CPU_ISA_ENV, cpu_isa, set_cpu_isa, supported_cpu_isas
 from .engine import Weights
 from .functional import (
@@ -23,11 +25,16 @@ from .functional import (
     pcgrad,
 )
 from .fairgrad import FairGrad
+from .gradvac import GradVac
 from .imtlg import IMTLG
 from .krum import Krum
 from .mgda import MGDA
+from .nash_mtl import NashMTL
+from .modo import MoDo
+from .pcd import PCD
 from .pcgrad import PCGrad
 from .random_weighting import Random
+from .sdmgrad import SDMGrad
 from .stats import AggregationStats
 from .upgrad import UPGrad
 from .weighted import Constant, Mean, Sum, Weighted
@@ -49,6 +56,13 @@ _REGISTRY: dict[str, type[Aggregator]] = {
     "krum": Krum,
     "fairgrad": FairGrad,
     "random": Random,
+    "gradvac": GradVac,
+    "pcd": PCD,
+    "cr_mogm": CRMOGM,
+    "modo": MoDo,
+    "sdmgrad": SDMGrad,
+    "nash_mtl": NashMTL,
+    "excess_mtl": ExcessMTL,
 }
 AGGREGATOR_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 
@@ -92,11 +106,18 @@ __all__ = [
     "AlignedMTL",
     "CAGrad",
     "ConFIG",
+    "CRMOGM",
     "Constant",
     "FairGrad",
+    "GradVac",
     "Krum",
+    "MoDo",
+    "NashMTL",
+    "PCD",
+    "SDMGrad",
     "Random",
     "DualProj",
+    "ExcessMTL",
     "IMTLG",
     "MGDA",
     "UPGrad",

@@ -28,6 +28,53 @@ CONVERGED = 1e-13
 _STEP_FRACTIONS = (1.0, 0.5, 0.25, 0.0625)
 
 
+def alpha_fair_weights(gram: Tensor, alpha: float, max_iters: int = NEWTON_STEPS) -> Tensor:
+    """The w > 0 with (G w)_i = w_i^(-1/alpha) for a finite K x K Gram matrix, by damped Newton on F
+    (see the module docstring); uniform for an all-zero G. Shared with NashMTL (alpha = 1)."""
+    k = gram.shape[-1]
+    uniform = torch.full((k,), 1.0 / k, dtype=gram.dtype, device=gram.device)
+    if alpha == 0:  # the alpha-fair allocation at alpha = 0 is linear scalarisation
+        return uniform
+    trace = gram.diagonal().sum()
+    positive = trace > 0
+    h = gram / torch.where(positive, trace, 1.0)
+    p = 1.0 / alpha
+    w = uniform.clone()
+    # On the CPU the loop ends once the equation holds to rounding (Newton: about ten steps);
+    # on an accelerator it runs its whole budget, so that nothing is read back to the host.
+    early_exit = gram.device.type == "cpu" and not torch.compiler.is_compiling()
+    for _ in range(max_iters):
+        w = _newton_step(h, w, p)
+        if early_exit and bool(((h @ w) * w ** p - 1).abs().max() <= CONVERGED):
+            break
+    scale = torch.where(positive, trace, 1.0) ** (-alpha / (1 + alpha))
+    return torch.where(positive, w * scale, uniform)
+
+
+def _objective(h: Tensor, w: Tensor, p: float) -> Tensor:
+    quadratic = 0.5 * ((w @ h) * w).sum(-1)
+    if p == 1.0:
+        return quadratic - w.log().sum(-1)
+    return quadratic - (w ** (1 - p)).sum(-1) / (1 - p)
+
+
+def _newton_step(h: Tensor, w: Tensor, p: float) -> Tensor:
+    gradient = h @ w - w ** (-p)
+    hessian = h + torch.diag(p * w ** (-p - 1))
+    # Without a solution (weakly stationary sources) w grows along G's null space until the
+    # Hessian is singular to rounding: the step then stops, it does not raise.
+    step, info = torch.linalg.solve_ex(hessian, gradient)
+    direction = torch.where((info == 0) & torch.isfinite(step).all(), -step, torch.zeros_like(step))
+    # The longest step that keeps w > 0 (scaled by 0.99), then the best of a few fractions of it.
+    limit = torch.where(direction < 0, -w / torch.where(direction < 0, direction, -1.0), torch.inf).amin()
+    longest = torch.clamp(0.99 * limit, max=1.0)
+    steps = longest * torch.tensor(_STEP_FRACTIONS, dtype=w.dtype, device=w.device)
+    candidates = w + steps[:, None] * direction
+    values = _objective(h, candidates.clamp_min(torch.finfo(w.dtype).tiny), p)
+    best = candidates[values.argmin()]
+    return torch.where(_objective(h, best, p) <= _objective(h, w, p), best, w)
+
+
 class FairGrad(Aggregator):
     """Alpha-fair weights: (G w)_i = w_i^(-1/alpha), w > 0.
 
@@ -60,47 +107,7 @@ class FairGrad(Aggregator):
         return Weights(solve_if_finite(gram, self._solve), conflicting_pairs(gram))
 
     def _solve(self, gram: Tensor) -> Tensor:
-        k = gram.shape[-1]
-        uniform = torch.full((k,), 1.0 / k, dtype=gram.dtype, device=gram.device)
-        if self.alpha == 0:  # the alpha-fair allocation at alpha = 0 is linear scalarisation
-            return uniform
-        trace = gram.diagonal().sum()
-        positive = trace > 0
-        h = gram / torch.where(positive, trace, 1.0)
-        p = 1.0 / self.alpha
-        w = uniform.clone()
-        # On the CPU the loop ends once the equation holds to rounding (Newton: about ten steps);
-        # on an accelerator it runs its whole budget, so that nothing is read back to the host.
-        early_exit = gram.device.type == "cpu" and not torch.compiler.is_compiling()
-        for _ in range(self.max_iters):
-            w = self._newton_step(h, w, p)
-            if early_exit and bool(((h @ w) * w ** p - 1).abs().max() <= CONVERGED):
-                break
-        scale = torch.where(positive, trace, 1.0) ** (-self.alpha / (1 + self.alpha))
-        return torch.where(positive, w * scale, uniform)
-
-    @staticmethod
-    def _objective(h: Tensor, w: Tensor, p: float) -> Tensor:
-        quadratic = 0.5 * ((w @ h) * w).sum(-1)
-        if p == 1.0:
-            return quadratic - w.log().sum(-1)
-        return quadratic - (w ** (1 - p)).sum(-1) / (1 - p)
-
-    def _newton_step(self, h: Tensor, w: Tensor, p: float) -> Tensor:
-        gradient = h @ w - w ** (-p)
-        hessian = h + torch.diag(p * w ** (-p - 1))
-        # Without a solution (weakly stationary sources) w grows along G's null space until the
-        # Hessian is singular to rounding: the step then stops, it does not raise.
-        step, info = torch.linalg.solve_ex(hessian, gradient)
-        direction = torch.where((info == 0) & torch.isfinite(step).all(), -step, torch.zeros_like(step))
-        # The longest step that keeps w > 0 (scaled by 0.99), then the best of a few fractions of it.
-        limit = torch.where(direction < 0, -w / torch.where(direction < 0, direction, -1.0), torch.inf).amin()
-        longest = torch.clamp(0.99 * limit, max=1.0)
-        steps = longest * torch.tensor(_STEP_FRACTIONS, dtype=w.dtype, device=w.device)
-        candidates = w + steps[:, None] * direction
-        values = self._objective(h, candidates.clamp_min(torch.finfo(w.dtype).tiny), p)
-        best = candidates[values.argmin()]
-        return torch.where(self._objective(h, best, p) <= self._objective(h, w, p), best, w)
+        return alpha_fair_weights(gram, self.alpha, self.max_iters)
 
     def __repr__(self) -> str:
         return (

@@ -123,8 +123,19 @@ def as_named_losses(losses: Tensor | Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 
 def _is_identity_for_one(aggregator: Aggregator) -> bool:
-    gram = torch.ones((1, 1), dtype=torch.float64)
-    return bool(aggregator.weighting(gram).weights.tolist() == [1.0])
+    """Whether one source passes through unchanged, whatever its norm (the fast path's premise).
+
+    Probed on two Gram matrices of different scale: weights that depend on |g| (FairGrad's
+    |g|^(-2 alpha / (1 + alpha)), NashMTL's) are 1 at |g| = 1 only. A stateful aggregator is never
+    probed (a probe would be a step of its state) and never takes the fast path.
+    """
+    if aggregator.stateful:
+        return False
+    for scale in (4.0, 0.25):
+        gram = torch.full((1, 1), scale, dtype=torch.float64)
+        if aggregator.weighting(gram).weights.tolist() != [1.0]:
+            return False
+    return True
 
 
 class GradientStage:
