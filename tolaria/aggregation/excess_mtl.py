@@ -59,9 +59,11 @@ class ExcessMTL(Aggregator):
 
     Passes over J: the fused pass (reading J and reading and writing S), then the combine. With
     ``nonfinite="raise"`` (the default) or ``return_stats=True`` the engine's Gram pass runs first,
-    so that a call on non-finite gradients raises before the state is touched; with
-    ``nonfinite="propagate"`` non-finite values enter S and the weights for good, as in TorchJD:
-    restore a saved state or :meth:`reset`. ``conflicts`` in the stats counts the pairs of sources
+    so that a call on non-finite gradients raises before the state is touched (with
+    ``nonfinite="propagate"`` and stats, as the trainer calls it, such a call returns NaN and leaves
+    the state alone); with ``nonfinite="propagate"`` and no stats, nothing is read on the host and
+    non-finite values enter S and the weights for good, as in TorchJD: restore a saved state or
+    :meth:`reset`. ``conflicts`` in the stats counts the pairs of sources
     with a negative inner product.
 
     Stateful: weights, S, baseline, warmup sum and call count are in :meth:`state_dict`. A call with
@@ -117,6 +119,10 @@ class ExcessMTL(Aggregator):
         if return_stats or self.nonfinite == "raise":
             # After the engine's Gram pass (and its finiteness check): a refused call leaves S as it was.
             def weighting(gram: Tensor) -> Weights:
+                # With stats under "propagate" (the trainer's way: it skips such a step), a
+                # non-finite G gives NaN weights and leaves the state alone: one host read of G.
+                if self.nonfinite == "propagate" and not bool(torch.isfinite(gram).all()):
+                    return Weights(torch.full_like(gram.diagonal(), torch.nan), conflicting_pairs(gram))
                 return Weights(self._step(sources, gram.dtype), conflicting_pairs(gram))
 
             fixed = None
