@@ -1,0 +1,114 @@
+"""One multi-task training step: Pytorch-PCGrad's ``PCGrad(optimizer).pc_backward(losses)`` against
+``tolaria.compat.pcgrad``'s, on the same model and batches, in the same process, on the CPU.
+
+    python -m pytest benchmarks/e2e_pcgrad.py --benchmark-only       # pytest-benchmark, every case
+    python benchmarks/e2e_pcgrad.py --steps 20                        # interleaved steps, prints ratios
+
+The model: a shared MLP trunk (about 1.0M, 2.1M, 8.4M and 25M parameters), K = 2, 4, 8
+linear heads of 10 classes, a batch of 64, float32, Adam. A step is the wrapper's ``zero_grad``,
+forward, the K losses, ``pc_backward`` and ``step``. Pytorch-PCGrad is not on PyPI: its algorithm
+runs as the plain reimplementation the tests check Tolaria against (tests/compat/reference_pcgrad.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from tolaria.aggregation import cpu_isa
+from tolaria.compat.pcgrad import PCGrad
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the tests' reference
+from compat.reference_pcgrad import ReferencePCGrad  # noqa: E402
+
+BATCH = 64
+# Trunk widths: (input, hidden, layers) -> parameters.
+TRUNKS = {"1M": (256, 896, 2), "2.1M": (1024, 1024, 2), "8.4M": (2048, 2048, 2), "25M": (2048, 3072, 3)}
+CASES = [("1M", 4), ("2.1M", 2), ("2.1M", 4), ("2.1M", 8), ("8.4M", 4), ("25M", 4)]
+
+
+class Model(nn.Module):
+    def __init__(self, trunk: str, k: int):
+        super().__init__()
+        d_in, hidden, layers = TRUNKS[trunk]
+        torch.manual_seed(0)
+        blocks: list[nn.Module] = [nn.Linear(d_in, hidden), nn.ReLU()]
+        for _ in range(layers - 1):
+            blocks += [nn.Linear(hidden, hidden), nn.ReLU()]
+        self.trunk = nn.Sequential(*blocks)
+        self.heads = nn.ModuleList(nn.Linear(hidden, 10) for _ in range(k))
+        self.d_in = d_in
+
+    def trunk_parameters(self) -> int:
+        return sum(p.numel() for p in self.trunk.parameters())
+
+
+def make_step(library: str, trunk: str, k: int) -> Callable[[], None]:
+    model = Model(trunk, k)
+    wrapper = (ReferencePCGrad if library == "pytorch-pcgrad" else PCGrad)(torch.optim.Adam(model.parameters(), lr=1e-4))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(BATCH, model.d_in, generator=g)
+    ys = [torch.randint(0, 10, (BATCH,), generator=g) for _ in range(k)]
+
+    def step() -> None:
+        wrapper._optim.zero_grad(set_to_none=True)
+        features = model.trunk(x)
+        wrapper.pc_backward([F.cross_entropy(head(features), y) for head, y in zip(model.heads, ys)])
+        wrapper.step()
+
+    return step
+
+
+_medians: dict[tuple[str, int, str], float] = {}
+
+
+@pytest.mark.parametrize("library", ["pytorch-pcgrad", "tolaria"])  # the original first: the ratios' base
+@pytest.mark.parametrize("trunk,k", CASES, ids=[f"{t}-K{k}" for t, k in CASES])
+def test_training_step(benchmark, trunk, k, library):
+    random.seed(0)
+    benchmark.group = f"pcgrad step, trunk {trunk} params, K={k}, CPU ({cpu_isa()})"
+    step = make_step(library, trunk, k)
+    step()  # warm-up: allocations, the buffer, the compiled kernels' first call
+    benchmark.pedantic(step, rounds=5, iterations=1)
+    _medians[(trunk, k, library)] = benchmark.stats.stats.median
+    base = _medians.get((trunk, k, "pytorch-pcgrad"))
+    if base is not None and library == "tolaria":
+        benchmark.extra_info["speedup_vs_pytorch_pcgrad"] = base / benchmark.stats.stats.median
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=15)
+    args = parser.parse_args()
+    print(f"e2e PCGrad step: torch {torch.__version__}, {platform.machine()}, CPU ISA {cpu_isa()}, "
+          f"{torch.get_num_threads()} threads, batch {BATCH}, float32; median of {args.steps} interleaved steps")
+    for trunk, k in CASES:
+        steps = {lib: make_step(lib, trunk, k) for lib in ("pytorch-pcgrad", "tolaria")}
+        times: dict[str, list[float]] = {lib: [] for lib in steps}
+        random.seed(0)
+        for step in steps.values():
+            step()
+        for i in range(args.steps):  # interleaved, alternating which goes first
+            for lib in (list(steps) if i % 2 == 0 else list(reversed(steps))):
+                start = time.perf_counter()
+                steps[lib]()
+                times[lib].append(time.perf_counter() - start)
+        ref, ours = (statistics.median(times[lib]) * 1e3 for lib in ("pytorch-pcgrad", "tolaria"))
+        params = Model(trunk, k).trunk_parameters()
+        print(f"  trunk {params / 1e6:5.2f}M K={k}: Pytorch-PCGrad {ref:8.1f} ms  Tolaria {ours:8.1f} ms  "
+              f"speedup x{ref / ours:.2f}")
+
+
+if __name__ == "__main__":
+    main()
