@@ -53,6 +53,7 @@ from tolaria.aggregation import (
     DualProj,
     ExcessMTL,
     FairGrad,
+    GradDrop,
     GradVac,
     Krum,
     Mean,
@@ -62,6 +63,7 @@ from tolaria.aggregation import (
     Random,
     SDMGrad,
     Sum,
+    TrimmedMean,
     UPGrad,
     cpu_isa,
     set_cpu_isa,
@@ -128,6 +130,11 @@ CONTENDERS: dict[str, Contender] = {
     "sdmgrad": Contender("sdmgrad", lambda b: SDMGrad(backend=b), None, "weighting:SDMGradWeighting"),
     "nash_mtl": Contender("nash_mtl", lambda b: NashMTL(backend=b), None, "NashMTL", (("n_tasks", K_SOURCES),)),
     "excess_mtl": Contender("excess_mtl", lambda b: ExcessMTL(backend=b), None, "ExcessMTL"),
+    # Not Gramian: one coordinate-wise pass (sorting or sign dropout per coordinate).
+    "graddrop": Contender("graddrop", lambda b: GradDrop(seed=0, backend=b), None, "GradDrop"),
+    "trimmed_mean": Contender(
+        "trimmed_mean", lambda b: TrimmedMean(2, backend=b), None, "TrimmedMean", (("trim_number", 2),), min_k=5
+    ),
 }
 
 

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "coordinatewise_table.h"
 #include "kernel_table.h"
 
 // kernels.h goes inside an anonymous namespace (internal linkage, see there); every system header
@@ -16,6 +17,7 @@
 namespace {
 
 #include "kernels.h"
+#include "coordinatewise.h"  // GradDrop and TrimmedMean, on the same traits
 
 struct Avx2 : VectorTypes<32> {
   static constexpr const char* kName = "avx2";
@@ -36,5 +38,6 @@ struct Avx2 : VectorTypes<32> {
 
 namespace tolaria::cpu {
 extern const KernelTable kAvx2Kernels = Kernels<Avx2>::table();
+extern const CoordinatewiseTable kAvx2Coordinatewise = Coordinatewise<Avx2>::table();
 }  // namespace tolaria::cpu
 #endif

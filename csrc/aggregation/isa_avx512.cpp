@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "coordinatewise_table.h"
 #include "kernel_table.h"
 
 // kernels.h goes inside an anonymous namespace (internal linkage, see there); every system header
@@ -20,6 +21,7 @@
 namespace {
 
 #include "kernels.h"
+#include "coordinatewise.h"  // GradDrop and TrimmedMean, on the same traits
 
 struct Avx512 : VectorTypes<64> {
   static constexpr const char* kName = "avx512";
@@ -41,5 +43,6 @@ struct Avx512 : VectorTypes<64> {
 
 namespace tolaria::cpu {
 extern const KernelTable kAvx512Kernels = Kernels<Avx512>::table();
+extern const CoordinatewiseTable kAvx512Coordinatewise = Coordinatewise<Avx512>::table();
 }  // namespace tolaria::cpu
 #endif

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "coordinatewise_table.h"
 #include "kernel_table.h"
 
 // kernels.h goes inside an anonymous namespace (internal linkage, see there); every system header
@@ -17,6 +18,7 @@
 namespace {
 
 #include "kernels.h"
+#include "coordinatewise.h"  // GradDrop and TrimmedMean, on the same traits
 
 struct Baseline : VectorTypes<16> {
   static constexpr const char* kName = "baseline";
@@ -46,4 +48,5 @@ struct Baseline : VectorTypes<16> {
 
 namespace tolaria::cpu {
 extern const KernelTable kBaselineKernels = Kernels<Baseline>::table();
+extern const CoordinatewiseTable kBaselineCoordinatewise = Coordinatewise<Baseline>::table();
 }  // namespace tolaria::cpu

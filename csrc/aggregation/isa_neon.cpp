@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "coordinatewise_table.h"
 #include "kernel_table.h"
 
 // kernels.h goes inside an anonymous namespace (internal linkage, see there); every system header
@@ -16,6 +17,7 @@
 namespace {
 
 #include "kernels.h"
+#include "coordinatewise.h"  // GradDrop and TrimmedMean, on the same traits
 
 struct Neon : VectorTypes<16> {
   static constexpr const char* kName = "neon";
@@ -36,5 +38,6 @@ struct Neon : VectorTypes<16> {
 
 namespace tolaria::cpu {
 extern const KernelTable kNeonKernels = Kernels<Neon>::table();
+extern const CoordinatewiseTable kNeonCoordinatewise = Coordinatewise<Neon>::table();
 }  // namespace tolaria::cpu
 #endif

@@ -22,6 +22,7 @@
 #include <immintrin.h>
 #endif
 
+#include "coordinatewise_table.h"
 #include "dispatch.h"
 #include "kernel_table.h"
 #include "parallel.h"
@@ -135,6 +136,16 @@ PYBIND11_MODULE(_aggregation_cpu, m) {
         "Writes out = sum_k weights[k] * row_k (n elements, the rows' dtype) to `out`; returns "
         "whether every sum was finite (computed in float32 or wider, before rounding to the output). "
         "`wide`: accumulate in double and round once (for weights whose terms cancel).");
+  m.def("graddrop", &tolaria::cpu::graddrop, py::arg("rows"), py::arg("n"), py::arg("dtype"), py::arg("leak"),
+        py::arg("key0"), py::arg("key1"), py::arg("out"), py::arg("threads"), py::call_guard<py::gil_scoped_release>(),
+        "GradDrop's combination (coordinatewise_table.h) of K row pointers of length n into `out` (the rows' "
+        "dtype); `leak`: K float64 or 0 for none; returns whether every input value was finite.");
+  m.def("trimmed_mean", &tolaria::cpu::trimmed_mean, py::arg("rows"), py::arg("n"), py::arg("dtype"), py::arg("trim"),
+        py::arg("out"), py::arg("threads"), py::call_guard<py::gil_scoped_release>(),
+        "Per column, the mean of the K values less the `trim` smallest and `trim` largest, into `out`; returns "
+        "whether every input value was finite.");
+  m.def("merge_exchange_pairs", &tolaria::cpu::merge_exchange_pairs, py::arg("n"),
+        "The sorting network TrimmedMean uses for n keys, as a flat list of (lo, hi) index pairs (for tests).");
   m.def("isa", [] { return std::string(tolaria::cpu::active_kernels().name); },
         "The ISA level whose kernels run now.");
   m.def("lanes", [] { return tolaria::cpu::active_kernels().lanes; }, "Floats per vector of the level in use.");

@@ -155,7 +155,7 @@ def test_build_aggregator_knows_every_name():
     assert set(AGGREGATOR_NAMES) == {
         "pcgrad", "mean", "sum", "weighted", "mgda", "upgrad", "cagrad", "imtlg", "aligned_mtl", "dualproj",
         "config", "constant", "krum", "random", "fairgrad", "gradvac", "pcd", "cr_mogm", "modo", "sdmgrad",
-        "nash_mtl", "excess_mtl",
+        "nash_mtl", "excess_mtl", "graddrop", "trimmed_mean",
     }
     for name in AGGREGATOR_NAMES:
         fixed = name in ("weighted", "constant")

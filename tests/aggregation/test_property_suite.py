@@ -40,6 +40,8 @@ PROMISES: dict[str, set[str]] = {
     "sdmgrad": {"permutation"},
     "nash_mtl": {"solvable:permutation", "solvable:non_conflicting"},  # FairGrad's equation at alpha = 1
     "excess_mtl": {"permutation"},
+    "graddrop": set(),  # random per call
+    "trimmed_mean": {"permutation"},
 }
 DTYPES = [torch.float64, torch.float32]
 BACKENDS = ["cpu", "torch", "triton"]
@@ -51,8 +53,10 @@ def _aggregator(name: str, backend: str, k: int):
         kwargs["c"] = 0.5
     if name == "constant":
         kwargs["weights"] = [1.0 + i / k for i in range(k)]
-    if name in ("random", "gradvac"):
+    if name in ("random", "gradvac", "graddrop"):
         kwargs["seed"] = k
+    if name == "trimmed_mean":
+        kwargs["trim_number"] = (k - 1) // 2
     aggregator = build_aggregator(name, backend=backend, **kwargs)
     if not aggregator.stateful or aggregator.takes_generator():
         return aggregator

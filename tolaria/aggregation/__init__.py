@@ -25,6 +25,7 @@ from .functional import (
     pcgrad,
 )
 from .fairgrad import FairGrad
+from .graddrop import GradDrop
 from .gradvac import GradVac
 from .imtlg import IMTLG
 from .krum import Krum
@@ -36,6 +37,7 @@ from .pcgrad import PCGrad
 from .random_weighting import Random
 from .sdmgrad import SDMGrad
 from .stats import AggregationStats
+from .trimmed_mean import TrimmedMean
 from .upgrad import UPGrad
 from .weighted import Constant, Mean, Sum, Weighted
 
@@ -63,6 +65,8 @@ _REGISTRY: dict[str, type[Aggregator]] = {
     "sdmgrad": SDMGrad,
     "nash_mtl": NashMTL,
     "excess_mtl": ExcessMTL,
+    "graddrop": GradDrop,
+    "trimmed_mean": TrimmedMean,
 }
 AGGREGATOR_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 
@@ -109,12 +113,14 @@ __all__ = [
     "CRMOGM",
     "Constant",
     "FairGrad",
+    "GradDrop",
     "GradVac",
     "Krum",
     "MoDo",
     "NashMTL",
     "PCD",
     "SDMGrad",
+    "TrimmedMean",
     "Random",
     "DualProj",
     "ExcessMTL",

@@ -1,0 +1,33 @@
+"""``from tolaria import ...``: the facade names exactly what the subpackages define."""
+
+import subprocess
+import sys
+
+import pytest
+
+import tolaria
+import tolaria.aggregation
+import tolaria.trainer
+
+
+@pytest.mark.parametrize("name", [n for n in tolaria.__all__ if n != "__version__"])
+def test_every_name_is_the_subpackages_object(name):
+    home = tolaria.aggregation if hasattr(tolaria.aggregation, name) else tolaria.trainer
+    assert getattr(tolaria, name) is getattr(home, name)
+
+
+def test_every_aggregator_of_the_registry_is_in_the_facade():
+    classes = {tolaria.aggregation.aggregator_class(n).__name__ for n in tolaria.aggregation.AGGREGATOR_NAMES}
+    assert classes <= set(tolaria.__all__)
+
+
+def test_the_import_line_of_the_readme_works_and_unknown_names_fail():
+    from tolaria import GradientBuffer, PCGrad, Trainer, TrainerConfig, UPGrad  # noqa: F401
+
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        tolaria.Nope  # noqa: B018
+
+
+def test_import_tolaria_alone_loads_no_subpackage():
+    code = "import sys, tolaria; print(any(m.startswith('tolaria.') for m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
