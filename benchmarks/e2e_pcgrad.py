@@ -23,43 +23,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 from torch.nn import functional as F
 
 from tolaria.aggregation import cpu_isa
 from tolaria.compat.pcgrad import PCGrad
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the tests' reference
+from _e2e_models import BATCH, CASES, Model, batches  # noqa: E402
 from compat.reference_pcgrad import ReferencePCGrad  # noqa: E402
-
-BATCH = 64
-# Trunk widths: (input, hidden, layers) -> parameters.
-TRUNKS = {"1M": (256, 896, 2), "2.1M": (1024, 1024, 2), "8.4M": (2048, 2048, 2), "25M": (2048, 3072, 3)}
-CASES = [("1M", 4), ("2.1M", 2), ("2.1M", 4), ("2.1M", 8), ("8.4M", 4), ("25M", 4)]
-
-
-class Model(nn.Module):
-    def __init__(self, trunk: str, k: int):
-        super().__init__()
-        d_in, hidden, layers = TRUNKS[trunk]
-        torch.manual_seed(0)
-        blocks: list[nn.Module] = [nn.Linear(d_in, hidden), nn.ReLU()]
-        for _ in range(layers - 1):
-            blocks += [nn.Linear(hidden, hidden), nn.ReLU()]
-        self.trunk = nn.Sequential(*blocks)
-        self.heads = nn.ModuleList(nn.Linear(hidden, 10) for _ in range(k))
-        self.d_in = d_in
-
-    def trunk_parameters(self) -> int:
-        return sum(p.numel() for p in self.trunk.parameters())
-
 
 def make_step(library: str, trunk: str, k: int) -> Callable[[], None]:
     model = Model(trunk, k)
     wrapper = (ReferencePCGrad if library == "pytorch-pcgrad" else PCGrad)(torch.optim.Adam(model.parameters(), lr=1e-4))
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(BATCH, model.d_in, generator=g)
-    ys = [torch.randint(0, 10, (BATCH,), generator=g) for _ in range(k)]
+    x, ys = batches(model, k)
 
     def step() -> None:
         wrapper._optim.zero_grad(set_to_none=True)

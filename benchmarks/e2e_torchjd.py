@@ -1,13 +1,14 @@
 """One multi-task training step: TorchJD's own ``mtl_backward`` + ``jac_to_grad(UPGrad())`` against
-``tolaria.compat.torchjd``'s with Tolaria's UPGrad, in the same process, on the CPU.
+``tolaria.compat.torchjd``'s with Tolaria's UPGrad, on the same model and batches, in the same
+process, on the CPU.
 
-    python -m pytest benchmarks/e2e_torchjd.py --benchmark-only     # pytest-benchmark, both groups
-    python benchmarks/e2e_torchjd.py --steps 30                      # interleaved steps, prints the ratio
+    python -m pytest benchmarks/e2e_torchjd.py --benchmark-only     # pytest-benchmark, every case
+    python benchmarks/e2e_torchjd.py --steps 15                      # interleaved steps, prints ratios
 
-The model: a shared trunk of about 2.1M parameters (512 -> 1024 -> 1024 -> 512, ReLU), K = 4 linear
-heads, a batch of 64, float32. A step is ``zero_grad``, forward, the K losses, the backward of the
-library under test, the aggregation into ``.grad``, and ``SGD.step``. Tolaria's UPGrad runs with
-TorchJD's regularisation (``reg_eps=norm_eps=1e-4``) so that both compute the same update.
+The model: a shared MLP trunk (about 1.0M, 2.1M, 8.4M and 25M parameters), K = 2, 4, 8 linear heads,
+a batch of 64, float32, SGD (see _e2e_models.py). A step is ``zero_grad``, forward, the K losses,
+the library's ``mtl_backward``, its ``jac_to_grad`` into ``.grad``, and ``step``. Tolaria's UPGrad
+runs with TorchJD's regularisation (``reg_eps=norm_eps=1e-4``), so that both compute the same update.
 """
 
 from __future__ import annotations
@@ -15,27 +16,24 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
+import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 from torch.nn import functional as F
 
-K = 4
-BATCH = 64
+from tolaria.aggregation import cpu_isa
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _e2e_models import BATCH, CASES, Model, batches  # noqa: E402
+
+LIBRARIES = ("torchjd", "tolaria")
 
 
-class Model(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.trunk = nn.Sequential(nn.Linear(512, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(),
-                                   nn.Linear(1024, 512), nn.ReLU())
-        self.heads = nn.ModuleList(nn.Linear(512, 10) for _ in range(K))
-
-
-def make_step(library: str):
+def make_step(library: str, trunk: str, k: int) -> Callable[[], None]:
     """A closure running one training step with ``library`` ("torchjd" or "tolaria")."""
     if library == "torchjd":
         from torchjd.aggregation import UPGrad
@@ -47,11 +45,9 @@ def make_step(library: str):
         from tolaria.compat.torchjd import jac_to_grad, mtl_backward
 
         aggregator = UPGrad(reg_eps=1e-4, norm_eps=1e-4)
-    model = Model()
+    model = Model(trunk, k)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(BATCH, 512, generator=g)
-    ys = [torch.randint(0, 10, (BATCH,), generator=g) for _ in range(K)]
+    x, ys = batches(model, k)
     shared = list(model.trunk.parameters())
 
     def step() -> None:
@@ -65,49 +61,44 @@ def make_step(library: str):
     return step
 
 
-@pytest.mark.parametrize("library", ["torchjd", "tolaria"])
-def test_training_step(benchmark, library):
+_medians: dict[tuple[str, int, str], float] = {}
+
+
+@pytest.mark.parametrize("library", LIBRARIES)  # TorchJD first: the ratios' base
+@pytest.mark.parametrize("trunk,k", CASES, ids=[f"{t}-K{k}" for t, k in CASES])
+def test_training_step(benchmark, trunk, k, library):
     if library == "torchjd":
         pytest.importorskip("torchjd")
-    benchmark.group = f"mtl step, trunk 2.1M params, K={K}, CPU"
-    step = make_step(library)
+    benchmark.group = f"mtl step, trunk {trunk} params, K={k}, CPU ({cpu_isa()})"
+    step = make_step(library, trunk, k)
     step()  # warm-up: allocations, the compiled kernels' first call
-    benchmark(step)
-
-
-def cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return "unknown"
-    return "avx512f" if " avx512f" in flags else "avx2" if " avx2" in flags else "neither avx512f nor avx2"
+    benchmark.pedantic(step, rounds=5, iterations=1)
+    _medians[(trunk, k, library)] = benchmark.stats.stats.median
+    base = _medians.get((trunk, k, "torchjd"))
+    if base is not None and library == "tolaria":
+        benchmark.extra_info["speedup_vs_torchjd"] = base / benchmark.stats.stats.median
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
+    parser.add_argument("--steps", type=int, default=15)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    steps = {name: make_step(name) for name in ("torchjd", "tolaria")}
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for step in steps.values():
-        step()
-    for _ in range(args.steps):  # interleaved, so that load from elsewhere falls on both alike
-        for name, step in steps.items():
-            start = time.perf_counter()
+    print(f"e2e mtl step: torch {torch.__version__}, {platform.machine()}, CPU ISA {cpu_isa()}, "
+          f"{torch.get_num_threads()} threads, batch {BATCH}, float32; median of {args.steps} interleaved steps")
+    for trunk, k in CASES:
+        steps = {lib: make_step(lib, trunk, k) for lib in LIBRARIES}
+        times: dict[str, list[float]] = {lib: [] for lib in steps}
+        for step in steps.values():
             step()
-            times[name].append(time.perf_counter() - start)
-    from tolaria.aggregation import cpu_isa
-
-    print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, CPU flags: "
-          f"{cpu_flags()}, Tolaria kernels: {cpu_isa()}, torch {torch.__version__}")
-    for name, ts in times.items():
-        print(f"{name:8s} median {statistics.median(ts) * 1e3:8.2f} ms   min {min(ts) * 1e3:8.2f} ms")
-    ratio = statistics.median(times["torchjd"]) / statistics.median(times["tolaria"])
-    print(f"TorchJD / Tolaria (median step time): {ratio:.2f}x")
+        for i in range(args.steps):  # interleaved, alternating which goes first
+            for lib in (LIBRARIES if i % 2 == 0 else LIBRARIES[::-1]):
+                start = time.perf_counter()
+                steps[lib]()
+                times[lib].append(time.perf_counter() - start)
+        ref, ours = (statistics.median(times[lib]) * 1e3 for lib in LIBRARIES)
+        params = Model(trunk, k).trunk_parameters()
+        print(f"  trunk {params / 1e6:5.2f}M K={k}: TorchJD {ref:8.1f} ms  Tolaria {ours:8.1f} ms  "
+              f"speedup x{ref / ours:.2f}")
 
 
 if __name__ == "__main__":

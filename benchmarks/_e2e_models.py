@@ -1,0 +1,34 @@
+"""The end-to-end benchmarks' model and batches: a shared MLP trunk and K linear heads (CPU)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["BATCH", "CASES", "TRUNKS", "Model", "batches"]
+
+BATCH = 64
+# Trunk (input width, hidden width, layers) -> about 1.0M, 2.1M, 8.4M and 25M parameters.
+TRUNKS = {"1M": (256, 896, 2), "2.1M": (1024, 1024, 2), "8.4M": (2048, 2048, 2), "25M": (2048, 3072, 3)}
+CASES = [("1M", 4), ("2.1M", 2), ("2.1M", 4), ("2.1M", 8), ("8.4M", 4), ("25M", 4)]
+
+
+class Model(nn.Module):
+    def __init__(self, trunk: str, k: int):
+        super().__init__()
+        d_in, hidden, layers = TRUNKS[trunk]
+        torch.manual_seed(0)
+        blocks: list[nn.Module] = [nn.Linear(d_in, hidden), nn.ReLU()]
+        for _ in range(layers - 1):
+            blocks += [nn.Linear(hidden, hidden), nn.ReLU()]
+        self.trunk = nn.Sequential(*blocks)
+        self.heads = nn.ModuleList(nn.Linear(hidden, 10) for _ in range(k))
+        self.d_in = d_in
+
+    def trunk_parameters(self) -> int:
+        return sum(p.numel() for p in self.trunk.parameters())
+
+
+def batches(model: Model, k: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(BATCH, model.d_in, generator=g), [torch.randint(0, 10, (BATCH,), generator=g) for _ in range(k)]
