@@ -230,3 +230,16 @@ def test_interior_point_path_agrees_with_enumeration(monkeypatch, name, kind, k,
     exact = FACTORIES[name]()(j)
     monkeypatch.setattr(qp_module, "ENUMERATION_MAX_K", 0)
     assert (FACTORIES[name]()(j) - exact).norm() <= 1e-9 * j.norm(dim=1).max()
+
+
+@pytest.mark.parametrize("name", ["upgrad", "mgda", "pcgrad", "nash_mtl", "modo"])
+def test_gramian_weighting_gives_torchjds_call_shape(name):
+    j = torch.randn(4, 30, dtype=torch.float32)
+    gram = j @ j.T
+    kwargs = {"shuffle": False} if name == "pcgrad" else {}
+    weights = build_aggregator(name, **kwargs).gramian_weighting(gram)
+    assert weights.dtype == torch.float32 and weights.shape == (4,)
+    out = build_aggregator(name, **kwargs)(j)
+    torch.testing.assert_close(weights @ j, out, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="K x K matrix"):
+        build_aggregator(name).gramian_weighting(j)

@@ -113,3 +113,31 @@ def test_host_loop_matches_the_device_loop(k):
     torch_coeffs, torch_conflicts = _pcgrad_coefficients_torch(gram, orders)
     torch.testing.assert_close(host_coeffs, torch_coeffs)
     assert int(host_conflicts) == int(torch_conflicts)
+
+
+def test_the_shuffles_never_touch_torchs_global_generator_and_a_seed_repeats_them():
+    j = torch.randn(6, 50, dtype=torch.float64)
+    j[1] = -j[0] + 0.1 * j[1]
+    j[3] = -0.5 * j[2] + 0.2 * j[3]
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    first, second = PCGrad(seed=3), PCGrad(seed=3)
+    runs = [[agg(j) for _ in range(4)] for agg in (first, second)]
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    assert not all(torch.equal(runs[0][0], r) for r in runs[0][1:])  # the orders do change per call
+
+
+def test_the_generators_state_resumes_the_orders():
+    j = torch.randn(5, 30, dtype=torch.float64)
+    j[1] = -j[0] + 0.1 * j[1]
+    agg = PCGrad(seed=11)
+    agg(j)
+    saved = agg.state_dict()
+    expected = [agg(j) for _ in range(3)]
+    other = PCGrad(seed=12)
+    other.load_state_dict(saved)
+    assert [torch.equal(other(j), e) for e in expected] == [True] * 3
+    assert PCGrad(shuffle=False).stateful is False and agg.stateful is True
+    with pytest.raises(ValueError, match="a seed or a generator"):
+        PCGrad(seed=1, generator=torch.Generator())

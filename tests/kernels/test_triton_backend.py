@@ -20,6 +20,7 @@ from torch import nn
 import tolaria.aggregation as aggregation
 import tolaria.kernels.pcgrad as pcgrad_kernel
 from tolaria.aggregation import GradientBuffer, Mean, PCGrad, Sum, Weighted
+from tolaria.aggregation._coordinatewise import CoordinatewiseAggregator
 from tolaria.aggregation._sources import as_sources
 from tolaria.aggregation.backends.triton import TritonBackend
 from tolaria.aggregation.engine import select_backend
@@ -61,10 +62,15 @@ def _generic_factory(cls):
 
 
 def _other_factories():
+    """Every Gramian aggregator beyond the core ones (the coordinate-wise ones, GradDrop and
+    TrimmedMean, have no weights: their kernels are tested in test_graddrop_kernel.py and
+    test_trimmed_mean_kernel.py)."""
     core_classes = {PCGrad, Mean, Sum, Weighted}
     factories = dict(FACTORIES)
     for name in aggregation.__all__:
         obj = getattr(aggregation, name)
+        if inspect.isclass(obj) and issubclass(obj, CoordinatewiseAggregator):
+            continue
         if inspect.isclass(obj) and issubclass(obj, aggregation.Aggregator) and not inspect.isabstract(obj):
             if obj not in core_classes and name not in factories:
                 factories[name] = _generic_factory(obj)

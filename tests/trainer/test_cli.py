@@ -1,6 +1,7 @@
 """`tolaria train` and `tolaria report` end to end, fault demos included."""
 
 import json
+import re
 
 import pytest
 from matplotlib import image
@@ -100,3 +101,13 @@ def test_bad_flags_and_config(tmp_path, capsys):
     assert "has no checkpoints folder" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["train", "--inject-fault", "segfault"])
+
+
+@pytest.mark.parametrize("aggregator,message", [
+    ("krum", "the default task has 2 gradient sources .*needs at least 3 sources"),
+    ("trimmed_mean", "the default task has 2 gradient sources .*needs at least 3 gradient sources"),
+    ("weighted", "bad options .*weights"),
+])
+def test_an_aggregator_the_task_cannot_use_is_a_clear_error(tmp_path, capsys, aggregator, message):
+    assert main(["train", "--aggregator", aggregator, "--max-steps", "2", "--out", str(tmp_path / "run")]) == 2
+    assert re.search(message, capsys.readouterr().err)

@@ -31,6 +31,8 @@ from .stats import AggregationStats, stats_from_gram
 class CoordinatewiseAggregator(Aggregator):
     """An aggregator computed column by column in one pass over J (see the module docstring)."""
 
+    weighted = False  # no K weights: the stats' weights are NaN
+
     def weighting(self, gram: Tensor) -> Weights:
         raise TypeError(
             f"{type(self).__name__} is not a function of the Gram matrix: it has no weighting; call it on the gradients"

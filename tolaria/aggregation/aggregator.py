@@ -61,6 +61,11 @@ class Aggregator(ABC):
         result = flat.view(sources.shape) if out is None else out
         return (result, stats) if return_stats else result
 
+    def check_sources(self, k: int) -> None:
+        """Raises ``ValueError`` saying why, if this aggregator cannot combine ``k`` sources (Krum
+        needs n_byzantine + 3, TrimmedMean 2 trim_number + 1, per-source weights exactly K)."""
+        self._check_k(k)
+
     def _check_k(self, k: int) -> None:
         """Hook for aggregators whose configuration fixes K (e.g. per-source weights)."""
 
@@ -69,6 +74,10 @@ class Aggregator(ABC):
     # float32 accumulation's rounding, amplified by that ratio, would break the promise. Their combine
     # accumulates in float64 and rounds once to the sources' dtype.
     wide_combine: bool = False
+
+    # Whether the result is w^T J for the weights in the stats. Coordinate-wise aggregators (GradDrop,
+    # TrimmedMean) are not: their stats hold NaN weights, and the trainer reads the result's norm.
+    weighted: bool = True
 
     # Aggregators whose weights do not depend on the Gram matrix set this to a function
     # (k, device) -> K float64 weights; calls without stats then read J only once.
@@ -80,6 +89,15 @@ class Aggregator(ABC):
     # weights bit for bit. A state dict holds only what ``torch.load(weights_only=True)`` accepts:
     # CPU tensors, numbers, strings, None, and lists/dicts of them.
     stateful: bool = False
+
+    def gramian_weighting(self, gramian: Tensor) -> Tensor:
+        """TorchJD's call shape: the K weights from the K x K Gramian, as one tensor in the
+        Gramian's dtype and on its device (:meth:`weighting` returns them in float64, with the
+        number of conflicts resolved). For a stateful aggregator this is a step, as a call is."""
+        if not isinstance(gramian, Tensor) or gramian.ndim != 2 or gramian.shape[0] != gramian.shape[1]:
+            raise ValueError(f"gramian_weighting needs a K x K matrix, got {getattr(gramian, 'shape', gramian)!r}")
+        work = gramian.to(torch.float64) if gramian.device.type != "mps" else gramian
+        return self.weighting(work).weights.to(dtype=gramian.dtype)
 
     @classmethod
     def takes_generator(cls) -> bool:

@@ -14,7 +14,10 @@ loop runs as one small kernel (``tolaria.kernels.pcgrad``), step for step the sa
 
 from __future__ import annotations
 
+import os
+
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -138,10 +141,16 @@ class PCGrad(Aggregator):
         reduction: ``"sum"`` (as in the paper) or ``"mean"`` of the projected gradients g_i^PC.
         shuffle: draw each source's projection order at random from ``generator`` (reproducible for
             a seeded generator); ``False`` uses ascending index order.
-        generator: the ``torch.Generator`` for the shuffles (default: the device's global RNG).
+        generator: a ``torch.Generator`` for the shuffles, shared with the caller (default: the
+            aggregator's own, created on the gradients' device and seeded with ``seed``; torch's
+            global generator is never drawn from, so adding PCGrad changes no other random draw).
         weights: optional per-source weights multiplying each g_i^PC; under ``"mean"`` the result
             is divided by their sum instead of by K.
         backend, nonfinite: see :class:`~tolaria.aggregation.Aggregator`.
+        seed: seeds the aggregator's own generator (default: a seed from the operating system).
+
+    With ``shuffle`` the aggregator is ``stateful``: its generator's state is its ``state_dict()``,
+    so that a resumed run draws the same orders.
     """
 
     def __init__(
@@ -152,6 +161,8 @@ class PCGrad(Aggregator):
         weights: Sequence[float] | Tensor | None = None,
         backend: str = "auto",
         nonfinite: str = "raise",
+        *,
+        seed: int | None = None,
     ):
         super().__init__(backend=backend, nonfinite=nonfinite)
         if isinstance(reduction, torch.optim.Optimizer):
@@ -164,9 +175,17 @@ class PCGrad(Aggregator):
             raise ValueError(f"unknown reduction {reduction!r}; valid reductions are {', '.join(REDUCTIONS)}")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        if generator is not None and seed is not None:
+            raise ValueError("PCGrad takes a seed or a generator, not both")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise TypeError(f"PCGrad's seed must be an integer, got {seed!r}")
         self.reduction = reduction
         self.shuffle = bool(shuffle)
+        self.stateful = self.shuffle
         self.generator = generator
+        # The own generator is made on the first call's device (a CUDA one for CUDA gradients, so
+        # that drawing the orders copies nothing to the device), from this seed.
+        self._seed = seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
         self.weights = None if weights is None else as_weight_vector(weights, "PCGrad")
         self._weight_copies = None if self.weights is None else DeviceCopies(self.weights)
         if self.weights is not None and reduction == "mean" and float(self.weights.sum()) <= 0:
@@ -176,8 +195,36 @@ class PCGrad(Aggregator):
         if self.weights is not None:
             check_weight_count(self.weights, k, "PCGrad")
 
+    def _generator_on(self, device: torch.device) -> torch.Generator:
+        if self.generator is None:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(self._seed)
+        return self.generator
+
+    def state_dict(self) -> dict[str, Any]:
+        """The shuffles' generator state (or the seed it will start from): loading it repeats the orders."""
+        if self.generator is None:
+            return {"seed": self._seed}
+        return {"generator": self.generator.get_state(), "device": str(self.generator.device)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict) or not ({"seed"} == set(state) or {"generator", "device"} == set(state)):
+            raise ValueError("PCGrad.load_state_dict needs the dict state_dict() returned ({'seed': ...} or "
+                             "{'generator': ..., 'device': ...})")
+        if "seed" in state:
+            self.generator, self._seed = None, int(state["seed"])
+            return
+        if self.generator is None:
+            self._generator_on(torch.device(state["device"]))
+        self.generator.set_state(state["generator"])
+
+    def reset(self) -> None:
+        """Nothing to forget: the orders go on from the generator's current state (reseed to repeat)."""
+
     def weighting(self, gram: Tensor) -> Weights:
         k = gram.shape[0]
+        if self.shuffle:
+            self._generator_on(gram.device)
         if uses_triton(self.backend, gram.device):
             from tolaria.kernels.pcgrad import MAX_K, pcgrad_weights  # triton is heavy to load
 

@@ -34,6 +34,7 @@ from .config import ConfigError, TrainerConfig
 from .gradient import AGGREGATOR_NAMES
 from .loop import HALTED, INTERRUPTED, RunSummary, Trainer, default_run_dir
 from .mediator import ControlState
+from .tasks import TASKS as TASK_SOURCES
 from .tasks import DigitsTaskConfig, build_default_task
 
 log = logging.getLogger("tolaria.train")
@@ -216,8 +217,17 @@ def run(args: argparse.Namespace) -> int:
         # The heads are task-specific: only the trunk's gradients are aggregated.
         trainer = Trainer(task.model, task.optimizer, task.data, loss_fn, config, policy=policy, executor=executor,
                           evaluate=task.evaluate, shared=task.model.trunk)
-    except ConfigError as exc:
+    except (ConfigError, ValueError, TypeError) as exc:  # a bad setting, an aggregator's bad options
         print(f"tolaria train: error: {exc}", file=sys.stderr)
+        if "aggregator" in str(exc):
+            print("  (an aggregator's options go in the [aggregator_options] table of --config FILE)", file=sys.stderr)
+        return 2
+    try:
+        trainer.aggregator.check_sources(len(TASK_SOURCES))
+    except ValueError as exc:
+        trainer.close()
+        print(f"tolaria train: error: the default task has {len(TASK_SOURCES)} gradient sources "
+              f"({', '.join(TASK_SOURCES)}): {exc}", file=sys.stderr)
         return 2
     main = trainer.ctx.is_main  # under torchrun, only rank 0 prints (every rank writes its telemetry)
     if main:

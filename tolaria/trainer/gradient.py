@@ -21,6 +21,7 @@ fast path: a plain ``backward`` into ``.grad`` and one norm, as a bare PyTorch l
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -126,14 +127,15 @@ def _is_identity_for_one(aggregator: Aggregator) -> bool:
     """Whether one source passes through unchanged, whatever its norm (the fast path's premise).
 
     Probed on two Gram matrices of different scale: weights that depend on |g| (FairGrad's
-    |g|^(-2 alpha / (1 + alpha)), NashMTL's) are 1 at |g| = 1 only. A stateful aggregator is never
-    probed (a probe would be a step of its state) and never takes the fast path.
+    |g|^(-2 alpha / (1 + alpha)), NashMTL's) are 1 at |g| = 1 only. A stateful aggregator is probed
+    through a copy, so that the probe is no step of its state.
     """
-    if aggregator.stateful:
+    if not aggregator.weighted:
         return False
+    probe = copy.deepcopy(aggregator) if aggregator.stateful else aggregator
     for scale in (4.0, 0.25):
         gram = torch.full((1, 1), scale, dtype=torch.float64)
-        if aggregator.weighting(gram).weights.tolist() != [1.0]:
+        if probe.weighting(gram).weights.tolist() != [1.0]:
             return False
     return True
 
@@ -231,18 +233,24 @@ class GradientStage:
         k = len(names)
         gram = stats.gram.to(torch.float64)
         heads_norm = torch.nn.utils.get_total_norm(heads, foreach=True) if heads else torch.zeros((), device=gram.device)
+        # Without weights (a coordinate-wise aggregator) the aggregate's norm is read off the result.
+        shared_norm = self.buffer.output.norm() if not self.aggregator.weighted else torch.zeros((), device=gram.device)
         host = torch.cat([
             loss_values.to(gram.device, torch.float64),
             stats.weights.to(torch.float64),
             stats.conflicts.reshape(1).to(torch.float64),
             heads_norm.reshape(1).to(gram.device, torch.float64),
+            shared_norm.reshape(1).to(gram.device, torch.float64),
             gram.reshape(-1),
         ]).tolist()  # the one host read of the step; the rest is K x K arithmetic on host floats
-        losses_h, weights, conflicts, heads_h = host[:k], host[k : 2 * k], host[2 * k], host[2 * k + 1]
-        g = [host[2 * k + 2 + i * k : 2 * k + 2 + (i + 1) * k] for i in range(k)]
+        losses_h, weights, conflicts, heads_h, output_h = host[:k], host[k : 2 * k], host[2 * k], *host[2 * k + 1 : 2 * k + 3]
+        g = [host[2 * k + 3 + i * k : 2 * k + 3 + (i + 1) * k] for i in range(k)]
         norms = [_sqrt_nonnegative(g[i][i]) for i in range(k)]
         cosine = [[_cosine(g[i][j], norms[i] * norms[j]) for j in range(k)] for i in range(k)]
-        shared_sq = sum(weights[i] * g[i][j] * weights[j] for i in range(k) for j in range(k))
+        if self.aggregator.weighted:
+            shared_sq = sum(weights[i] * g[i][j] * weights[j] for i in range(k) for j in range(k))
+        else:
+            shared_sq = output_h * output_h
         # The whole update's norm: the aggregate on the shared trunk and the heads' plain gradients.
         grad_norm = _sqrt_nonnegative(shared_sq + heads_h * heads_h)
         finite = all(math.isfinite(v) for v in (*losses_h, *norms, grad_norm))
@@ -362,9 +370,10 @@ def emit_step_metrics(telemetry: TelemetryEmitter, stats: SourceStats, lrs: Sequ
     """Writes one step's per-source metrics (``train.loss``, ``gradient.*``) and the LR."""
     for i, name in enumerate(stats.names):
         telemetry.metric("train.loss", stats.losses[i], source=name)
-        telemetry.metric("gradient.weight", stats.weights[i], source=name)
+        if math.isfinite(stats.weights[i]):  # NaN: a coordinate-wise aggregator has no weights
+            telemetry.metric("gradient.weight", stats.weights[i], source=name)
+            telemetry.metric("gradient.share", stats.shares[i], source=name)
         telemetry.metric("gradient.norm", stats.norms[i], source=name)
-        telemetry.metric("gradient.share", stats.shares[i], source=name)
     telemetry.metric("train.lr", lrs[0] if len(lrs) == 1 else list(lrs))
     telemetry.metric("gradient.total_norm", stats.grad_norm)
     if len(stats.names) > 1:
