@@ -150,7 +150,9 @@ class PCGrad(Aggregator):
         seed: seeds the aggregator's own generator (default: a seed from the operating system).
 
     With ``shuffle`` the aggregator is ``stateful``: its generator's state is its ``state_dict()``,
-    so that a resumed run draws the same orders.
+    so that a resumed run draws the same orders. Inside ``torch.compile`` (TorchDynamo cannot trace a
+    ``torch.Generator``) the aggregator's own generator is not used: the orders come from torch's
+    global generator there, as dropout's masks do; a generator passed in cannot be compiled at all.
     """
 
     def __init__(
@@ -183,6 +185,7 @@ class PCGrad(Aggregator):
         self.shuffle = bool(shuffle)
         self.stateful = self.shuffle
         self.generator = generator
+        self._owns_generator = generator is None
         # The own generator is made on the first call's device (a CUDA one for CUDA gradients, so
         # that drawing the orders copies nothing to the device), from this seed.
         self._seed = seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
@@ -195,7 +198,13 @@ class PCGrad(Aggregator):
         if self.weights is not None:
             check_weight_count(self.weights, k, "PCGrad")
 
-    def _generator_on(self, device: torch.device) -> torch.Generator:
+    def _generator_on(self, device: torch.device) -> torch.Generator | None:
+        if device.type == "meta":  # shapes only: nothing is drawn, no generator exists there
+            return None
+        if torch.compiler.is_compiling() and self._owns_generator:
+            # TorchDynamo cannot trace a torch.Generator object: compiled, the orders come from
+            # torch's global generator (as dropout's masks do there). Documented in the class.
+            return None
         if self.generator is None:
             self.generator = torch.Generator(device=device)
             self.generator.manual_seed(self._seed)
@@ -223,20 +232,19 @@ class PCGrad(Aggregator):
 
     def weighting(self, gram: Tensor) -> Weights:
         k = gram.shape[0]
-        if self.shuffle:
-            self._generator_on(gram.device)
+        generator = self._generator_on(gram.device) if self.shuffle else None
         if uses_triton(self.backend, gram.device):
             from tolaria.kernels.pcgrad import MAX_K, pcgrad_weights  # triton is heavy to load
 
             if k <= MAX_K:  # beyond, the loop below: more launches, still no host sync
                 orders = (
-                    draw_orders(k, shuffle=True, generator=self.generator, device=gram.device)
+                    draw_orders(k, shuffle=True, generator=generator, device=gram.device)
                     if self.shuffle
                     else None  # the kernel walks ascending order itself
                 )
                 weights = None if self.weights is None else self._weight_copies.like(gram)
                 return Weights(*pcgrad_weights(gram, orders, reduction=self.reduction, weights=weights))
-        orders = draw_orders(k, shuffle=self.shuffle, generator=self.generator, device=gram.device)
+        orders = draw_orders(k, shuffle=self.shuffle, generator=generator, device=gram.device)
         if _on_host(gram):
             # Host numbers: the loop and w = a^T C in plain floats, two small tensors at the end
             # (the device branch below builds the same scale as a device tensor: no host copy there).
