@@ -21,18 +21,19 @@ After a crash: ``step = state.restore_latest(model, optimizer)`` (the ``extra`` 
 from __future__ import annotations
 
 import fcntl
-import itertools
 import math
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
 from tolaria.signals import SharedDeadlineSignal
+from tolaria.state.deadline_segments import create_deadline_signal
 from tolaria.state.checkpoints import CHECKPOINT_FORMAT, CheckpointEntry, CheckpointStore
 from tolaria.state.errors import CheckpointError, StateError
 from tolaria.state.reporting import report
@@ -42,7 +43,6 @@ from tolaria.state.snapshots import SnapshotCache, SnapshotInfo
 from tolaria.state.trees import clone_tree
 from tolaria.telemetry import TelemetryEmitter, emitter_or_default
 
-_signal_names = itertools.count()
 LOCK_NAME = ".lock"
 
 
@@ -72,8 +72,10 @@ class StateManager:
         keep_last: committed checkpoints kept; older ones are deleted once a new one commits.
         telemetry: where events and metrics go (default: Python logging).
         deadline_signal: the shared deadline signal to trigger on a missed rollback deadline. If
-            None, the manager creates one named ``tolaria-deadline-<pid>-<n>`` (see
-            ``deadline_signal.name``) and unlinks it in :meth:`close`.
+            None, the manager creates one named ``tolaria-deadline-<pid>-<n>`` when a rollback first
+            arms a deadline (or ``deadline_signal`` is read), and unlinks it in :meth:`close`, when
+            the manager is collected, or at interpreter exit; creating one first reclaims those
+            of processes that died (see :mod:`tolaria.state.deadline_segments`).
         checksum: per-file checksum of checkpoint files: ``"crc32"`` (default; fast enough to keep
             up with the write) or a hashlib algorithm such as ``"sha256"`` (see CheckpointStore).
         max_abandoned_reads: abandoned durable reads (past a deadline, still running) allowed at
@@ -92,18 +94,17 @@ class StateManager:
         self.last_restored_step: int | None = None
         self._closed = False
         self._lock_fd = self._acquire_folder_lock()
-        self._owns_signal = deadline_signal is None
         self._signal: SharedDeadlineSignal | None = None
+        self._release_signal: Callable[[], None] | None = None  # closes and unlinks the manager's own
         self._rollback: DeadlineRollback | None = None
         self._store: CheckpointStore | None = None
         self._snapshots: SnapshotCache | None = None
         try:
             self._snapshots = SnapshotCache(int(fast_cache_mb * (1 << 20)), self.telemetry)
             self._store = CheckpointStore(self.root, keep_last, checksum=checksum, telemetry=self.telemetry)
-            if deadline_signal is None:
-                deadline_signal = SharedDeadlineSignal.create(f"tolaria-deadline-{os.getpid()}-{next(_signal_names)}")
+            # Without a signal given, the manager's own is created when a deadline is first armed.
             self._signal = deadline_signal
-            self._rollback = DeadlineRollback(self._snapshots, self._store, self._signal, self.telemetry,
+            self._rollback = DeadlineRollback(self._snapshots, self._store, self._live_signal, self.telemetry,
                                               max_abandoned_reads=max_abandoned_reads)
         except BaseException:
             self.close()
@@ -139,12 +140,17 @@ class StateManager:
         """Committed checkpoints, oldest commit first."""
         return self._live_store().entries
 
+    def _live_signal(self) -> SharedDeadlineSignal:
+        if self._closed:
+            raise StateError(f"the state manager of {self.root} is closed")
+        if self._signal is None:
+            self._signal, self._release_signal = create_deadline_signal(self)
+        return self._signal
+
     @property
     def deadline_signal(self) -> SharedDeadlineSignal:
-        """The shared signal a missed rollback deadline triggers."""
-        if self._signal is None:
-            raise StateError("the state manager is closed")
-        return self._signal
+        """The shared signal a missed rollback deadline triggers (created on first use)."""
+        return self._live_signal()
 
     @property
     def staging_threads(self) -> int:
@@ -262,6 +268,7 @@ class StateManager:
         if isinstance(deadline_s, bool) or not isinstance(deadline_s, (int, float)) or not deadline_s > 0 \
                 or not math.isfinite(deadline_s):
             raise ValueError(f"deadline_s must be a finite number of seconds > 0, got {deadline_s!r}")
+        self._live_signal()  # armed: the segment exists before the deadline can be missed
         result = self._live_rollback().run(step, model, optimizer, float(deadline_s))
         if result.ok:
             self.last_restored_step, self.last_restored_extra = result.step, result.extra
@@ -281,10 +288,9 @@ class StateManager:
             self._store.close()
         if self._snapshots is not None:
             self._snapshots.clear()
-        if self._signal is not None and self._owns_signal:
-            self._signal.close()
-            self._signal.unlink()
-        self._signal = None
+        if self._release_signal is not None:
+            self._release_signal()  # the manager's own: closed and unlinked, its exit finaliser spent
+        self._signal = self._release_signal = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = None

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,14 +77,20 @@ class RollbackResult:
 class DeadlineRollback:
     """Runs rollbacks for a :class:`~tolaria.state.StateManager` (one at a time)."""
 
-    def __init__(self, snapshots: SnapshotCache, store: CheckpointStore, signal: SharedDeadlineSignal,
+    def __init__(self, snapshots: SnapshotCache, store: CheckpointStore,
+                 signal: SharedDeadlineSignal | Callable[[], SharedDeadlineSignal],
                  telemetry: TelemetryEmitter, *, max_abandoned_reads: int = 2):
         self.snapshots = snapshots
         self.store = store
-        self.signal = signal
+        # The signal, or the function that makes it when first needed (the manager's own segment).
+        self._signal = signal
         self.telemetry = telemetry
         self.workers = StagingWorkers(max_abandoned=max_abandoned_reads, telemetry=telemetry)
         self._lock = threading.Lock()
+
+    @property
+    def signal(self) -> SharedDeadlineSignal:
+        return self._signal if isinstance(self._signal, SharedDeadlineSignal) else self._signal()
 
     def close(self) -> None:
         self.workers.close()
