@@ -12,6 +12,8 @@ unless ``nonfinite="raise"`` asks for the finiteness check, which reads the K di
 
 from __future__ import annotations
 
+import logging
+import warnings
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -21,6 +23,8 @@ from torch import Tensor
 from ._sources import Sources, check_out
 from .backends import Backend, CompiledCpuBackend, TorchBackend
 from .stats import AggregationStats, stats_from_gram
+
+log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "cpu", "torch", "triton")
 NONFINITE_MODES = ("raise", "propagate")
@@ -49,6 +53,26 @@ def _triton_backend() -> Backend:
     from .backends.triton import TritonBackend  # imported on first use: triton is heavy to load
 
     return TritonBackend.instance()
+
+
+_compiled_missing = {"warned": False, "fallbacks": 0}
+
+
+def _warn_compiled_missing(reason: str) -> None:
+    _compiled_missing["fallbacks"] += 1
+    if not _compiled_missing["warned"]:
+        _compiled_missing["warned"] = True
+        message = (f"{reason}; backend='auto' runs CPU tensors on the plain-PyTorch path, several times slower. "
+                   "Reinstall tolaria (pip install -e . builds the extension; it needs a C++17 compiler) "
+                   "or pass backend='torch' to choose that path knowingly")
+        log.error(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def compiled_backend_fallbacks() -> int:
+    """How many calls under ``backend="auto"`` ran CPU tensors on the plain-PyTorch path because the
+    compiled extension did not load (0 on a working install); the trainer reports it in telemetry."""
+    return _compiled_missing["fallbacks"]
 
 
 def check_backend_name(backend: str) -> str:
@@ -83,8 +107,11 @@ def select_backend(name: str, sources: Sources) -> Backend:
                     f"run them: {reason}; pass backend='torch' to use plain PyTorch"
                 )
             return backend
-        if _cpu_backend.supports(sources) is None:
+        reason = _cpu_backend.supports(sources)
+        if reason is None:
             return _cpu_backend
+        if sources.device.type == "cpu" and not _cpu_backend.available:
+            _warn_compiled_missing(reason)  # a broken install: loud, once, and counted
         return _torch_backend
     backend = {"cpu": lambda: _cpu_backend, "torch": lambda: _torch_backend, "triton": _triton_backend}[
         check_backend_name(name)

@@ -106,6 +106,7 @@ def _contiguous_rows(sources: Sources) -> list[Tensor]:
 
 class CompiledCpuBackend(Backend):
     name = "cpu"
+    available = _ext is not None  # False: the extension did not load (see _IMPORT_ERROR)
 
     def supports(self, sources: Sources) -> str | None:
         if _ext is None:
