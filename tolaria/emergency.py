@@ -1,4 +1,4 @@
-"""Emergency levels, the controller that raises and lowers them, and the in-process signal.
+"""The controller that raises and lowers the emergency level, and its broadcast queue.
 
 The level says how careful training must be, from :attr:`EmergencyLevel.NONE` to
 :attr:`EmergencyLevel.HALT`. An :class:`EmergencyController` owns the transitions:
@@ -13,6 +13,10 @@ The level says how careful training must be, from :attr:`EmergencyLevel.NONE` to
 - At most ``max_broadcasts_per_min`` broadcasts go out per rolling minute; later ones wait in a
   queue, in order, and go out when the window allows: at the next ``escalate``/``deescalate`` or an
   explicit :meth:`EmergencyController.flush_pending`. Nothing is dropped.
+
+The levels (:class:`EmergencyLevel`, :func:`as_level`) and both signals live in
+:mod:`tolaria.signals`, beside the shared-memory signal they mirror; they are re-exported here, so
+``from tolaria.emergency import EmergencyLevel, LocalEmergencySignal`` keeps working.
 """
 
 from __future__ import annotations
@@ -25,74 +29,26 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import IntEnum
 from typing import Any, Protocol
 
-from tolaria.signals import MAX_REASON_BYTES, SignalState
+from tolaria._validation import check_timeout
+from tolaria.signals import EmergencyLevel, LocalEmergencySignal, SignalState, as_level
 from tolaria.telemetry import TelemetryEmitter, emitter_or_default
+
+__all__ = [
+    "BROADCAST_WINDOW_S",
+    "Broadcaster",
+    "EmergencyController",
+    "EmergencyLevel",
+    "EmergencySignal",
+    "Escalation",
+    "LocalEmergencySignal",
+    "as_level",
+]
 
 log = logging.getLogger("tolaria.emergency")
 
 BROADCAST_WINDOW_S = 60.0
-
-
-class EmergencyLevel(IntEnum):
-    """How careful training must be; higher is more severe."""
-
-    NONE = 0
-    NOTICE = 1
-    ELEVATED = 2
-    CONSERVATIVE = 3
-    HALT = 4
-
-
-def as_level(level: object) -> EmergencyLevel:
-    """``level`` as an :class:`EmergencyLevel`; anything else (bool, float, str, out of range) is a ValueError."""
-    if isinstance(level, bool) or not isinstance(level, numbers.Integral):
-        raise ValueError(f"invalid emergency level {level!r}: expected an EmergencyLevel or an int in 0..4")
-    try:
-        return EmergencyLevel(int(level))
-    except ValueError:
-        raise ValueError(
-            f"invalid emergency level {int(level)}: EmergencyLevel values are 0..4 "
-            "(NONE, NOTICE, ELEVATED, CONSERVATIVE, HALT)"
-        ) from None
-
-
-def _trigger_level(level: object) -> EmergencyLevel:
-    checked = as_level(level)
-    if checked == EmergencyLevel.NONE:
-        raise ValueError("cannot trigger emergency level NONE (0): use clear() to reset the signal")
-    return checked
-
-
-def _utf8_prefix(text: str, max_bytes: int = MAX_REASON_BYTES) -> str:
-    """``text`` cut to at most ``max_bytes`` UTF-8 bytes without splitting a character (as the shared signal does)."""
-    if not isinstance(text, str):
-        raise TypeError(f"reason must be a str, got {type(text).__name__}")
-    data = text.encode("utf-8")
-    if len(data) <= max_bytes:
-        return text
-    # Bytes cut mid-character are the only undecodable ones, all at the end: drop them.
-    return data[:max_bytes].decode("utf-8", errors="ignore")
-
-
-def _check_timestamp(monotonic_ms: float | None) -> float:
-    if monotonic_ms is None:
-        return time.monotonic() * 1e3
-    t = float(monotonic_ms)
-    if not math.isfinite(t) or t < 0:
-        raise ValueError(f"monotonic_ms must be a finite, non-negative time in milliseconds, got {monotonic_ms!r}")
-    return t
-
-
-def _check_timeout(timeout_s: float | None) -> float | None:
-    if timeout_s is None:
-        return None
-    t = float(timeout_s)
-    if math.isnan(t) or t < 0:
-        raise ValueError(f"timeout_s must be a non-negative number of seconds or None, got {timeout_s!r}")
-    return None if math.isinf(t) else t
 
 
 class EmergencySignal(Protocol):
@@ -108,146 +64,6 @@ class EmergencySignal(Protocol):
     def clear(self) -> int: ...
 
     def read(self) -> SignalState: ...
-
-
-class LocalEmergencySignal:
-    """The emergency signal within one process, with the semantics of
-    :class:`~tolaria.signals.SharedEmergencySignal`: ``trigger`` stamps the time (``time.monotonic``,
-    milliseconds) when none is given and cuts the reason to ``MAX_REASON_BYTES`` UTF-8 bytes;
-    ``clear`` resets level, reason and timestamp and bumps the generation; ``wait`` blocks (on a
-    :class:`threading.Condition`) until a trigger newer than ``after_generation``.
-    """
-
-    MAX_REASON_BYTES = MAX_REASON_BYTES
-
-    def __init__(self, name: str = "local") -> None:
-        self.name = name
-        self._cond = threading.Condition()
-        self._level = EmergencyLevel.NONE
-        self._reason = ""
-        self._timestamp_ms = 0.0
-        self._generation = 0
-        self._trigger_generation = 0
-        self._closed = False
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise ValueError(f"emergency signal {self.name!r} is closed")
-
-    def _publish(self, level: EmergencyLevel, reason: str, monotonic_ms: float | None) -> int:
-        # Caller holds the condition's lock.
-        self._level = level
-        self._reason = _utf8_prefix(reason)
-        self._timestamp_ms = _check_timestamp(monotonic_ms)
-        self._generation += 1
-        self._trigger_generation = self._generation
-        self._cond.notify_all()
-        return self._generation
-
-    def trigger(self, level: int, reason: str, monotonic_ms: float | None = None) -> int:
-        """Sets the signal to ``level`` (NOTICE..HALT) with ``reason``; returns the new generation."""
-        checked = _trigger_level(level)
-        _check_timestamp(monotonic_ms)
-        with self._cond:
-            self._check_open()
-            return self._publish(checked, reason, monotonic_ms)
-
-    def raise_level(self, level: int, reason: str, monotonic_ms: float | None = None) -> int | None:
-        """Like :meth:`trigger`, only if ``level`` is above the current one; else returns None."""
-        checked = _trigger_level(level)
-        _check_timestamp(monotonic_ms)
-        with self._cond:
-            self._check_open()
-            if self._level >= checked:
-                return None
-            return self._publish(checked, reason, monotonic_ms)
-
-    def lower_level(self, from_level: int, to_level: int, reason: str, monotonic_ms: float | None = None) -> int | None:
-        """Lowers the level from ``from_level`` to ``to_level`` (NONE clears), only if it is still
-        ``from_level``; returns the new generation, or None when the level had changed."""
-        source = _trigger_level(from_level)
-        target = as_level(to_level)
-        if target >= source:
-            raise ValueError(f"lower_level needs a level below {int(source)}, got {int(target)}")
-        _check_timestamp(monotonic_ms)
-        with self._cond:
-            self._check_open()
-            if self._level != source:
-                return None
-            if target == EmergencyLevel.NONE:
-                return self._clear_locked()
-            return self._publish(target, reason, monotonic_ms)
-
-    def clear(self) -> int:
-        """Resets level, reason and timestamp; returns the new generation. Waiters stay asleep."""
-        with self._cond:
-            self._check_open()
-            return self._clear_locked()
-
-    def _clear_locked(self) -> int:
-        self._level = EmergencyLevel.NONE
-        self._reason = ""
-        self._timestamp_ms = 0.0
-        self._generation += 1
-        return self._generation
-
-    def read(self) -> SignalState:
-        """The current record."""
-        with self._cond:
-            self._check_open()
-            return SignalState(
-                level=int(self._level),
-                reason=self._reason,
-                timestamp_ms=self._timestamp_ms,
-                generation=self._generation,
-                is_set=self._level != EmergencyLevel.NONE,
-            )
-
-    def is_set(self) -> bool:
-        with self._cond:
-            self._check_open()
-            return self._level != EmergencyLevel.NONE
-
-    @property
-    def generation(self) -> int:
-        with self._cond:
-            self._check_open()
-            return self._generation
-
-    def wait(self, timeout_s: float | None, after_generation: int | None = None) -> bool:
-        """Blocks until a trigger with a generation above ``after_generation`` (default: the current
-        one) or the timeout (None: no limit); returns whether such a trigger happened."""
-        timeout = _check_timeout(timeout_s)
-        if after_generation is not None and (isinstance(after_generation, bool) or after_generation < 0):
-            raise ValueError(f"after_generation must be a generation (>= 0), got {after_generation!r}")
-        with self._cond:
-            self._check_open()
-            target = self._generation if after_generation is None else after_generation
-            self._cond.wait_for(lambda: self._trigger_generation > target or self._closed, timeout)
-            if self._trigger_generation > target:
-                return True
-            if self._closed:
-                raise ValueError(f"emergency signal {self.name!r} was closed while waiting")
-            return False
-
-    def close(self) -> None:
-        """Closes the signal: waiters end with ValueError, later calls fail. Idempotent."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def __enter__(self) -> LocalEmergencySignal:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"LocalEmergencySignal(name={self.name!r}, closed={self._closed})"
 
 
 @dataclass
@@ -508,7 +324,7 @@ class EmergencyController:
         as long as it takes);
         returns the records still unsent at the deadline, each reported (log, telemetry event and the
         ``emergency.broadcasts_undelivered`` counter). Nothing queued is dropped silently."""
-        timeout_s = _check_timeout(timeout_s)
+        timeout_s = check_timeout(timeout_s)
         deadline = self._clock() + (timeout_s if timeout_s is not None else math.inf)
         with self._lock:
             while True:

@@ -23,34 +23,25 @@ Warmup composes with the main schedule like ``torch.optim.lr_scheduler.Sequentia
 ``main(t - warmup_steps)``, so the main schedule starts from its own beginning (at the base LR) when
 warmup ends and, e.g., a cosine reaches ``eta_min`` at ``t = warmup_steps + t_max``. No floor is
 applied anywhere.
+
+Configuration. :class:`LRConfig` is the ``[lr]`` section of a run configuration (validated like
+every ``TrainerConfig`` section); its :meth:`LRConfig.controller_kwargs` are ``build_controller``'s
+keyword arguments.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 import torch
 
+from ._validation import Section, check_bound, check_finite, check_int
 from .optim import OptimizerManager
 from .telemetry import TelemetryEmitter, emitter_or_default
 
 POLICIES = ("constant", "cosine", "step", "linear")
-
-
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
-def _check_float(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
 
 
 class Schedule(Protocol):
@@ -90,8 +81,8 @@ class CosineSchedule:
     name: ClassVar[str] = "cosine"
 
     def __post_init__(self) -> None:
-        _check_int("t_max", self.t_max, 1)
-        _check_float("eta_min", self.eta_min)
+        check_int("t_max", self.t_max, 1)
+        check_finite("eta_min", self.eta_min)
 
     def lr(self, base_lr: float, t: int) -> float:
         return self.eta_min + (base_lr - self.eta_min) * (1 + math.cos(math.pi * t / self.t_max)) / 2
@@ -114,9 +105,9 @@ class CosineRestartsSchedule:
     name: ClassVar[str] = "cosine_restarts"
 
     def __post_init__(self) -> None:
-        _check_int("restarts (T_0)", self.t_0, 1)
-        _check_int("t_mult", self.t_mult, 1)
-        _check_float("eta_min", self.eta_min)
+        check_int("restarts (T_0)", self.t_0, 1)
+        check_int("t_mult", self.t_mult, 1)
+        check_finite("eta_min", self.eta_min)
 
     def cycle(self, t: int) -> tuple[int, int]:
         """``(t_cur, t_i)``: position inside the current cycle and that cycle's length."""
@@ -145,8 +136,8 @@ class StepSchedule:
     name: ClassVar[str] = "step"
 
     def __post_init__(self) -> None:
-        _check_int("step_size", self.step_size, 1)
-        _check_float("gamma", self.gamma)
+        check_int("step_size", self.step_size, 1)
+        check_finite("gamma", self.gamma)
 
     def lr(self, base_lr: float, t: int) -> float:
         return base_lr * self.gamma ** (t // self.step_size)
@@ -167,9 +158,9 @@ class LinearSchedule:
     name: ClassVar[str] = "linear"
 
     def __post_init__(self) -> None:
-        _check_int("total_iters", self.total_iters, 1)
-        _check_float("start_factor", self.start_factor)
-        _check_float("end_factor", self.end_factor)
+        check_int("total_iters", self.total_iters, 1)
+        check_finite("start_factor", self.start_factor)
+        check_finite("end_factor", self.end_factor)
         if not 0.0 <= self.start_factor <= 1.0 or not 0.0 <= self.end_factor <= 1.0:
             raise ValueError(
                 f"linear schedule factors must lie in [0, 1], got start_factor={self.start_factor}, "
@@ -199,8 +190,8 @@ class WarmupSchedule:
     name: ClassVar[str] = "warmup"
 
     def __post_init__(self) -> None:
-        _check_int("warmup_steps", self.warmup_steps, 1)
-        _check_float("warmup_start_factor", self.start_factor)
+        check_int("warmup_steps", self.warmup_steps, 1)
+        check_finite("warmup_start_factor", self.start_factor)
         if not 0.0 < self.start_factor <= 1.0:
             # LinearLR's own bounds: a factor of 0 would make the first step a no-op.
             raise ValueError(f"warmup_start_factor must lie in (0, 1], got {self.start_factor}")
@@ -255,7 +246,7 @@ class LRController:
         telemetry: TelemetryEmitter | None = None,
     ):
         if steps_per_epoch is not None:
-            _check_int("steps_per_epoch", steps_per_epoch, 1)
+            check_int("steps_per_epoch", steps_per_epoch, 1)
         self.schedule = schedule
         self.steps_per_epoch = steps_per_epoch
         self.telemetry = emitter_or_default(telemetry)
@@ -285,7 +276,7 @@ class LRController:
 
     def clock(self, step: int) -> int:
         """The schedule's time at global step ``step``: the step, or its epoch index."""
-        _check_int("step", step, 0)
+        check_int("step", step, 0)
         return step if self.steps_per_epoch is None else step // self.steps_per_epoch
 
     def lr_at(self, step: int) -> list[float]:
@@ -441,11 +432,53 @@ def build_controller(
             raise ValueError("LR policy 'linear' needs t_max (the steps over which the factor moves)")
         main = LinearSchedule(total_iters=t_max, start_factor=start_factor, end_factor=end_factor)
 
-    _check_int("warmup_steps", warmup_steps, 0)
+    check_int("warmup_steps", warmup_steps, 0)
     schedule: Schedule = main
     if warmup_steps > 0:
         schedule = WarmupSchedule(main=main, warmup_steps=warmup_steps, start_factor=warmup_start_factor)
     return LRController(optimizer, schedule, steps_per_epoch=steps_per_epoch, telemetry=telemetry)
+
+
+@dataclass
+class LRConfig(Section):
+    """The learning-rate policy, applied by ``tolaria.lr.build_controller`` at every optimizer step.
+
+    The base LR is the optimizer's own ``lr`` (per param group). Options left at ``None`` are not
+    passed, so ``build_controller`` applies its own defaults and rejects options a policy does not use.
+
+    Attributes:
+        policy: ``"constant"`` (default), ``"cosine"``, ``"step"`` or ``"linear"``.
+        warmup_steps: linear warmup steps before the policy starts (default 0).
+        warmup_start_factor: LR factor at the first warmup step (default: ``build_controller``'s, 1/3).
+        t_max: length of the cosine/linear schedule in steps (default: the run's total steps, when
+            the data has a length or ``max_steps`` is set, minus the warmup).
+        eta_min: floor LR of the cosine (default 0.0).
+        step_size, gamma: for ``"step"``: multiply the LR by ``gamma`` every ``step_size`` steps.
+        restarts, t_mult: for ``"cosine"``: SGDR restarts with period ``restarts`` growing by ``t_mult``.
+        start_factor, end_factor: for ``"linear"``: LR factors at the start and end.
+    """
+
+    # The [lr] table of a run configuration (``tolaria.trainer.TrainerConfig.lr``): its fields are
+    # build_controller's keywords, so they are declared here, beside it, and nowhere else.
+    policy: Literal["constant", "cosine", "step", "linear"] = "constant"
+    warmup_steps: int = 0
+    warmup_start_factor: float | None = None
+    t_max: int | None = None
+    eta_min: float | None = None
+    step_size: int | None = None
+    gamma: float | None = None
+    restarts: int | None = None
+    t_mult: int | None = None
+    start_factor: float | None = None
+    end_factor: float | None = None
+
+    def __post_init__(self) -> None:
+        self._check_types("lr.")
+        check_bound("lr.", "warmup_steps", self.warmup_steps, allow_zero=True)
+
+    def controller_kwargs(self) -> dict[str, Any]:
+        """The options given (not ``None``), as keyword arguments of ``build_controller``."""
+        return {k: v for k, v in self.to_dict().items() if k != "policy" and v is not None and not (k == "warmup_steps" and v == 0)}
 
 
 __all__ = [
@@ -458,5 +491,6 @@ __all__ = [
     "LinearSchedule",
     "WarmupSchedule",
     "LRController",
+    "LRConfig",
     "build_controller",
 ]

@@ -42,6 +42,7 @@ from typing import Any
 import torch
 import torch.profiler
 
+from ._validation import check_int
 from .telemetry import TelemetryEmitter, emitter_or_default
 
 log = logging.getLogger("tolaria.profiler")
@@ -54,14 +55,17 @@ class ProfilerConfigError(ValueError):
 
 
 def _check_count(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ProfilerConfigError(f"profiler {name} must be an int >= {minimum}, got {value!r}")
-    return value
+    # The shared int check, in this module's wording: "profiler <name> must be an int >= <minimum>".
+    return check_int(f"profiler {name}", value, minimum, error=ProfilerConfigError, range_message=False)
 
 
 @dataclass(frozen=True)
 class ProfilerConfig:
     """Profiling settings, as a run configuration holds them.
+
+    The fields and defaults are declared here only: the trainer's ``[profiler]`` section
+    (``tolaria.trainer.config.ProfilerConfig``) is a subclass that adds the configuration checks and
+    lets the run folder supply ``trace_dir``.
 
     ``enabled=True`` needs a ``trace_dir`` (:class:`ProfilerConfigError` otherwise, at construction).
     ``wait``, ``warmup``, ``active_steps`` and ``repeat`` are ``torch.profiler.schedule``'s

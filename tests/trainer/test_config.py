@@ -107,11 +107,26 @@ def test_replace_validates_again():
         TrainerConfig().replace(max_steps=-3)
 
 
-def test_profiler_section_mirrors_the_profilers_own_config():
-    # The trainer hands its [profiler] table to tolaria.profiler.ProfilerConfig by field name, with
-    # the same defaults: a field added to one and not the other must fail here, not in a run.
-    from tolaria import profiler
+def test_component_sections_are_the_components_classes():
+    # Each component declares its configuration once; the trainer composes it. The [lr] section IS
+    # tolaria.lr.LRConfig. The [profiler] section subclasses tolaria.profiler.ProfilerConfig (it only
+    # narrows trace_dir to a string and lets the run folder supply it), so the fields and defaults
+    # cannot drift apart.
+    from tolaria import lr, profiler, trainer
 
+    assert LRConfig is lr.LRConfig is trainer.LRConfig
+    assert issubclass(ProfilerConfig, profiler.ProfilerConfig)
+    assert ProfilerConfig.__dataclass_fields__.keys() == profiler.ProfilerConfig.__dataclass_fields__.keys()
+    own = {name for name in ProfilerConfig.__annotations__}
+    assert own == {"trace_dir"}, f"the trainer's ProfilerConfig re-declares {sorted(own)}"
     section = {f.name: f.default for f in dataclasses.fields(ProfilerConfig)}
     runtime = {f.name: f.default for f in dataclasses.fields(profiler.ProfilerConfig)}
     assert section == runtime
+
+
+def test_lr_policies_match_the_controllers():
+    import typing
+
+    from tolaria.lr import POLICIES
+
+    assert typing.get_args(typing.get_type_hints(LRConfig)["policy"]) == POLICIES

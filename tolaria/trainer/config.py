@@ -7,6 +7,12 @@ Every value is checked on construction; an unknown key (including the prototype'
 as ``tolaria_agg_per_layer_enabled``) raises :class:`ConfigError` listing the valid keys. There is
 no compatibility layer for old names.
 
+A section that configures one component is declared by that component and composed here:
+``lr`` is ``tolaria.lr.LRConfig``; ``profiler`` subclasses ``tolaria.profiler.ProfilerConfig``. The
+validation machinery (type checks, ``from_dict``, ``to_dict``, :class:`ConfigError`) lives in
+``tolaria._validation`` and applies to every dataclass section alike. All of them stay importable
+from here.
+
 Example TOML::
 
     epochs = 5
@@ -32,141 +38,28 @@ Example TOML::
 from __future__ import annotations
 
 import dataclasses
-import math
 import tomllib
-import types
-import typing
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from tolaria import profiler as _profiler
+from tolaria._validation import ConfigError, Section, check_bound
+from tolaria.lr import LRConfig
+
 DEVICES_HELP = '"auto" (CUDA when available, else CPU), "cpu", "cuda" or "cuda:N"'
 AMP_MODES = ("auto", "bf16", "off")
 
-
-class ConfigError(ValueError):
-    """A configuration value or key is invalid; the message names the key and what was expected."""
-
-
-# ---- validation helpers ----------------------------------------------------------------------
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in typing.get_args(tp))
-    if tp is type(None):
-        return "None"
-    if origin is dict:
-        k, v = typing.get_args(tp)
-        return f"table of {_type_name(k)} -> {_type_name(v)}"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _matches(value: Any, tp: Any) -> bool:
-    """Whether ``value`` fits the annotation ``tp`` (the small set of types configs use)."""
-    if tp is Any:
-        return True
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return value in typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        return any(_matches(value, a) for a in typing.get_args(tp))
-    if tp is type(None):
-        return value is None
-    if tp is bool:
-        return isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if tp is str:
-        return isinstance(value, str)
-    if origin is dict:
-        key_tp, val_tp = typing.get_args(tp)
-        return isinstance(value, Mapping) and all(_matches(k, key_tp) and _matches(v, val_tp) for k, v in value.items())
-    if isinstance(tp, type):
-        return isinstance(value, tp)
-    raise TypeError(f"config annotation {tp!r} is not supported by the validator")
-
-
-def _coerce(value: Any, tp: Any) -> Any:
-    """Ints are accepted where floats are expected (TOML writes ``2`` for 2.0); dicts are copied."""
-    if tp is float or (typing.get_origin(tp) in (typing.Union, types.UnionType) and float in typing.get_args(tp)):
-        if isinstance(value, int) and not isinstance(value, bool):
-            return float(value)
-    if isinstance(value, Mapping):
-        return dict(value)
-    return value
-
-
-class _Section:
-    """Shared machinery of every config dataclass: type checks, ``from_dict``, ``to_dict``."""
-
-    def _check_types(self, where: str) -> None:
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            tp = hints[f.name]
-            value = getattr(self, f.name)
-            if dataclasses.is_dataclass(tp):
-                if not isinstance(value, tp):
-                    raise ConfigError(f"{where}{f.name} must be a {tp.__name__} (a table), got {type(value).__name__}")
-                continue
-            if not _matches(value, tp):
-                raise ConfigError(f"{where}{f.name} must be {_type_name(tp)}, got {value!r}")
-            object.__setattr__(self, f.name, _coerce(value, tp))
-
-    @classmethod
-    def valid_keys(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, where: str = ""):
-        """Builds the section from a mapping; unknown keys raise :class:`ConfigError` listing valid ones."""
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"{where.rstrip('.') or 'config'} must be a table, got {type(data).__name__}")
-        valid = cls.valid_keys()
-        unknown = sorted(set(data) - set(valid))
-        if unknown:
-            raise ConfigError(
-                f"unknown config key{'s' if len(unknown) > 1 else ''} "
-                f"{', '.join(where + k for k in unknown)}; valid keys{' in [' + where.rstrip('.') + ']' if where else ''} "
-                f"are: {', '.join(valid)}"
-            )
-        hints = typing.get_type_hints(cls)
-        kwargs: dict[str, Any] = {}
-        for key, value in data.items():
-            tp = hints[key]
-            if dataclasses.is_dataclass(tp) and isinstance(value, Mapping):
-                value = tp.from_dict(value, where=f"{where}{key}.")
-            kwargs[key] = value
-        try:
-            return cls(**kwargs)
-        except ConfigError as exc:
-            if where and not str(exc).startswith(where):
-                raise ConfigError(f"{where}{exc}") from None
-            raise
-
-    def to_dict(self) -> dict[str, Any]:
-        """The section as plain data (TOML/JSON-ready)."""
-        return dataclasses.asdict(self)  # type: ignore[call-overload]
-
-
-def _positive(where: str, name: str, value: float | int | None, *, allow_zero: bool = False) -> None:
-    if value is None:
-        return
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(f"{where}{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+# The old private names, kept for modules that import them from here (trainer/tasks.py and others).
+_Section = Section
+_positive = check_bound
 
 
 # ---- sections --------------------------------------------------------------------------------
 
 
 @dataclass
-class CheckpointConfig(_Section):
+class CheckpointConfig(Section):
     """Snapshots (fast tier, in memory) and durable checkpoints (disk), through ``StateManager``.
 
     Attributes:
@@ -192,56 +85,19 @@ class CheckpointConfig(_Section):
 
     def __post_init__(self) -> None:
         self._check_types("checkpoint.")
-        _positive("checkpoint.", "snapshot_every_steps", self.snapshot_every_steps, allow_zero=True)
-        _positive("checkpoint.", "checkpoint_every_epochs", self.checkpoint_every_epochs, allow_zero=True)
-        _positive("checkpoint.", "keep_last", self.keep_last)
-        _positive("checkpoint.", "fast_cache_mb", self.fast_cache_mb)
-        _positive("checkpoint.", "rollback_deadline_s", self.rollback_deadline_s)
+        check_bound("checkpoint.", "snapshot_every_steps", self.snapshot_every_steps, allow_zero=True)
+        check_bound("checkpoint.", "checkpoint_every_epochs", self.checkpoint_every_epochs, allow_zero=True)
+        check_bound("checkpoint.", "keep_last", self.keep_last)
+        check_bound("checkpoint.", "fast_cache_mb", self.fast_cache_mb)
+        check_bound("checkpoint.", "rollback_deadline_s", self.rollback_deadline_s)
 
 
-@dataclass
-class LRConfig(_Section):
-    """The learning-rate policy, applied by ``tolaria.lr.build_controller`` at every optimizer step.
-
-    The base LR is the optimizer's own ``lr`` (per param group). Options left at ``None`` are not
-    passed, so ``build_controller`` applies its own defaults and rejects options a policy does not use.
-
-    Attributes:
-        policy: ``"constant"`` (default), ``"cosine"``, ``"step"`` or ``"linear"``.
-        warmup_steps: linear warmup steps before the policy starts (default 0).
-        warmup_start_factor: LR factor at the first warmup step (default: ``build_controller``'s, 1/3).
-        t_max: length of the cosine/linear schedule in steps (default: the run's total steps, when
-            the data has a length or ``max_steps`` is set, minus the warmup).
-        eta_min: floor LR of the cosine (default 0.0).
-        step_size, gamma: for ``"step"``: multiply the LR by ``gamma`` every ``step_size`` steps.
-        restarts, t_mult: for ``"cosine"``: SGDR restarts with period ``restarts`` growing by ``t_mult``.
-        start_factor, end_factor: for ``"linear"``: LR factors at the start and end.
-    """
-
-    policy: Literal["constant", "cosine", "step", "linear"] = "constant"
-    warmup_steps: int = 0
-    warmup_start_factor: float | None = None
-    t_max: int | None = None
-    eta_min: float | None = None
-    step_size: int | None = None
-    gamma: float | None = None
-    restarts: int | None = None
-    t_mult: int | None = None
-    start_factor: float | None = None
-    end_factor: float | None = None
-
-    def __post_init__(self) -> None:
-        self._check_types("lr.")
-        _positive("lr.", "warmup_steps", self.warmup_steps, allow_zero=True)
-
-    def controller_kwargs(self) -> dict[str, Any]:
-        """The options given (not ``None``), as keyword arguments of ``build_controller``."""
-        return {k: v for k, v in self.to_dict().items() if k != "policy" and v is not None and not (k == "warmup_steps" and v == 0)}
-
-
-@dataclass
-class ProfilerConfig(_Section):
+@dataclass(frozen=True)  # frozen as its base is (a dataclass cannot thaw a frozen parent)
+class ProfilerConfig(_profiler.ProfilerConfig, Section):
     """Bounded ``torch.profiler`` windows (``tolaria.profiler``), one session per epoch; off by default.
+
+    The fields and defaults are ``tolaria.profiler.ProfilerConfig``'s (this is a subclass); the
+    section checks them as every section does, and lets ``trace_dir`` default to the run folder.
 
     Attributes:
         enabled: profile the run (default False).
@@ -251,26 +107,21 @@ class ProfilerConfig(_Section):
         record_shapes, profile_memory, with_stack: passed to ``torch.profiler.profile`` (default False).
     """
 
-    enabled: bool = False
+    # Narrowed from str | Path: a section is plain TOML/JSON data (to_dict).
     trace_dir: str | None = None
-    wait: int = 1
-    warmup: int = 1
-    active_steps: int = 3
-    repeat: int = 1
-    record_shapes: bool = False
-    profile_memory: bool = False
-    with_stack: bool = False
 
     def __post_init__(self) -> None:
+        # Replaces the base's checks: errors are ConfigErrors naming the key, and an enabled
+        # section without trace_dir is valid (the trainer gives it <run_dir>/traces).
         self._check_types("profiler.")
         for name in ("wait", "warmup"):
-            _positive("profiler.", name, getattr(self, name), allow_zero=True)
-        _positive("profiler.", "active_steps", self.active_steps)
-        _positive("profiler.", "repeat", self.repeat)
+            check_bound("profiler.", name, getattr(self, name), allow_zero=True)
+        check_bound("profiler.", "active_steps", self.active_steps)
+        check_bound("profiler.", "repeat", self.repeat)
 
 
 @dataclass
-class TelemetryConfig(_Section):
+class TelemetryConfig(Section):
     """Where telemetry goes and how often; see ``tolaria.telemetry``.
 
     Attributes:
@@ -297,15 +148,15 @@ class TelemetryConfig(_Section):
 
     def __post_init__(self) -> None:
         self._check_types("telemetry.")
-        _positive("telemetry.", "log_every_steps", self.log_every_steps)
-        _positive("telemetry.", "batch_size", self.batch_size)
+        check_bound("telemetry.", "log_every_steps", self.log_every_steps)
+        check_bound("telemetry.", "batch_size", self.batch_size)
         for kind, rate in self.rate_limits.items():
             if rate <= 0:
                 raise ConfigError(f"telemetry.rate_limits[{kind!r}] must be > 0, got {rate}")
 
 
 @dataclass
-class SafetyConfig(_Section):
+class SafetyConfig(Section):
     """What happens on non-finite values, emergencies and slow epochs.
 
     Attributes:
@@ -329,17 +180,17 @@ class SafetyConfig(_Section):
 
     def __post_init__(self) -> None:
         self._check_types("safety.")
-        _positive("safety.", "rollback_after", self.rollback_after)
-        _positive("safety.", "max_rollbacks", self.max_rollbacks, allow_zero=True)
-        _positive("safety.", "max_grad_norm", self.max_grad_norm)
-        _positive("safety.", "epoch_time_budget_s", self.epoch_time_budget_s)
-        _positive("safety.", "halt_check_every_steps", self.halt_check_every_steps)
+        check_bound("safety.", "rollback_after", self.rollback_after)
+        check_bound("safety.", "max_rollbacks", self.max_rollbacks, allow_zero=True)
+        check_bound("safety.", "max_grad_norm", self.max_grad_norm)
+        check_bound("safety.", "epoch_time_budget_s", self.epoch_time_budget_s)
+        check_bound("safety.", "halt_check_every_steps", self.halt_check_every_steps)
         if self.emergency_signal is not None and not self.emergency_signal:
             raise ConfigError("safety.emergency_signal must be a non-empty name or omitted")
 
 
 @dataclass
-class DistributedConfig(_Section):
+class DistributedConfig(Section):
     """Running on several processes (``torchrun --nproc-per-node N``); ignored in a single process.
 
     Attributes:
@@ -361,13 +212,13 @@ class DistributedConfig(_Section):
 
     def __post_init__(self) -> None:
         self._check_types("distributed.")
-        _positive("distributed.", "emergency_check_every", self.emergency_check_every)
-        _positive("distributed.", "bucket_mb", self.bucket_mb)
-        _positive("distributed.", "timeout_s", self.timeout_s)
+        check_bound("distributed.", "emergency_check_every", self.emergency_check_every)
+        check_bound("distributed.", "bucket_mb", self.bucket_mb)
+        check_bound("distributed.", "timeout_s", self.timeout_s)
 
 
 @dataclass
-class TrainerConfig(_Section):
+class TrainerConfig(Section):
     """Everything a :class:`~tolaria.trainer.Trainer` run is configured by.
 
     Attributes:
@@ -427,14 +278,14 @@ class TrainerConfig(_Section):
                 "instance, pass it to the trainer: Trainer(..., aggregator=instance)"
             )
         self._check_types("")
-        _positive("", "epochs", self.epochs)
-        _positive("", "max_steps", self.max_steps)
-        _positive("", "control_timeout_s", self.control_timeout_s)
-        _positive("", "control_every_steps", self.control_every_steps, allow_zero=True)
-        _positive("", "control_failure_threshold", self.control_failure_threshold)
-        _positive("", "control_cooldown_s", self.control_cooldown_s, allow_zero=True)
-        _positive("", "control_recovery_calls", self.control_recovery_calls, allow_zero=True)
-        _positive("", "control_max_abandoned", self.control_max_abandoned, allow_zero=True)
+        check_bound("", "epochs", self.epochs)
+        check_bound("", "max_steps", self.max_steps)
+        check_bound("", "control_timeout_s", self.control_timeout_s)
+        check_bound("", "control_every_steps", self.control_every_steps, allow_zero=True)
+        check_bound("", "control_failure_threshold", self.control_failure_threshold)
+        check_bound("", "control_cooldown_s", self.control_cooldown_s, allow_zero=True)
+        check_bound("", "control_recovery_calls", self.control_recovery_calls, allow_zero=True)
+        check_bound("", "control_max_abandoned", self.control_max_abandoned, allow_zero=True)
         _check_device(self.device)
         if not self.aggregator:
             raise ConfigError("aggregator must be a non-empty name")
