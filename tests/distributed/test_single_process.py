@@ -34,7 +34,8 @@ from tolaria.distributed import (
     verify_buffer_layout,
     verify_replicas,
 )
-from tolaria.distributed import _decode, _encode
+from tolaria.distributed.collectives import decode_tree as _decode
+from tolaria.distributed.collectives import encode_tree as _encode
 from tolaria.emergency import EmergencyLevel
 from tolaria.state import CheckpointError, StateManager
 from tolaria.telemetry import MemorySink, TelemetryEmitter
@@ -222,7 +223,7 @@ def test_functions_name_a_wrong_context():
 
 
 def test_a_padded_buffer_is_reduced_over_its_storage_span():
-    from tolaria.distributed import _flat_span
+    from tolaria.distributed.collectives import flat_span as _flat_span
 
     storage = torch.arange(3 * 40, dtype=torch.float32).view(3, 40)
     view = storage[:, :33]

@@ -23,7 +23,6 @@ from torch.utils.data import DistributedSampler, TensorDataset
 from tolaria.aggregation import GradientBuffer, PCGrad
 from tolaria.distributed import (
     DistributedContext,
-    _import_before_process_group,
     agree_on_emergency,
     allreduce_gradient_buffer,
     any_rank,
@@ -35,6 +34,9 @@ from tolaria.distributed import (
     shard,
     synchronized_generator,
     verify_replicas,
+)
+from tolaria.distributed.context import (
+    import_before_process_group as _import_before_process_group,
 )
 from tolaria.emergency import EmergencyController, EmergencyLevel, LocalEmergencySignal
 from tolaria.state import StateManager
