@@ -2,6 +2,13 @@
 
 - :class:`Trainer` / :class:`RunSummary` (``loop``): the loop, assembled from the parts below.
 - :class:`TrainerConfig` (``config``): the typed, validated run configuration (TOML-loadable).
+- ``wiring``: builds the trainer's components from the config (telemetry, aggregator, LR, state,
+  signal, safety, mediator, profiler).
+- ``control``: the control step (policy via the mediator; rank 0 decides, every rank applies) and
+  the ranks' agreement on the emergency level.
+- ``checkpointing``: durable checkpoints, resume and rollback snapshots (``aggregator_state``: the
+  aggregator's part of them).
+- ``batches``: batches and devices (model inputs, moving batches, the run's device, autocast).
 - ``gradient``: named losses -> ``GradientBuffer`` -> aggregator -> ``.grad``, with per-source stats.
 - :class:`ControlMediator` (``mediator``): policy/executor calls under timeouts on a long-lived worker.
 - :class:`SafetyGuard` (``safety``): non-finite steps, rollback, HALT, epoch time budgets.

@@ -10,58 +10,53 @@ At an epoch end: evaluation (if given) -> epoch summary -> time budget check -> 
 
 Every run ends with a final durable checkpoint, however it stops (completed, ``max_steps``, HALT, or
 Ctrl-C), and returns a :class:`RunSummary`.
+
+This module is the loop; its parts live beside it: ``wiring`` builds the components, ``control``
+consults the policy (and makes the ranks agree), ``checkpointing`` saves and restores, ``batches``
+handles batches and devices.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from tolaria import profiler as profiler_mod
+from tolaria.aggregation import Aggregator
 from tolaria.distributed import (
     DistributedContext,
-    DistributedError,
-    ShardedLoader,
-    agree_on_emergency_level,
-    any_rank,
-    bind_rank,
-    broadcast_json,
     broadcast_module_state,
-    checkpoint_barrier,
-    rank_telemetry,
-    resume_from_checkpoint,
-    shard,
-    synchronized_generator,
     telemetry_file_name,
 )
-from tolaria.aggregation import Aggregator, aggregator_class, registered_name
-from tolaria.emergency import EmergencyController, EmergencyLevel, LocalEmergencySignal
-from tolaria.lr import build_controller
 from tolaria.optim import OptimizerManager
-from tolaria.state import StateError, StateManager
-from tolaria.telemetry import JsonlSink, LoggingSink, TelemetryEmitter, TensorBoardSink
+from tolaria.state import StateManager
+from tolaria.telemetry import TelemetryEmitter
 
-from .aggregator_state import aggregator_extra, restore_aggregator
-from .config import ConfigError, TrainerConfig
-from .gradient import GradientStage, SourceAccumulator, SourceStats, build_aggregator, emit_step_metrics
-from .mediator import ControlMediator, ControlState, Executor, Policy
-from .safety import HALT, ROLLED_BACK, SKIP, SafetyGuard
+from . import checkpointing, control, wiring
+from .batches import (
+    autocast,
+    data_length,
+    default_run_dir,  # noqa: F401 (re-exported: tolaria train imports it from here)
+    first_tensor,
+    move_to,
+    resolve_device,
+    split_inputs,
+)
+from .config import TrainerConfig
+from .gradient import GradientStage, SourceAccumulator, SourceStats, emit_step_metrics
+from .mediator import ControlMediator, Executor, Policy
+from .safety import HALT, ROLLED_BACK, SKIP
 
 log = logging.getLogger("tolaria.trainer")
 
-TELEMETRY_FILE = "telemetry.jsonl"
-CONFIG_FILE = "run_config.json"
+# Re-exported: the run folder's file names were defined here before the wiring had its own module.
+TELEMETRY_FILE, CONFIG_FILE = wiring.TELEMETRY_FILE, wiring.CONFIG_FILE
 
 COMPLETED, MAX_STEPS, HALTED, INTERRUPTED = "completed", "max_steps", "halted", "interrupted"
 
@@ -128,70 +123,6 @@ class RunSummary:
         return "\n".join([rule, *(f"{k.ljust(width)} | {v}" for k, v in rows), rule])
 
 
-# ---- batches and devices -----------------------------------------------------------------------
-
-
-def split_inputs(batch: Any) -> Any:
-    """The model's input of a batch: the batch itself (a tensor), its first item (a tuple or list),
-    or its ``"inputs"`` entry (a mapping)."""
-    if isinstance(batch, Tensor):
-        return batch
-    if isinstance(batch, (tuple, list)):
-        if not batch:
-            raise ValueError("got an empty batch")
-        return batch[0]
-    if isinstance(batch, Mapping):
-        if "inputs" not in batch:
-            raise KeyError(f"a mapping batch needs an 'inputs' entry for the model; it has {sorted(map(str, batch))}")
-        return batch["inputs"]
-    raise TypeError(f"batches must be a tensor, a tuple/list or a mapping, got {type(batch).__name__}")
-
-
-def move_to(obj: Any, device: torch.device) -> Any:
-    """``obj`` with every tensor inside (tuples, lists, mappings) moved to ``device``."""
-    if isinstance(obj, Tensor):
-        return obj.to(device, non_blocking=True)
-    if isinstance(obj, tuple):
-        moved = [move_to(o, device) for o in obj]
-        return type(obj)(*moved) if hasattr(obj, "_fields") else tuple(moved)
-    if isinstance(obj, list):
-        return [move_to(o, device) for o in obj]
-    if isinstance(obj, Mapping):
-        return {k: move_to(v, device) for k, v in obj.items()}
-    return obj
-
-
-def first_tensor(obj: Any) -> Tensor | None:
-    """The first tensor in ``obj`` (depth first), or None."""
-    if isinstance(obj, Tensor):
-        return obj
-    if isinstance(obj, (tuple, list)):
-        items: Iterable[Any] = obj
-    elif isinstance(obj, Mapping):
-        items = obj.values()
-    else:
-        return None
-    for item in items:
-        found = first_tensor(item)
-        if found is not None:
-            return found
-    return None
-
-
-def resolve_device(name: str) -> torch.device:
-    """The device a config names (``"auto"``: CUDA when available, else CPU); unavailable CUDA raises."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} was asked for but CUDA is not available; use device='auto' or 'cpu'")
-    return device
-
-
-def default_run_dir() -> Path:
-    return Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
-
-
 # ---- the trainer -------------------------------------------------------------------------------
 
 
@@ -250,41 +181,15 @@ class Trainer:
         forward: Callable[[nn.Module, Any], Any] | None = None,
         ctx: DistributedContext | None = None,
     ):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        if not callable(loss_fn):
-            raise TypeError("loss_fn must be callable as loss_fn(outputs, batch)")
-        config = config if config is not None else TrainerConfig()
-        if not isinstance(config, TrainerConfig):
-            raise TypeError(f"config must be a TrainerConfig, got {type(config).__name__}")
-        if isinstance(aggregator, str):
-            config = dataclasses.replace(config, aggregator=aggregator)
-        elif aggregator is not None and not isinstance(aggregator, Aggregator):
-            raise TypeError(f"aggregator must be a tolaria Aggregator or a name, got {type(aggregator).__name__}")
-        elif aggregator is not None:
-            if config.aggregator_options:
-                raise ConfigError(
-                    f"aggregator_options {sorted(config.aggregator_options)} configure an aggregator built by name; "
-                    f"the instance {aggregator!r} is already built: pass its options to its constructor"
-                )
-            config = dataclasses.replace(config, aggregator=registered_name(aggregator))  # for run_config.json
+        config = wiring.check_arguments(model, optimizer, loss_fn, config, aggregator)
         self.config = config
         self.model = model
         self.data = data
         self.loss_fn = loss_fn
         self.evaluate = evaluate
         self.forward = forward
-        if ctx is not None and not isinstance(ctx, DistributedContext):
-            raise TypeError(f"ctx must be a DistributedContext, got {type(ctx).__name__}")
-        self._owns_ctx = ctx is None
-        if ctx is None:
-            wanted = resolve_device(config.device)
-            # "cuda" (no index) lets a torchrun rank take its own GPU; an explicit cuda:N is kept.
-            ctx_device = "cuda" if wanted.type == "cuda" and config.device in ("auto", "cuda") else wanted
-            ctx = DistributedContext.from_environment(device=ctx_device, timeout_s=config.distributed.timeout_s)
-        self.ctx = ctx
+        self.ctx, self._owns_ctx = wiring.open_context(config, ctx)
+        ctx = self.ctx
         self._closed = False
         self.telemetry = None  # type: ignore[assignment]  # set below; close() checks it
         self._owns_telemetry = False
@@ -295,65 +200,32 @@ class Trainer:
         try:
             self.device = ctx.device if ctx.is_distributed else resolve_device(config.device)
             self.model.to(self.device)
-            _move_optimizer_state(optimizer)
-            run_dir = Path(config.run_dir) if config.run_dir is not None else default_run_dir()
-            # Every rank uses rank 0's folder (a default one is a timestamp, which could differ per rank).
-            self.run_dir = Path(broadcast_json(str(run_dir), ctx)) if ctx.is_distributed else run_dir
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            wiring.move_optimizer_state(optimizer)
+            self.run_dir = wiring.prepare_run_dir(config, ctx)
             self._owns_telemetry = telemetry is None
-            self.telemetry = telemetry if telemetry is not None else self._build_telemetry()
+            self.telemetry = telemetry if telemetry is not None else wiring.build_telemetry(config, ctx, self.run_dir)
         except BaseException:
             self.close()
             raise
-        if ctx.is_distributed:
-            bind_rank(self.telemetry, ctx)
-            self.telemetry.bind(epoch=0, step=0)
-        else:
-            self.telemetry.bind(rank=ctx.rank, epoch=0, step=0)
-        if ctx.is_main:
-            (self.run_dir / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
+        wiring.bind_telemetry(self.telemetry, ctx)
+        wiring.write_run_config(config, ctx, self.run_dir)
 
         try:
             broadcast_module_state(self.model, ctx)  # replicas start from rank 0's parameters
-            self.data = self._shard(data)
-            self.generator: torch.Generator | None = None
-            if isinstance(aggregator, Aggregator):
-                # The caller's instance draws from its own generator (if it has one); under torchrun
-                # it must be seeded alike on every rank, which the replica checks verify.
-                self.aggregator = aggregator
-            else:
-                aggregator_options = dict(config.aggregator_options)
-                if aggregator_class(config.aggregator).takes_generator() and "generator" not in aggregator_options:
-                    # The same draws on every rank (and a state to checkpoint): replicas stay identical.
-                    self.generator = synchronized_generator(config.seed, ctx, telemetry=self.telemetry)
-                    aggregator_options["generator"] = self.generator
-                self.aggregator = build_aggregator(config.aggregator, **aggregator_options)
+            self.data = wiring.shard_data(data, ctx, seed=config.seed or 0, telemetry=self.telemetry)
+            self.aggregator, self.generator = wiring.wire_aggregator(config, aggregator, ctx, self.telemetry)
             self.stage = GradientStage(
                 self.model, self.aggregator, max_grad_norm=config.safety.max_grad_norm, ctx=ctx,
                 bucket_mb=config.distributed.bucket_mb, shared=shared,
             )
             self.optim = OptimizerManager(optimizer, telemetry=self.telemetry)
-            self.lr = self._build_lr(optimizer)
-            # Rank 0 owns the checkpoints; the others keep only their fast snapshots (for rollbacks).
-            self.state = StateManager(
-                self.run_dir / ("checkpoints" if ctx.is_main else f"state-rank{ctx.rank}"),
-                fast_cache_mb=config.checkpoint.fast_cache_mb,
-                keep_last=config.checkpoint.keep_last, telemetry=self.telemetry,
-            )
-            self._shared_signal, self._owns_signal = self._open_signal()
-            signal = self._shared_signal if self._shared_signal is not None else LocalEmergencySignal("trainer")
-            self.emergency = EmergencyController(signal=signal, telemetry=self.telemetry)
-            self.safety = SafetyGuard(
-                config.safety, self.state, self.emergency,
-                rollback_deadline_s=config.checkpoint.rollback_deadline_s, telemetry=self.telemetry,
-            )
-            self.mediator = ControlMediator(
-                policy, executor, timeout_s=config.control_timeout_s,
-                failure_threshold=config.control_failure_threshold, cooldown_s=config.control_cooldown_s,
-                recovery_calls=config.control_recovery_calls, max_abandoned=config.control_max_abandoned,
-                telemetry=self.telemetry,
-            )
-            self.profiler = self._build_profiler()
+            self.lr = wiring.build_lr(config, optimizer, self.data, self.telemetry)
+            self.state = wiring.build_state(config, self.run_dir, ctx, self.telemetry)
+            self._shared_signal, self._owns_signal = wiring.open_signal(config, self.telemetry)
+            self.emergency = wiring.build_emergency(self._shared_signal, self.telemetry)
+            self.safety = wiring.build_safety(config, self.state, self.emergency, self.telemetry)
+            self.mediator = wiring.build_mediator(config, policy, executor, self.telemetry)
+            self.profiler = wiring.build_profiler(config, self.run_dir, self.telemetry)
             self._forward_model: Callable[..., Any] = torch.compile(self.model) if config.compile else self.model
         except BaseException:
             self.close()  # release what was built (folder lock, shared signal, telemetry file)
@@ -363,102 +235,16 @@ class Trainer:
         self._fitted = False
         self._confirm_rebuild = False
 
-    # ---- construction helpers ------------------------------------------------------------------
-
     @property
     def optimizer(self) -> torch.optim.Optimizer:
         """The live optimizer (a new object after an optimizer rebuild)."""
         return self.optim.optimizer
 
-    def _build_telemetry(self) -> TelemetryEmitter:
-        cfg = self.config.telemetry
-        distributed = self.ctx.is_distributed
-        sinks: list[Any] = []
-        rank_jsonl = cfg.jsonl and distributed  # telemetry-rank<r>.jsonl, through rank_telemetry below
-        if cfg.jsonl and not distributed:
-            sinks.append(JsonlSink(self.run_dir / TELEMETRY_FILE))
-        if cfg.log_severity != "off":
-            sinks.append(LoggingSink(min_severity=cfg.log_severity))
-        if cfg.tensorboard:
-            sinks.append(TensorBoardSink(self.run_dir / ("tensorboard" if not distributed else f"tensorboard-rank{self.ctx.rank}")))
-        if rank_jsonl:
-            # telemetry-rank<r>.jsonl, every record tagged with the rank and rank 0's run id.
-            return rank_telemetry(self.ctx, self.run_dir, sinks=sinks, batch_size=cfg.batch_size, rate_limits=cfg.rate_limits)
-        if not sinks:
-            raise ConfigError("telemetry has no sink: enable telemetry.jsonl, telemetry.tensorboard or a log_severity")
-        return TelemetryEmitter(sinks, batch_size=cfg.batch_size, rate_limits=cfg.rate_limits)
-
-    def _shard(self, data: Iterable[Any]) -> Iterable[Any]:
-        """This rank's share of ``data`` (``data`` itself in one process)."""
-        ctx = self.ctx
-        if not ctx.is_distributed or isinstance(data, ShardedLoader):
-            return data
-        if isinstance(data, torch.utils.data.DataLoader):
-            return shard(data, ctx, seed=self.config.seed or 0, telemetry=self.telemetry)
-        for_rank = getattr(data, "for_rank", None)
-        if callable(for_rank):
-            return for_rank(ctx.rank, ctx.world_size)
-        message = (
-            f"data of type {type(data).__name__} cannot be sharded by the trainer (not a DataLoader, no "
-            f"for_rank(rank, world_size)); it is used as given and must already be rank {ctx.rank}'s shard, "
-            "with the same number of batches on every rank"
-        )
-        log.warning(message)
-        self.telemetry.event("distributed.data_unsharded", severity="warning", message=message)
-        return data
-
-    def _total_steps(self) -> int | None:
-        per_epoch = _length(self.data)
-        by_epochs = None if per_epoch is None else per_epoch * self.config.epochs
-        if self.config.max_steps is None:
-            return by_epochs
-        return self.config.max_steps if by_epochs is None else min(by_epochs, self.config.max_steps)
-
-    def _build_lr(self, optimizer: torch.optim.Optimizer):
-        cfg = self.config.lr
-        kwargs = cfg.controller_kwargs()
-        needs_length = cfg.policy == "linear" or (cfg.policy == "cosine" and cfg.restarts is None)
-        if needs_length and cfg.t_max is None:
-            total = self._total_steps()
-            if total is None:
-                raise ConfigError(
-                    f"lr.policy {cfg.policy!r} needs lr.t_max: the data has no len() and max_steps is not set"
-                )
-            kwargs["t_max"] = max(1, total - cfg.warmup_steps)
-        return build_controller(optimizer, cfg.policy, telemetry=self.telemetry, **kwargs)
-
-    def _open_signal(self):
-        name = self.config.safety.emergency_signal
-        if name is None:
-            return None, False
-        from tolaria.signals import SharedEmergencySignal
-
-        try:
-            return SharedEmergencySignal.attach(name), False
-        except FileNotFoundError:
-            signal = SharedEmergencySignal.create(name)
-            self.telemetry.event("safety.signal_created", message=f"created shared emergency signal {name!r}", signal=name)
-            return signal, True
-
-    def _build_profiler(self):
-        cfg = self.config.profiler
-        trace_dir = cfg.trace_dir or (str(self.run_dir / "traces") if cfg.enabled else None)
-        # The config section mirrors tolaria.profiler.ProfilerConfig field for field (a test holds
-        # them together); only the trace folder's default, the run folder, is the trainer's own.
-        pcfg = profiler_mod.ProfilerConfig(**{**cfg.to_dict(), "trace_dir": trace_dir})
-        return profiler_mod.build_profiler(pcfg, run_id=str(self.telemetry.attributes.get("run_id")), telemetry=self.telemetry)
-
-    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        amp = self.config.amp
-        if amp == "off" or (amp == "auto" and self.device.type != "cuda"):
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-
     # ---- one step --------------------------------------------------------------------------------
 
     def _compute_losses(self, batch: Any) -> Tensor | Mapping[str, Tensor]:
         model_device = next(self.model.parameters()).device
-        with self._autocast():
+        with autocast(self.config.amp, self.device):
             inputs = move_to(split_inputs(batch), model_device)
             outputs = self.forward(self._forward_model, inputs) if self.forward else self._forward_model(inputs)
             out = first_tensor(outputs)
@@ -466,30 +252,14 @@ class Trainer:
                 raise TypeError(f"the model returned no tensor (got {type(outputs).__name__})")
             return self.loss_fn(outputs, move_to(batch, out.device))
 
-    def _agree_on_emergency(self) -> None:
-        """The highest emergency level over the ranks becomes this rank's (no-op in one process)."""
-        if self.ctx.is_distributed:
-            agree_on_emergency_level(self.emergency.level, self.ctx, controller=self.emergency, telemetry=self.telemetry)
-
     def _train_step(self, batch: Any) -> tuple[str, SourceStats]:
         self.stage.zero_grad()
         stats = self.stage.backward(self._compute_losses(batch))
         verdict = self.safety.check_step(stats, self.step, self.model, self.optimizer)
-        if self.ctx.is_distributed and verdict.action in (ROLLED_BACK, HALT):
-            # The stats are identical on every rank, so all ranks got here; but a rollback has a
-            # deadline, so it can fail on one rank only: then every rank halts.
-            if any_rank(verdict.action == HALT, self.ctx) and verdict.action != HALT:
-                reason = "a rollback failed on another rank; halting every rank"
-                self.emergency.escalate(EmergencyLevel.HALT, reason)
-                verdict = type(verdict)(HALT, reason=reason)
+        verdict = control.agree_on_verdict(self, verdict)  # with several ranks: a HALT on one halts all
         if verdict.action == ROLLED_BACK:
             assert verdict.step is not None
-            # The aggregator's state goes back with the model: a moving average that took in the
-            # non-finite steps would otherwise carry them past the rollback.
-            restore_aggregator(self.aggregator, self.generator, self.state.last_restored_extra, telemetry=self.telemetry,
-                               where=f"the state rolled back to (step {verdict.step})")
-            self.step = verdict.step
-            self.telemetry.bind(step=self.step)
+            checkpointing.restore_after_rollback(self, verdict.step)
             return ROLLED_BACK, stats
         if verdict.action in (SKIP, HALT):
             if verdict.action == HALT:
@@ -509,16 +279,6 @@ class Trainer:
         if every and self.step % every == 0:
             self._snapshot()
         return "step", stats
-
-    def _snapshot(self) -> None:
-        try:
-            self.state.snapshot(self.step, self.model, self.optimizer,
-                                extra=aggregator_extra(self.aggregator, self.generator))
-        except StateError as exc:  # e.g. the optimizer state outgrew the cache: reported, training goes on
-            message = f"snapshot at step {self.step} failed: {exc}; rollbacks will use older snapshots or checkpoints"
-            log.error(message)
-            self.telemetry.count("train.snapshot_failures")
-            self.telemetry.event("train.snapshot_failed", severity="error", message=message)
 
     # ---- the run ---------------------------------------------------------------------------------
 
@@ -542,8 +302,7 @@ class Trainer:
             resumed = self._resume() if self.config.checkpoint.resume else None
             start_epoch = epochs_done = self.epoch
             last_ckpt: int | None = resumed
-            self.state.snapshot(self.step, self.model, self.optimizer,
-                                extra=aggregator_extra(self.aggregator, self.generator))  # the first rollback target
+            checkpointing.first_snapshot(self)  # the first rollback target
             self.telemetry.event(
                 "train.start", message=f"training in {self.run_dir}", run_dir=str(self.run_dir),
                 device=str(self.device), aggregator=repr(self.aggregator), epochs=self.config.epochs,
@@ -565,7 +324,7 @@ class Trainer:
                 self.telemetry.flush()  # the epoch's records reach the sinks with its checkpoint
                 if status == MAX_STEPS:
                     break
-                self._agree_on_emergency()
+                control.agree_on_emergency(self)
                 reason = self.safety.halt_reason()
                 if reason is not None:
                     status, self._halt_reason = HALTED, reason
@@ -615,8 +374,7 @@ class Trainer:
         cfg = self.config
         log_every = cfg.telemetry.log_every_steps
         halt_every = cfg.safety.halt_check_every_steps
-        distributed = self.ctx.is_distributed
-        if distributed:
+        if self.ctx.is_distributed:
             # Every rank must stop at the same step: halts are read only where the ranks agree.
             halt_every = cfg.distributed.emergency_check_every
         if hasattr(self.data, "set_epoch"):
@@ -626,7 +384,7 @@ class Trainer:
         if cfg.progress and self.ctx.is_main:
             from tqdm.auto import tqdm
 
-            bar = tqdm(self.data, total=_length(self.data), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=True, dynamic_ncols=True)
+            bar = tqdm(self.data, total=data_length(self.data), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=True, dynamic_ncols=True)
             batches = bar
         epoch_start = time.monotonic()
         attempts = 0
@@ -635,7 +393,7 @@ class Trainer:
                 for batch in batches:
                     attempts += 1
                     if attempts % halt_every == 0:
-                        self._agree_on_emergency()
+                        control.agree_on_emergency(self)
                         reason = self.safety.halt_reason()
                         if reason is not None:
                             self._halt_reason = reason
@@ -652,7 +410,7 @@ class Trainer:
                             if bar is not None:
                                 bar.set_postfix({n: f"{v:.3f}" for n, v in zip(stats.names, stats.losses)}, refresh=False)
                     if cfg.control_every_steps and self.step and self.step % cfg.control_every_steps == 0 and action == "step":
-                        self._control(epoch_stats, {}, time.monotonic() - epoch_start)
+                        control.control(self, epoch_stats, {}, time.monotonic() - epoch_start)
                     if cfg.max_steps is not None and self.step >= cfg.max_steps:
                         return MAX_STEPS, False
         except KeyboardInterrupt:
@@ -670,7 +428,7 @@ class Trainer:
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.no_grad(), self._autocast():
+            with torch.no_grad(), autocast(self.config.amp, self.device):
                 result = self.evaluate(self.model)
         finally:
             self.model.train(was_training)
@@ -690,136 +448,21 @@ class Trainer:
             train_steps=summary.pop("steps"), duration_s=elapsed, metrics=metrics, **summary,
         )
         self.safety.check_epoch_time(epoch, elapsed)
-        self._control(stats, metrics, time.monotonic() - started)
+        control.control(self, stats, metrics, time.monotonic() - started)
         self.safety.end_epoch(epoch)
         self.telemetry.flush_counters()
         return metrics
 
-    # ---- control ---------------------------------------------------------------------------------
-
-    def _control(self, stats: SourceAccumulator, metrics: Mapping[str, float], elapsed_s: float) -> None:
-        if self.mediator.policy is None:
-            return
-        if self.ctx.is_distributed:
-            self._control_distributed(stats, metrics, elapsed_s)
-            return
-        decision = self._consult(stats, metrics, elapsed_s)
-        self._apply_conservative(decision)
-        if decision["params_changed"]:
-            self._rebuild_optimizer()
-
-    def _consult(self, stats: SourceAccumulator, metrics: Mapping[str, float], elapsed_s: float) -> dict[str, Any]:
-        """Consults the mediator once; returns what changed (a JSON-able dict, broadcast by rank 0)."""
-        was_conservative, params_before = self.mediator.conservative, self._param_ids()
-        self.mediator.consult(self._control_state(stats, metrics, elapsed_s))  # losses: all-reduced per step
-        return {
-            "was_conservative": was_conservative,
-            "conservative": self.mediator.conservative,
-            "reason": self.mediator.conservative_reason,
-            "params_changed": self._param_ids() != params_before,
-            "lrs": [float(g["lr"]) for g in self.optimizer.param_groups],
-        }
-
-    def _apply_conservative(self, decision: Mapping[str, Any], where: str = "") -> None:
-        """Enters or leaves the conservative emergency level as the mediator did (``where``: " on rank 0")."""
-        if decision["conservative"] and not decision["was_conservative"]:
-            self.emergency.escalate(EmergencyLevel.CONSERVATIVE, f"control calls failing{where}: {decision['reason']}")
-        elif decision["was_conservative"] and not decision["conservative"] and self.emergency.level == EmergencyLevel.CONSERVATIVE:
-            self.emergency.deescalate(EmergencyLevel.NONE, f"control calls succeed again{where}")
-
-    def _control_state(self, stats: SourceAccumulator, metrics: Mapping[str, float], elapsed_s: float) -> ControlState:
-        return ControlState(
-            epoch=self.epoch, step=self.step, losses=dict(stats.losses), metrics=dict(metrics),
-            lr=tuple(self.lr.get_last_lr()) if self.lr.last_step is not None else tuple(g["lr"] for g in self.optimizer.param_groups),
-            conflict_rate=stats.conflict_rate, emergency_level=self.emergency.level.name,
-            conservative=self.mediator.conservative, elapsed_s=elapsed_s,
-        )
-
-    def _control_distributed(self, stats: SourceAccumulator, metrics: Mapping[str, float], elapsed_s: float) -> None:
-        """Rank 0 consults the mediator (its calls are timed, so outcomes could differ per rank) and
-        broadcasts the outcome; every rank then takes the same decisions at the same step."""
-        ctx = self.ctx
-        decision: dict[str, Any] | None = None
-        if ctx.is_main:
-            decision = self._consult(stats, metrics, elapsed_s)
-        decision = broadcast_json(decision, ctx)
-        if decision["params_changed"]:
-            raise DistributedError(
-                "the control executor changed the model's parameters on rank 0; grafting modules is not supported "
-                "with several ranks (the other ranks' replicas would differ); stopping every rank"
-            )
-        if len(decision["lrs"]) != len(self.optimizer.param_groups):
-            raise DistributedError(f"rank 0 has {len(decision['lrs'])} param groups, rank {ctx.rank} has "
-                                   f"{len(self.optimizer.param_groups)}")
-        for group, lr in zip(self.optimizer.param_groups, decision["lrs"]):
-            group["lr"] = lr  # an LR a command set on rank 0 holds everywhere
-        self._apply_conservative(decision, where=" on rank 0")
-
-    def _param_ids(self) -> tuple[int, ...]:
-        return tuple(id(p) for p in self.model.parameters() if p.requires_grad)
-
-    def _rebuild_optimizer(self) -> None:
-        result = self.optim.rebuild(self.model)
-        if not result.success:
-            message = f"the model's parameters changed but the optimizer rebuild failed: {result.error}"
-            log.error(message)
-            self.telemetry.event("train.rebuild_failed", severity="error", message=message)
-            return
-        self.lr.attach(self.optim.optimizer)
-        self.stage.rebind(self.model)
-        self._confirm_rebuild = True  # the next step tells the breaker whether the rebuild really worked
-        self._snapshot()  # older snapshots hold the old parameter set; give rollbacks a matching target
-        self.telemetry.event(
-            "train.rebuilt", message=f"parameters changed: optimizer rebuilt (+{result.added} / -{result.removed})",
-            added=result.added, removed=result.removed,
-        )
-
-    # ---- checkpoints and resume ------------------------------------------------------------------
+    # ---- checkpoints (in ``checkpointing``; methods, so that tests can replace ``_snapshot``) --
 
     def _checkpoint(self, *, epoch_complete: bool, final: bool) -> int | None:
-        extra = {
-            "epoch": self.epoch,
-            "epoch_complete": epoch_complete,
-            "step": self.step,
-            "lr": self.lr.state_dict(),
-            "sources": list(self.stage.names or ()),
-        }
-        extra.update(aggregator_extra(self.aggregator, self.generator))
-        try:
-            # Every rank: agree on the step, verify the replicas, rank 0 writes between barriers.
-            checkpoint_barrier(self.state if self.ctx.is_main else None, self.ctx, self.step, self.model, self.optimizer,
-                               extra, telemetry=self.telemetry)
-        except Exception as exc:
-            message = f"{'final' if final else 'periodic'} checkpoint at step {self.step} failed: {type(exc).__name__}: {exc}"
-            log.critical(message)
-            self.telemetry.event("train.checkpoint_failed", severity="critical", message=message, final=final)
-            if final:
-                raise
-            self.emergency.escalate(EmergencyLevel.ELEVATED, message)
-            return None
-        self.telemetry.event(
-            "train.checkpoint", message=f"checkpoint at step {self.step}", final=final, epoch_complete=epoch_complete,
-        )
-        return self.step
+        return checkpointing.checkpoint(self, epoch_complete=epoch_complete, final=final)
 
     def _resume(self) -> int:
-        # Rank 0 restores, every other rank receives the same state (and all raise if any fails).
-        restored = resume_from_checkpoint(self.state if self.ctx.is_main else None, self.ctx, self.model,
-                                          self.optimizer, telemetry=self.telemetry)
-        step, extra = restored.step, restored.extra
-        if not isinstance(extra, Mapping) or "epoch" not in extra:
-            raise ValueError(f"checkpoint at step {step} was not written by the Trainer (no epoch in its extra data)")
-        self.step = int(step)
-        self.epoch = int(extra["epoch"]) + (1 if extra.get("epoch_complete") else 0)
-        self.lr.load_state_dict(extra["lr"])
-        restore_aggregator(self.aggregator, self.generator, extra, telemetry=self.telemetry,
-                           where=f"the checkpoint of step {self.step}")
-        self.telemetry.bind(step=self.step, epoch=self.epoch)
-        self.telemetry.event(
-            "train.resume", message=f"resumed from the checkpoint at step {self.step}; next epoch {self.epoch + 1}",
-            restored_step=self.step, next_epoch=self.epoch,
-        )
-        return self.step
+        return checkpointing.resume(self)
+
+    def _snapshot(self) -> None:
+        checkpointing.snapshot(self)
 
     # ---- shutdown --------------------------------------------------------------------------------
 
@@ -850,21 +493,6 @@ class Trainer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _move_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
-    """Optimizer state created before the model moved (e.g. loaded) follows its parameters."""
-    for param, state in optimizer.state.items():
-        for key, value in state.items():
-            if isinstance(value, Tensor) and value.device != param.device and not (key == "step" and value.dim() == 0):
-                state[key] = value.to(param.device)
-
-
-def _length(data: Any) -> int | None:
-    try:
-        return len(data)
-    except TypeError:
-        return None
 
 
 __all__ = ["RunSummary", "Trainer", "first_tensor", "move_to", "resolve_device", "split_inputs"]

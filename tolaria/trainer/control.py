@@ -1,0 +1,161 @@
+"""The trainer's control step: consulting the policy through the mediator, and acting on it.
+
+In one process the trainer consults the mediator and acts on its outcome directly. With several
+ranks only rank 0 consults (the mediator's calls are timed, so their outcomes could differ per
+rank) and broadcasts a JSON decision; every rank then applies the same decision at the same step,
+so the replicas stay identical. The decision is all a rank needs: whether the mediator entered or
+left its conservative mode, whether the executor changed the parameters, and the LRs now set.
+
+The ranks also agree here on the emergency level (the highest wins) and on a step's safety verdict
+(a rollback that failed on one rank halts every rank): every rank must stop at the same step.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from tolaria.distributed import (
+    DistributedError,
+    agree_on_emergency_level,
+    any_rank,
+    broadcast_json,
+)
+from tolaria.emergency import EmergencyController, EmergencyLevel
+
+from .gradient import SourceAccumulator
+from .mediator import ControlState
+from .safety import HALT, ROLLED_BACK, Verdict
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .loop import Trainer
+
+__all__ = [
+    "agree_on_emergency",
+    "agree_on_verdict",
+    "apply_conservative",
+    "consult",
+    "control",
+    "control_distributed",
+    "control_state",
+    "param_ids",
+    "rebuild_optimizer",
+]
+
+log = logging.getLogger("tolaria.trainer")
+
+
+def control(trainer: Trainer, stats: SourceAccumulator, metrics: Mapping[str, float], elapsed_s: float) -> None:
+    """One control step (a no-op without a policy)."""
+    if trainer.mediator.policy is None:
+        return
+    if trainer.ctx.is_distributed:
+        control_distributed(trainer, stats, metrics, elapsed_s)
+        return
+    decision = consult(trainer, stats, metrics, elapsed_s)
+    apply_conservative(trainer.emergency, decision)
+    if decision["params_changed"]:
+        rebuild_optimizer(trainer)
+
+
+def consult(trainer: Trainer, stats: SourceAccumulator, metrics: Mapping[str, float], elapsed_s: float) -> dict[str, Any]:
+    """Consults the mediator once; returns what changed (a JSON-able dict, broadcast by rank 0)."""
+    mediator = trainer.mediator
+    was_conservative, params_before = mediator.conservative, param_ids(trainer.model)
+    mediator.consult(control_state(trainer, stats, metrics, elapsed_s))  # losses: all-reduced per step
+    return {
+        "was_conservative": was_conservative,
+        "conservative": mediator.conservative,
+        "reason": mediator.conservative_reason,
+        "params_changed": param_ids(trainer.model) != params_before,
+        "lrs": [float(g["lr"]) for g in trainer.optimizer.param_groups],
+    }
+
+
+def apply_conservative(emergency: EmergencyController, decision: Mapping[str, Any], where: str = "") -> None:
+    """Enters or leaves the conservative emergency level as the mediator did (``where``: " on rank 0")."""
+    if decision["conservative"] and not decision["was_conservative"]:
+        emergency.escalate(EmergencyLevel.CONSERVATIVE, f"control calls failing{where}: {decision['reason']}")
+    elif decision["was_conservative"] and not decision["conservative"] and emergency.level == EmergencyLevel.CONSERVATIVE:
+        emergency.deescalate(EmergencyLevel.NONE, f"control calls succeed again{where}")
+
+
+def control_state(trainer: Trainer, stats: SourceAccumulator, metrics: Mapping[str, float], elapsed_s: float) -> ControlState:
+    """What the policy sees: the run's position, losses, metrics, LRs and emergency level."""
+    lr = trainer.lr
+    # Before the first step the controller has set no LR yet: the policy sees the optimizer's.
+    lrs = tuple(lr.get_last_lr()) if lr.last_step is not None else tuple(g["lr"] for g in trainer.optimizer.param_groups)
+    return ControlState(
+        epoch=trainer.epoch, step=trainer.step, losses=dict(stats.losses), metrics=dict(metrics),
+        lr=lrs, conflict_rate=stats.conflict_rate, emergency_level=trainer.emergency.level.name,
+        conservative=trainer.mediator.conservative, elapsed_s=elapsed_s,
+    )
+
+
+def control_distributed(trainer: Trainer, stats: SourceAccumulator, metrics: Mapping[str, float], elapsed_s: float) -> None:
+    """Rank 0 consults the mediator (its calls are timed, so outcomes could differ per rank) and
+    broadcasts the outcome; every rank then takes the same decisions at the same step."""
+    ctx = trainer.ctx
+    decision: dict[str, Any] | None = None
+    if ctx.is_main:
+        decision = consult(trainer, stats, metrics, elapsed_s)
+    decision = broadcast_json(decision, ctx)
+    optimizer = trainer.optimizer
+    if decision["params_changed"]:
+        raise DistributedError(
+            "the control executor changed the model's parameters on rank 0; grafting modules is not supported "
+            "with several ranks (the other ranks' replicas would differ); stopping every rank"
+        )
+    if len(decision["lrs"]) != len(optimizer.param_groups):
+        raise DistributedError(f"rank 0 has {len(decision['lrs'])} param groups, rank {ctx.rank} has "
+                               f"{len(optimizer.param_groups)}")
+    for group, lr in zip(optimizer.param_groups, decision["lrs"]):
+        group["lr"] = lr  # an LR a command set on rank 0 holds everywhere
+    apply_conservative(trainer.emergency, decision, where=" on rank 0")
+
+
+def param_ids(model: nn.Module) -> tuple[int, ...]:
+    """The identities of the trainable parameters: they change when an executor grafts modules."""
+    return tuple(id(p) for p in model.parameters() if p.requires_grad)
+
+
+def rebuild_optimizer(trainer: Trainer) -> None:
+    """After the executor changed the parameters: a new optimizer, LR controller and gradient stage
+    on the new parameter set (a failed rebuild is reported and the old optimizer kept)."""
+    result = trainer.optim.rebuild(trainer.model)
+    if not result.success:
+        message = f"the model's parameters changed but the optimizer rebuild failed: {result.error}"
+        log.error(message)
+        trainer.telemetry.event("train.rebuild_failed", severity="error", message=message)
+        return
+    trainer.lr.attach(trainer.optim.optimizer)
+    trainer.stage.rebind(trainer.model)
+    trainer._confirm_rebuild = True  # the next step tells the breaker whether the rebuild really worked
+    # Through the trainer (not checkpointing.snapshot): the trainer's method is what tests replace.
+    trainer._snapshot()  # older snapshots hold the old parameter set; give rollbacks a matching target
+    trainer.telemetry.event(
+        "train.rebuilt", message=f"parameters changed: optimizer rebuilt (+{result.added} / -{result.removed})",
+        added=result.added, removed=result.removed,
+    )
+
+
+def agree_on_emergency(trainer: Trainer) -> None:
+    """The highest emergency level over the ranks becomes this rank's (no-op in one process)."""
+    if trainer.ctx.is_distributed:
+        agree_on_emergency_level(trainer.emergency.level, trainer.ctx, controller=trainer.emergency,
+                                 telemetry=trainer.telemetry)
+
+
+def agree_on_verdict(trainer: Trainer, verdict: Verdict) -> Verdict:
+    """The step's safety verdict, the same on every rank (``verdict`` itself in one process)."""
+    if trainer.ctx.is_distributed and verdict.action in (ROLLED_BACK, HALT):
+        # The stats are identical on every rank, so all ranks got here; but a rollback has a
+        # deadline, so it can fail on one rank only: then every rank halts.
+        if any_rank(verdict.action == HALT, trainer.ctx) and verdict.action != HALT:
+            reason = "a rollback failed on another rank; halting every rank"
+            trainer.emergency.escalate(EmergencyLevel.HALT, reason)
+            verdict = type(verdict)(HALT, reason=reason)
+    return verdict
