@@ -11,3 +11,5 @@ J is a K x N tensor (rows at any stride) or K separate tensors, addressed where 
 :class:`tolaria.aggregation.backends.triton.TritonBackend`. Importing this package does not import
 Triton; its submodules do.
 """
+
+__all__: list[str] = []  # the kernels live in the submodules (importing them imports Triton)

@@ -28,6 +28,18 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+__all__ = [
+    "interpreted",
+    "INTERPRETED",
+    "device_problem",
+    "check_device",
+    "multiprocessor_count",
+    "row_offsets",
+    "load_row",
+    "Rows",
+    "as_rows",
+]
+
 _TABLE_CACHE_SIZE = 32
 _tables: OrderedDict[tuple, Tensor] = OrderedDict()
 _captured_tables: dict[tuple, Tensor] = {}

@@ -207,7 +207,7 @@ def _config(rows: Rows, block_k: int) -> tuple[int, int, int, int]:
     return _CONFIGS[(rows.base.element_size(), block_k)]
 
 
-def _shape(rows: Rows, k: int, same: bool, block_n: int | None) -> tuple[int, int, int]:
+def tile_shape(rows: Rows, k: int, same: bool, block_n: int | None) -> tuple[int, int, int]:
     """(ROWS, SEGMENTS, BLOCK_N) for a block of k rows (see the module docstring on folding)."""
     if rows.dtype not in _DOT_DTYPES or not same or k >= MIN_DOT_ROWS:
         block_k = max(MIN_DOT_ROWS, triton.next_power_of_2(k))
@@ -226,7 +226,7 @@ def _launch_block(rows: Rows, a0: int, ka: int, b0: int, kb: int, g: Tensor, *, 
                   block_n: int | None, num_programs: int | None) -> None:
     """Computes G[a0:a0+ka, b0:b0+kb] (and its mirror block) into ``g``."""
     same = a0 == b0
-    row_block, segments, block_n = _shape(rows, max(ka, kb), same, block_n)
+    row_block, segments, block_n = tile_shape(rows, max(ka, kb), same, block_n)
     _, num_warps, num_stages, per_sm = _config(rows, row_block * segments)
     if block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
@@ -304,4 +304,4 @@ def gram(
     return g
 
 
-__all__ = ["MAX_BLOCK_K", "gram"]
+__all__ = ["MAX_BLOCK_K", "gram", "tile_shape"]

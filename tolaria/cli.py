@@ -6,6 +6,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+__all__ = ["build_parser", "main"]
+
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     from tolaria.bench import add_arguments, run

@@ -26,6 +26,18 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+__all__ = [
+    "SEVERITIES",
+    "TelemetrySink",
+    "LoggingSink",
+    "JsonlSink",
+    "TensorBoardSink",
+    "MemorySink",
+    "is_emergency",
+    "TelemetryEmitter",
+    "emitter_or_default",
+]
+
 log = logging.getLogger("tolaria.telemetry")
 
 SEVERITIES = ("debug", "info", "warning", "error", "critical")

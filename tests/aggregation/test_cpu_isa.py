@@ -22,7 +22,7 @@ from tolaria.aggregation import (
     set_cpu_isa,
     supported_cpu_isas,
 )
-from tolaria.aggregation._sources import as_sources
+from tolaria.aggregation import as_sources
 from tolaria.aggregation.backends import CompiledCpuBackend
 from tolaria.aggregation.backends import cpu as cpu_backend
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tolaria.aggregation import PCGrad
-from tolaria.aggregation.pcgrad import draw_orders
+from tolaria.aggregation.pcgrad import draw_orders, pcgrad_coefficients
 
 from .reference import ascending_orders, assert_close_to_reference, conflicts_reference, pcgrad_reference
 
@@ -101,18 +101,30 @@ def test_rejects_bad_configuration():
 
 
 
+@pytest.mark.parametrize("reduction,weighted", [("sum", False), ("mean", False), ("mean", True)])
 @pytest.mark.parametrize("k", [1, 2, 5, 17])
-def test_host_loop_matches_the_device_loop(k):
-    # CPU Gram matrices take the NumPy loop; the torch loop (every other device) must agree with it.
-    from tolaria.aggregation.pcgrad import _pcgrad_coefficients_host, _pcgrad_coefficients_torch
-
+def test_host_loop_matches_the_device_loop(k, reduction, weighted):
+    # A CPU Gram matrix takes the host (NumPy) loop; the torch loop (every other device, and
+    # torch.compile) must agree with it, weights and conflicts.
     j = _conflicting(k, 64, torch.float64, seed=k)
     gram = j @ j.T
+    w = [0.5 + i for i in range(k)] if weighted else None
+    host = PCGrad(reduction=reduction, weights=w, generator=torch.Generator().manual_seed(k)).weighting(gram)
     orders = draw_orders(k, shuffle=True, generator=torch.Generator().manual_seed(k), device=j.device)
-    host_coeffs, host_conflicts = _pcgrad_coefficients_host(gram, orders)
-    torch_coeffs, torch_conflicts = _pcgrad_coefficients_torch(gram, orders)
-    torch.testing.assert_close(host_coeffs, torch_coeffs)
-    assert int(host_conflicts) == int(torch_conflicts)
+    coeffs, conflicts = pcgrad_coefficients(gram, orders)
+    scale = torch.ones(k, dtype=torch.float64) if w is None else torch.tensor(w, dtype=torch.float64)
+    if reduction == "mean":
+        scale = scale / scale.sum()
+    torch.testing.assert_close(host.weights, scale @ coeffs)
+    assert int(host.conflicts) == int(conflicts) == conflicts_reference(j, orders.tolist())
+
+
+def test_device_loop_matches_reference():
+    k = 6
+    j = _conflicting(k, 50, torch.float64, seed=4)
+    orders = draw_orders(k, shuffle=True, generator=torch.Generator().manual_seed(2), device=j.device)
+    coeffs, _ = pcgrad_coefficients(j @ j.T, orders)
+    assert_close_to_reference(coeffs.sum(dim=0) @ j, pcgrad_reference(j, orders.tolist()), torch.float64)
 
 
 def test_the_shuffles_never_touch_torchs_global_generator_and_a_seed_repeats_them():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tolaria.aggregation import Mean, PCGrad, Sum, Weighted
-from tolaria.aggregation._sources import as_sources
+from tolaria.aggregation import as_sources
 from tolaria.aggregation.engine import aggregate
 
 AGGREGATORS = [

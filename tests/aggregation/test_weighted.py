@@ -117,7 +117,7 @@ def test_finite_inputs_that_overflow_are_returned_not_rejected():
 @pytest.mark.parametrize("where", [5, 1 << 20, (1 << 21) + 30])  # first vectors, the second thread's range, the ragged tail
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_the_combine_pass_reports_non_finite_sums_wherever_they_are(dtype, where, value):
-    from tolaria.aggregation._sources import as_sources
+    from tolaria.aggregation import as_sources
     from tolaria.aggregation.backends import CompiledCpuBackend
 
     n = (1 << 21) + 37

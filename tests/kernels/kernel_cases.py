@@ -11,7 +11,7 @@ from torch import Tensor
 
 from aggregation.reference import ascending_orders  # noqa: F401  (re-exported for the kernel tests)
 from aggregation.reference import pcgrad_reference as _pcgrad_reference
-from tolaria.kernels._rows import INTERPRETED
+from tolaria.kernels.rows import INTERPRETED
 
 DEVICE = torch.device("cpu") if INTERPRETED else torch.device("cuda")
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from kernel_cases import DEVICE, DTYPES, KS, assert_result_close, randn
 
-from tolaria.kernels._rows import INTERPRETED
+from tolaria.kernels.rows import INTERPRETED
 from tolaria.kernels.combine import combine
 
 

@@ -81,14 +81,14 @@ def test_layouts_give_the_same_bits():
 def test_same_bits_as_the_compiled_and_torch_backends():
     if DEVICE.type != "cpu":
         pytest.skip("compares with the CPU backends on CPU tensors")
-    from tolaria.aggregation._sources import as_sources
+    from tolaria.aggregation import as_sources
     from tolaria.aggregation.backends.coordinatewise import graddrop as run
-    from tolaria.aggregation.engine import _cpu_backend, _torch_backend
+    from tolaria.aggregation.engine import select_backend
 
     for dtype in (torch.float32, torch.float16, torch.float64):
         j = randn(7, 333, dtype=dtype, seed=2)
         out, _ = graddrop(j, KEYS)
-        for backend in (_cpu_backend, _torch_backend):
+        for backend in (select_backend("cpu", as_sources(j)), select_backend("torch", as_sources(j))):
             assert torch.equal(run(backend, as_sources(j), KEYS)[0], out), (backend.name, dtype)
 
 

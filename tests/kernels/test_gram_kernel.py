@@ -4,8 +4,8 @@ import pytest
 import torch
 from kernel_cases import DEVICE, DTYPES, KS, assert_gram_close, randn
 
-from tolaria.kernels._rows import as_rows
-from tolaria.kernels.gram import MAX_BLOCK_K, _shape, gram
+from tolaria.kernels.gram import MAX_BLOCK_K, gram, tile_shape
+from tolaria.kernels.rows import as_rows
 
 
 @pytest.mark.parametrize("dtype", DTYPES + (torch.float64,), ids=str)
@@ -30,7 +30,7 @@ def test_any_n_with_many_tiles_and_programs(n):
 def test_short_rows_are_folded_into_segments(k, n):
     # Fewer than 16 rows: each row is cut into up to 16 / K segments that fill the tensor-core tile.
     j = randn(k, n, dtype=torch.bfloat16, seed=k)
-    rows, segments, _ = _shape(as_rows(j), k, True, 16)
+    rows, segments, _ = tile_shape(as_rows(j), k, True, 16)
     assert segments > 1 and rows * segments == 16
     for deterministic in (True, False):
         assert_gram_close(gram(j, deterministic=deterministic, block_n=16, num_programs=3), j, torch.bfloat16)

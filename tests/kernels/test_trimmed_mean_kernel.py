@@ -70,15 +70,15 @@ def test_layouts_give_the_same_bits():
 def test_same_bits_as_the_compiled_and_torch_backends():
     if DEVICE.type != "cpu":
         pytest.skip("compares with the CPU backends on CPU tensors")
-    from tolaria.aggregation._sources import as_sources
+    from tolaria.aggregation import as_sources
     from tolaria.aggregation.backends.coordinatewise import trimmed_mean as run
-    from tolaria.aggregation.engine import _cpu_backend, _torch_backend
+    from tolaria.aggregation.engine import select_backend
 
     for dtype in (torch.float32, torch.float16, torch.float64):
         for k, trim in ((3, 1), (8, 2), (17, 5)):
             j = randn(k, 333, dtype=dtype, seed=k)
             out, _ = trimmed_mean(j, trim)
-            for backend in (_cpu_backend, _torch_backend):
+            for backend in (select_backend("cpu", as_sources(j)), select_backend("torch", as_sources(j))):
                 assert torch.equal(run(backend, as_sources(j), trim)[0], out), (backend.name, dtype, k)
 
 

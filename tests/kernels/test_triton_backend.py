@@ -20,8 +20,7 @@ from torch import nn
 import tolaria.aggregation as aggregation
 import tolaria.kernels.pcgrad as pcgrad_kernel
 from tolaria.aggregation import GradientBuffer, Mean, PCGrad, Sum, Weighted
-from tolaria.aggregation._coordinatewise import CoordinatewiseAggregator
-from tolaria.aggregation._sources import as_sources
+from tolaria.aggregation import CoordinatewiseAggregator, as_sources
 from tolaria.aggregation.backends.triton import TritonBackend
 from tolaria.aggregation.engine import select_backend
 from tolaria.aggregation.pcgrad import draw_orders

@@ -5,6 +5,9 @@ tensors of one shape) to one tensor of the per-source shape, in the inputs' dtyp
 device, with two passes over the gradients whatever K is.
 """
 
+from ._coordinatewise import CoordinatewiseAggregator
+from ._eigh import jacobi_eig, symmetric_eig
+from ._sources import Sources, as_sources
 from .aggregator import Aggregator
 from .aligned_mtl import AlignedMTL
 from .buffer import GradientBuffer
@@ -107,6 +110,7 @@ __all__ = [
     "set_cpu_isa",
     "supported_cpu_isas",
     "Aggregator",
+    "CoordinatewiseAggregator",
     "AlignedMTL",
     "CAGrad",
     "ConFIG",
@@ -144,4 +148,8 @@ __all__ = [
     "flat_to_grads",
     "grads_to_flat",
     "pcgrad",
+    "Sources",
+    "as_sources",
+    "jacobi_eig",
+    "symmetric_eig",
 ]

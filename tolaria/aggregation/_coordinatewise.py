@@ -27,6 +27,8 @@ from .backends import Backend
 from .engine import Weights, has_float64, raise_if_nonfinite, select_backend
 from .stats import AggregationStats, stats_from_gram
 
+__all__ = ["CoordinatewiseAggregator"]
+
 
 class CoordinatewiseAggregator(Aggregator):
     """An aggregator computed column by column in one pass over J (see the module docstring)."""

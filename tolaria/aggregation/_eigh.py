@@ -16,6 +16,8 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
+__all__ = ["METHODS", "sweeps_for", "symmetric_eig", "jacobi_eig"]
+
 METHODS = ("auto", "lapack", "jacobi")
 
 

@@ -16,6 +16,15 @@ from ._qp import DEFAULT_MAX_ITERS, DEFAULT_TOL, check_solver_budget
 from ._weights import DeviceCopies, as_weight_vector, check_weight_count
 from .aggregator import Aggregator
 
+__all__ = [
+    "solve_if_finite",
+    "conflicting_pairs",
+    "preference_vector",
+    "preference_on",
+    "pref_repr",
+    "DualConeAggregator",
+]
+
 
 def solve_if_finite(gram: Tensor, solve: Callable[[Tensor], Tensor]) -> Tensor:
     """``solve(gram)`` when every entry of G is finite, else NaN weights; never reads on the host."""

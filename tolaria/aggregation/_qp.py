@@ -44,6 +44,32 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+__all__ = [
+    "DEFAULT_MAX_ITERS",
+    "DEFAULT_TOL",
+    "ENUMERATION_MAX_K",
+    "LOCAL_BITS",
+    "ACCEPT_TOL",
+    "PIVOT_ULPS",
+    "SERIAL_ELEMENTS",
+    "REGULARIZATION",
+    "check_solver_budget",
+    "normalized_gram",
+    "Supports",
+    "supports_from",
+    "all_supports",
+    "every_support",
+    "local_supports",
+    "pick_best",
+    "times",
+    "kkt_violation",
+    "Factors",
+    "factor",
+    "simplex_solve",
+    "supports_near",
+    "interior_point",
+]
+
 DEFAULT_MAX_ITERS = 30
 DEFAULT_TOL = 1e-20
 # Up to this K every support is enumerated (2^K small systems); beyond, the interior point runs.

@@ -13,6 +13,8 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
+__all__ = ["SUPPORTED_DTYPES", "Sources", "as_sources", "check_out"]
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+__all__ = ["as_weight_vector", "check_weight_count", "DeviceCopies"]
+
 
 def as_weight_vector(weights: Sequence[float] | Tensor, owner: str) -> Tensor:
     """Returns ``weights`` as a 1-D float64 CPU tensor; raises on a bad shape, value or sum."""

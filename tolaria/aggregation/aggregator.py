@@ -14,6 +14,8 @@ from ._sources import as_sources
 from .engine import Weights, aggregate, check_backend_name, check_nonfinite_mode
 from .stats import AggregationStats
 
+__all__ = ["Aggregator"]
+
 
 class Aggregator(ABC):
     """Maps K gradients to one: ``aggregator(grads) -> Tensor`` of the per-source shape.

@@ -23,6 +23,8 @@ from ._weights import DeviceCopies, check_weight_count
 from .aggregator import Aggregator
 from .engine import Weights
 
+__all__ = ["SCALE_MODES", "balance_transformation", "AlignedMTL"]
+
 SCALE_MODES = ("min", "median", "rmse")
 
 

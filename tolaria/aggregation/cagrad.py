@@ -62,6 +62,8 @@ from ._qp import (
 from .aggregator import Aggregator
 from .engine import Weights
 
+__all__ = ["DEFAULT_NEWTON_STEPS", "STATIONARY_TOL", "NORM_FLOOR", "cagrad_weights", "CAGrad"]
+
 DEFAULT_NEWTON_STEPS = 30
 # Beyond this violation of the optimality conditions (on G scaled to unit trace, where they are
 # O(1)) no candidate is a smooth optimum: the optimum is at g_w = 0.
@@ -227,7 +229,7 @@ class CAGrad(Aggregator):
         norm_eps: below this norm of g_w (on G scaled to unit trace) the result is zero (values
             below about 1e-6 are not resolved, see the module).
         newton_steps: the fixed iteration budget of the interior point that solves the batches of
-            quadratic programs beyond ``ENUMERATION_MAX_K`` (10) sources (see the module).
+            quadratic programs beyond ``ENUMERATION_MAX_K`` sources (``tolaria.aggregation._qp``; see the module).
         backend, nonfinite: see :class:`~tolaria.aggregation.Aggregator`.
 
     ``conflicts`` in the stats counts the pairs of sources with a negative inner product.

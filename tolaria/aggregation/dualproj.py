@@ -15,6 +15,8 @@ from ._gramian import DualConeAggregator, preference_on, solve_if_finite
 from ._canonical import project_onto_dual_cone
 from .engine import Weights
 
+__all__ = ["DualProj"]
+
 
 class DualProj(DualConeAggregator):
     """The preference-weighted gradient (default: the mean) projected onto the dual cone.

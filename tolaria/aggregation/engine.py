@@ -24,6 +24,21 @@ from ._sources import Sources, check_out
 from .backends import Backend, CompiledCpuBackend, TorchBackend
 from .stats import AggregationStats, stats_from_gram
 
+__all__ = [
+    "BACKENDS",
+    "NONFINITE_MODES",
+    "Weights",
+    "Weighting",
+    "has_float64",
+    "compiled_backend_fallbacks",
+    "check_backend_name",
+    "check_nonfinite_mode",
+    "uses_triton",
+    "select_backend",
+    "raise_if_nonfinite",
+    "aggregate",
+]
+
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "cpu", "torch", "triton")

@@ -17,6 +17,16 @@ from ._weights import as_weight_vector, check_weight_count
 from .pcgrad import PCGrad
 from .weighted import Mean, Sum, Weighted
 
+__all__ = [
+    "grads_to_flat",
+    "flat_to_grads",
+    "pcgrad",
+    "aggregate_mean",
+    "aggregate_sum",
+    "aggregate_weighted",
+    "combine_flat_grads",
+]
+
 
 def grads_to_flat(
     params: Iterable[Tensor | None],

@@ -19,6 +19,8 @@ from ._qp import DEFAULT_MAX_ITERS, DEFAULT_TOL, check_solver_budget
 from .aggregator import Aggregator
 from .engine import Weights
 
+__all__ = ["MGDA"]
+
 
 class MGDA(Aggregator):
     """Multiple-gradient descent: the min-norm convex combination of the gradients.

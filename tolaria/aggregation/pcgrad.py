@@ -8,8 +8,13 @@ Every g_i^PC stays a linear combination of the original rows, g_i^PC = sum_m C[i
 inner product it needs is a row of C times a column of G = J J^T. So the whole loop runs on K x K
 numbers; the final weights are w = a^T C (a: ones, 1/K, or the per-source weights), and the output is
 one weighted sum of the rows. The loop is vectorised over i (K - 1 steps for all i at once), with no
-data-dependent control flow, so it never reads a value on the host. On the Triton backend the same
-loop runs as one small kernel (``tolaria.kernels.pcgrad``), step for step the same arithmetic.
+data-dependent control flow, and exists once per target:
+
+- device: :func:`pcgrad_coefficients`, torch ops that never read a value on the host (the torch
+  backend on a device, the Triton backend beyond the kernel's K, and anything under ``torch.compile``);
+- GPU: the same loop as one small Triton kernel (``tolaria.kernels.pcgrad``), step for step the same
+  arithmetic, for the Triton backend;
+- host: :func:`_host_coefficients`, NumPy on a CPU Gram matrix, which is in host memory already.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from .aggregator import Aggregator
 from .engine import Weights, uses_triton
 
 REDUCTIONS = ("sum", "mean")
+
+__all__ = ["PCGrad", "REDUCTIONS", "draw_orders", "pcgrad_coefficients"]
 
 
 def draw_orders(k: int, *, shuffle: bool, generator: torch.Generator | None, device: torch.device) -> Tensor:
@@ -54,26 +61,13 @@ def draw_orders(k: int, *, shuffle: bool, generator: torch.Generator | None, dev
 def pcgrad_coefficients(gram: Tensor, orders: Tensor) -> tuple[Tensor, Tensor]:
     """Returns (C, conflicts): g_i^PC = sum_m C[i, m] g_m, and how many projections were applied.
 
-    ``gram`` is G = J J^T (K x K); ``orders`` is K x (K - 1) as from :func:`draw_orders`. A source
-    with zero norm is never projected against (its inner products are all zero anyway).
-
-    A CPU Gram matrix already lives in host memory, so its loop runs on host numbers (plain floats
-    for small K, NumPy beyond), where each tiny step costs well under a microsecond instead of a torch
-    dispatch; the arithmetic is the same.
-    Under ``torch.compile`` the torch loop is traced instead, so the graph stays whole.
+    ``gram`` is G = J J^T (K x K); ``orders`` is K x (K - 1) as from :func:`draw_orders`, on G's
+    device. A source with zero norm is never projected against (its inner products are all zero
+    anyway). This is the device loop: torch ops in G's dtype, vectorised over i, with no
+    data-dependent control flow, so it never reads a value on the host (and traces whole under
+    ``torch.compile``). :class:`PCGrad` runs it wherever G is not in host memory and the Triton
+    kernel does not apply; a CPU Gram matrix takes the host loop (:func:`_host_coefficients`).
     """
-    if _on_host(gram) and orders.device.type == "cpu":
-        return _pcgrad_coefficients_host(gram, orders)
-    return _pcgrad_coefficients_torch(gram, orders)
-
-
-def _on_host(gram: Tensor) -> bool:
-    """Whether the K x K loop runs on host numbers: a CPU Gram matrix, outside torch.compile tracing
-    (which needs the torch loop to keep its graph whole)."""
-    return gram.device.type == "cpu" and not torch.compiler.is_compiling()
-
-
-def _pcgrad_coefficients_torch(gram: Tensor, orders: Tensor) -> tuple[Tensor, Tensor]:
     k = gram.shape[0]
     coeffs = torch.eye(k, dtype=gram.dtype, device=gram.device)
     conflicts = torch.zeros((), dtype=torch.int64, device=gram.device)
@@ -91,46 +85,35 @@ def _pcgrad_coefficients_torch(gram: Tensor, orders: Tensor) -> tuple[Tensor, Te
     return coeffs, conflicts
 
 
-def _pcgrad_coefficients_host(gram: Tensor, orders: Tensor) -> tuple[Tensor, Tensor]:
-    coeffs, conflicts = _host_loop(gram, orders)
-    return torch.tensor(coeffs, dtype=gram.dtype), torch.tensor(conflicts, dtype=torch.int64)
+def _on_host(gram: Tensor) -> bool:
+    """Whether the K x K loop runs on host numbers: a CPU Gram matrix, outside torch.compile tracing
+    (which needs the torch loop to keep its graph whole)."""
+    return gram.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
-_PYTHON_LOOP_MAX_K = 8  # up to here plain floats beat NumPy's per-call cost; beyond, NumPy's vectors win
+def _host_coefficients(gram: Tensor, orders: Tensor) -> tuple[np.ndarray, int]:
+    """The loop of :func:`pcgrad_coefficients` on host numbers (NumPy, float64): (C, conflicts).
 
-
-def _host_loop(gram: Tensor, orders: Tensor) -> tuple[list[list[float]], int]:
-    """The loop of :func:`_pcgrad_coefficients_torch` on host numbers: (C as nested lists, conflicts)."""
-    k = gram.shape[0]
-    if k > _PYTHON_LOOP_MAX_K:
-        g = gram.detach().numpy()
-        order = orders.numpy()
-        coeffs = np.eye(k, dtype=g.dtype)
-        rows = np.arange(k)
-        sq_norms = np.diagonal(g)
-        conflicts = 0
-        for step in range(order.shape[1]):
-            j = order[:, step]
-            dots = (coeffs * g[:, j].T).sum(axis=1)
-            norm_j = sq_norms[j]
-            conflict = (dots < 0) & (norm_j > 0)
-            coeffs[rows, j] -= np.where(conflict, dots / np.where(norm_j > 0, norm_j, 1), 0)
-            conflicts += int(conflict.sum())
-        return coeffs.tolist(), conflicts
-    g = gram.tolist()
-    order = orders.tolist()
-    coeffs = [[1.0 if m == i else 0.0 for m in range(k)] for i in range(k)]
+    A CPU Gram matrix already lives in host memory, so each tiny step costs a few NumPy calls instead
+    of a torch dispatch; the arithmetic is the same step for step (only the order of the K-term sums
+    may differ). NumPy rather than plain Python floats: floats win below K ~ 10 by some tens of
+    microseconds, but cost O(K^3) interpreted operations (milliseconds from K ~ 30).
+    """
+    g = gram.detach().to(torch.float64).numpy()
+    order = orders.numpy()
+    k = g.shape[0]
+    coeffs = np.eye(k)
+    rows = np.arange(k)
+    columns = g.T[order]  # columns[i, s] = G[:, order[i, s]], the column i meets at step s
+    norms = np.diagonal(g)[order]
+    positive = norms > 0
+    safe_norms = np.where(positive, norms, 1.0)
     conflicts = 0
-    for step in range(k - 1):
-        # Each i updates only its own row, so visiting the i in turn is the vectorised step exactly.
-        for i in range(k):
-            j = order[i][step]
-            row = coeffs[i]
-            dot = sum(row[m] * g[m][j] for m in range(k))  # <g_i^PC, g_j>
-            norm_j = g[j][j]
-            if dot < 0 and norm_j > 0:
-                row[j] -= dot / norm_j
-                conflicts += 1
+    for step in range(order.shape[1]):
+        dots = np.einsum("im,im->i", coeffs, columns[:, step])  # <g_i^PC, g_j> for every i
+        conflict = (dots < 0) & positive[:, step]
+        coeffs[rows, order[:, step]] -= np.where(conflict, dots / safe_norms[:, step], 0.0)
+        conflicts += int(np.count_nonzero(conflict))
     return coeffs, conflicts
 
 
@@ -246,18 +229,17 @@ class PCGrad(Aggregator):
                 return Weights(*pcgrad_weights(gram, orders, reduction=self.reduction, weights=weights))
         orders = draw_orders(k, shuffle=self.shuffle, generator=generator, device=gram.device)
         if _on_host(gram):
-            # Host numbers: the loop and w = a^T C in plain floats, two small tensors at the end
-            # (the device branch below builds the same scale as a device tensor: no host copy there).
-            coeff_rows, n_conflicts = _host_loop(gram, orders)
+            # Host numbers: the loop and w = a^T C in NumPy, two small tensors at the end (the device
+            # branch below builds the same scale as a device tensor: no host copy there).
+            coeffs_host, n_conflicts = _host_coefficients(gram, orders)
             if self.weights is None:
-                scale = [1.0 if self.reduction == "sum" else 1.0 / k] * k
+                scale_host = np.full(k, 1.0 if self.reduction == "sum" else 1.0 / k)
             else:
-                scale = self.weights.tolist()
+                scale_host = self.weights.numpy()
                 if self.reduction == "mean":
-                    total = sum(scale)
-                    scale = [a / total for a in scale]
-            w = [sum(scale[i] * coeff_rows[i][m] for i in range(k)) for m in range(k)]
-            return Weights(torch.tensor(w, dtype=gram.dtype), torch.tensor(n_conflicts, dtype=torch.int64))
+                    scale_host = scale_host / scale_host.sum()
+            w = torch.from_numpy(scale_host @ coeffs_host).to(gram.dtype)
+            return Weights(w, torch.tensor(n_conflicts, dtype=torch.int64))
         coeffs, conflicts = pcgrad_coefficients(gram, orders)
         if self.weights is None:
             scale = torch.full((k,), 1.0 if self.reduction == "sum" else 1.0 / k, dtype=gram.dtype, device=gram.device)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+__all__ = ["AggregationStats", "stats_from_gram"]
+
 
 class AggregationStats:
     """Per-step statistics of the gradient sources; all tensors, on the inputs' device.

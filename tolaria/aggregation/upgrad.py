@@ -16,6 +16,8 @@ from ._gramian import DualConeAggregator, conflicting_pairs, preference_on, solv
 from ._canonical import project_each_onto_dual_cone
 from .engine import Weights
 
+__all__ = ["UPGrad"]
+
 
 class UPGrad(DualConeAggregator):
     """Unconflicting projection of gradients: the sum of each gradient's projection onto the dual cone.

@@ -13,6 +13,8 @@ import io
 import torch
 from torch import nn
 
+__all__ = ["pickled_snapshot", "pickled_restore"]
+
 
 def pickled_snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> io.BytesIO:
     """The prototype's snapshot: the state dicts serialised into an in-memory buffer."""

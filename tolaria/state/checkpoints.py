@@ -44,6 +44,17 @@ from tolaria.state.reporting import report
 from tolaria.state.trees import check_loadable
 from tolaria.telemetry import TelemetryEmitter, emitter_or_default
 
+__all__ = [
+    "MANIFEST_NAME",
+    "MANIFEST_FORMAT",
+    "CHECKPOINT_FORMAT",
+    "TEMP_PREFIX",
+    "checksum_algorithms",
+    "CancelFlag",
+    "CheckpointEntry",
+    "CheckpointStore",
+]
+
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "tolaria.manifest/1"
 CHECKPOINT_FORMAT = "tolaria.checkpoint/1"

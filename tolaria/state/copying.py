@@ -22,6 +22,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 from torch import Tensor
 
+__all__ = ["copy_tensors"]
+
 _CHUNK_BYTES = 4 << 20  # small enough to balance two to eight threads, large enough to amortise a hand-off
 _INLINE_BYTES = 256 << 10  # below this a copy is cheaper done than handed over
 _MAX_WORKERS = 8

@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+__all__ = [
+    "StateError",
+    "CheckpointError",
+    "StateMismatchError",
+    "OptimizerStateError",
+    "StagingCancelled",
+    "StagingBusyError",
+]
+
 
 class StateError(RuntimeError):
     """Base class for every failure of :mod:`tolaria.state`."""

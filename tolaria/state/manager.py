@@ -43,6 +43,8 @@ from tolaria.state.snapshots import SnapshotCache, SnapshotInfo
 from tolaria.state.trees import clone_tree
 from tolaria.telemetry import TelemetryEmitter, emitter_or_default
 
+__all__ = ["LOCK_NAME", "RestoredState", "StateManager"]
+
 LOCK_NAME = ".lock"
 
 

@@ -7,6 +7,8 @@ from typing import Any
 
 from tolaria.telemetry import _LOG_LEVELS, TelemetryEmitter
 
+__all__ = ["report"]
+
 log = logging.getLogger("tolaria.state")
 
 

@@ -23,6 +23,16 @@ from tolaria.state.copying import copy_tensors
 from tolaria.state.errors import OptimizerStateError, StateError, StateMismatchError
 from tolaria.state.trees import clone_tree
 
+__all__ = [
+    "qualified_name",
+    "optimizer_layout",
+    "capture",
+    "RestorePlan",
+    "plan_restore",
+    "apply_restore",
+    "restore",
+]
+
 _MAX_LISTED = 5
 
 

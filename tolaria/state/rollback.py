@@ -37,6 +37,8 @@ from tolaria.state.staging import StagingWorkers
 from tolaria.state.trees import clone_tree
 from tolaria.telemetry import TelemetryEmitter
 
+__all__ = ["RollbackResult", "DeadlineRollback"]
+
 
 @dataclass(frozen=True)
 class RollbackResult:

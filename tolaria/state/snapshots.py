@@ -20,6 +20,8 @@ from tolaria.state.reporting import report
 from tolaria.state.trees import PackedTree, pack, plan_pack
 from tolaria.telemetry import TelemetryEmitter, emitter_or_default
 
+__all__ = ["SnapshotInfo", "Snapshot", "SnapshotCache"]
+
 log = logging.getLogger("tolaria.state")
 
 

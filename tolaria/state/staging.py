@@ -28,6 +28,8 @@ from tolaria.state.errors import StagingBusyError, StateError
 from tolaria.state.reporting import report
 from tolaria.telemetry import TelemetryEmitter, emitter_or_default
 
+__all__ = ["StagingJob", "StagingWorkers"]
+
 
 class StagingJob:
     """One unit of staging work; ``fn(cancel_event)`` runs on a worker."""

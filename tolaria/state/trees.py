@@ -29,6 +29,18 @@ from torch import Tensor
 from tolaria.state.copying import copy_tensors
 from tolaria.state.errors import StateError
 
+__all__ = [
+    "check_loadable",
+    "map_tensors",
+    "clone_tree",
+    "tensors_of",
+    "packed_nbytes",
+    "PackPlan",
+    "plan_pack",
+    "PackedTree",
+    "pack",
+]
+
 # Each tensor starts on a 64-byte boundary inside its flat buffer (a cache line; every itemsize divides it).
 _ALIGN_BYTES = 64
 

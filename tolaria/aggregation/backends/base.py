@@ -9,6 +9,8 @@ from torch import Tensor
 
 from .._sources import Sources
 
+__all__ = ["Backend", "accumulation_dtype"]
+
 
 class Backend(ABC):
     """Computes the two passes over the K x N matrix J of an aggregation.

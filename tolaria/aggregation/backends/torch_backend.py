@@ -12,6 +12,8 @@ from torch import Tensor
 from .._sources import Sources
 from .base import Backend, accumulation_dtype
 
+__all__ = ["TorchBackend"]
+
 
 # Columns converted to float64 at a time by the Gram pass and the wide combine: a few hundred KiB
 # per row chunk.

@@ -20,6 +20,8 @@ from torch import Tensor
 from .._sources import Sources
 from .base import Backend
 
+__all__ = ["TritonBackend"]
+
 try:
     from tolaria.kernels import _rows
     from tolaria.kernels.combine import combine as _combine
