@@ -21,6 +21,9 @@ def paper_reference(j: torch.Tensor, trim: int) -> torch.Tensor:
 
 
 def _trims(k):
+    # Under the interpreter, K = 64 runs its widest trim only (each trim is another kernel build there).
+    if k > 32 and DEVICE.type == "cpu":
+        return [(k - 1) // 2]
     return sorted({0, (k - 1) // 2, min(1, (k - 1) // 2)})
 
 

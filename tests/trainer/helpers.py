@@ -41,3 +41,17 @@ def make_problem(seed: int = 0, lr: float = 0.05):
     model = TwoHeads()
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     return model, optimizer, make_batches(seed=seed), two_task_loss
+
+
+class NaNLoss:
+    """Losses turn NaN for ``count`` calls starting at call ``start``."""
+
+    def __init__(self, start, count):
+        self.start, self.count, self.calls = start, count, 0
+
+    def __call__(self, outputs, batch):
+        self.calls += 1
+        losses = two_task_loss(outputs, batch)
+        if self.start <= self.calls < self.start + self.count:
+            return {k: v * float("nan") for k, v in losses.items()}
+        return losses

@@ -10,7 +10,7 @@ from tolaria.aggregation import Aggregator, Weights
 from tolaria.trainer import Trainer, TrainerConfig
 from tolaria.trainer.config import CheckpointConfig, SafetyConfig
 
-from .helpers import make_problem, two_task_loss
+from .helpers import NaNLoss, make_problem
 
 
 class MovingAverageWeights(Aggregator):
@@ -69,18 +69,6 @@ def test_a_resumed_run_repeats_the_uninterrupted_one_bit_for_bit(tmp_path):
     assert torch.equal(resumed.aggregator.average, straight.aggregator.average)
     for p, q in zip(model2.parameters(), model.parameters()):
         assert torch.equal(p, q)
-
-
-class NaNLoss:
-    def __init__(self, start, count):
-        self.start, self.count, self.calls = start, count, 0
-
-    def __call__(self, outputs, batch):
-        self.calls += 1
-        losses = two_task_loss(outputs, batch)
-        if self.start <= self.calls < self.start + self.count:
-            return {k: v * float("nan") for k, v in losses.items()}
-        return losses
 
 
 def test_a_rollback_restores_the_state_of_the_snapshot(tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ from tolaria.trainer import LRConfig, RunSummary, TelemetryConfig, Trainer, Trai
 from tolaria.trainer.config import CheckpointConfig, ConfigError, ProfilerConfig, SafetyConfig
 from tolaria.trainer.loop import first_tensor, move_to, split_inputs
 
-from .helpers import make_problem, two_task_loss
+from .helpers import NaNLoss, make_problem, two_task_loss
 
 
 def config(tmp_path, **kw):
@@ -91,20 +91,6 @@ def test_max_steps_stops_mid_epoch(tmp_path):
     summary = Trainer(model, optimizer, data, loss_fn, config(tmp_path, epochs=5, max_steps=11)).fit()
     assert summary.status == "max_steps" and summary.steps == 11 and summary.epochs == 1
     assert summary.last_checkpoint_step == 11
-
-
-class NaNLoss:
-    """Losses turn NaN for ``count`` calls starting at call ``start``."""
-
-    def __init__(self, start, count):
-        self.start, self.count, self.calls = start, count, 0
-
-    def __call__(self, outputs, batch):
-        self.calls += 1
-        losses = two_task_loss(outputs, batch)
-        if self.start <= self.calls < self.start + self.count:
-            return {k: v * float("nan") for k, v in losses.items()}
-        return losses
 
 
 def test_nan_losses_are_skipped_and_rolled_back(tmp_path):

@@ -1,7 +1,7 @@
 """The base of the aggregators that are not functions of the Gram matrix: one pass over J.
 
 GradDrop and TrimmedMean map every column of the K x N matrix J on its own, with a rule no K x K
-matrix can express, so they skip the engine's gram -> weighting -> combine steps: their ``__call__``
+matrix can express, so they skip the engine's gram -> weighting -> combine steps: their ``_aggregate``
 picks the backend with :func:`tolaria.aggregation.engine.select_backend` as every aggregator does, and
 runs one coordinate-wise pass there (:mod:`tolaria.aggregation.backends.coordinatewise`). Everything
 else behaves as for the others: inputs, dtype and device, ``out=``, ``backend=``, ``nonfinite=``.
@@ -16,12 +16,10 @@ else behaves as for the others: inputs, dtype and device, ``out=``, ``backend=``
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor
 
-from ._sources import Sources, as_sources, check_out
+from ._sources import Sources, check_out
 from .aggregator import Aggregator
 from .backends import Backend
 from .engine import Weights, has_float64, raise_if_nonfinite, select_backend
@@ -44,15 +42,7 @@ class CoordinatewiseAggregator(Aggregator):
         """The pass: the flat result and, with ``check``, whether every input value was finite."""
         raise NotImplementedError
 
-    def __call__(
-        self,
-        grads: Tensor | Sequence[Tensor],
-        *,
-        return_stats: bool = False,
-        out: Tensor | None = None,
-    ) -> Tensor | tuple[Tensor, AggregationStats]:
-        sources = as_sources(grads)
-        self._check_k(sources.k)
+    def _aggregate(self, sources: Sources, out: Tensor | None, with_stats: bool) -> tuple[Tensor, AggregationStats | None]:
         impl = select_backend(self.backend, sources)
         if out is not None:
             check_out(out, sources)
@@ -62,11 +52,10 @@ class CoordinatewiseAggregator(Aggregator):
         if check and not finite:
             gram = impl.gram(sources)
             raise_if_nonfinite(gram)  # names the sources whose squared norms are not finite
-        result = flat.view(sources.shape) if out is None else out
-        if not return_stats:
-            return result
+        if not with_stats:
+            return flat, None
         gram = impl.gram(sources) if gram is None else gram
         gram = gram.to(torch.float64) if has_float64(gram.device) else gram
         weights = torch.full((sources.k,), float("nan"), dtype=gram.dtype, device=gram.device)
         conflicts = torch.zeros((), dtype=torch.int64, device=gram.device)
-        return result, stats_from_gram(gram, weights, conflicts)
+        return flat, stats_from_gram(gram, weights, conflicts)

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._sources import as_sources
+from ._sources import Sources, as_sources
 from .engine import Weights, aggregate, check_backend_name, check_nonfinite_mode
 from .stats import AggregationStats
 
@@ -50,18 +50,23 @@ class Aggregator(ABC):
     ) -> Tensor | tuple[Tensor, AggregationStats]:
         sources = as_sources(grads)
         self._check_k(sources.k)
-        flat, stats = aggregate(
+        flat, stats = self._aggregate(sources, out, return_stats)
+        result = flat.view(sources.shape) if out is None else out
+        return (result, stats) if return_stats else result
+
+    def _aggregate(self, sources: Sources, out: Tensor | None, with_stats: bool) -> tuple[Tensor, AggregationStats | None]:
+        """The flat result (and its stats): the engine's three steps. Aggregators that are not
+        "weights from G, then one weighted sum" (coordinate-wise ones, ExcessMTL) override this."""
+        return aggregate(
             sources,
             self.weighting,
             backend=self.backend,
             nonfinite=self.nonfinite,
             out=out,
-            with_stats=return_stats,
+            with_stats=with_stats,
             fixed_weights=self._fixed_weights,
             wide_combine=self.wide_combine,
         )
-        result = flat.view(sources.shape) if out is None else out
-        return (result, stats) if return_stats else result
 
     def check_sources(self, k: int) -> None:
         """Raises ``ValueError`` saying why, if this aggregator cannot combine ``k`` sources (Krum

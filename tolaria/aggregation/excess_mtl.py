@@ -19,14 +19,13 @@ warmup the first call's E, which that call also uses unscaled.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from ._gramian import conflicting_pairs
-from ._sources import Sources, as_sources, check_out
+from ._sources import Sources, check_out
 from .aggregator import Aggregator
 from .backends.base import accumulation_dtype
 from .engine import Weights, aggregate, has_float64, select_backend
@@ -103,15 +102,8 @@ class ExcessMTL(Aggregator):
         self._warmup_sum: Tensor | None = None
         self._n_steps = 0
 
-    def __call__(
-        self,
-        grads: Tensor | Sequence[Tensor],
-        *,
-        return_stats: bool = False,
-        out: Tensor | None = None,
-    ) -> Tensor | tuple[Tensor, AggregationStats]:
-        sources = as_sources(grads)
-        self._check_k(sources.k)
+    def _aggregate(self, sources: Sources, out: Tensor | None, with_stats: bool) -> tuple[Tensor, AggregationStats | None]:
+        return_stats = with_stats
         # Everything that can refuse the call does so before the state changes.
         select_backend(self.backend, sources)
         if out is not None:
@@ -135,7 +127,7 @@ class ExcessMTL(Aggregator):
             def fixed(k: int, device: torch.device) -> Tensor:
                 return weights
 
-        flat, stats = aggregate(
+        return aggregate(
             sources,
             weighting,
             backend=self.backend,
@@ -145,8 +137,6 @@ class ExcessMTL(Aggregator):
             fixed_weights=fixed,
             wide_combine=self.wide_combine,
         )
-        result = flat.view(sources.shape) if out is None else out
-        return (result, stats) if return_stats else result
 
     def weighting(self, gram: Tensor) -> Weights:
         """The weights currently held (uniform before the first call), without a step: they need J."""

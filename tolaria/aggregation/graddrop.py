@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from ._coordinatewise import CoordinatewiseAggregator
+from ._randomness import own_generator
 from ._sources import Sources
 from .backends import Backend
 from .backends.coordinatewise import graddrop, graddrop_uniforms
@@ -84,18 +85,7 @@ class GradDrop(CoordinatewiseAggregator):
             )
         self.f = f
         self.leak = _leak_tensor(leak)
-        if generator is not None and seed is not None:
-            raise ValueError("GradDrop takes a seed or a generator, not both")
-        if generator is not None and (not isinstance(generator, torch.Generator) or generator.device.type != "cpu"):
-            raise TypeError(f"GradDrop's generator must be a CPU torch.Generator, got {generator!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise TypeError(f"GradDrop's seed must be an integer, got {seed!r}")
-        self.generator = generator if generator is not None else torch.Generator()
-        if generator is None:
-            if seed is None:
-                self.generator.seed()  # from the operating system; torch's global generator is untouched
-            else:
-                self.generator.manual_seed(seed)
+        self.generator = own_generator(seed, generator, "GradDrop")
 
     stateful = True
 

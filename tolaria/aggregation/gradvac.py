@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 from ._gramian import solve_if_finite
+from ._randomness import own_generator
 from .aggregator import Aggregator
 from .engine import Weights
 from .pcgrad import draw_orders
@@ -124,18 +125,7 @@ class GradVac(Aggregator):
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 <= float(eps) < float("inf"):
             raise ValueError(f"GradVac eps must be a finite number >= 0, got {eps!r}")
         self.eps = float(eps)
-        if generator is not None and seed is not None:
-            raise ValueError("GradVac takes a seed or a generator, not both")
-        if generator is not None and (not isinstance(generator, torch.Generator) or generator.device.type != "cpu"):
-            raise TypeError(f"GradVac's generator must be a CPU torch.Generator, got {generator!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise TypeError(f"GradVac's seed must be an integer, got {seed!r}")
-        self.generator = generator if generator is not None else torch.Generator()
-        if generator is None:
-            if seed is None:
-                self.generator.seed()  # from the operating system; torch's global generator is untouched
-            else:
-                self.generator.manual_seed(seed)
+        self.generator = own_generator(seed, generator, "GradVac")
         self._targets: Tensor | None = None
 
     def _targets_for(self, gram: Tensor) -> Tensor:

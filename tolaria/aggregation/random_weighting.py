@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._randomness import own_generator
 from .weighted import _FixedWeighting, _weight_dtype
 
 __all__ = ["Random"]
@@ -33,18 +34,7 @@ class Random(_FixedWeighting):
         nonfinite: str = "raise",
     ):
         super().__init__(backend=backend, nonfinite=nonfinite)
-        if generator is not None and seed is not None:
-            raise ValueError("Random takes a seed or a generator, not both")
-        if generator is not None and (not isinstance(generator, torch.Generator) or generator.device.type != "cpu"):
-            raise TypeError(f"Random's generator must be a CPU torch.Generator, got {generator!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise TypeError(f"Random's seed must be an integer, got {seed!r}")
-        self.generator = generator if generator is not None else torch.Generator()
-        if generator is None:
-            if seed is None:
-                self.generator.seed()  # from the operating system; torch's global generator is untouched
-            else:
-                self.generator.manual_seed(seed)
+        self.generator = own_generator(seed, generator, "Random")
 
     stateful = True
 
