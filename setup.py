@@ -23,9 +23,7 @@ EXTENSIONS = {
 # for exactly that level (csrc/aggregation/kernels.h explains why they must stay in their own files),
 # and chosen at load time. Other architectures compile those files to nothing.
 _ISA_FLAGS = json.loads((CSRC / "aggregation" / "isa_flags.json").read_text())
-PER_FILE_FLAGS: dict[str, list[str]] = (
-    _ISA_FLAGS["x86_64"] if platform.machine().lower() in {"x86_64", "amd64"} else {}
-)
+PER_FILE_FLAGS: dict[str, list[str]] = _ISA_FLAGS["x86_64"] if platform.machine().lower() in {"x86_64", "amd64"} else {}
 
 
 def _extension(module: str, folder: str) -> Pybind11Extension:

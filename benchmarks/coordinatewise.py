@@ -64,8 +64,10 @@ def test_coordinatewise(benchmark, grads, name, method):
 
 
 def teardown_module(module):
-    header = (f"\ncoordinate-wise aggregators, K={K}, N={N:.3g}, float32, CPU ISA {cpu_isa()}, "
-              f"{torch.get_num_threads()} threads: median ms and time / TorchJD's")
+    header = (
+        f"\ncoordinate-wise aggregators, K={K}, N={N:.3g}, float32, CPU ISA {cpu_isa()}, "
+        f"{torch.get_num_threads()} threads: median ms and time / TorchJD's"
+    )
     lines = [header]
     for (name, method), median in _medians.items():
         base = _medians.get((name, "torchjd"))

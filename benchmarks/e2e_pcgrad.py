@@ -33,9 +33,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the
 from _e2e_models import BATCH, CASES, Model, batches  # noqa: E402
 from compat.reference_pcgrad import ReferencePCGrad  # noqa: E402
 
+
 def make_step(library: str, trunk: str, k: int) -> Callable[[], None]:
     model = Model(trunk, k)
-    wrapper = (ReferencePCGrad if library == "pytorch-pcgrad" else PCGrad)(torch.optim.Adam(model.parameters(), lr=1e-4))
+    wrapper = (ReferencePCGrad if library == "pytorch-pcgrad" else PCGrad)(
+        torch.optim.Adam(model.parameters(), lr=1e-4)
+    )
     x, ys = batches(model, k)
 
     def step() -> None:
@@ -68,8 +71,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=15)
     args = parser.parse_args()
-    print(f"e2e PCGrad step: torch {torch.__version__}, {platform.machine()}, CPU ISA {cpu_isa()}, "
-          f"{torch.get_num_threads()} threads, batch {BATCH}, float32; median of {args.steps} interleaved steps")
+    print(
+        f"e2e PCGrad step: torch {torch.__version__}, {platform.machine()}, CPU ISA {cpu_isa()}, "
+        f"{torch.get_num_threads()} threads, batch {BATCH}, float32; median of {args.steps} interleaved steps"
+    )
     for trunk, k in CASES:
         steps = {lib: make_step(lib, trunk, k) for lib in ("pytorch-pcgrad", "tolaria")}
         times: dict[str, list[float]] = {lib: [] for lib in steps}
@@ -77,14 +82,16 @@ def main() -> None:
         for step in steps.values():
             step()
         for i in range(args.steps):  # interleaved, alternating which goes first
-            for lib in (list(steps) if i % 2 == 0 else list(reversed(steps))):
+            for lib in list(steps) if i % 2 == 0 else list(reversed(steps)):
                 start = time.perf_counter()
                 steps[lib]()
                 times[lib].append(time.perf_counter() - start)
         ref, ours = (statistics.median(times[lib]) * 1e3 for lib in ("pytorch-pcgrad", "tolaria"))
         params = Model(trunk, k).trunk_parameters()
-        print(f"  trunk {params / 1e6:5.2f}M K={k}: Pytorch-PCGrad {ref:8.1f} ms  Tolaria {ours:8.1f} ms  "
-              f"speedup x{ref / ours:.2f}")
+        print(
+            f"  trunk {params / 1e6:5.2f}M K={k}: Pytorch-PCGrad {ref:8.1f} ms  Tolaria {ours:8.1f} ms  "
+            f"speedup x{ref / ours:.2f}"
+        )
 
 
 if __name__ == "__main__":

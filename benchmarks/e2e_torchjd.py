@@ -83,22 +83,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=15)
     args = parser.parse_args()
-    print(f"e2e mtl step: torch {torch.__version__}, {platform.machine()}, CPU ISA {cpu_isa()}, "
-          f"{torch.get_num_threads()} threads, batch {BATCH}, float32; median of {args.steps} interleaved steps")
+    print(
+        f"e2e mtl step: torch {torch.__version__}, {platform.machine()}, CPU ISA {cpu_isa()}, "
+        f"{torch.get_num_threads()} threads, batch {BATCH}, float32; median of {args.steps} interleaved steps"
+    )
     for trunk, k in CASES:
         steps = {lib: make_step(lib, trunk, k) for lib in LIBRARIES}
         times: dict[str, list[float]] = {lib: [] for lib in steps}
         for step in steps.values():
             step()
         for i in range(args.steps):  # interleaved, alternating which goes first
-            for lib in (LIBRARIES if i % 2 == 0 else LIBRARIES[::-1]):
+            for lib in LIBRARIES if i % 2 == 0 else LIBRARIES[::-1]:
                 start = time.perf_counter()
                 steps[lib]()
                 times[lib].append(time.perf_counter() - start)
         ref, ours = (statistics.median(times[lib]) * 1e3 for lib in LIBRARIES)
         params = Model(trunk, k).trunk_parameters()
-        print(f"  trunk {params / 1e6:5.2f}M K={k}: TorchJD {ref:8.1f} ms  Tolaria {ours:8.1f} ms  "
-              f"speedup x{ref / ours:.2f}")
+        print(
+            f"  trunk {params / 1e6:5.2f}M K={k}: TorchJD {ref:8.1f} ms  Tolaria {ours:8.1f} ms  "
+            f"speedup x{ref / ours:.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -53,12 +53,14 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name in methods}
     names = list(methods)
     for r in range(args.rounds):
-        order = names[r % len(names):] + names[: r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
             times[name].append(_time(methods[name]))
     median = {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
-    print(f"family benchmark: K={k}, N={n:.3g}, float32, torch {torch.__version__}, {platform.machine()}, "
-          f"CPU ISA {cpu_isa()}, {torch.get_num_threads()} threads, median of {args.rounds} rotated rounds")
+    print(
+        f"family benchmark: K={k}, N={n:.3g}, float32, torch {torch.__version__}, {platform.machine()}, "
+        f"CPU ISA {cpu_isa()}, {torch.get_num_threads()} threads, median of {args.rounds} rotated rounds"
+    )
     print(f"floor (J.sum(0)): {median['floor']:.2f} ms; PCGrad: {median['pcgrad']:.2f} ms")
     print(f"{'aggregator':14s} {'ms':>8s} {'/ PCGrad':>9s} {'TorchJD ms':>11s} {'TorchJD / Tolaria':>18s}")
     for name in names:

@@ -162,8 +162,13 @@ def bench_size(n_params: int, repeats: int, work_dir: Path, checksums: list[str]
     for checksum in checksums:
         suffix = "" if checksum == checksums[0] else f" ({checksum})"
         save, write, load, read = [], [], [], []
-        with StateManager(work_dir / f"durable-{n_params}-{checksum}", fast_cache_mb=0, keep_last=1,
-                          telemetry=TelemetryEmitter([MemorySink()]), checksum=checksum) as manager:
+        with StateManager(
+            work_dir / f"durable-{n_params}-{checksum}",
+            fast_cache_mb=0,
+            keep_last=1,
+            telemetry=TelemetryEmitter([MemorySink()]),
+            checksum=checksum,
+        ) as manager:
             manager.checkpoint(0, model, optimizer)  # warm-up
             file_bytes = manager.checkpoints[-1].nbytes
             # The plain write writes the checkpoint's own bytes (not a constant pattern a storage
@@ -207,10 +212,14 @@ def fmt_time(seconds: float) -> str:
 
 def report(n_params: int, rows: Rows) -> list[tuple[str, float, float, bool]]:
     nbytes, file_bytes, params = rows["_bytes"]
-    print(f"\n== {int(params) / 1e6:.1f}M parameters, fp32 + Adam: {nbytes / 2**20:.0f} MiB of state, "
-          f"checkpoint file {file_bytes / 2**20:.0f} MiB ==")
-    header = (f"{'operation':<24} {'tolaria':>12} {'floor/plain':>12} {'ratio':>7} {'GiB/s':>7} "
-              f"{'prototype':>12} {'speed-up':>9}")
+    print(
+        f"\n== {int(params) / 1e6:.1f}M parameters, fp32 + Adam: {nbytes / 2**20:.0f} MiB of state, "
+        f"checkpoint file {file_bytes / 2**20:.0f} MiB =="
+    )
+    header = (
+        f"{'operation':<24} {'tolaria':>12} {'floor/plain':>12} {'ratio':>7} {'GiB/s':>7} "
+        f"{'prototype':>12} {'speed-up':>9}"
+    )
     print(header)
     print("-" * len(header))
     checks = []
@@ -219,11 +228,15 @@ def report(n_params: int, rows: Rows) -> list[tuple[str, float, float, bool]]:
         size = file_bytes if name.startswith("durable") else nbytes
         proto_text = fmt_time(proto) if proto is not None else f"{'-':>12}"
         speedup = f"{proto / ours:8.1f}x" if proto is not None else f"{'-':>9}"
-        print(f"{name:<24} {fmt_time(ours):>12} {fmt_time(floor):>12} {ours / floor:6.2f}x {size / ours / 2**30:7.2f} "
-              f"{proto_text:>12} {speedup}")
+        print(
+            f"{name:<24} {fmt_time(ours):>12} {fmt_time(floor):>12} {ours / floor:6.2f}x {size / ours / 2**30:7.2f} "
+            f"{proto_text:>12} {speedup}"
+        )
     ours, floor, proto = rows["fast restore"]
     checks.append((f"{n_params // 10**6}M fast restore <= 1.5x copy floor", ours / floor, 1.5, ours / floor <= 1.5))
-    checks.append((f"{n_params // 10**6}M fast restore >= 10x faster than prototype", proto / ours, 10.0, proto / ours >= 10))
+    checks.append(
+        (f"{n_params // 10**6}M fast restore >= 10x faster than prototype", proto / ours, 10.0, proto / ours >= 10)
+    )
     for name in [k for k in rows if k.startswith("durable save")]:
         ours, floor, _ = rows[name]
         label = f"{n_params // 10**6}M {name} <= 1.5x plain write+fsync"
@@ -235,15 +248,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="10M,100M", help="comma-separated parameter counts (e.g. 10M,100M)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions per measurement (best is kept)")
-    parser.add_argument("--checksums", default=None,
-                        help="checksums to time the durable tier with, the first as the main row "
-                             "(default: crc32,sha256 below 50M parameters, crc32 from 50M)")
+    parser.add_argument(
+        "--checksums",
+        default=None,
+        help="checksums to time the durable tier with, the first as the main row "
+        "(default: crc32,sha256 below 50M parameters, crc32 from 50M)",
+    )
     parser.add_argument("--dir", default=None, help="folder for checkpoint files (default: a temporary folder)")
     args = parser.parse_args(argv)
     sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
-    print(f"tolaria.state rollback benchmark -- torch {torch.__version__}, {platform.machine()}, "
-          f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, best of {args.repeats}; "
-          f"load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"tolaria.state rollback benchmark -- torch {torch.__version__}, {platform.machine()}, "
+        f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, best of {args.repeats}; "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
     checks = []
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="tolaria-rollback-bench-") as tmp:
         print(f"checkpoint folder: {tmp}")

@@ -240,7 +240,9 @@ def print_cpu_split(wakes: dict[str, Wakes]) -> None:
         print("where the waiters woke: not known (this C library has no sched_getcpu)")
         return
     print("where the waiters woke:")
-    header = f"{'method':<32}{'on the writer CPU':>19}{'p50 µs':>9}{'p99 µs':>9}{'on another':>12}{'p50 µs':>9}{'p99 µs':>9}"
+    header = (
+        f"{'method':<32}{'on the writer CPU':>19}{'p50 µs':>9}{'p99 µs':>9}{'on another':>12}{'p50 µs':>9}{'p99 µs':>9}"
+    )
     print(header)
     print("-" * len(header))
     for key, label in METHODS:
@@ -266,8 +268,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--wakes must be at least 1000 (p99 needs the samples)")
 
     print(f"trigger-to-wake latency across processes; {args.wakes} wakes per method (+{WARMUP} warm-up)")
-    print(f"python {platform.python_version()}, {platform.system()} {platform.release()}, {os.cpu_count()} CPUs, "
-          f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
+    print(
+        f"python {platform.python_version()}, {platform.system()} {platform.release()}, {os.cpu_count()} CPUs, "
+        f"{time.strftime('%Y-%m-%d %H:%M:%S')}"
+    )
     started = time.monotonic()
     wakes = measure([key for key, _ in METHODS], args.wakes + WARMUP, args.seed)
     elapsed = time.monotonic() - started
@@ -278,8 +282,7 @@ def main(argv: list[str] | None = None) -> int:
 
     base = stats["signal"]
     header = (
-        f"{'method':<32}{'wakes':>7}{'p50 µs':>10}{'p99 µs':>10}{'max µs':>10}"
-        f"{'p50 / signal':>14}{'p99 / signal':>14}"
+        f"{'method':<32}{'wakes':>7}{'p50 µs':>10}{'p99 µs':>10}{'max µs':>10}{'p50 / signal':>14}{'p99 / signal':>14}"
     )
     print()
     print(header)
@@ -291,8 +294,10 @@ def main(argv: list[str] | None = None) -> int:
     event = stats["event"]
     print(f"target p99 < 100 µs: {'met' if base[2] < 100 else 'MISSED'} ({base[2]:.1f} µs)")
     beats = base[1] < event[1] and base[2] < event[2]
-    print(f"beats multiprocessing.Event at p50 and p99: {'yes' if beats else 'NO'} "
-          f"({event[1] / base[1]:.1f}x at p50, {event[2] / base[2]:.1f}x at p99)")
+    print(
+        f"beats multiprocessing.Event at p50 and p99: {'yes' if beats else 'NO'} "
+        f"({event[1] / base[1]:.1f}x at p50, {event[2] / base[2]:.1f}x at p99)"
+    )
     print()
     print_cpu_split(wakes)
     print(f"total {elapsed:.1f} s")

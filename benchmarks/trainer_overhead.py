@@ -86,7 +86,9 @@ def describe(name: str, times: list[float], base: list[float] | None = None) -> 
     mean, median = statistics.fmean(times), statistics.median(times)
     line = f"{name:<22}{mean * 1e3:>12.3f}{median * 1e3:>12.3f}{sum(times):>10.2f}"
     if base is not None:
-        line += f"{(mean / statistics.fmean(base) - 1) * 100:>+12.1f}%{(median / statistics.median(base) - 1) * 100:>+11.1f}%"
+        mean_pct = (mean / statistics.fmean(base) - 1) * 100
+        median_pct = (median / statistics.median(base) - 1) * 100
+        line += f"{mean_pct:>+12.1f}%{median_pct:>+11.1f}%"
     return line
 
 
@@ -98,14 +100,18 @@ HEADER = f"{'loop':<22}{'mean ms':>12}{'median ms':>12}{'total s':>10}{'mean vs 
 
 def mlp(d_in: int, hidden: int, d_out: int) -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, d_out))
+    return nn.Sequential(
+        nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, d_out)
+    )
 
 
 def part_overhead(args: argparse.Namespace, tmp: Path) -> None:
     d_in, classes = 256, 10
     g = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(args.batch_size, d_in, generator=g), torch.randint(classes, (args.batch_size,), generator=g))
-               for _ in range(args.batches)]
+    batches = [
+        (torch.randn(args.batch_size, d_in, generator=g), torch.randint(classes, (args.batch_size,), generator=g))
+        for _ in range(args.batches)
+    ]
     bare_model, model = mlp(d_in, args.hidden, classes), mlp(d_in, args.hidden, classes)
     bare_opt = torch.optim.AdamW(bare_model.parameters(), lr=1e-3)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -118,15 +124,22 @@ def part_overhead(args: argparse.Namespace, tmp: Path) -> None:
         bare_opt.step()
 
     data = Interleaved(batches, bare_step)
-    config = TrainerConfig(epochs=args.epochs, device="cpu", seed=None, run_dir=str(tmp / "overhead"),
-                           telemetry=TelemetryConfig(log_every_steps=10))
+    config = TrainerConfig(
+        epochs=args.epochs,
+        device="cpu",
+        seed=None,
+        run_dir=str(tmp / "overhead"),
+        telemetry=TelemetryConfig(log_every_steps=10),
+    )
     trainer = Trainer(model, opt, data, lambda out, batch: F.cross_entropy(out, batch[1]), config)
     start = time.perf_counter()
     summary = trainer.fit()
     fit_s = time.perf_counter() - start
     steps = summary.steps
-    print(f"== overhead: MLP {d_in}-{args.hidden}-{args.hidden}-{classes} ({n_params / 1e6:.2f} M params), AdamW, "
-          f"batch {args.batch_size}, {args.epochs} epochs x {args.batches} steps, one loss, interleaved step by step")
+    print(
+        f"== overhead: MLP {d_in}-{args.hidden}-{args.hidden}-{classes} ({n_params / 1e6:.2f} M params), AdamW, "
+        f"batch {args.batch_size}, {args.epochs} epochs x {args.batches} steps, one loss, interleaved step by step"
+    )
     print(HEADER)
     print(describe("bare loop (reference)", data.reference_times))
     print(describe("trainer step", data.trainer_times, data.reference_times))
@@ -134,10 +147,14 @@ def part_overhead(args: argparse.Namespace, tmp: Path) -> None:
     epoch_end = fit_s - sum(data.reference_times) - sum(data.trainer_times)
     records = [json.loads(line) for line in (summary.run_dir / "telemetry.jsonl").read_text().splitlines()]
     n_ckpt = sum(r["kind"] == "state.checkpoint_committed" for r in records)
-    print(f"trainer overhead per step: {over * 100:+.1f}% (mean, snapshots and telemetry included; target < 5%: "
-          f"{'met' if over < 0.05 else 'NOT met'})")
-    print(f"outside the steps: {epoch_end:.2f} s for the whole run ({n_ckpt} durable checkpoints, first snapshot, "
-          f"epoch summaries), {epoch_end / steps * 1e3:.2f} ms per step amortised over {steps} steps")
+    print(
+        f"trainer overhead per step: {over * 100:+.1f}% (mean, snapshots and telemetry included; target < 5%: "
+        f"{'met' if over < 0.05 else 'NOT met'})"
+    )
+    print(
+        f"outside the steps: {epoch_end:.2f} s for the whole run ({n_ckpt} durable checkpoints, first snapshot, "
+        f"epoch summaries), {epoch_end / steps * 1e3:.2f} ms per step amortised over {steps} steps"
+    )
 
 
 # ---- part 2: PCGrad trainer vs the naive PCGrad recipe ------------------------------------------
@@ -151,7 +168,9 @@ def naive_pcgrad_step(model: nn.Module, opt: torch.optim.Optimizer, losses: dict
     for i, loss in enumerate(items):
         opt.zero_grad(set_to_none=True)
         loss.backward(retain_graph=i + 1 < len(items))
-        grads.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().clone() for p in params]))
+        grads.append(
+            torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().clone() for p in params])
+        )
     projected = [g.clone() for g in grads]
     for g_i in projected:
         order = list(range(len(grads)))
@@ -172,8 +191,10 @@ def naive_pcgrad_step(model: nn.Module, opt: torch.optim.Optimizer, losses: dict
 
 def part_pcgrad(args: argparse.Namespace, tmp: Path) -> None:
     cfg = DigitsTaskConfig()
-    print(f"\n== PCGrad on the default task: {cfg.train_pairs} pairs, batch {cfg.batch_size}, hidden {cfg.hidden}, "
-          f"AdamW lr {cfg.lr}, {args.epochs} epochs, seeds 0..{args.seeds - 1}, interleaved step by step")
+    print(
+        f"\n== PCGrad on the default task: {cfg.train_pairs} pairs, batch {cfg.batch_size}, hidden {cfg.hidden}, "
+        f"AdamW lr {cfg.lr}, {args.epochs} epochs, seeds 0..{args.seeds - 1}, interleaved step by step"
+    )
     acc: dict[str, dict[str, list[float]]] = {"trainer": {t: [] for t in TASKS}, "naive": {t: [] for t in TASKS}}
     times: dict[str, list[float]] = {"trainer": [], "naive": []}
     for seed in range(args.seeds):
@@ -184,8 +205,9 @@ def part_pcgrad(args: argparse.Namespace, tmp: Path) -> None:
             naive_pcgrad_step(ref.model, ref.optimizer, two_digit_loss(ref.model(batch[0]), batch))
 
         data = Interleaved(mine.data, naive_step)
-        config = TrainerConfig(epochs=args.epochs, device="cpu", seed=seed, run_dir=str(tmp / f"pcgrad{seed}"),
-                               aggregator="pcgrad")
+        config = TrainerConfig(
+            epochs=args.epochs, device="cpu", seed=seed, run_dir=str(tmp / f"pcgrad{seed}"), aggregator="pcgrad"
+        )
         Trainer(mine.model, mine.optimizer, data, mine.loss_fn, config).fit()
         for name, task in (("trainer", mine), ("naive", ref)):
             for t, value in accuracy(task.model, *task.test).items():
@@ -194,8 +216,10 @@ def part_pcgrad(args: argparse.Namespace, tmp: Path) -> None:
         times["naive"].extend(data.reference_times)
     print(f"{'method':<22}" + "".join(f"{'accuracy ' + t:>24}" for t in TASKS))
     for name in ("trainer", "naive"):
-        cells = [f"{statistics.fmean(v):.4f} ± {statistics.stdev(v) if len(v) > 1 else 0.0:.4f}".rjust(24)
-                 for v in (acc[name][t] for t in TASKS)]
+        cells = [
+            f"{statistics.fmean(v):.4f} ± {statistics.stdev(v) if len(v) > 1 else 0.0:.4f}".rjust(24)
+            for v in (acc[name][t] for t in TASKS)
+        ]
         print(f"{name:<22}" + "".join(cells))
     gaps = [statistics.fmean(acc["trainer"][t]) - statistics.fmean(acc["naive"][t]) for t in TASKS]
     print("accuracy difference (trainer - naive): " + ", ".join(f"{t} {g:+.4f}" for t, g in zip(TASKS, gaps)))
@@ -203,8 +227,10 @@ def part_pcgrad(args: argparse.Namespace, tmp: Path) -> None:
     print(describe("naive recipe (ref)", times["naive"]))
     print(describe("trainer step", times["trainer"], times["naive"]))
     speed = statistics.fmean(times["naive"]) / statistics.fmean(times["trainer"])
-    print(f"trainer vs the naive recipe: {speed:.2f}x per step (mean; the trainer's step also carries its safety "
-          f"checks, snapshots and telemetry)")
+    print(
+        f"trainer vs the naive recipe: {speed:.2f}x per step (mean; the trainer's step also carries its safety "
+        f"checks, snapshots and telemetry)"
+    )
 
 
 def main() -> None:
@@ -215,13 +241,19 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256, help="overhead: examples per batch")
     parser.add_argument("--hidden", type=int, default=1024, help="overhead: MLP width")
     parser.add_argument("--seeds", type=int, default=3, help="pcgrad: seeds")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch.set_num_threads (default 1: steadier timings on a shared machine; 0 keeps torch's)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch.set_num_threads (default 1: steadier timings on a shared machine; 0 keeps torch's)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} thread(s), "
-          f"{time.strftime('%Y-%m-%d %H:%M')}")
+    print(
+        f"torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} thread(s), "
+        f"{time.strftime('%Y-%m-%d %H:%M')}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         if args.part in ("overhead", "both"):
             part_overhead(args, Path(tmp))

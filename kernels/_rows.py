@@ -21,7 +21,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import torch
 import triton
@@ -85,7 +85,7 @@ def check_device(device: torch.device, what: str) -> None:
         raise ValueError(problem)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 

@@ -24,9 +24,22 @@ MAX_ROWS_PER_GROUP = 4
 
 
 @triton.jit
-def _add_row(acc, base_ptr, table_ptr, row_stride, col_stride, n, w_ptr, row, cols,
-             USE_TABLE: tl.constexpr, ALIGN: tl.constexpr, COL_CONTIGUOUS: tl.constexpr,
-             MASK_COLS: tl.constexpr, ACC_DTYPE: tl.constexpr):
+def _add_row(
+    acc,
+    base_ptr,
+    table_ptr,
+    row_stride,
+    col_stride,
+    n,
+    w_ptr,
+    row,
+    cols,
+    USE_TABLE: tl.constexpr,
+    ALIGN: tl.constexpr,
+    COL_CONTIGUOUS: tl.constexpr,
+    MASK_COLS: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+):
     w = tl.load(w_ptr + row).to(ACC_DTYPE)
     off = row_offsets(table_ptr, row, True, row_stride, USE_TABLE, ALIGN)
     x = load_row(base_ptr + off, cols, col_stride, n, COL_CONTIGUOUS, MASK_COLS)
@@ -34,26 +47,67 @@ def _add_row(acc, base_ptr, table_ptr, row_stride, col_stride, n, w_ptr, row, co
 
 
 @triton.jit
-def _weighted_rows(base_ptr, table_ptr, row_stride, col_stride, n, k, w_ptr, cols,
-                   ROWS: tl.constexpr, USE_TABLE: tl.constexpr, ALIGN: tl.constexpr,
-                   COL_CONTIGUOUS: tl.constexpr, MASK_COLS: tl.constexpr, ACC_DTYPE: tl.constexpr,
-                   BLOCK_N: tl.constexpr):
+def _weighted_rows(
+    base_ptr,
+    table_ptr,
+    row_stride,
+    col_stride,
+    n,
+    k,
+    w_ptr,
+    cols,
+    ROWS: tl.constexpr,
+    USE_TABLE: tl.constexpr,
+    ALIGN: tl.constexpr,
+    COL_CONTIGUOUS: tl.constexpr,
+    MASK_COLS: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     acc = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
     k_groups = (k // ROWS) * ROWS
     for g in range(0, k_groups, ROWS):  # ROWS rows per step, their loads issued together
         for r in tl.static_range(ROWS):
-            acc = _add_row(acc, base_ptr, table_ptr, row_stride, col_stride, n, w_ptr, g + r, cols,
-                           USE_TABLE, ALIGN, COL_CONTIGUOUS, MASK_COLS, ACC_DTYPE)
+            acc = _add_row(
+                acc,
+                base_ptr,
+                table_ptr,
+                row_stride,
+                col_stride,
+                n,
+                w_ptr,
+                g + r,
+                cols,
+                USE_TABLE,
+                ALIGN,
+                COL_CONTIGUOUS,
+                MASK_COLS,
+                ACC_DTYPE,
+            )
     for row in range(k_groups, k):  # the remaining k % ROWS rows
-        acc = _add_row(acc, base_ptr, table_ptr, row_stride, col_stride, n, w_ptr, row, cols,
-                       USE_TABLE, ALIGN, COL_CONTIGUOUS, MASK_COLS, ACC_DTYPE)
+        acc = _add_row(
+            acc,
+            base_ptr,
+            table_ptr,
+            row_stride,
+            col_stride,
+            n,
+            w_ptr,
+            row,
+            cols,
+            USE_TABLE,
+            ALIGN,
+            COL_CONTIGUOUS,
+            MASK_COLS,
+            ACC_DTYPE,
+        )
     return acc
 
 
 @triton.jit
 def _widen(x, ACC_DTYPE: tl.constexpr):
     # 16-bit rows reach a float64 accumulator through float32 (exact), see _to_output.
-    if ACC_DTYPE == tl.float64 and x.dtype != tl.float64:
+    if tl.float64 == ACC_DTYPE and x.dtype != tl.float64:
         return x.to(tl.float32).to(ACC_DTYPE)
     return x.to(ACC_DTYPE)
 
@@ -71,20 +125,61 @@ def _to_output(acc, out_ty: tl.constexpr):
 
 @triton.jit(do_not_specialize=["n", "k"])
 def _combine_kernel(
-    base_ptr, table_ptr, row_stride, col_stride, n, k, w_ptr, out_ptr,
-    BLOCK_N: tl.constexpr, ROWS: tl.constexpr, USE_TABLE: tl.constexpr, ALIGN: tl.constexpr,
-    COL_CONTIGUOUS: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    base_ptr,
+    table_ptr,
+    row_stride,
+    col_stride,
+    n,
+    k,
+    w_ptr,
+    out_ptr,
+    BLOCK_N: tl.constexpr,
+    ROWS: tl.constexpr,
+    USE_TABLE: tl.constexpr,
+    ALIGN: tl.constexpr,
+    COL_CONTIGUOUS: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
 ):
     start = tl.cast(tl.program_id(0), tl.int64) * BLOCK_N  # int64: N may pass 2^31
     cols = start + tl.arange(0, BLOCK_N)
     out_ty = out_ptr.dtype.element_ty
     if start + BLOCK_N <= n:
-        acc = _weighted_rows(base_ptr, table_ptr, row_stride, col_stride, n, k, w_ptr, cols,
-                             ROWS, USE_TABLE, ALIGN, COL_CONTIGUOUS, False, ACC_DTYPE, BLOCK_N)
+        acc = _weighted_rows(
+            base_ptr,
+            table_ptr,
+            row_stride,
+            col_stride,
+            n,
+            k,
+            w_ptr,
+            cols,
+            ROWS,
+            USE_TABLE,
+            ALIGN,
+            COL_CONTIGUOUS,
+            False,
+            ACC_DTYPE,
+            BLOCK_N,
+        )
         tl.store(out_ptr + cols, _to_output(acc, out_ty))
     else:
-        acc = _weighted_rows(base_ptr, table_ptr, row_stride, col_stride, n, k, w_ptr, cols,
-                             ROWS, USE_TABLE, ALIGN, COL_CONTIGUOUS, True, ACC_DTYPE, BLOCK_N)
+        acc = _weighted_rows(
+            base_ptr,
+            table_ptr,
+            row_stride,
+            col_stride,
+            n,
+            k,
+            w_ptr,
+            cols,
+            ROWS,
+            USE_TABLE,
+            ALIGN,
+            COL_CONTIGUOUS,
+            True,
+            ACC_DTYPE,
+            BLOCK_N,
+        )
         tl.store(out_ptr + cols, _to_output(acc, out_ty), mask=cols < n)
 
 
@@ -105,7 +200,8 @@ def combine(
     wide: bool = False,
 ) -> Tensor:
     """Returns the flat N-tensor ``weights @ J`` in J's dtype (float32 accumulation; float64 for
-    float64 rows or with ``wide``, for weights whose terms cancel), for J a K x N tensor (rows at any stride) or K tensors of N elements (never
+    float64 rows or with ``wide``, for weights whose terms cancel), for J a K x N tensor (rows at any stride)
+    or K tensors of N elements (never
     stacked). ``weights`` is a K-vector of any float dtype on J's device. With ``out`` (a contiguous
     tensor of N elements, J's dtype and device) the result is written there and ``out`` is returned
     as a flat view.
@@ -137,9 +233,21 @@ def combine(
     w = weights if weights.is_contiguous() else weights.contiguous()
     acc_dtype = tl.float64 if wide or rows.dtype == torch.float64 else tl.float32
     _combine_kernel[(triton.cdiv(rows.n, block_n),)](
-        base, table, row_stride, col_stride, rows.n, rows.k, w, out,
-        BLOCK_N=block_n, ROWS=group, USE_TABLE=rows.table is not None, ALIGN=rows.align,
-        COL_CONTIGUOUS=col_stride == 1, ACC_DTYPE=acc_dtype, num_warps=num_warps,
+        base,
+        table,
+        row_stride,
+        col_stride,
+        rows.n,
+        rows.k,
+        w,
+        out,
+        BLOCK_N=block_n,
+        ROWS=group,
+        USE_TABLE=rows.table is not None,
+        ALIGN=rows.align,
+        COL_CONTIGUOUS=col_stride == 1,
+        ACC_DTYPE=acc_dtype,
+        num_warps=num_warps,
     )
     return out.view(-1)
 

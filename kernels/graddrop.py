@@ -45,26 +45,67 @@ def _uniform(cols, key0, key1):
 
 
 @triton.jit
-def _load(base_ptr, table_ptr, row_stride, col_stride, n, row, cols, USE_TABLE: tl.constexpr,
-          ALIGN: tl.constexpr, COL_CONTIGUOUS: tl.constexpr, MASK_COLS: tl.constexpr, ACC_DTYPE: tl.constexpr):
+def _load(
+    base_ptr,
+    table_ptr,
+    row_stride,
+    col_stride,
+    n,
+    row,
+    cols,
+    USE_TABLE: tl.constexpr,
+    ALIGN: tl.constexpr,
+    COL_CONTIGUOUS: tl.constexpr,
+    MASK_COLS: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+):
     off = row_offsets(table_ptr, row, True, row_stride, USE_TABLE, ALIGN)
     x = load_row(base_ptr + off, cols, col_stride, n, COL_CONTIGUOUS, MASK_COLS)
-    if ACC_DTYPE == tl.float64 and x.dtype != tl.float64:
+    if tl.float64 == ACC_DTYPE and x.dtype != tl.float64:
         return x.to(tl.float32).to(ACC_DTYPE)
     return x.to(ACC_DTYPE)
 
 
 @triton.jit
-def _graddrop_block(base_ptr, table_ptr, row_stride, col_stride, n, k, leak_ptr, flag_ptr, key0, key1, cols,
-                    USE_TABLE: tl.constexpr, ALIGN: tl.constexpr, COL_CONTIGUOUS: tl.constexpr,
-                    MASK_COLS: tl.constexpr, USE_LEAK: tl.constexpr, CHECK: tl.constexpr,
-                    ACC_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr):
+def _graddrop_block(
+    base_ptr,
+    table_ptr,
+    row_stride,
+    col_stride,
+    n,
+    k,
+    leak_ptr,
+    flag_ptr,
+    key0,
+    key1,
+    cols,
+    USE_TABLE: tl.constexpr,
+    ALIGN: tl.constexpr,
+    COL_CONTIGUOUS: tl.constexpr,
+    MASK_COLS: tl.constexpr,
+    USE_LEAK: tl.constexpr,
+    CHECK: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     s = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
     a = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
     bad = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
     for row in range(k):
-        x = _load(base_ptr, table_ptr, row_stride, col_stride, n, row, cols, USE_TABLE, ALIGN, COL_CONTIGUOUS,
-                  MASK_COLS, ACC_DTYPE)
+        x = _load(
+            base_ptr,
+            table_ptr,
+            row_stride,
+            col_stride,
+            n,
+            row,
+            cols,
+            USE_TABLE,
+            ALIGN,
+            COL_CONTIGUOUS,
+            MASK_COLS,
+            ACC_DTYPE,
+        )
         s += x
         a += tl.abs(x)
         if CHECK:
@@ -77,8 +118,20 @@ def _graddrop_block(base_ptr, table_ptr, row_stride, col_stride, n, k, leak_ptr,
     down = s < thr
     acc = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
     for row in range(k):
-        x = _load(base_ptr, table_ptr, row_stride, col_stride, n, row, cols, USE_TABLE, ALIGN, COL_CONTIGUOUS,
-                  MASK_COLS, ACC_DTYPE)
+        x = _load(
+            base_ptr,
+            table_ptr,
+            row_stride,
+            col_stride,
+            n,
+            row,
+            cols,
+            USE_TABLE,
+            ALIGN,
+            COL_CONTIGUOUS,
+            MASK_COLS,
+            ACC_DTYPE,
+        )
         keep = ((x > 0.0) & up) | ((x < 0.0) & down)
         if USE_LEAK:
             lk = tl.load(leak_ptr + row).to(ACC_DTYPE)
@@ -98,26 +151,82 @@ def _to_output(acc, out_ty: tl.constexpr):
 
 @triton.jit(do_not_specialize=["n", "k", "key0", "key1"])
 def _graddrop_kernel(
-    base_ptr, table_ptr, row_stride, col_stride, n, k, leak_ptr, flag_ptr, key0, key1, out_ptr,
-    BLOCK_N: tl.constexpr, USE_TABLE: tl.constexpr, ALIGN: tl.constexpr, COL_CONTIGUOUS: tl.constexpr,
-    USE_LEAK: tl.constexpr, CHECK: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    base_ptr,
+    table_ptr,
+    row_stride,
+    col_stride,
+    n,
+    k,
+    leak_ptr,
+    flag_ptr,
+    key0,
+    key1,
+    out_ptr,
+    BLOCK_N: tl.constexpr,
+    USE_TABLE: tl.constexpr,
+    ALIGN: tl.constexpr,
+    COL_CONTIGUOUS: tl.constexpr,
+    USE_LEAK: tl.constexpr,
+    CHECK: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
 ):
     start = tl.cast(tl.program_id(0), tl.int64) * BLOCK_N  # int64: N may pass 2^31
     cols = start + tl.arange(0, BLOCK_N)
     out_ty = out_ptr.dtype.element_ty
     if start + BLOCK_N <= n:
-        acc = _graddrop_block(base_ptr, table_ptr, row_stride, col_stride, n, k, leak_ptr, flag_ptr, key0, key1,
-                              cols, USE_TABLE, ALIGN, COL_CONTIGUOUS, False, USE_LEAK, CHECK, ACC_DTYPE, BLOCK_N)
+        acc = _graddrop_block(
+            base_ptr,
+            table_ptr,
+            row_stride,
+            col_stride,
+            n,
+            k,
+            leak_ptr,
+            flag_ptr,
+            key0,
+            key1,
+            cols,
+            USE_TABLE,
+            ALIGN,
+            COL_CONTIGUOUS,
+            False,
+            USE_LEAK,
+            CHECK,
+            ACC_DTYPE,
+            BLOCK_N,
+        )
         tl.store(out_ptr + cols, _to_output(acc, out_ty))
     else:
-        acc = _graddrop_block(base_ptr, table_ptr, row_stride, col_stride, n, k, leak_ptr, flag_ptr, key0, key1,
-                              cols, USE_TABLE, ALIGN, COL_CONTIGUOUS, True, USE_LEAK, CHECK, ACC_DTYPE, BLOCK_N)
+        acc = _graddrop_block(
+            base_ptr,
+            table_ptr,
+            row_stride,
+            col_stride,
+            n,
+            k,
+            leak_ptr,
+            flag_ptr,
+            key0,
+            key1,
+            cols,
+            USE_TABLE,
+            ALIGN,
+            COL_CONTIGUOUS,
+            True,
+            USE_LEAK,
+            CHECK,
+            ACC_DTYPE,
+            BLOCK_N,
+        )
         tl.store(out_ptr + cols, _to_output(acc, out_ty), mask=cols < n)
 
 
 def _check_keys(keys) -> tuple[int, int]:
-    if (not isinstance(keys, (tuple, list)) or len(keys) != 2
-            or not all(isinstance(v, int) and 0 <= v < 2**31 for v in keys)):
+    if (
+        not isinstance(keys, (tuple, list))
+        or len(keys) != 2
+        or not all(isinstance(v, int) and 0 <= v < 2**31 for v in keys)
+    ):
         raise ValueError(f"keys must be two integers in [0, 2^31), got {keys!r}")
     return int(keys[0]), int(keys[1])
 
@@ -159,10 +268,25 @@ def graddrop(
     base, table, row_stride, col_stride = rows.kernel_args()
     acc_dtype = tl.float64 if rows.dtype == torch.float64 else tl.float32
     _graddrop_kernel[(triton.cdiv(rows.n, block_n),)](
-        base, table, row_stride, col_stride, rows.n, rows.k, leak if leak is not None else base,
-        flag if flag is not None else out, key0, key1, out,
-        BLOCK_N=block_n, USE_TABLE=rows.table is not None, ALIGN=rows.align, COL_CONTIGUOUS=col_stride == 1,
-        USE_LEAK=leak is not None, CHECK=check, ACC_DTYPE=acc_dtype, num_warps=1 if INTERPRETED else 4,
+        base,
+        table,
+        row_stride,
+        col_stride,
+        rows.n,
+        rows.k,
+        leak if leak is not None else base,
+        flag if flag is not None else out,
+        key0,
+        key1,
+        out,
+        BLOCK_N=block_n,
+        USE_TABLE=rows.table is not None,
+        ALIGN=rows.align,
+        COL_CONTIGUOUS=col_stride == 1,
+        USE_LEAK=leak is not None,
+        CHECK=check,
+        ACC_DTYPE=acc_dtype,
+        num_warps=1 if INTERPRETED else 4,
     )
     return out.view(-1), flag
 

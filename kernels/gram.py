@@ -61,8 +61,9 @@ _CONFIGS = {
 
 
 @triton.jit
-def _load_tile(base_ptr, row_base, seg_start, row_mask, cols, col_stride, n,
-               COL_CONTIGUOUS: tl.constexpr, MASK_COLS: tl.constexpr):
+def _load_tile(
+    base_ptr, row_base, seg_start, row_mask, cols, col_stride, n, COL_CONTIGUOUS: tl.constexpr, MASK_COLS: tl.constexpr
+):
     """The tile rows x cols: row m starts at row_base[m], its columns at seg_start[m] + cols."""
     c = seg_start[:, None] + cols[None, :]
     if COL_CONTIGUOUS:
@@ -77,11 +78,32 @@ def _load_tile(base_ptr, row_base, seg_start, row_mask, cols, col_stride, n,
 
 
 @triton.jit
-def _accumulate_tile(acc, base_ptr, table_ptr, row_stride, col_stride, n, cols,
-                     base_a, seg_a, mask_a, base_b, seg_b, mask_b, b0, kb,
-                     BLOCK_K: tl.constexpr, SAME_ROWS: tl.constexpr, USE_TABLE: tl.constexpr,
-                     ALIGN: tl.constexpr, COL_CONTIGUOUS: tl.constexpr, MASK_COLS: tl.constexpr,
-                     USE_DOT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+def _accumulate_tile(
+    acc,
+    base_ptr,
+    table_ptr,
+    row_stride,
+    col_stride,
+    n,
+    cols,
+    base_a,
+    seg_a,
+    mask_a,
+    base_b,
+    seg_b,
+    mask_b,
+    b0,
+    kb,
+    BLOCK_K: tl.constexpr,
+    SAME_ROWS: tl.constexpr,
+    USE_TABLE: tl.constexpr,
+    ALIGN: tl.constexpr,
+    COL_CONTIGUOUS: tl.constexpr,
+    MASK_COLS: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """acc += A_tile B_tile^T for the columns ``cols`` (A = rows a0.., B = rows b0..)."""
     xa = _load_tile(base_ptr, base_a, seg_a, mask_a, cols, col_stride, n, COL_CONTIGUOUS, MASK_COLS)
     if USE_DOT:
@@ -106,12 +128,33 @@ def _accumulate_tile(acc, base_ptr, table_ptr, row_stride, col_stride, n, cols,
 
 @triton.jit(do_not_specialize=["n", "seg_tiles", "full_tiles", "a0", "ka", "b0", "kb"])
 def _gram_partials_kernel(
-    base_ptr, table_ptr, row_stride, col_stride, n, seg_tiles, full_tiles,
-    a0, ka, b0, kb,
-    out_ptr, out_stride_p, out_stride_r, out_stride_c,
-    ROWS: tl.constexpr, SEGMENTS: tl.constexpr, BLOCK_N: tl.constexpr, SAME_ROWS: tl.constexpr,
-    USE_TABLE: tl.constexpr, ALIGN: tl.constexpr, COL_CONTIGUOUS: tl.constexpr, ATOMIC: tl.constexpr,
-    USE_DOT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    base_ptr,
+    table_ptr,
+    row_stride,
+    col_stride,
+    n,
+    seg_tiles,
+    full_tiles,
+    a0,
+    ka,
+    b0,
+    kb,
+    out_ptr,
+    out_stride_p,
+    out_stride_r,
+    out_stride_c,
+    ROWS: tl.constexpr,
+    SEGMENTS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SAME_ROWS: tl.constexpr,
+    USE_TABLE: tl.constexpr,
+    ALIGN: tl.constexpr,
+    COL_CONTIGUOUS: tl.constexpr,
+    ATOMIC: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
 ):
     """Program p adds up column tiles p, p + P, p + 2P, ... (P programs) of rows a0.. times rows b0..
     and writes its ROWS x ROWS sum to row p of the partials buffer, or atomically into G.
@@ -137,17 +180,61 @@ def _gram_partials_kernel(
     cols0 = tl.arange(0, BLOCK_N).to(tl.int64)
     acc = tl.zeros((BLOCK_K, BLOCK_K), dtype=ACC_DTYPE)
     for tile in range(tl.cast(pid, tl.int64), full_tiles, num_programs):  # int64: N may pass 2^31
-        acc = _accumulate_tile(acc, base_ptr, table_ptr, row_stride, col_stride, n, tile * BLOCK_N + cols0,
-                               base_a, seg, mask_a, base_b, seg, mask_b, b0, kb,
-                               BLOCK_K, SAME_ROWS, USE_TABLE, ALIGN, COL_CONTIGUOUS, False,
-                               USE_DOT, UPCAST, PRECISION)
+        acc = _accumulate_tile(
+            acc,
+            base_ptr,
+            table_ptr,
+            row_stride,
+            col_stride,
+            n,
+            tile * BLOCK_N + cols0,
+            base_a,
+            seg,
+            mask_a,
+            base_b,
+            seg,
+            mask_b,
+            b0,
+            kb,
+            BLOCK_K,
+            SAME_ROWS,
+            USE_TABLE,
+            ALIGN,
+            COL_CONTIGUOUS,
+            False,
+            USE_DOT,
+            UPCAST,
+            PRECISION,
+        )
     # The masked tiles continue the same grid-stride sequence.
     first = full_tiles + (pid - full_tiles % num_programs + num_programs) % num_programs
     for tile in range(tl.cast(first, tl.int64), seg_tiles, num_programs):
-        acc = _accumulate_tile(acc, base_ptr, table_ptr, row_stride, col_stride, n, tile * BLOCK_N + cols0,
-                               base_a, seg, mask_a, base_b, seg, mask_b, b0, kb,
-                               BLOCK_K, SAME_ROWS, USE_TABLE, ALIGN, COL_CONTIGUOUS, True,
-                               USE_DOT, UPCAST, PRECISION)
+        acc = _accumulate_tile(
+            acc,
+            base_ptr,
+            table_ptr,
+            row_stride,
+            col_stride,
+            n,
+            tile * BLOCK_N + cols0,
+            base_a,
+            seg,
+            mask_a,
+            base_b,
+            seg,
+            mask_b,
+            b0,
+            kb,
+            BLOCK_K,
+            SAME_ROWS,
+            USE_TABLE,
+            ALIGN,
+            COL_CONTIGUOUS,
+            True,
+            USE_DOT,
+            UPCAST,
+            PRECISION,
+        )
     if SEGMENTS > 1:  # G is the sum of the diagonal ROWS x ROWS blocks of the folded product
         acc4 = tl.reshape(acc, (SEGMENTS, ROWS, SEGMENTS, ROWS))
         sa = tl.arange(0, SEGMENTS)[:, None, None, None]
@@ -166,9 +253,17 @@ def _gram_partials_kernel(
 
 @triton.jit(do_not_specialize=["num_partials", "ka", "kb"])
 def _gram_reduce_kernel(
-    part_ptr, num_partials, ka, kb,
-    g_ptr, g_stride_r, g_stride_c, gt_ptr,
-    BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr, SAME_ROWS: tl.constexpr,
+    part_ptr,
+    num_partials,
+    ka,
+    kb,
+    g_ptr,
+    g_stride_r,
+    g_stride_c,
+    gt_ptr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    SAME_ROWS: tl.constexpr,
 ):
     """Adds the partials [P, ka * kb] over P in a fixed order, in float64; writes G[i, j] (and, for an
     off-diagonal block, G[j, i] through ``gt_ptr``). A diagonal block is symmetrised exactly."""
@@ -222,8 +317,18 @@ def tile_shape(rows: Rows, k: int, same: bool, block_n: int | None) -> tuple[int
     return MIN_DOT_ROWS // segments, segments, bn  # rows padded so that the tile has 16
 
 
-def _launch_block(rows: Rows, a0: int, ka: int, b0: int, kb: int, g: Tensor, *, deterministic: bool,
-                  block_n: int | None, num_programs: int | None) -> None:
+def _launch_block(
+    rows: Rows,
+    a0: int,
+    ka: int,
+    b0: int,
+    kb: int,
+    g: Tensor,
+    *,
+    deterministic: bool,
+    block_n: int | None,
+    num_programs: int | None,
+) -> None:
     """Computes G[a0:a0+ka, b0:b0+kb] (and its mirror block) into ``g``."""
     same = a0 == b0
     row_block, segments, block_n = tile_shape(rows, max(ka, kb), same, block_n)
@@ -241,11 +346,20 @@ def _launch_block(rows: Rows, a0: int, ka: int, b0: int, kb: int, g: Tensor, *, 
     base, table, row_stride, col_stride = rows.kernel_args()
     args = (base, table, row_stride, col_stride, rows.n, seg_tiles, full_tiles, a0, ka, b0, kb)
     flags = dict(
-        ROWS=row_block, SEGMENTS=segments, BLOCK_N=block_n, SAME_ROWS=same,
-        USE_TABLE=rows.table is not None, ALIGN=rows.align, COL_CONTIGUOUS=col_stride == 1, ATOMIC=atomic,
-        USE_DOT=use_dot, UPCAST=INTERPRETED and rows.dtype == torch.bfloat16,
-        PRECISION="tf32x3" if rows.dtype == torch.float32 else None, ACC_DTYPE=acc_dtype,
-        num_warps=num_warps, num_stages=num_stages,
+        ROWS=row_block,
+        SEGMENTS=segments,
+        BLOCK_N=block_n,
+        SAME_ROWS=same,
+        USE_TABLE=rows.table is not None,
+        ALIGN=rows.align,
+        COL_CONTIGUOUS=col_stride == 1,
+        ATOMIC=atomic,
+        USE_DOT=use_dot,
+        UPCAST=INTERPRETED and rows.dtype == torch.bfloat16,
+        PRECISION="tf32x3" if rows.dtype == torch.float32 else None,
+        ACC_DTYPE=acc_dtype,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     if atomic:
         acc = torch.zeros((ka, kb), dtype=torch.float32, device=rows.device)
@@ -264,8 +378,18 @@ def _launch_block(rows: Rows, a0: int, ka: int, b0: int, kb: int, g: Tensor, *, 
     block_e = 1024 if INTERPRETED else min(128, triton.next_power_of_2(ka * kb))
     block_p = 16 if INTERPRETED else min(512, 8192 // block_e)
     _gram_reduce_kernel[(triton.cdiv(ka * kb, block_e),)](
-        partials, programs, ka, kb, g[a0:, b0:], g.stride(0), g.stride(1), g[b0:, a0:],
-        BLOCK_P=block_p, BLOCK_E=block_e, SAME_ROWS=same, num_warps=1 if INTERPRETED else 8,
+        partials,
+        programs,
+        ka,
+        kb,
+        g[a0:, b0:],
+        g.stride(0),
+        g.stride(1),
+        g[b0:, a0:],
+        BLOCK_P=block_p,
+        BLOCK_E=block_e,
+        SAME_ROWS=same,
+        num_warps=1 if INTERPRETED else 8,
     )
 
 
@@ -298,8 +422,15 @@ def gram(
         for b0 in starts:
             if b0 >= a0:
                 _launch_block(
-                    rows, a0, min(MAX_BLOCK_K, rows.k - a0), b0, min(MAX_BLOCK_K, rows.k - b0), g,
-                    deterministic=deterministic, block_n=block_n, num_programs=num_programs,
+                    rows,
+                    a0,
+                    min(MAX_BLOCK_K, rows.k - a0),
+                    b0,
+                    min(MAX_BLOCK_K, rows.k - b0),
+                    g,
+                    deterministic=deterministic,
+                    block_n=block_n,
+                    num_programs=num_programs,
                 )
     return g
 

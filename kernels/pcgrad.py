@@ -29,9 +29,20 @@ REDUCTIONS = ("sum", "mean")
 
 @triton.jit(do_not_specialize=["k"])
 def _pcgrad_weights_kernel(
-    g_ptr, g_stride_r, g_stride_c, orders_ptr, o_stride_r, o_stride_c, k,
-    scale_ptr, w_ptr, conflicts_ptr,
-    BLOCK_K: tl.constexpr, SHUFFLED: tl.constexpr, HAS_SCALE: tl.constexpr, MEAN: tl.constexpr,
+    g_ptr,
+    g_stride_r,
+    g_stride_c,
+    orders_ptr,
+    o_stride_r,
+    o_stride_c,
+    k,
+    scale_ptr,
+    w_ptr,
+    conflicts_ptr,
+    BLOCK_K: tl.constexpr,
+    SHUFFLED: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    MEAN: tl.constexpr,
 ):
     dtype = g_ptr.dtype.element_ty
     r = tl.arange(0, BLOCK_K)
@@ -47,8 +58,9 @@ def _pcgrad_weights_kernel(
             j = tl.where(r > step, step, step + 1)  # ascending, skipping i itself
             j = tl.where(valid, j, 0)
         # <g_i^PC, g_j> for every i: row i of C times column j_i of G.
-        g_col = tl.load(g_ptr + cols * g_stride_r + j[:, None] * g_stride_c,
-                        mask=valid[:, None] & (cols < k), other=0.0)
+        g_col = tl.load(
+            g_ptr + cols * g_stride_r + j[:, None] * g_stride_c, mask=valid[:, None] & (cols < k), other=0.0
+        )
         dots = tl.sum(coeffs * g_col, axis=1)
         norm_j = tl.load(g_ptr + j * g_stride_r + j * g_stride_c, mask=valid, other=0.0)
         conflict = (dots < 0) & (norm_j > 0) & valid
@@ -116,16 +128,22 @@ def pcgrad_weights(
     conflicts = torch.empty((), dtype=torch.int64, device=gram.device)
     block_k = max(16, triton.next_power_of_2(k))
     _pcgrad_weights_kernel[(1,)](
-        gram, gram.stride(0), gram.stride(1),
+        gram,
+        gram.stride(0),
+        gram.stride(1),
         orders if orders is not None else gram,
         orders.stride(0) if orders is not None else 0,
         orders.stride(1) if orders is not None else 0,
         k,
         weights if weights is not None else gram,
-        w, conflicts,
-        BLOCK_K=block_k, SHUFFLED=orders is not None, HAS_SCALE=weights is not None,
+        w,
+        conflicts,
+        BLOCK_K=block_k,
+        SHUFFLED=orders is not None,
+        HAS_SCALE=weights is not None,
         # One warp up to 32 x 32 (reductions stay in registers), more only where C needs the room.
-        MEAN=reduction == "mean", num_warps={16: 1, 32: 1, 64: 8, 128: 16}[block_k] if not INTERPRETED else 1,
+        MEAN=reduction == "mean",
+        num_warps={16: 1, 32: 1, 64: 8, 128: 16}[block_k] if not INTERPRETED else 1,
     )
     return w, conflicts
 

@@ -35,9 +35,22 @@ def _divide(a, b):
 
 @triton.jit(do_not_specialize=["n", "k", "trim"])
 def _trimmed_mean_kernel(
-    base_ptr, table_ptr, row_stride, col_stride, n, k, trim, flag_ptr, out_ptr,
-    BLOCK_N: tl.constexpr, KP: tl.constexpr, USE_TABLE: tl.constexpr, ALIGN: tl.constexpr,
-    COL_CONTIGUOUS: tl.constexpr, CHECK: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    base_ptr,
+    table_ptr,
+    row_stride,
+    col_stride,
+    n,
+    k,
+    trim,
+    flag_ptr,
+    out_ptr,
+    BLOCK_N: tl.constexpr,
+    KP: tl.constexpr,
+    USE_TABLE: tl.constexpr,
+    ALIGN: tl.constexpr,
+    COL_CONTIGUOUS: tl.constexpr,
+    CHECK: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
 ):
     start = tl.cast(tl.program_id(0), tl.int64) * BLOCK_N  # int64: N may pass 2^31
     cols = start + tl.arange(0, BLOCK_N)
@@ -50,7 +63,7 @@ def _trimmed_mean_kernel(
         ptrs = base_ptr + offs[None, :] + cols[:, None] * col_stride
     mask = real[None, :] & (cols < n)[:, None]
     x = tl.load(ptrs, mask=mask, other=0.0)
-    if ACC_DTYPE == tl.float64:
+    if tl.float64 == ACC_DTYPE:
         x = x.to(tl.float64)
         bits = x.to(tl.int64, bitcast=True)
         bits = tl.where(x != x, 0x7FF8000000000000, bits)  # noqa: PLR0124 (NaN)
@@ -66,7 +79,7 @@ def _trimmed_mean_kernel(
         bad = tl.where(mask, x * 0.0, 0.0) != 0  # NaN where x is NaN or inf
         tl.atomic_max(flag_ptr, tl.max(tl.max(bad.to(tl.int32), axis=1), axis=0))
     keys = tl.sort(keys, dim=1)
-    if ACC_DTYPE == tl.float64:
+    if tl.float64 == ACC_DTYPE:
         values = (keys ^ ((keys >> 63) & 0x7FFFFFFFFFFFFFFF)).to(tl.float64, bitcast=True)
     else:
         values = (keys ^ ((keys >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
@@ -76,7 +89,7 @@ def _trimmed_mean_kernel(
     count = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE) + (k - 2 * trim)
     mean = _divide(acc, count)
     out_ty = out_ptr.dtype.element_ty
-    if ACC_DTYPE == tl.float64 or out_ty == tl.float32:
+    if tl.float64 == ACC_DTYPE or out_ty == tl.float32:
         result = mean.to(out_ty)
     else:
         result = mean.to(out_ty, fp_downcast_rounding="rtne")
@@ -118,9 +131,23 @@ def trimmed_mean(
     base, table, row_stride, col_stride = rows.kernel_args()
     acc_dtype = tl.float64 if rows.dtype == torch.float64 else tl.float32
     _trimmed_mean_kernel[(triton.cdiv(rows.n, block_n),)](
-        base, table, row_stride, col_stride, rows.n, rows.k, trim, flag if flag is not None else out, out,
-        BLOCK_N=block_n, KP=kp, USE_TABLE=rows.table is not None, ALIGN=rows.align, COL_CONTIGUOUS=col_stride == 1,
-        CHECK=check, ACC_DTYPE=acc_dtype, num_warps=1 if INTERPRETED else 4,
+        base,
+        table,
+        row_stride,
+        col_stride,
+        rows.n,
+        rows.k,
+        trim,
+        flag if flag is not None else out,
+        out,
+        BLOCK_N=block_n,
+        KP=kp,
+        USE_TABLE=rows.table is not None,
+        ALIGN=rows.align,
+        COL_CONTIGUOUS=col_stride == 1,
+        CHECK=check,
+        ACC_DTYPE=acc_dtype,
+        num_warps=1 if INTERPRETED else 4,
     )
     return out.view(-1), flag
 

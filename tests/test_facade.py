@@ -30,7 +30,10 @@ def test_the_import_line_of_the_readme_works_and_unknown_names_fail():
 
 def test_import_tolaria_alone_loads_no_subpackage():
     code = "import sys, tolaria; print(any(m.startswith('tolaria.') for m in sys.modules))"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+        == "False"
+    )
 
 
 def test_the_declared_python_range_is_what_the_code_needs():

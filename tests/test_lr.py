@@ -149,8 +149,13 @@ def test_warmup_has_no_hidden_floor():
 def test_epoch_based_schedule_matches_torch_stepped_per_epoch(warmup_steps):
     steps_per_epoch, epochs = 7, 30
     ctl = build_controller(
-        _optimizer(), "cosine", t_max=10, eta_min=0.001, warmup_steps=warmup_steps,
-        steps_per_epoch=steps_per_epoch, telemetry=_quiet(),
+        _optimizer(),
+        "cosine",
+        t_max=10,
+        eta_min=0.001,
+        warmup_steps=warmup_steps,
+        steps_per_epoch=steps_per_epoch,
+        telemetry=_quiet(),
     )
 
     def make(o):

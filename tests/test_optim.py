@@ -243,14 +243,17 @@ def test_breaker_opens_skips_half_opens_and_closes(flaky):
     assert manager.breaker_state == CLOSED
 
     assert manager.stats() == {
-        "rebuilds": 2, "failures": 3, "skips": 3, "last_latency_ms": manager.last_latency_ms,
-        "breaker_state": CLOSED, "consecutive_failures": 0, "generation": 2,
+        "rebuilds": 2,
+        "failures": 3,
+        "skips": 3,
+        "last_latency_ms": manager.last_latency_ms,
+        "breaker_state": CLOSED,
+        "consecutive_failures": 0,
+        "generation": 2,
     }
     assert telemetry.counters == {"optim.failures": 3, "optim.skips": 3, "optim.rebuilds": 2}
     transitions = [(r["previous"], r["state"]) for r in sink.of_kind("optim.breaker")]
-    assert transitions == [
-        (CLOSED, OPEN), (OPEN, HALF_OPEN), (HALF_OPEN, OPEN), (OPEN, HALF_OPEN), (HALF_OPEN, CLOSED)
-    ]
+    assert transitions == [(CLOSED, OPEN), (OPEN, HALF_OPEN), (HALF_OPEN, OPEN), (OPEN, HALF_OPEN), (HALF_OPEN, CLOSED)]
     assert [r["value"] for r in sink.of_kind("optim.breaker_state")] == [s for _, s in transitions]
     assert len(sink.of_kind("optim.rebuild_latency_ms")) == 4  # two failed, two successful attempts
     assert any("loss went NaN" in r["message"] for r in sink.of_kind("optim.failure"))
@@ -259,8 +262,13 @@ def test_breaker_opens_skips_half_opens_and_closes(flaky):
 def test_rebuild_then_fail_churn_opens_the_breaker():
     a = _param(3, 0)
     clock = FakeClock()
-    manager = OptimizerManager(torch.optim.SGD([a], lr=0.1, momentum=0.9), failure_threshold=3, cooldown_s=5.0,
-                               telemetry=_emitter()[0], clock=clock)
+    manager = OptimizerManager(
+        torch.optim.SGD([a], lr=0.1, momentum=0.9),
+        failure_threshold=3,
+        cooldown_s=5.0,
+        telemetry=_emitter()[0],
+        clock=clock,
+    )
     for _ in range(3):
         assert manager.rebuild([a]).success  # every rebuild "succeeds"...
         manager.report_failure("step after rebuild raised")  # ...and the next step fails

@@ -29,7 +29,9 @@ MODULES = _modules()
 def _assigns_all(path: Path) -> bool:
     """Whether the module assigns ``__all__`` at its top level (it may build the list, as ``tolaria``'s does)."""
     for node in ast.parse(path.read_text()).body:
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        targets = (
+            node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        )
         if any(isinstance(t, ast.Name) and t.id == "__all__" for t in targets):
             return True
     return False

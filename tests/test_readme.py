@@ -89,13 +89,18 @@ def test_shell_blocks_run_in_order(tmp_path):
                     continue
                 result = subprocess.run(
                     words if words[0] != "tolaria" else [sys.executable, "-m", "tolaria.cli", *words[1:]],
-                    cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+                    cwd=tmp_path,
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    timeout=600,
                 )
                 expected = (0, 3) if "--inject-fault" in words else (0,)
                 if "kill" in words:
                     expected = (-9, 137)
                 assert result.returncode in expected, (
-                    f"README.md:{line}: {part!r} exited {result.returncode}\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+                    f"README.md:{line}: {part!r} exited {result.returncode}\n"
+                    f"{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
                 )
                 ran += 1
     assert ran >= 5

@@ -44,8 +44,9 @@ class ConfigError(ValueError):
 # ---- value checks ----------------------------------------------------------------------------
 
 
-def check_int(name: str, value: Any, minimum: int, *, error: type[Exception] = ValueError,
-              range_message: bool = True) -> int:
+def check_int(
+    name: str, value: Any, minimum: int, *, error: type[Exception] = ValueError, range_message: bool = True
+) -> int:
     """``value`` if it is an int (not a bool) ``>= minimum``, else ``error``.
 
     A non-int reads ``"{name} must be an int >= {minimum}, got {value!r}"``. An int below
@@ -66,8 +67,9 @@ def check_finite(name: str, value: Any, *, error: type[Exception] = ValueError) 
     return float(value)
 
 
-def check_bound(where: str, name: str, value: float | int | None, *, allow_zero: bool = False,
-                error: type[Exception] = ConfigError) -> None:
+def check_bound(
+    where: str, name: str, value: float | int | None, *, allow_zero: bool = False, error: type[Exception] = ConfigError
+) -> None:
     """Raises ``error`` unless ``value`` is None, > 0, or 0 with ``allow_zero`` (type already checked).
 
     ``where`` is the section prefix of the key (``"checkpoint."``), so the message names the key as
@@ -145,9 +147,9 @@ def _matches(value: Any, tp: Any) -> bool:
 
 def _coerce(value: Any, tp: Any) -> Any:
     """Ints are accepted where floats are expected (TOML writes ``2`` for 2.0); dicts are copied."""
-    if tp is float or (typing.get_origin(tp) in (typing.Union, types.UnionType) and float in typing.get_args(tp)):
-        if isinstance(value, int) and not isinstance(value, bool):
-            return float(value)
+    floats = tp is float or (typing.get_origin(tp) in (typing.Union, types.UnionType) and float in typing.get_args(tp))
+    if floats and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
     if isinstance(value, Mapping):
         return dict(value)
     return value

@@ -175,8 +175,6 @@ def _extra_memory_mb(fn: Callable[[], object], device: torch.device) -> float | 
     return max(0, _status_kb("VmHWM") * 1024 - base) / 2**20
 
 
-
-
 def build_methods(
     contender: Contender,
     dtype_name: str,
@@ -237,8 +235,16 @@ def measure(
     copy_ms = times.get("copy")
     return [
         Measurement(
-            aggregator=contender.name, method=m, dtype=dtype_name, k=k, n=n, device=str(device),
-            ms=ms, gb_per_s=nbytes / (ms * 1e-3) / 1e9, x_floor=ms / times["floor"], extra_mb=None,
+            aggregator=contender.name,
+            method=m,
+            dtype=dtype_name,
+            k=k,
+            n=n,
+            device=str(device),
+            ms=ms,
+            gb_per_s=nbytes / (ms * 1e-3) / 1e9,
+            x_floor=ms / times["floor"],
+            extra_mb=None,
             x_copy=None if copy_ms is None else copy_ms / ms,
         )
         for m, ms in times.items()
@@ -262,8 +268,10 @@ def add_memory(
         try:
             r.extra_mb = _extra_memory_mb(methods[r.method], device)
         except torch.cuda.OutOfMemoryError:
-            print(f"note: {r.aggregator} {r.dtype} K={r.k} N={r.n:.3g}: {r.method} ran out of GPU memory "
-                  "while measuring its memory; shown as n/a")
+            print(
+                f"note: {r.aggregator} {r.dtype} K={r.k} N={r.n:.3g}: {r.method} ran out of GPU memory "
+                "while measuring its memory; shown as n/a"
+            )
             torch.cuda.empty_cache()
 
 
@@ -320,26 +328,37 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--n", default=None, help="elements per source (default: 1e5,1e6,4e6,1.6e7; on CUDA 1e6,1e7,1e8,1e9)"
     )
-    p.add_argument("--repeats", type=int, default=7,
-                   help="timed rounds; each round calls every method once, in turn; the median is reported")
-    p.add_argument("--budget-s", type=float, default=3.0,
-                   help="stop the rounds once this many seconds per method have been spent")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=7,
+        help="timed rounds; each round calls every method once, in turn; the median is reported",
+    )
+    p.add_argument(
+        "--budget-s", type=float, default=3.0, help="stop the rounds once this many seconds per method have been spent"
+    )
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument(
-        "--quick", action="store_true",
+        "--quick",
+        action="store_true",
         help="the headline case only: K=8, N=4e6, fp32 (on CUDA: K=8, N=1e8, bf16)",
     )
     p.add_argument(
-        "--nonfinite", choices=NONFINITE_MODES, default=None,
+        "--nonfinite",
+        choices=NONFINITE_MODES,
+        default=None,
         help="the aggregators' finiteness mode (default: their own, raise; on CUDA: propagate, sync-free)",
     )
     p.add_argument(
-        "--naive-max", type=float, default=None,
+        "--naive-max",
+        type=float,
+        default=None,
         help="run the naive loop only up to this many elements K x N (default: no limit; on CUDA 8e9)",
     )
     p.add_argument("--json", type=Path, help="also write every measurement to this JSON file")
     p.add_argument(
-        "--isa", default=None,
+        "--isa",
+        default=None,
         help="run the compiled CPU passes at this ISA level (avx512, avx2, baseline; neon on aarch64; "
         "default: TOLARIA_CPU_ISA, else the widest this CPU supports)",
     )
@@ -372,7 +391,8 @@ def run(args: argparse.Namespace) -> int:
         except (ValueError, RuntimeError) as exc:
             raise SystemExit(f"--isa {args.isa}: {exc}") from None
     print(
-        f"tolaria bench: torch {torch.__version__}, {platform.machine()}, CPU ISA {cpu_isa() or 'none (no compiled extension)'}, "
+        f"tolaria bench: torch {torch.__version__}, {platform.machine()}, "
+        f"CPU ISA {cpu_isa() or 'none (no compiled extension)'}, "
         f"{torch.get_num_threads()} threads, device {device}"
         + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
         + (f", nonfinite={nonfinite}" if nonfinite else "")
@@ -394,8 +414,15 @@ def run(args: argparse.Namespace) -> int:
                     if CONTENDERS[name].naive is not None and naive_max is not None and k * n > naive_max:
                         print(f"note: {name} {dt} K={k} N={n:.3g}: naive loop skipped (K x N > {naive_max:.3g})")
                     group = measure(
-                        CONTENDERS[name], dt, k, n, device, repeats=args.repeats, budget_s=args.budget_s,
-                        nonfinite=nonfinite, naive_max=naive_max,
+                        CONTENDERS[name],
+                        dt,
+                        k,
+                        n,
+                        device,
+                        repeats=args.repeats,
+                        budget_s=args.budget_s,
+                        nonfinite=nonfinite,
+                        naive_max=naive_max,
                     )
                     if not group:
                         continue
@@ -425,4 +452,16 @@ def main(argv: list[str] | None = None) -> int:
     return run(parser.parse_args(argv))
 
 
-__all__ = ["CONTENDERS", "K_SOURCES", "Contender", "build_methods", "Measurement", "add_arguments", "format_table", "main", "measure", "naive_pcgrad", "run"]
+__all__ = [
+    "CONTENDERS",
+    "K_SOURCES",
+    "Contender",
+    "build_methods",
+    "Measurement",
+    "add_arguments",
+    "format_table",
+    "main",
+    "measure",
+    "naive_pcgrad",
+    "run",
+]

@@ -14,13 +14,13 @@ import torch
 from torch import Tensor
 
 from tolaria.aggregation import (
+    CRMOGM,
     IMTLG,
     MGDA,
+    PCD,
     Aggregator,
     AlignedMTL,
     CAGrad,
-    CRMOGM,
-    PCD,
     ConFIG,
     DualProj,
     ExcessMTL,
@@ -40,6 +40,7 @@ from tolaria.aggregation import (
 )
 
 __all__ = ["CONTENDERS", "K_SOURCES", "Contender", "naive_pcgrad"]
+
 
 def naive_pcgrad(grads: Tensor) -> Tensor:
     """The usual PyTorch PCGrad recipe: per source, project against each other one in a Python loop."""
@@ -92,8 +93,13 @@ CONTENDERS: dict[str, Contender] = {
     "gradvac": Contender("gradvac", lambda b: GradVac(seed=0, backend=b), None, "GradVac"),
     "pcd": Contender("pcd", lambda b: PCD(backend=b), None, "PCD"),
     # TorchJD ships these three as weightings only: timed as GramianWeightedAggregator(weighting).
-    "cr_mogm": Contender("cr_mogm", lambda b: CRMOGM(backend=b), None, "weighting:CRMOGMWeighting",
-                         (("weighting", "weighting:MGDAWeighting"),)),
+    "cr_mogm": Contender(
+        "cr_mogm",
+        lambda b: CRMOGM(backend=b),
+        None,
+        "weighting:CRMOGMWeighting",
+        (("weighting", "weighting:MGDAWeighting"),),
+    ),
     "modo": Contender("modo", lambda b: MoDo(backend=b), None, "weighting:MoDoWeighting"),
     "sdmgrad": Contender("sdmgrad", lambda b: SDMGrad(backend=b), None, "weighting:SDMGradWeighting"),
     "nash_mtl": Contender("nash_mtl", lambda b: NashMTL(backend=b), None, "NashMTL", (("n_tasks", K_SOURCES),)),
@@ -109,9 +115,11 @@ CONTENDERS: dict[str, Contender] = {
 def _torchjd_weighting(tjd: Any, name: str, kwargs: tuple[tuple[str, object], ...]) -> Any:
     """TorchJD's weighting ``name`` ("weighting:Class"); a string argument of the same form is
     built the same way (CR-MOGM wraps another weighting)."""
-    built = {key: _torchjd_weighting(tjd, value, ()) if isinstance(value, str) and value.startswith(_WEIGHTING)
-             else value for key, value in kwargs}
-    return getattr(tjd, name[len(_WEIGHTING):])(**built)
+    built = {
+        key: _torchjd_weighting(tjd, value, ()) if isinstance(value, str) and value.startswith(_WEIGHTING) else value
+        for key, value in kwargs
+    }
+    return getattr(tjd, name[len(_WEIGHTING) :])(**built)
 
 
 def _torchjd(

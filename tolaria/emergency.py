@@ -56,8 +56,9 @@ class EmergencySignal(Protocol):
 
     def raise_level(self, level: int, reason: str, monotonic_ms: float | None = None) -> int | None: ...
 
-    def lower_level(self, from_level: int, to_level: int, reason: str,
-                    monotonic_ms: float | None = None) -> int | None: ...
+    def lower_level(
+        self, from_level: int, to_level: int, reason: str, monotonic_ms: float | None = None
+    ) -> int | None: ...
 
     def trigger(self, level: int, reason: str, monotonic_ms: float | None = None) -> int: ...
 
@@ -186,8 +187,9 @@ class EmergencyController:
         with self._lock:
             started = self._clock()
             self.flush_pending()
-            record = Escalation(action, target, EmergencyLevel.NONE, reason, changed=False,
-                                monotonic_ms=time.monotonic() * 1e3)
+            record = Escalation(
+                action, target, EmergencyLevel.NONE, reason, changed=False, monotonic_ms=time.monotonic() * 1e3
+            )
             record.previous_level = self._known_level(record)
             raising = action == "escalate"
             if (target <= record.previous_level) if raising else (target >= record.previous_level):
@@ -233,8 +235,13 @@ class EmergencyController:
             )
         log.info(message)
         self.telemetry.event(
-            "emergency.noop", severity="info", message=message, action=record.action, level=record.level.name,
-            current_level=record.previous_level.name, reason=record.reason,
+            "emergency.noop",
+            severity="info",
+            message=message,
+            action=record.action,
+            level=record.level.name,
+            current_level=record.previous_level.name,
+            reason=record.reason,
         )
         self.telemetry.count("emergency.noops")
         record.latency = self._clock() - started
@@ -251,8 +258,13 @@ class EmergencyController:
             )
             log.critical(message)
             self.telemetry.event(
-                "emergency.signal_failed", severity="critical", message=message, op=op, action=record.action,
-                level=record.level.name, error=f"{type(exc).__name__}: {exc}",
+                "emergency.signal_failed",
+                severity="critical",
+                message=message,
+                op=op,
+                action=record.action,
+                level=record.level.name,
+                error=f"{type(exc).__name__}: {exc}",
             )
             self.telemetry.count("emergency.signal_errors")
             return None
@@ -264,8 +276,12 @@ class EmergencyController:
         )
         log.log(logging.CRITICAL if severity == "critical" else logging.WARNING, message)
         self.telemetry.event(
-            f"emergency.{record.action}d", severity=severity, message=message, level=record.level.name,
-            previous_level=record.previous_level.name, reason=record.reason,
+            f"emergency.{record.action}d",
+            severity=severity,
+            message=message,
+            level=record.level.name,
+            previous_level=record.previous_level.name,
+            reason=record.reason,
             signal_generation=record.signal_generation,
         )
         self.telemetry.count("emergency.escalations" if record.action == "escalate" else "emergency.deescalations")
@@ -293,7 +309,10 @@ class EmergencyController:
         )
         log.warning(message)
         self.telemetry.event(
-            "emergency.broadcast_deferred", severity="warning", message=message, level=record.level.name,
+            "emergency.broadcast_deferred",
+            severity="warning",
+            message=message,
+            level=record.level.name,
             pending=len(self._pending),
         )
         self.telemetry.count("emergency.broadcasts_deferred")
@@ -305,13 +324,15 @@ class EmergencyController:
             self.broadcaster(record)
         except Exception as exc:  # recorded on the record, logged and counted: never swallowed
             record.error = exc
-            message = (
-                f"broadcast of {record.action} to {record.level.name} failed: {type(exc).__name__}: {exc}"
-            )
+            message = f"broadcast of {record.action} to {record.level.name} failed: {type(exc).__name__}: {exc}"
             log.error(message)
             self.telemetry.event(
-                "emergency.broadcast_failed", severity="error", message=message, level=record.level.name,
-                action=record.action, error=f"{type(exc).__name__}: {exc}",
+                "emergency.broadcast_failed",
+                severity="error",
+                message=message,
+                level=record.level.name,
+                action=record.action,
+                error=f"{type(exc).__name__}: {exc}",
             )
             self.telemetry.count("emergency.broadcast_errors")
         else:
@@ -344,8 +365,12 @@ class EmergencyController:
             + "; ".join(f"{r.action} to {r.level.name} ({r.reason})" for r in undelivered)
         )
         log.error(message)
-        self.telemetry.event("emergency.broadcasts_undelivered", severity="error", message=message,
-                             levels=[r.level.name for r in undelivered])
+        self.telemetry.event(
+            "emergency.broadcasts_undelivered",
+            severity="error",
+            message=message,
+            levels=[r.level.name for r in undelivered],
+        )
         self.telemetry.count("emergency.broadcasts_undelivered", len(undelivered))
         return undelivered
 
@@ -361,8 +386,10 @@ class EmergencyController:
                 flushed.append(record)
             if flushed:
                 self.telemetry.event(
-                    "emergency.broadcasts_flushed", severity="info",
+                    "emergency.broadcasts_flushed",
+                    severity="info",
                     message=f"{len(flushed)} deferred broadcasts sent; {len(self._pending)} still waiting",
-                    flushed=len(flushed), pending=len(self._pending),
+                    flushed=len(flushed),
+                    pending=len(self._pending),
                 )
         return flushed

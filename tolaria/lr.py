@@ -478,7 +478,11 @@ class LRConfig(Section):
 
     def controller_kwargs(self) -> dict[str, Any]:
         """The options given (not ``None``), as keyword arguments of ``build_controller``."""
-        return {k: v for k, v in self.to_dict().items() if k != "policy" and v is not None and not (k == "warmup_steps" and v == 0)}
+        return {
+            k: v
+            for k, v in self.to_dict().items()
+            if k != "policy" and v is not None and not (k == "warmup_steps" and v == 0)
+        }
 
 
 __all__ = [

@@ -126,7 +126,7 @@ class CircuitBreaker:
     def record_failure(self) -> None:
         self.consecutive_failures += 1
         state = self.state
-        if state == HALF_OPEN or state == OPEN or self.consecutive_failures >= self.failure_threshold:
+        if state in (HALF_OPEN, OPEN) or self.consecutive_failures >= self.failure_threshold:
             self._opened_at = self.clock()
             self._move(OPEN)
 
@@ -251,8 +251,12 @@ class OptimizerManager:
             log.error(message)
             self.telemetry.count("optim.failures")
             self.telemetry.event(
-                "optim.failure", severity="error", message=message, source="reported",
-                breaker_state=self.breaker.state, consecutive_failures=self.breaker.consecutive_failures,
+                "optim.failure",
+                severity="error",
+                message=message,
+                source="reported",
+                breaker_state=self.breaker.state,
+                consecutive_failures=self.breaker.consecutive_failures,
             )
 
     # ---- rebuild -----------------------------------------------------------------------------
@@ -296,8 +300,14 @@ class OptimizerManager:
             self.telemetry.count("optim.rebuilds")
             self.telemetry.metric("optim.rebuild_latency_ms", latency_ms)
             self.telemetry.event(
-                "optim.rebuild", message="optimizer rebuilt", added=len(plan.added), removed=len(plan.removed),
-                kept=plan.kept, generation=self.generation, latency_ms=latency_ms, breaker_state=self.breaker.state,
+                "optim.rebuild",
+                message="optimizer rebuilt",
+                added=len(plan.added),
+                removed=len(plan.removed),
+                kept=plan.kept,
+                generation=self.generation,
+                latency_ms=latency_ms,
+                breaker_state=self.breaker.state,
             )
             return RebuildResult(
                 True, latency_ms, None, len(plan.added), len(plan.removed), plan.kept, breaker_state=self.breaker.state
@@ -407,7 +417,11 @@ class OptimizerManager:
         self.telemetry.count("optim.failures")
         self.telemetry.metric("optim.rebuild_latency_ms", latency_ms)
         self.telemetry.event(
-            "optim.failure", severity="error", message=error, source="rebuild", breaker_state=self.breaker.state,
+            "optim.failure",
+            severity="error",
+            message=error,
+            source="rebuild",
+            breaker_state=self.breaker.state,
             consecutive_failures=self.breaker.consecutive_failures,
         )
         return RebuildResult(

@@ -35,7 +35,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -251,9 +251,16 @@ class BoundedProfiler:
                 "ProfilerConfig.enabled is False; use build_profiler() to get a disabled profiler"
             )
         return cls(
-            config.trace_dir, wait=config.wait, warmup=config.warmup, active_steps=config.active_steps,
-            repeat=config.repeat, run_id=run_id, telemetry=telemetry, record_shapes=config.record_shapes,
-            profile_memory=config.profile_memory, with_stack=config.with_stack,
+            config.trace_dir,
+            wait=config.wait,
+            warmup=config.warmup,
+            active_steps=config.active_steps,
+            repeat=config.repeat,
+            run_id=run_id,
+            telemetry=telemetry,
+            record_shapes=config.record_shapes,
+            profile_memory=config.profile_memory,
+            with_stack=config.with_stack,
         )
 
     @contextmanager
@@ -284,7 +291,7 @@ class BoundedProfiler:
     # ---- used by ProfilerWindow ----------------------------------------------------------------
 
     def _reserve_trace_path(self, epoch: int, step: int) -> Path:
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
         stem = f"{self.run_id}-epoch{epoch:05d}-step{step:07d}-{stamp}"
         for attempt in range(1000):
             path = self.trace_dir / (f"{stem}.pt.trace.json" if attempt == 0 else f"{stem}-{attempt}.pt.trace.json")

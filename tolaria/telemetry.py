@@ -240,7 +240,15 @@ class TelemetryEmitter:
     def metric(self, name: str, value: Any, **fields: Any) -> None:
         """Records one measured value (a number, or a list such as a cosine matrix)."""
         self._submit(
-            {"type": "metric", "kind": name, "severity": "info", "value": value, "time": time.time(), **self.attributes, **fields}
+            {
+                "type": "metric",
+                "kind": name,
+                "severity": "info",
+                "value": value,
+                "time": time.time(),
+                **self.attributes,
+                **fields,
+            }
         )
 
     def count(self, name: str, n: float = 1) -> float:
@@ -281,9 +289,16 @@ class TelemetryEmitter:
     def _summarise_suppressed(self, kind: str, suppressed: int) -> None:
         if suppressed:
             self._enqueue(
-                {"type": "event", "kind": "rate_limited", "severity": "warning", "time": time.time(),
-                 "message": f"{suppressed} {kind!r} records suppressed by its rate limit",
-                 "suppressed_kind": kind, "suppressed": suppressed, **self.attributes}
+                {
+                    "type": "event",
+                    "kind": "rate_limited",
+                    "severity": "warning",
+                    "time": time.time(),
+                    "message": f"{suppressed} {kind!r} records suppressed by its rate limit",
+                    "suppressed_kind": kind,
+                    "suppressed": suppressed,
+                    **self.attributes,
+                }
             )
 
     def _release_windows(self, *, force: bool) -> None:
@@ -335,7 +350,10 @@ class TelemetryEmitter:
                         self.counters["sink_retries"] = self.counters.get("sink_retries", 0) + 1
                         log.error(
                             "telemetry sink %s failed (%s: %s); %d records kept for retry",
-                            type(q.sink).__name__, type(exc).__name__, exc, len(q.pending),
+                            type(q.sink).__name__,
+                            type(exc).__name__,
+                            exc,
+                            len(q.pending),
                         )
                         break
                     for _ in batch:

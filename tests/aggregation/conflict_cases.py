@@ -19,7 +19,9 @@ def make_jacobian(kind: str, k: int, n: int, seed: int = 0) -> torch.Tensor:
     elif kind == "zero_row":
         j[0] = 0
     elif kind == "low_rank":
-        j = torch.randn((k, 2), generator=gen, dtype=torch.float64) @ torch.randn((2, n), generator=gen, dtype=torch.float64)
+        j = torch.randn((k, 2), generator=gen, dtype=torch.float64) @ torch.randn(
+            (2, n), generator=gen, dtype=torch.float64
+        )
     elif kind == "scaled":
         j = j * torch.logspace(-2, 2, k, dtype=torch.float64)[:, None]
     return j

@@ -75,8 +75,18 @@ def near_opposite(k: int, n: int, rank: int, factor: float) -> Tensor:
     return j
 
 
-_RANKED = [(1, 1, 1), (2, 5, 1), (2, 5, 2), (4, 3, 2), (5, 3, 3), (8, 20, 8), (9, 11, 5), (12, 40, 6), (20, 10, 10),
-           (20, 100, 20)]
+_RANKED = [
+    (1, 1, 1),
+    (2, 5, 1),
+    (2, 5, 2),
+    (4, 3, 2),
+    (5, 3, 3),
+    (8, 20, 8),
+    (9, 11, 5),
+    (12, 40, 6),
+    (20, 10, 10),
+    (20, 100, 20),
+]
 _STATIONARY = [(3, 4, 2), (5, 3, 3), (9, 11, 6), (7, 13, 2), (16, 30, 8), (20, 50, 12)]
 
 
@@ -84,9 +94,7 @@ def _cases() -> dict[str, list[Case]]:
     families: dict[str, list[Case]] = {
         "ranked": [Case(f"ranked{k}x{n}r{r}", ranked(k, n, r)) for k, n, r in _RANKED],
         "zero": [Case(f"zero{k}x{n}", torch.zeros(k, n, dtype=torch.float64)) for k, n in [(1, 1), (4, 3), (9, 11)]],
-        "strongly_stationary": [
-            Case(f"strong{k}x{n}r{r}", strongly_stationary(k, n, r)) for k, n, r in _STATIONARY
-        ],
+        "strongly_stationary": [Case(f"strong{k}x{n}r{r}", strongly_stationary(k, n, r)) for k, n, r in _STATIONARY],
         "weakly_not_strongly_stationary": [
             Case(f"weak{k}x{n}r{r}", weakly_not_strongly_stationary(k, n, r)) for k, n, r in _STATIONARY
         ],

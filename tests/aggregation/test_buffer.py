@@ -106,16 +106,18 @@ def test_an_existing_grad_is_added_to_the_aggregate_never_dropped():
     model = TwoHeads()
     x = torch.randn(8, 4)
     buf = GradientBuffer(model, num_sources=2)
-    regulariser = sum((p ** 2).sum() for p in model.parameters())
+    regulariser = sum((p**2).sum() for p in model.parameters())
     regulariser.backward()  # before the sources ...
     a, b = model(x)
     buf.backward([a.sum(), b.sum()])
     extra = model.trunk.weight.sum()
     extra.backward()  # ... and between the last source and the aggregate
     buf.aggregate(Sum())
-    expected = (_flat_grad(sum((p ** 2).sum() for p in model.parameters()), buf.params)
-                + _flat_grad(model(x)[0].sum() + model(x)[1].sum(), buf.params)
-                + _flat_grad(model.trunk.weight.sum(), buf.params))
+    expected = (
+        _flat_grad(sum((p**2).sum() for p in model.parameters()), buf.params)
+        + _flat_grad(model(x)[0].sum() + model(x)[1].sum(), buf.params)
+        + _flat_grad(model.trunk.weight.sum(), buf.params)
+    )
     torch.testing.assert_close(buf.output, expected)
     # A step without zero_grad accumulates the previous aggregate, as PyTorch's .grad does.
     previous = buf.output.clone()

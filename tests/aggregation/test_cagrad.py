@@ -25,9 +25,12 @@ def cagrad_reference(j: torch.Tensor, c: float = 0.5, norm_eps: float = 1e-4) ->
     best = None
     for start in [mean] + list(np.eye(k)):
         res = scipy.optimize.minimize(
-            objective, start, bounds=[(0, 1)] * k,
+            objective,
+            start,
+            bounds=[(0, 1)] * k,
             constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1}],
-            method="SLSQP", options={"ftol": 1e-16, "maxiter": 2000},
+            method="SLSQP",
+            options={"ftol": 1e-16, "maxiter": 2000},
         )
         if best is None or res.fun < best.fun:
             best = res
@@ -58,9 +61,12 @@ def primal_reference(j: torch.Tensor, c: float) -> torch.Tensor:
     best = None
     for start in [g0] + [g0 + radius * row / max(np.linalg.norm(row), 1e-300) for row in jn[:4]]:
         res = scipy.optimize.minimize(
-            lambda x: -x[n], np.concatenate([start, [(jn @ start).min()]]),
-            jac=lambda x: np.concatenate([np.zeros(n), [-1.0]]), constraints=constraints,
-            method="SLSQP", options={"ftol": 1e-16, "maxiter": 5000},
+            lambda x: -x[n],
+            np.concatenate([start, [(jn @ start).min()]]),
+            jac=lambda x: np.concatenate([np.zeros(n), [-1.0]]),
+            constraints=constraints,
+            method="SLSQP",
+            options={"ftol": 1e-16, "maxiter": 5000},
         )
         if best is None or res.fun < best.fun:
             best = res
@@ -153,9 +159,12 @@ def test_the_dual_is_solved_exactly_where_k_exceeds_n():
     res = min(
         (
             scipy.optimize.minimize(
-                lambda v: v @ b.numpy() + float(radius) * np.sqrt(max(v @ g.numpy() @ v, 0.0)), start,
-                bounds=[(0, 1)] * k, constraints=[{"type": "eq", "fun": lambda v: v.sum() - 1}],
-                method="SLSQP", options={"ftol": 1e-16, "maxiter": 2000},
+                lambda v: v @ b.numpy() + float(radius) * np.sqrt(max(v @ g.numpy() @ v, 0.0)),
+                start,
+                bounds=[(0, 1)] * k,
+                constraints=[{"type": "eq", "fun": lambda v: v.sum() - 1}],
+                method="SLSQP",
+                options={"ftol": 1e-16, "maxiter": 2000},
             )
             for start in [mean.numpy()] + list(np.eye(k))
         ),

@@ -53,9 +53,12 @@ def _min_norm_reference(gram: np.ndarray, lower: np.ndarray, v: np.ndarray) -> n
         return (s * x * x).sum()
 
     res = scipy.optimize.minimize(
-        norm2, np.zeros(null.shape[1]), jac=lambda a: 2 * null.T @ (s * (v + null @ a)),
+        norm2,
+        np.zeros(null.shape[1]),
+        jac=lambda a: 2 * null.T @ (s * (v + null @ a)),
         constraints=[{"type": "ineq", "fun": lambda a: v + null @ a - lower, "jac": lambda a: null}],
-        method="SLSQP", options={"ftol": 1e-15, "maxiter": 1000},
+        method="SLSQP",
+        options={"ftol": 1e-15, "maxiter": 1000},
     )
     assert res.success, res.message
     return v + null @ res.x
@@ -89,9 +92,13 @@ def test_near_opposite_sources_get_bounded_weights_and_no_conflict_in_float32():
 def _mgda_optimum(gram: np.ndarray) -> float:
     k = gram.shape[0]
     res = scipy.optimize.minimize(
-        lambda w: w @ gram @ w, np.full(k, 1.0 / k), jac=lambda w: 2 * gram @ w, bounds=[(0, None)] * k,
+        lambda w: w @ gram @ w,
+        np.full(k, 1.0 / k),
+        jac=lambda w: 2 * gram @ w,
+        bounds=[(0, None)] * k,
         constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1, "jac": lambda w: np.ones(k)}],
-        method="SLSQP", options={"ftol": 1e-16, "maxiter": 3000},
+        method="SLSQP",
+        options={"ftol": 1e-16, "maxiter": 3000},
     )
     return float(res.fun)
 

@@ -17,12 +17,12 @@ from tolaria.aggregation import (
     AGGREGATOR_NAMES,
     CPU_ISA_ENV,
     PCGrad,
+    as_sources,
     build_aggregator,
     cpu_isa,
     set_cpu_isa,
     supported_cpu_isas,
 )
-from tolaria.aggregation import as_sources
 from tolaria.aggregation.backends import CompiledCpuBackend
 from tolaria.aggregation.backends import cpu as cpu_backend
 

@@ -199,7 +199,9 @@ def test_state_dict_round_trip_is_bit_for_bit(tmp_path):
 
 
 def test_state_round_trip_carries_the_wrapped_aggregators_state(tmp_path):
-    make = lambda: CRMOGM(Random(seed=3), alpha=0.5)
+    def make():
+        return CRMOGM(Random(seed=3), alpha=0.5)
+
     assert_state_round_trip(make, jacobians(4, 30, 8, seed=41), tmp_path)
     agg = make()
     agg(jacobians(4, 30, 1, seed=42)[0])
@@ -207,7 +209,9 @@ def test_state_round_trip_carries_the_wrapped_aggregators_state(tmp_path):
 
 
 def test_state_round_trip_with_a_stateful_wrapped_weighting(tmp_path):
-    make = lambda: CRMOGM(MoDo(0.3), alpha=0.5)
+    def make():
+        return CRMOGM(MoDo(0.3), alpha=0.5)
+
     assert_state_round_trip(make, jacobians(4, 30, 8, seed=43, scale=0.2), tmp_path)
 
 

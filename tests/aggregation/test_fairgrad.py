@@ -8,14 +8,18 @@ import torch
 from tolaria.aggregation import FairGrad
 
 
-
 def fairgrad_reference(j: torch.Tensor, alpha: float) -> torch.Tensor:
     """The equation solved by SciPy's bounded least squares, as the paper's own code does."""
     g = (j.to(torch.float64) @ j.to(torch.float64).T).numpy()
     k = g.shape[0]
     res = scipy.optimize.least_squares(
-        lambda w: g @ w - w ** (-1.0 / alpha), np.ones(k) / k, bounds=(1e-12, np.inf), xtol=1e-15, ftol=1e-15,
-        gtol=1e-15, max_nfev=10_000,
+        lambda w: g @ w - w ** (-1.0 / alpha),
+        np.ones(k) / k,
+        bounds=(1e-12, np.inf),
+        xtol=1e-15,
+        ftol=1e-15,
+        gtol=1e-15,
+        max_nfev=10_000,
     )
     return torch.from_numpy(res.x) @ j.to(torch.float64)
 

@@ -104,8 +104,15 @@ def test_agrees_with_torchjd(monkeypatch, k, beta):
 
 @pytest.mark.parametrize(
     "kwargs,name",
-    [({"beta": -0.1}, "beta"), ({"beta": 1.5}, "beta"), ({"beta": True}, "beta"), ({"beta": "0.5"}, "beta"),
-     ({"eps": -1e-8}, "eps"), ({"eps": float("inf")}, "eps"), ({"eps": None}, "eps")],
+    [
+        ({"beta": -0.1}, "beta"),
+        ({"beta": 1.5}, "beta"),
+        ({"beta": True}, "beta"),
+        ({"beta": "0.5"}, "beta"),
+        ({"eps": -1e-8}, "eps"),
+        ({"eps": float("inf")}, "eps"),
+        ({"eps": None}, "eps"),
+    ],
 )
 def test_bad_arguments_are_refused_by_name(kwargs, name):
     with pytest.raises(ValueError, match=f"GradVac {name} must be"):
@@ -176,10 +183,13 @@ def test_fresh_state_dict_and_reset():
 
 @pytest.mark.parametrize(
     "state,match",
-    [({"targets": None}, "keys"), ({"targets": None, "generator": torch.Generator().get_state(), "x": 1}, "keys"),
-     ({"targets": torch.zeros(3, 2, dtype=torch.float64), "generator": torch.Generator().get_state()}, "square"),
-     ({"targets": torch.zeros(3, dtype=torch.float64), "generator": torch.Generator().get_state()}, "square"),
-     ({"targets": None, "generator": torch.zeros(3)}, "generator")],
+    [
+        ({"targets": None}, "keys"),
+        ({"targets": None, "generator": torch.Generator().get_state(), "x": 1}, "keys"),
+        ({"targets": torch.zeros(3, 2, dtype=torch.float64), "generator": torch.Generator().get_state()}, "square"),
+        ({"targets": torch.zeros(3, dtype=torch.float64), "generator": torch.Generator().get_state()}, "square"),
+        ({"targets": None, "generator": torch.zeros(3)}, "generator"),
+    ],
 )
 def test_load_state_dict_refuses_bad_states(state, match):
     with pytest.raises(ValueError, match=match):

@@ -4,6 +4,7 @@ DualProj): both backends, every dtype, stats, the finiteness modes, degenerate i
 import pytest
 import torch
 
+import tolaria.aggregation._canonical as canonical_module
 from tolaria.aggregation import (
     AGGREGATOR_NAMES,
     IMTLG,
@@ -15,10 +16,11 @@ from tolaria.aggregation import (
     PCGrad,
     UPGrad,
     Weighted,
+    as_sources,
     build_aggregator,
+    jacobi_eig,
+    symmetric_eig,
 )
-import tolaria.aggregation._canonical as canonical_module
-from tolaria.aggregation import as_sources, jacobi_eig, symmetric_eig
 from tolaria.aggregation.engine import aggregate
 
 from .conflict_cases import cases, make_jacobian
@@ -152,9 +154,30 @@ def test_bad_configuration_is_refused(build):
 
 def test_build_aggregator_knows_every_name():
     assert set(AGGREGATOR_NAMES) == {
-        "pcgrad", "mean", "sum", "weighted", "mgda", "upgrad", "cagrad", "imtlg", "aligned_mtl", "dualproj",
-        "config", "constant", "krum", "random", "fairgrad", "gradvac", "pcd", "cr_mogm", "modo", "sdmgrad",
-        "nash_mtl", "excess_mtl", "graddrop", "trimmed_mean",
+        "pcgrad",
+        "mean",
+        "sum",
+        "weighted",
+        "mgda",
+        "upgrad",
+        "cagrad",
+        "imtlg",
+        "aligned_mtl",
+        "dualproj",
+        "config",
+        "constant",
+        "krum",
+        "random",
+        "fairgrad",
+        "gradvac",
+        "pcd",
+        "cr_mogm",
+        "modo",
+        "sdmgrad",
+        "nash_mtl",
+        "excess_mtl",
+        "graddrop",
+        "trimmed_mean",
     }
     for name in AGGREGATOR_NAMES:
         fixed = name in ("weighted", "constant")

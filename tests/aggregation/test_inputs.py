@@ -43,7 +43,9 @@ def test_strided_and_non_contiguous_rows():
     for j in (strided, transposed):
         ref = Sum(backend="torch")(j.contiguous())
         torch.testing.assert_close(Sum(backend="cpu")(j), ref)
-        torch.testing.assert_close(PCGrad(backend="cpu", shuffle=False)(j), PCGrad(backend="torch", shuffle=False)(j.contiguous()))
+        torch.testing.assert_close(
+            PCGrad(backend="cpu", shuffle=False)(j), PCGrad(backend="torch", shuffle=False)(j.contiguous())
+        )
 
 
 def test_k1_returns_the_gradient_unchanged():

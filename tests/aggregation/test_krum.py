@@ -26,7 +26,7 @@ def krum_reference(j: torch.Tensor, f: int, m: int) -> torch.Tensor:
 def test_matches_the_definition(k, f, m, dtype):
     gen = torch.Generator().manual_seed(k)
     j = torch.randn(k, 40, generator=gen, dtype=torch.float64)
-    j[: f] += 25.0  # the Byzantine ones: far from the rest
+    j[:f] += 25.0  # the Byzantine ones: far from the rest
     j = j.to(dtype)
     out = Krum(n_byzantine=f, n_selected=m)(j)
     assert_close_to_reference(out, krum_reference(j, f, m), dtype)

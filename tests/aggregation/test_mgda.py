@@ -17,9 +17,13 @@ def min_norm_point_reference(j: torch.Tensor) -> torch.Tensor:
     best = None
     for start in [np.full(k, 1.0 / k)] + list(np.eye(k)):
         res = scipy.optimize.minimize(
-            lambda w: w @ g @ w, start, jac=lambda w: 2 * g @ w, bounds=[(0, None)] * k,
+            lambda w: w @ g @ w,
+            start,
+            jac=lambda w: 2 * g @ w,
+            bounds=[(0, None)] * k,
             constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1, "jac": lambda w: np.ones(k)}],
-            method="SLSQP", options={"ftol": 1e-16, "maxiter": 500},
+            method="SLSQP",
+            options={"ftol": 1e-16, "maxiter": 500},
         )
         if best is None or res.fun < best.fun:
             best = res

@@ -15,8 +15,13 @@ def bargaining_weights(j: torch.Tensor) -> torch.Tensor:
     """The paper's equation on J itself, g_i . (J^T w) = 1 / w_i, by SciPy's bounded least squares."""
     jn = j.to(torch.float64).numpy()
     res = scipy.optimize.least_squares(
-        lambda w: jn @ (jn.T @ w) - 1.0 / w, np.ones(jn.shape[0]), bounds=(1e-12, np.inf),
-        xtol=1e-15, ftol=1e-15, gtol=1e-15, max_nfev=10_000,
+        lambda w: jn @ (jn.T @ w) - 1.0 / w,
+        np.ones(jn.shape[0]),
+        bounds=(1e-12, np.inf),
+        xtol=1e-15,
+        ftol=1e-15,
+        gtol=1e-15,
+        max_nfev=10_000,
     )
     return torch.from_numpy(res.x)
 

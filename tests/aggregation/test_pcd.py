@@ -136,9 +136,19 @@ def test_agrees_with_torchjd_with_a_vector_tau_and_dependent_gradients():
 
 @pytest.mark.parametrize(
     "kwargs,name",
-    [({"tau": -0.1}, "tau"), ({"tau": 1.5}, "tau"), ({"tau": True}, "tau"), ({"tau": [[0.1]]}, "tau"),
-     ({"tau": [0.1, 2.0]}, "tau"), ({"tau": "0.1"}, "tau"), ({"beta": 1.0}, "beta"), ({"beta": -0.1}, "beta"),
-     ({"beta": None}, "beta"), ({"eps": -1e-8}, "eps"), ({"eps": float("nan")}, "eps")],
+    [
+        ({"tau": -0.1}, "tau"),
+        ({"tau": 1.5}, "tau"),
+        ({"tau": True}, "tau"),
+        ({"tau": [[0.1]]}, "tau"),
+        ({"tau": [0.1, 2.0]}, "tau"),
+        ({"tau": "0.1"}, "tau"),
+        ({"beta": 1.0}, "beta"),
+        ({"beta": -0.1}, "beta"),
+        ({"beta": None}, "beta"),
+        ({"eps": -1e-8}, "eps"),
+        ({"eps": float("nan")}, "eps"),
+    ],
 )
 def test_bad_arguments_are_refused_by_name(kwargs, name):
     with pytest.raises(ValueError, match=f"PCD {name} must"):
@@ -181,10 +191,15 @@ def test_fresh_state_and_reset():
 
 @pytest.mark.parametrize(
     "state,match",
-    [({"steps": 0}, "keys"), ({"sq_norm_ema": None, "steps": 0, "extra": 1}, "keys"),
-     ({"sq_norm_ema": None, "steps": -1}, "steps"), ({"sq_norm_ema": None, "steps": 2}, "no moving average"),
-     ({"sq_norm_ema": torch.zeros(2, 2), "steps": 1}, "1-D float"), ({"sq_norm_ema": torch.ones(3), "steps": 0}, "1-D"),
-     ({"sq_norm_ema": torch.ones(3), "steps": 1.0}, "steps")],
+    [
+        ({"steps": 0}, "keys"),
+        ({"sq_norm_ema": None, "steps": 0, "extra": 1}, "keys"),
+        ({"sq_norm_ema": None, "steps": -1}, "steps"),
+        ({"sq_norm_ema": None, "steps": 2}, "no moving average"),
+        ({"sq_norm_ema": torch.zeros(2, 2), "steps": 1}, "1-D float"),
+        ({"sq_norm_ema": torch.ones(3), "steps": 0}, "1-D"),
+        ({"sq_norm_ema": torch.ones(3), "steps": 1.0}, "steps"),
+    ],
 )
 def test_load_state_dict_refuses_bad_states(state, match):
     with pytest.raises(ValueError, match=match):

@@ -100,7 +100,6 @@ def test_rejects_bad_configuration():
         PCGrad(weights=[1.0, 1.0, 1.0])(torch.randn(2, 4))
 
 
-
 @pytest.mark.parametrize("reduction,weighted", [("sum", False), ("mean", False), ("mean", True)])
 @pytest.mark.parametrize("k", [1, 2, 5, 17])
 def test_host_loop_matches_the_device_loop(k, reduction, weighted):

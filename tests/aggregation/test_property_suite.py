@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tolaria.aggregation import DualProj, MGDA, build_aggregator
+from tolaria.aggregation import MGDA, DualProj, build_aggregator
 
 from . import property_assertions as props
 from .input_families import FAMILIES, all_cases
@@ -88,9 +88,7 @@ _RUNS = [
 ]
 
 
-@pytest.mark.parametrize(
-    "name,case,backend,dtype", _RUNS, ids=[f"{b}-{c.name}-{n}-{str(d)}" for n, c, b, d in _RUNS]
-)
+@pytest.mark.parametrize("name,case,backend,dtype", _RUNS, ids=[f"{b}-{c.name}-{n}-{str(d)}" for n, c, b, d in _RUNS])
 def test_structure_and_promised_properties(name, case, backend, dtype):
     matrix = case.matrix.to(dtype)
     aggregate = _aggregator(name, backend, matrix.shape[0])

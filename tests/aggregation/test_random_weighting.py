@@ -53,7 +53,11 @@ def test_a_shared_generator_is_used_as_given():
 
 @pytest.mark.parametrize(
     "kwargs,error",
-    [({"seed": 1, "generator": torch.Generator()}, ValueError), ({"seed": 1.5}, TypeError), ({"generator": 3}, TypeError)],
+    [
+        ({"seed": 1, "generator": torch.Generator()}, ValueError),
+        ({"seed": 1.5}, TypeError),
+        ({"generator": 3}, TypeError),
+    ],
 )
 def test_bad_arguments_are_refused(kwargs, error):
     with pytest.raises(error):

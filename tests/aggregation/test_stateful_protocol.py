@@ -7,8 +7,13 @@ import torch
 
 from tolaria.aggregation import AGGREGATOR_NAMES, build_aggregator
 
-_KWARGS = {"weighted": {"weights": [1.0, 2.0, 0.5]}, "constant": {"weights": [1.0, 2.0, 0.5]}, "random": {"seed": 1},
-           "gradvac": {"seed": 1}, "graddrop": {"seed": 1}}
+_KWARGS = {
+    "weighted": {"weights": [1.0, 2.0, 0.5]},
+    "constant": {"weights": [1.0, 2.0, 0.5]},
+    "random": {"seed": 1},
+    "gradvac": {"seed": 1},
+    "graddrop": {"seed": 1},
+}
 STATEFUL = [n for n in AGGREGATOR_NAMES if build_aggregator(n, **_KWARGS.get(n, {})).stateful]
 
 
@@ -33,7 +38,18 @@ def _equal_states(a, b) -> bool:
 
 
 def test_the_stateful_ones_are_the_ones_expected():
-    assert set(STATEFUL) >= {"pcgrad", "random", "gradvac", "graddrop", "pcd", "cr_mogm", "modo", "sdmgrad", "nash_mtl", "excess_mtl"}
+    assert set(STATEFUL) >= {
+        "pcgrad",
+        "random",
+        "gradvac",
+        "graddrop",
+        "pcd",
+        "cr_mogm",
+        "modo",
+        "sdmgrad",
+        "nash_mtl",
+        "excess_mtl",
+    }
 
 
 @pytest.mark.parametrize("name", STATEFUL)

@@ -8,8 +8,7 @@ one graph with ``fullgraph=True``, which fails on any data-dependent Python cont
 import pytest
 import torch
 
-from tolaria.aggregation import Mean, PCGrad, Sum, Weighted
-from tolaria.aggregation import as_sources
+from tolaria.aggregation import Mean, PCGrad, Sum, Weighted, as_sources
 from tolaria.aggregation.engine import aggregate
 
 AGGREGATORS = [

@@ -14,8 +14,9 @@ RTOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 1.6e-2, torch
 def paper_reference(j, trim):
     """Per coordinate: sort the K values, drop trim at each end, average the rest (float64)."""
     g = j.to(torch.float64).reshape(j.shape[0], -1)
-    out = torch.tensor([sum(sorted(col)[trim : len(col) - trim]) / (len(col) - 2 * trim) for col in g.T.tolist()],
-                       dtype=torch.float64)
+    out = torch.tensor(
+        [sum(sorted(col)[trim : len(col) - trim]) / (len(col) - 2 * trim) for col in g.T.tolist()], dtype=torch.float64
+    )
     return out.reshape(j.shape[1:])
 
 

@@ -25,9 +25,12 @@ def upgrad_reference(j: torch.Tensor, pref: torch.Tensor | None = None) -> torch
 def primal_projection(j: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """The same projection straight from its definition, by SLSQP: a check of the reference itself."""
     res = scipy.optimize.minimize(
-        lambda d: ((d - g.numpy()) ** 2).sum(), g.numpy(), jac=lambda d: 2 * (d - g.numpy()),
+        lambda d: ((d - g.numpy()) ** 2).sum(),
+        g.numpy(),
+        jac=lambda d: 2 * (d - g.numpy()),
         constraints=[{"type": "ineq", "fun": lambda d: j.numpy() @ d, "jac": lambda d: j.numpy()}],
-        method="SLSQP", options={"ftol": 1e-15, "maxiter": 1000},
+        method="SLSQP",
+        options={"ftol": 1e-15, "maxiter": 1000},
     )
     return torch.from_numpy(res.x)
 

@@ -68,8 +68,19 @@ def test_low_precision_outputs_round_exactly_like_torch(dtype):
     b = (torch.randn(n, generator=gen) * torch.logspace(4, -6, n)).to(dtype)
     info = torch.finfo(dtype)
     specials = torch.tensor([1.0, 1.0, info.max, info.tiny, info.tiny / 4, float("inf"), float("nan"), -0.0, 3.0])
-    partners = torch.tensor([2.0**-8 if dtype == torch.bfloat16 else 2.0**-11, 3 * 2.0**-9, info.max, -info.tiny / 2,
-                             info.tiny / 8, 1.0, 2.0, -0.0, -1.0])
+    partners = torch.tensor(
+        [
+            2.0**-8 if dtype == torch.bfloat16 else 2.0**-11,
+            3 * 2.0**-9,
+            info.max,
+            -info.tiny / 2,
+            info.tiny / 8,
+            1.0,
+            2.0,
+            -0.0,
+            -1.0,
+        ]
+    )
     a[: len(specials)], b[: len(partners)] = specials.to(dtype), partners.to(dtype)
     out = Sum(backend="cpu", nonfinite="propagate")(torch.stack([a, b]))
     expected = (a.float() + b.float()).to(dtype)
@@ -114,7 +125,9 @@ def test_finite_inputs_that_overflow_are_returned_not_rejected():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
-@pytest.mark.parametrize("where", [5, 1 << 20, (1 << 21) + 30])  # first vectors, the second thread's range, the ragged tail
+@pytest.mark.parametrize(
+    "where", [5, 1 << 20, (1 << 21) + 30]
+)  # first vectors, the second thread's range, the ragged tail
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_the_combine_pass_reports_non_finite_sums_wherever_they_are(dtype, where, value):
     from tolaria.aggregation import as_sources

@@ -219,8 +219,7 @@ def test_old_api_aggregates_into_grad(form):
     elif form == "keywords":
         tc.mtl_backward(losses=losses, features=f, aggregator=tja.UPGrad())
     else:
-        tc.mtl_backward(losses, f, [list(h.parameters()) for h in ours.heads], list(ours.trunk.parameters()),
-                        A=UPG())
+        tc.mtl_backward(losses, f, [list(h.parameters()) for h in ours.heads], list(ours.trunk.parameters()), A=UPG())
     torch.testing.assert_close(flat_grads(ours.parameters()), flat_grads(theirs.parameters()), **TOL)
     assert not any(hasattr(p, "jac") for p in ours.parameters())
 
@@ -308,8 +307,9 @@ def test_optimize_gramian_computation(subset, tolaria_aggregator):
     w = tc.jac_to_grad(pick(ours.trunk.parameters()), aggregator, optimize_gramian_computation=True)
     w_ref = tj.jac_to_grad(pick(theirs.trunk.parameters()), tja.UPGrad(), optimize_gramian_computation=True)
     torch.testing.assert_close(w.to(w_ref.dtype), w_ref, **TOL)
-    torch.testing.assert_close(flat_grads(pick(ours.trunk.parameters())), flat_grads(pick(theirs.trunk.parameters())),
-                               **TOL)
+    torch.testing.assert_close(
+        flat_grads(pick(ours.trunk.parameters())), flat_grads(pick(theirs.trunk.parameters())), **TOL
+    )
 
 
 def test_optimize_gramian_computation_refuses_non_gramian_aggregators():
@@ -379,8 +379,9 @@ def test_as_torchjd_weighting_matches_torchjd():
     matrix[1] = -matrix[0] + 0.1 * matrix[2]
     adapter = tc.as_torchjd(UPG())
     torch.testing.assert_close(adapter.weighting(matrix), tja.UPGradWeighting()(matrix @ matrix.T), **TOL)
-    torch.testing.assert_close(adapter.gramian_weighting(matrix @ matrix.T), tja.UPGradWeighting()(matrix @ matrix.T),
-                               **TOL)
+    torch.testing.assert_close(
+        adapter.gramian_weighting(matrix @ matrix.T), tja.UPGradWeighting()(matrix @ matrix.T), **TOL
+    )
     torch.testing.assert_close(adapter(matrix), tja.UPGrad()(matrix), **TOL)
     assert adapter.weighting(matrix.float()).dtype == torch.float32
 
@@ -425,8 +426,11 @@ def test_errors():
     with pytest.raises(ValueError, match="call backward or mtl_backward"):
         tc.jac_to_grad(list(model.trunk.parameters()), UPG())
     with pytest.raises(ValueError, match="same number of rows"):
-        tc.backward(losses[:2], jac_tensors=[torch.ones(2, dtype=torch.float64), torch.ones(3, dtype=torch.float64)],
-                    retain_graph=True)
+        tc.backward(
+            losses[:2],
+            jac_tensors=[torch.ones(2, dtype=torch.float64), torch.ones(3, dtype=torch.float64)],
+            retain_graph=True,
+        )
     with pytest.raises(ValueError, match="Shape mismatch"):
         tc.backward(losses[0], jac_tensors=torch.ones(2, 2, dtype=torch.float64), retain_graph=True)
     with pytest.raises(ValueError, match="unique"):

@@ -50,7 +50,9 @@ def test_two_ranks_match_one_process_on_the_combined_batch(tmp_path):
     # Control: per-rank PCGrad shuffles make the replicas drift, and verify_replicas says so on both ranks.
     for r in (rank0, rank1):
         assert r["control_error"].startswith("ReplicaMismatchError") and "rank(s) [1]" in r["control_error"]
-        assert r["perturbed_error"].startswith("ReplicaMismatchError") and "2.bias on rank(s) [1]" in r["perturbed_error"]
+        assert (
+            r["perturbed_error"].startswith("ReplicaMismatchError") and "2.bias on rank(s) [1]" in r["perturbed_error"]
+        )
 
 
 def test_halt_on_rank_one_stops_rank_zero_at_the_next_step_boundary(tmp_path):
@@ -61,10 +63,20 @@ def test_halt_on_rank_one_stops_rank_zero_at_the_next_step_boundary(tmp_path):
     assert rank0["steps_done"] == rank1["steps_done"] == 3
     assert rank0["params"] == rank1["params"]
     # Rank 0 never raised anything itself: it followed rank 1, and its own controller now holds HALT.
-    assert (rank0["level"], rank0["local_level"], rank0["source_rank"], rank0["from_other_rank"]) == ("HALT", "NONE", 1, True)
+    assert (rank0["level"], rank0["local_level"], rank0["source_rank"], rank0["from_other_rank"]) == (
+        "HALT",
+        "NONE",
+        1,
+        True,
+    )
     assert rank0["controller_level"] == "HALT"
     assert rank0["remote_events"] == [{"severity": "critical", "source_rank": 1, "level": "HALT"}]
-    assert (rank1["level"], rank1["local_level"], rank1["source_rank"], rank1["from_other_rank"]) == ("HALT", "HALT", 1, False)
+    assert (rank1["level"], rank1["local_level"], rank1["source_rank"], rank1["from_other_rank"]) == (
+        "HALT",
+        "HALT",
+        1,
+        False,
+    )
     assert rank1["remote_events"] == []
     assert rank0["any_rank_one"] is rank1["any_rank_one"] is True
     assert rank0["any_rank_none"] is rank1["any_rank_none"] is False
@@ -81,7 +93,9 @@ def test_checkpoint_on_rank_zero_resumes_on_both_ranks(tmp_path):
     assert rank0["no_checkpoint"].startswith("CheckpointError: no committed checkpoint")
     assert rank1["no_checkpoint"].startswith("CheckpointError: rank 0 could not restore a checkpoint")
     for r in (rank0, rank1):
-        assert r["step_mismatch"].startswith("ReplicaMismatchError: ranks disagree on the step to checkpoint: steps 5..6")
+        assert r["step_mismatch"].startswith(
+            "ReplicaMismatchError: ranks disagree on the step to checkpoint: steps 5..6"
+        )
         assert r["diverged"].startswith("ReplicaMismatchError: the model replicas differ from rank 0 in 4 of 4 entries")
     assert not list((tmp_path / "checkpoints").glob("ckpt-*-*.pt"))[1:], "only the step-2 checkpoint may exist"
 

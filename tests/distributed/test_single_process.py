@@ -53,8 +53,13 @@ def rank_of_two(rank):
     return DistributedContext(rank, 2, rank, CPU, "gloo")
 
 
-ONE_RANK_LAUNCH = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                   "MASTER_PORT": "29500"}
+ONE_RANK_LAUNCH = {
+    "RANK": "0",
+    "WORLD_SIZE": "1",
+    "LOCAL_RANK": "0",
+    "MASTER_ADDR": "127.0.0.1",
+    "MASTER_PORT": "29500",
+}
 
 
 def launch_env(monkeypatch, **values):
@@ -105,11 +110,14 @@ def test_from_environment_rejects_non_integer_rank(monkeypatch):
         DistributedContext.from_environment(device="cpu")
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(backend="nccl", device="cpu"), "nccl' needs a CUDA device"),
-    (dict(backend="mpi", device="cpu"), "unknown backend 'mpi'"),
-    (dict(device="cpu", timeout_s=0), "timeout_s must be"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(backend="nccl", device="cpu"), "nccl' needs a CUDA device"),
+        (dict(backend="mpi", device="cpu"), "unknown backend 'mpi'"),
+        (dict(device="cpu", timeout_s=0), "timeout_s must be"),
+    ],
+)
 def test_from_environment_rejects_bad_options(monkeypatch, kwargs, match):
     launch_env(monkeypatch, **ONE_RANK_LAUNCH)
     with pytest.raises(ValueError, match=match):
@@ -128,12 +136,15 @@ def test_from_process_group_needs_one():
         DistributedContext.from_process_group()
 
 
-@pytest.mark.parametrize("args, match", [
-    ((2, 2, 0, "cpu", "gloo"), "rank 2 is out of range for world_size 2"),
-    ((0, 2, 0, "cpu", None), "must have world_size 1"),
-    ((0, 0, 0, "cpu", "gloo"), "world_size must be an int >= 1"),
-    ((True, 2, 0, "cpu", "gloo"), "rank must be an int"),
-])
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        ((2, 2, 0, "cpu", "gloo"), "rank 2 is out of range for world_size 2"),
+        ((0, 2, 0, "cpu", None), "must have world_size 1"),
+        ((0, 0, 0, "cpu", "gloo"), "world_size must be an int >= 1"),
+        ((True, 2, 0, "cpu", "gloo"), "rank must be an int"),
+    ],
+)
 def test_context_rejects_bad_fields(args, match):
     with pytest.raises(ValueError, match=match):
         DistributedContext(*args)
@@ -200,12 +211,15 @@ def test_emergency_agreement_rejects_bad_levels(single, level):
         agree_on_emergency_level(level, single)
 
 
-@pytest.mark.parametrize("bad, error, match", [
-    (torch.zeros(2, 3, dtype=torch.int64), TypeError, "must be floating point"),
-    (torch.zeros(3, 2).T, ValueError, "must be contiguous or a K x N view with unit column stride"),
-    (torch.zeros(3, 8)[:, ::2], ValueError, "must be contiguous or a K x N view"),
-    ([1.0, 2.0], TypeError, "GradientBuffer or a tensor"),
-])
+@pytest.mark.parametrize(
+    "bad, error, match",
+    [
+        (torch.zeros(2, 3, dtype=torch.int64), TypeError, "must be floating point"),
+        (torch.zeros(3, 2).T, ValueError, "must be contiguous or a K x N view with unit column stride"),
+        (torch.zeros(3, 8)[:, ::2], ValueError, "must be contiguous or a K x N view"),
+        ([1.0, 2.0], TypeError, "GradientBuffer or a tensor"),
+    ],
+)
 def test_gradient_buffer_allreduce_rejects_bad_buffers(single, bad, error, match):
     with pytest.raises(error, match=match):
         allreduce_gradient_buffer(bad, single)
@@ -301,8 +315,10 @@ def test_uneven_data_is_reported():
     shard(data(9), rank_of_two(0), batch_size=2, telemetry=telemetry)
     shard(data(9), rank_of_two(0), batch_size=2, drop_last=True, telemetry=telemetry)
     messages = [r["message"] for r in sink.of_kind("distributed.shard_uneven")]
-    assert messages == ["9 samples do not divide over 2 ranks: the sharding repeats 1 sample(s) per epoch",
-                        "9 samples do not divide over 2 ranks: the sharding drops 1 sample(s) per epoch"]
+    assert messages == [
+        "9 samples do not divide over 2 ranks: the sharding repeats 1 sample(s) per epoch",
+        "9 samples do not divide over 2 ranks: the sharding drops 1 sample(s) per epoch",
+    ]
 
 
 def test_iterating_again_without_set_epoch_is_reported():
@@ -334,19 +350,28 @@ class Stream(IterableDataset):
         return iter(range(3))
 
 
-@pytest.mark.parametrize("make, error, match", [
-    (lambda: (Stream(), dict(batch_size=2)), TypeError, "cannot shard an IterableDataset"),
-    (lambda: (data(), {}), ValueError, "batch_size is required"),
-    (lambda: (data(), dict(batch_size=2, sampler=None)), ValueError, r"\['sampler'\] are set by shard"),
-    (lambda: (DataLoader(data(), batch_size=2), dict(batch_size=2)), ValueError, "brings its own batch size"),
-    (lambda: (DataLoader(data(), sampler=WeightedRandomSampler([1.0] * 10, 10)), {}), ValueError,
-     "custom sampler \\(WeightedRandomSampler\\)"),
-    (lambda: (DataLoader(data(), batch_sampler=[[0, 1]]), {}), ValueError, "custom batch_sampler"),
-    (lambda: (DataLoader(data(), sampler=torch.utils.data.RandomSampler(data(), replacement=True)), {}),
-     ValueError, "with replacement"),
-    (lambda: ([1, 2, 3, 4], dict(batch_size=2, seed=1.5)), ValueError, "seed must be an int"),
-    (lambda: (object(), dict(batch_size=2)), TypeError, "map-style Dataset"),
-])
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        (lambda: (Stream(), dict(batch_size=2)), TypeError, "cannot shard an IterableDataset"),
+        (lambda: (data(), {}), ValueError, "batch_size is required"),
+        (lambda: (data(), dict(batch_size=2, sampler=None)), ValueError, r"\['sampler'\] are set by shard"),
+        (lambda: (DataLoader(data(), batch_size=2), dict(batch_size=2)), ValueError, "brings its own batch size"),
+        (
+            lambda: (DataLoader(data(), sampler=WeightedRandomSampler([1.0] * 10, 10)), {}),
+            ValueError,
+            "custom sampler \\(WeightedRandomSampler\\)",
+        ),
+        (lambda: (DataLoader(data(), batch_sampler=[[0, 1]]), {}), ValueError, "custom batch_sampler"),
+        (
+            lambda: (DataLoader(data(), sampler=torch.utils.data.RandomSampler(data(), replacement=True)), {}),
+            ValueError,
+            "with replacement",
+        ),
+        (lambda: ([1, 2, 3, 4], dict(batch_size=2, seed=1.5)), ValueError, "seed must be an int"),
+        (lambda: (object(), dict(batch_size=2)), TypeError, "map-style Dataset"),
+    ],
+)
 def test_shard_rejects_what_it_cannot_shard(make, error, match):
     source, kwargs = make()
     with pytest.raises(error, match=match):
@@ -361,8 +386,15 @@ def test_state_trees_round_trip_without_pickle():
         weights=torch.arange(6, dtype=torch.float32).reshape(2, 3),
         state={0: {"step": torch.tensor(3.0), "flag": torch.tensor([True, False])}, 1: {}},
         groups=[{"lr": 0.1, "betas": (0.9, 0.999), "nesterov": False, "foreach": None, "name": "g"}],
-        misc={"blob": b"\x00\xff", "z": 1 + 2j, "dtype": torch.bfloat16, "device": torch.device("cpu"),
-              "size": torch.Size([2, 3]), "nan": math.nan, (1, "a"): "tuple key"},
+        misc={
+            "blob": b"\x00\xff",
+            "z": 1 + 2j,
+            "dtype": torch.bfloat16,
+            "device": torch.device("cpu"),
+            "size": torch.Size([2, 3]),
+            "nan": math.nan,
+            (1, "a"): "tuple key",
+        },
     )
     tensors = []
     skeleton = json.loads(json.dumps(_encode(tree, tensors, "state")))
@@ -373,7 +405,12 @@ def test_state_trees_round_trip_without_pickle():
     assert set(back["state"]) == {0, 1}
     misc = back["misc"]
     assert (misc["blob"], misc["z"], misc["dtype"], misc["device"], misc["size"]) == (
-        b"\x00\xff", 1 + 2j, torch.bfloat16, torch.device("cpu"), torch.Size([2, 3]))
+        b"\x00\xff",
+        1 + 2j,
+        torch.bfloat16,
+        torch.device("cpu"),
+        torch.Size([2, 3]),
+    )
     assert math.isnan(misc["nan"]) and misc[(1, "a")] == "tuple key"
 
 
@@ -393,8 +430,12 @@ def test_fingerprints_see_one_bit_and_a_swap():
     assert tensor_fingerprint(swapped)[1] != tensor_fingerprint(t)[1]
     odd = torch.arange(7, dtype=torch.uint8)
     assert tensor_fingerprint(odd) != tensor_fingerprint(odd.flip(0))
-    assert tensor_fingerprint(torch.tensor([True, False, True])) != tensor_fingerprint(torch.tensor([True, True, False]))
-    assert tensor_fingerprint(torch.arange(9, dtype=torch.uint8)[1:]) == tensor_fingerprint(torch.arange(1, 9, dtype=torch.uint8))
+    assert tensor_fingerprint(torch.tensor([True, False, True])) != tensor_fingerprint(
+        torch.tensor([True, True, False])
+    )
+    assert tensor_fingerprint(torch.arange(9, dtype=torch.uint8)[1:]) == tensor_fingerprint(
+        torch.arange(1, 9, dtype=torch.uint8)
+    )
 
 
 def test_telemetry_in_one_process(single, tmp_path):
@@ -403,8 +444,11 @@ def test_telemetry_in_one_process(single, tmp_path):
     emitter = rank_telemetry(single, tmp_path, run_id="run-7")
     emitter.event("hello")
     emitter.close()
-    (record,) = [json.loads(line) for line in (tmp_path / "telemetry.jsonl").read_text().splitlines()
-                 if json.loads(line)["kind"] == "hello"]
+    (record,) = [
+        json.loads(line)
+        for line in (tmp_path / "telemetry.jsonl").read_text().splitlines()
+        if json.loads(line)["kind"] == "hello"
+    ]
     assert (record["rank"], record["world_size"], record["local_rank"], record["run_id"]) == (0, 1, 0, "run-7")
 
 

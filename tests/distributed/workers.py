@@ -118,8 +118,10 @@ def epoch_batches(epoch: int) -> list[list[int]]:
         sampler = DistributedSampler(data, num_replicas=WORLD_SIZE, rank=rank, shuffle=True, seed=SHUFFLE_SEED)
         sampler.set_epoch(epoch)
         per_rank.append(list(sampler))
-    return [[i for indices in per_rank for i in indices[start : start + BATCH]]
-            for start in range(0, len(per_rank[0]), BATCH)]
+    return [
+        [i for indices in per_rank for i in indices[start : start + BATCH]]
+        for start in range(0, len(per_rank[0]), BATCH)
+    ]
 
 
 def combined_batches(epochs: int) -> list[list[int]]:
@@ -149,8 +151,9 @@ def _entry(rank: int, module: str, scenario: str, out: str) -> None:
     torch.set_num_threads(1)
     _import_before_process_group()  # else the group outlives destroy_process_group (see its docstring)
     store = dist.FileStore(str(Path(out) / "store"), WORLD_SIZE)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD_SIZE,
-                            timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+    dist.init_process_group(
+        "gloo", store=store, rank=rank, world_size=WORLD_SIZE, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S)
+    )
     try:
         ctx = DistributedContext.from_process_group()
         result = importlib.import_module(module).SCENARIOS[scenario](ctx, Path(out))
@@ -214,8 +217,12 @@ def train(ctx, out: Path) -> dict[str, Any]:
             net[2].bias.view(torch.int64)[0] ^= 1
     perturbed_error = _raised(lambda: verify_replicas(net, ctx))
     return {
-        "params": params, "batch_sizes": seen, "conflicts": conflicts, "initial_identical": initial_identical,
-        "control_error": control_error, "perturbed_error": perturbed_error,
+        "params": params,
+        "batch_sizes": seen,
+        "conflicts": conflicts,
+        "initial_identical": initial_identical,
+        "control_error": control_error,
+        "perturbed_error": perturbed_error,
         "seed_overridden": len(sink.of_kind("distributed.seed_overridden")),
     }
 
@@ -245,12 +252,18 @@ def halt(ctx, out: Path) -> dict[str, Any]:
             break
     remote = sink.of_kind("emergency.remote_level")
     return {
-        "stopped_at": stopped_at, "steps_done": steps_done,
-        "level": agreement.level.name, "local_level": agreement.local_level.name,
-        "source_rank": agreement.source_rank, "from_other_rank": agreement.from_other_rank,
+        "stopped_at": stopped_at,
+        "steps_done": steps_done,
+        "level": agreement.level.name,
+        "local_level": agreement.local_level.name,
+        "source_rank": agreement.source_rank,
+        "from_other_rank": agreement.from_other_rank,
         "controller_level": controller.level.name,
-        "remote_events": [{"severity": r["severity"], "source_rank": r["source_rank"], "level": r["level"]} for r in remote],
-        "any_rank_one": any_rank(ctx.rank == 1, ctx), "any_rank_none": any_rank(False, ctx),
+        "remote_events": [
+            {"severity": r["severity"], "source_rank": r["source_rank"], "level": r["level"]} for r in remote
+        ],
+        "any_rank_one": any_rank(ctx.rank == 1, ctx),
+        "any_rank_none": any_rank(False, ctx),
         "json": broadcast_json({"run_dir": f"runs/from-rank-{ctx.rank}", "n": [1, 2.5, None]}, ctx),
         "json_error": _raised(lambda: broadcast_json({1, 2} if ctx.is_main else None, ctx)),
         "params": hexes(net),
@@ -278,7 +291,9 @@ def checkpoint(ctx, out: Path) -> dict[str, Any]:
     no_checkpoint = _raised(lambda: resume_from_checkpoint(state, ctx, net, opt, telemetry=telemetry))
     step_mismatch = _raised(lambda: checkpoint_barrier(state, ctx, 5 + ctx.rank, net, opt, telemetry=telemetry))
     diverged = model(INIT_SEED + ctx.rank)
-    diverged_error = _raised(lambda: checkpoint_barrier(state, ctx, 1, diverged, optimizer(diverged), telemetry=telemetry))
+    diverged_error = _raised(
+        lambda: checkpoint_barrier(state, ctx, 1, diverged, optimizer(diverged), telemetry=telemetry)
+    )
 
     buf = GradientBuffer(net, num_sources=3)
     gen = synchronized_generator(PCGRAD_SEED, ctx)
@@ -287,7 +302,9 @@ def checkpoint(ctx, out: Path) -> dict[str, Any]:
         step(net, opt, buf, aggregator, x, y, ctx)
     extra = {"generator": gen.get_state(), "epoch": 1, "pair": (1, 2.5), "names": ["a", "b"], "lr": {0: 0.1}}
     entry = checkpoint_barrier(state, ctx, 2, net, opt, extra, telemetry=telemetry)
-    manifest_lists_it = entry.file in (root / "manifest.json").read_text() if (root / "manifest.json").exists() else False
+    manifest_lists_it = (
+        entry.file in (root / "manifest.json").read_text() if (root / "manifest.json").exists() else False
+    )
     file_present = (root / entry.file).is_file()
     at_checkpoint = hexes(net)
     for x, y in batches[2:]:
@@ -310,20 +327,31 @@ def checkpoint(ctx, out: Path) -> dict[str, Any]:
     for x, y in batches[2:]:
         step(net, opt, buf, aggregator, x, y, ctx)
     # A rank whose model does not fit the checkpoint fails, and so does every other rank.
-    wrong = model(INIT_SEED) if ctx.is_main else nn.Sequential(nn.Linear(FEATURES, 5), nn.Tanh(), nn.Linear(5, TARGETS)).double()
+    wrong = (
+        model(INIT_SEED)
+        if ctx.is_main
+        else nn.Sequential(nn.Linear(FEATURES, 5), nn.Tanh(), nn.Linear(5, TARGETS)).double()
+    )
     misfit = _raised(lambda: resume_from_checkpoint(state, ctx, wrong, optimizer(wrong), telemetry=telemetry))
     if state is not None:
         state.close()
     telemetry.close()
     return {
-        "no_checkpoint": no_checkpoint, "step_mismatch": step_mismatch, "misfit": misfit, "diverged": diverged_error,
+        "no_checkpoint": no_checkpoint,
+        "step_mismatch": step_mismatch,
+        "misfit": misfit,
+        "diverged": diverged_error,
         "entry": {"step": entry.step, "file": entry.file, "sequence": entry.sequence},
-        "manifest_lists_it": manifest_lists_it, "file_present": file_present,
+        "manifest_lists_it": manifest_lists_it,
+        "file_present": file_present,
         "restored": {"step": restored.step, "file": restored.file, "sequence": restored.sequence},
         "extra": {k: repr(v) for k, v in restored.extra.items() if k != "generator"},
         "extra_types": {k: type(v).__name__ for k, v in restored.extra.items()},
-        "momentum_restored": momentum_restored, "at_checkpoint": at_checkpoint,
-        "resumed_params": resumed_params, "uninterrupted": uninterrupted, "continued": hexes(net),
+        "momentum_restored": momentum_restored,
+        "at_checkpoint": at_checkpoint,
+        "resumed_params": resumed_params,
+        "uninterrupted": uninterrupted,
+        "continued": hexes(net),
     }
 
 

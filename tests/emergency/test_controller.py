@@ -335,8 +335,9 @@ def test_close_waits_for_room_and_sends_everything_queued(telemetry, sink):
         clock.now += seconds
 
     sent = []
-    ctrl = EmergencyController(broadcaster=sent.append, max_broadcasts_per_min=1, telemetry=telemetry,
-                               clock=clock, sleep=sleep)
+    ctrl = EmergencyController(
+        broadcaster=sent.append, max_broadcasts_per_min=1, telemetry=telemetry, clock=clock, sleep=sleep
+    )
     records = [ctrl.escalate(L.NOTICE, "1"), ctrl.escalate(L.ELEVATED, "2"), ctrl.escalate(L.HALT, "3")]
     assert sent == records[:1]
     assert ctrl.close(timeout_s=3 * BROADCAST_WINDOW_S) == []
@@ -348,8 +349,13 @@ def test_close_waits_for_room_and_sends_everything_queued(telemetry, sink):
 def test_close_reports_what_it_could_not_send_by_the_deadline(telemetry, sink, caplog):
     clock = FakeClock()
     sent = []
-    ctrl = EmergencyController(broadcaster=sent.append, max_broadcasts_per_min=1, telemetry=telemetry,
-                               clock=clock, sleep=lambda s: pytest.fail("must not wait past the deadline"))
+    ctrl = EmergencyController(
+        broadcaster=sent.append,
+        max_broadcasts_per_min=1,
+        telemetry=telemetry,
+        clock=clock,
+        sleep=lambda s: pytest.fail("must not wait past the deadline"),
+    )
     first, second = ctrl.escalate(L.NOTICE, "1"), ctrl.escalate(L.HALT, "disk on fire")
     with caplog.at_level("ERROR"):
         assert ctrl.close(timeout_s=1.0) == [second]
@@ -379,7 +385,9 @@ class _StaleReads:
 
 @pytest.mark.parametrize("kind", ["local", "shared"])
 def test_deescalate_never_undoes_a_concurrent_escalation(kind, telemetry, sink):
-    inner = LocalEmergencySignal() if kind == "local" else SharedEmergencySignal.create(f"tolaria-test-lower-{os.getpid()}")
+    inner = (
+        LocalEmergencySignal() if kind == "local" else SharedEmergencySignal.create(f"tolaria-test-lower-{os.getpid()}")
+    )
     try:
         inner.trigger(L.ELEVATED, "start")
         ctrl = EmergencyController(signal=_StaleReads(inner, L.HALT), telemetry=telemetry)
@@ -396,7 +404,11 @@ def test_deescalate_never_undoes_a_concurrent_escalation(kind, telemetry, sink):
 
 @pytest.mark.parametrize("kind", ["local", "shared"])
 def test_lower_level_only_from_the_level_named(kind):
-    sig = LocalEmergencySignal() if kind == "local" else SharedEmergencySignal.create(f"tolaria-test-lower2-{os.getpid()}")
+    sig = (
+        LocalEmergencySignal()
+        if kind == "local"
+        else SharedEmergencySignal.create(f"tolaria-test-lower2-{os.getpid()}")
+    )
     try:
         assert sig.lower_level(L.ELEVATED, L.NONE, "nothing set") is None
         sig.trigger(L.CONSERVATIVE, "x")

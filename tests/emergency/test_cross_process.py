@@ -47,7 +47,10 @@ def test_trigger_wakes_a_waiter_in_another_process(kind, signal_name, spawn):
     assert pid == child.pid != os.getpid()
     assert woke is True
     assert (state.reason, state.timestamp_ms, state.generation, state.is_set) == (
-        "halt from the parent", 123.5, generation, True,
+        "halt from the parent",
+        123.5,
+        generation,
+        True,
     )
     if kind == "emergency":
         assert state.level == 4

@@ -42,7 +42,14 @@ def test_cpu_split_counts_every_wake_once(bench, capsys):
     }
     bench.print_cpu_split(wakes)
     rows = {line.split("  ")[0]: line.split() for line in capsys.readouterr().out.splitlines()}
-    assert rows["SharedEmergencySignal (futex)"][-6:] == ["2", "10.0", "20.0", "1", "90.0", "90.0"]  # nearest rank: p50 of two is the lower
+    assert rows["SharedEmergencySignal (futex)"][-6:] == [
+        "2",
+        "10.0",
+        "20.0",
+        "1",
+        "90.0",
+        "90.0",
+    ]  # nearest rank: p50 of two is the lower
     assert rows["multiprocessing.Event"][-6:] == ["0", "-", "-", "2", "50.0", "60.0"]
     assert rows["shared_memory flag, 1 ms poll"][-6:] == ["1", "500.0", "500.0", "0", "-", "-"]
 

@@ -47,8 +47,9 @@ def main(out: Path, steps: int) -> None:
             model.left.bias.add_(1.0)
     model.register_buffer("seen", torch.zeros(1, dtype=torch.float64))
     counter = CountConflicts(rank)
-    trainer = models.quiet_trainer(strategy="ddp", devices=world, max_steps=steps, use_distributed_sampler=False,
-                                   callbacks=[counter])
+    trainer = models.quiet_trainer(
+        strategy="ddp", devices=world, max_steps=steps, use_distributed_sampler=False, callbacks=[counter]
+    )
     trainer.fit(model, DataLoader(shard, batch_size=models.BATCH, shuffle=False))
     result = {
         "params": [v.hex() for v in models.flat_params(model).tolist()],

@@ -17,8 +17,18 @@ from tolaria.aggregation import GradientBuffer
 from tolaria.integrations.lightning import MultiSourceMixin
 
 __all__ = [
-    "BATCH", "INIT_SEED", "LR", "MOMENTUM", "SAMPLES", "TwoHeads", "batches", "dataset", "flat_params",
-    "hand_written", "loader", "quiet_trainer",
+    "BATCH",
+    "INIT_SEED",
+    "LR",
+    "MOMENTUM",
+    "SAMPLES",
+    "TwoHeads",
+    "batches",
+    "dataset",
+    "flat_params",
+    "hand_written",
+    "loader",
+    "quiet_trainer",
 ]
 
 SAMPLES, FEATURES, HIDDEN = 32, 5, 7
@@ -63,8 +73,10 @@ class TwoHeads(MultiSourceMixin, L.LightningModule):
 
     def losses(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         h = self.trunk(x)
-        return {"left": F.mse_loss(self.left(h).squeeze(1), y[:, 0]),
-                "right": F.mse_loss(self.right(h).squeeze(1), y[:, 1])}
+        return {
+            "left": F.mse_loss(self.left(h).squeeze(1), y[:, 0]),
+            "right": F.mse_loss(self.right(h).squeeze(1), y[:, 1]),
+        }
 
     def training_step(self, batch, batch_idx):
         return self.losses(*batch)
@@ -78,14 +90,29 @@ class TwoHeads(MultiSourceMixin, L.LightningModule):
 
 
 def quiet_trainer(**options) -> L.Trainer:
-    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                    enable_model_summary=False, num_sanity_val_steps=0)
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
     return L.Trainer(**{**defaults, **options})
 
 
-def hand_written(model: TwoHeads, data: Iterable[tuple[Tensor, Tensor]], aggregator, *, steps: int,
-                 shared: bool = True, accumulate: int = 1, clip: float | None = None,
-                 scheduler_every: int | None = None) -> TwoHeads:
+def hand_written(
+    model: TwoHeads,
+    data: Iterable[tuple[Tensor, Tensor]],
+    aggregator,
+    *,
+    steps: int,
+    shared: bool = True,
+    accumulate: int = 1,
+    clip: float | None = None,
+    scheduler_every: int | None = None,
+) -> TwoHeads:
     """``steps`` optimizer steps of ``model`` done with GradientBuffer + aggregator, no Lightning; the
     StepLR of ``TwoHeads(scheduler=...)`` steps every ``scheduler_every`` optimizer steps."""
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)

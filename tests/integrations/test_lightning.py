@@ -35,15 +35,27 @@ class Recorder(L.Callback):
 
 
 CASES = {
-    "pcgrad-trunk": (dict(aggregator="pcgrad", shared="trunk"),
-                     lambda: PCGrad(generator=torch.Generator().manual_seed(0)), dict()),
+    "pcgrad-trunk": (
+        dict(aggregator="pcgrad", shared="trunk"),
+        lambda: PCGrad(generator=torch.Generator().manual_seed(0)),
+        dict(),
+    ),
     "upgrad-instance-all-shared": (dict(aggregator=UPGrad()), UPGrad, dict(shared=False)),
-    "mean-clip-accumulate": (dict(aggregator="mean", shared="trunk", gradient_clip_val=0.05, accumulate_grad_batches=2),
-                             Mean, dict(clip=0.05, accumulate=2)),
-    "pcgrad-step-scheduler": (dict(aggregator="pcgrad", shared="trunk", scheduler="step"),
-                              lambda: PCGrad(generator=torch.Generator().manual_seed(0)), dict(scheduler_every=1)),
-    "mean-epoch-scheduler": (dict(aggregator="mean", shared="trunk", scheduler="epoch"),
-                             Mean, dict(scheduler_every=4)),  # 4 batches an epoch
+    "mean-clip-accumulate": (
+        dict(aggregator="mean", shared="trunk", gradient_clip_val=0.05, accumulate_grad_batches=2),
+        Mean,
+        dict(clip=0.05, accumulate=2),
+    ),
+    "pcgrad-step-scheduler": (
+        dict(aggregator="pcgrad", shared="trunk", scheduler="step"),
+        lambda: PCGrad(generator=torch.Generator().manual_seed(0)),
+        dict(scheduler_every=1),
+    ),
+    "mean-epoch-scheduler": (
+        dict(aggregator="mean", shared="trunk", scheduler="epoch"),
+        Mean,
+        dict(scheduler_every=4),
+    ),  # 4 batches an epoch
 }
 
 
@@ -63,8 +75,13 @@ def test_trainer_fit_equals_the_same_steps_by_hand(case):
     torch.testing.assert_close(flat_params(model), flat_params(reference), rtol=0, atol=1e-10)
     # Per-source statistics reach Lightning's logging.
     last = recorder.metrics[-1]
-    for key in ("tolaria/loss/left", "tolaria/loss/right", "tolaria/weight/left", "tolaria/norm/right",
-                "tolaria/conflicts"):
+    for key in (
+        "tolaria/loss/left",
+        "tolaria/loss/right",
+        "tolaria/weight/left",
+        "tolaria/norm/right",
+        "tolaria/conflicts",
+    ):
         assert key in last
     if case.startswith("pcgrad"):
         assert sum(m["tolaria/conflicts"] for m in recorder.metrics) > 0, "the problem must make PCGrad project"
@@ -169,10 +186,13 @@ class CallsSuper(TwoHeads):
         return super().training_step(batch, batch_idx)
 
 
-@pytest.mark.parametrize("cls, error, match", [
-    (RenamesSources, ValueError, "same named losses every step"),
-    (ReturnsOneTensor, TypeError, "mapping of named losses"),
-])
+@pytest.mark.parametrize(
+    "cls, error, match",
+    [
+        (RenamesSources, ValueError, "same named losses every step"),
+        (ReturnsOneTensor, TypeError, "mapping of named losses"),
+    ],
+)
 def test_bad_training_step_outputs_are_refused(cls, error, match):
     with pytest.raises(error, match=match):
         quiet_trainer(max_steps=2).fit(cls(), loader())
@@ -210,10 +230,22 @@ def test_importing_without_lightning_names_the_extra(monkeypatch):
 @pytest.mark.timeout(90)
 def test_ddp_two_ranks_end_identical_and_equal_one_process_on_the_combined_batch(tmp_path):
     steps = 4
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               str(WORKER), str(tmp_path), str(steps)]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        str(WORKER),
+        str(tmp_path),
+        str(steps),
+    ]
     done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=80, check=False)
     assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
     rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
@@ -224,7 +256,8 @@ def test_ddp_two_ranks_end_identical_and_equal_one_process_on_the_combined_batch
     assert rank0["seen"] == rank1["seen"] == steps  # rank 0's module buffers, as DDP broadcasts them
     assert rank0["conflicts"] > 0
     # Each rank took half of every combined batch of 2 x BATCH rows: one process on the combined batches.
-    reference = hand_written(TwoHeads(), batches(dataset(), 2 * BATCH),
-                             PCGrad(generator=torch.Generator().manual_seed(0)), steps=steps)
+    reference = hand_written(
+        TwoHeads(), batches(dataset(), 2 * BATCH), PCGrad(generator=torch.Generator().manual_seed(0)), steps=steps
+    )
     params = torch.tensor([float.fromhex(h) for h in rank0["params"]], dtype=torch.float64)
     torch.testing.assert_close(params, flat_params(reference), rtol=0, atol=1e-10)

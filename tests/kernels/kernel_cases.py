@@ -7,10 +7,10 @@ on CPU tensors, with small blocks; with a GPU the same tests run compiled on CUD
 from __future__ import annotations
 
 import torch
-from torch import Tensor
-
 from aggregation.reference import ascending_orders  # noqa: F401  (re-exported for the kernel tests)
 from aggregation.reference import pcgrad_reference as _pcgrad_reference
+from torch import Tensor
+
 from tolaria.kernels.rows import INTERPRETED
 
 DEVICE = torch.device("cpu") if INTERPRETED else torch.device("cuda")
@@ -44,7 +44,9 @@ def assert_gram_close(g: Tensor, j: Tensor, dtype: torch.dtype) -> None:
     assert err <= GRAM_RTOL[dtype] * scale, f"Gram error {err:.3g} vs scale {scale:.3g} ({dtype})"
 
 
-def assert_result_close(result: Tensor, reference: Tensor, dtype: torch.dtype, scale: Tensor | float | None = None) -> None:
+def assert_result_close(
+    result: Tensor, reference: Tensor, dtype: torch.dtype, scale: Tensor | float | None = None
+) -> None:
     """``result`` within RTOL[dtype] of the float64 ``reference``, relative to ``scale`` (default: its max)."""
     ref = reference.detach().to(device="cpu", dtype=torch.float64)
     res = result.detach().to(device="cpu", dtype=torch.float64)

@@ -4,8 +4,8 @@ import pytest
 import torch
 from kernel_cases import DEVICE, DTYPES, KS, assert_result_close, randn
 
-from tolaria.kernels.rows import INTERPRETED
 from tolaria.kernels.combine import combine
+from tolaria.kernels.rows import INTERPRETED
 
 
 def _weights(k: int, seed: int = 0) -> torch.Tensor:

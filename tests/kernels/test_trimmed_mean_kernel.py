@@ -39,11 +39,13 @@ def test_matches_the_paper(dtype, k):
 
 def test_ties_infinities_and_nan_rank_as_torch_sort():
     j = torch.tensor(
-        [[1.0, float("inf"), float("nan"), 0.0, -0.0],
-         [1.0, 2.0, 1.0, -0.0, 0.0],
-         [1.0, float("-inf"), 2.0, 0.0, 0.0],
-         [5.0, 3.0, 3.0, 0.0, -0.0],
-         [1.0, 4.0, float("nan"), 0.0, 0.0]],
+        [
+            [1.0, float("inf"), float("nan"), 0.0, -0.0],
+            [1.0, 2.0, 1.0, -0.0, 0.0],
+            [1.0, float("-inf"), 2.0, 0.0, 0.0],
+            [5.0, 3.0, 3.0, 0.0, -0.0],
+            [1.0, 4.0, float("nan"), 0.0, 0.0],
+        ],
         device=DEVICE,
     )
     out, flag = trimmed_mean(j, 1, check=True)
@@ -57,8 +59,9 @@ def test_ties_infinities_and_nan_rank_as_torch_sort():
 @pytest.mark.parametrize("n", [1, 15, 16, 17, 33])
 def test_any_n(n):
     j = randn(6, n, dtype=torch.bfloat16, seed=n)
-    assert_result_close(trimmed_mean(j, 2, block_n=16)[0], paper_reference(j, 2), torch.bfloat16,
-                        j.cpu().double().abs().max())
+    assert_result_close(
+        trimmed_mean(j, 2, block_n=16)[0], paper_reference(j, 2), torch.bfloat16, j.cpu().double().abs().max()
+    )
 
 
 def test_layouts_give_the_same_bits():

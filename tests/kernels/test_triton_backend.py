@@ -19,8 +19,7 @@ from torch import nn
 
 import tolaria.aggregation as aggregation
 import tolaria.kernels.pcgrad as pcgrad_kernel
-from tolaria.aggregation import GradientBuffer, Mean, PCGrad, Sum, Weighted
-from tolaria.aggregation import CoordinatewiseAggregator, as_sources
+from tolaria.aggregation import CoordinatewiseAggregator, GradientBuffer, Mean, PCGrad, Sum, Weighted, as_sources
 from tolaria.aggregation.backends.triton import TritonBackend
 from tolaria.aggregation.engine import select_backend
 from tolaria.aggregation.pcgrad import draw_orders
@@ -70,9 +69,9 @@ def _other_factories():
         obj = getattr(aggregation, name)
         if inspect.isclass(obj) and issubclass(obj, CoordinatewiseAggregator):
             continue
-        if inspect.isclass(obj) and issubclass(obj, aggregation.Aggregator) and not inspect.isabstract(obj):
-            if obj not in core_classes and name not in factories:
-                factories[name] = _generic_factory(obj)
+        aggregator_class = inspect.isclass(obj) and issubclass(obj, aggregation.Aggregator)
+        if aggregator_class and not inspect.isabstract(obj) and obj not in core_classes and name not in factories:
+            factories[name] = _generic_factory(obj)
     return factories
 
 

@@ -130,8 +130,7 @@ def _innermost_arithmetic_loops(disassembly: str) -> list[tuple[str, list[str]]]
         if not header:
             continue
         code = [
-            (int(m.group(1), 16), m.group(2))
-            for m in re.finditer(r"^\s+([0-9a-f]+):\s+(.*)$", function, re.MULTILINE)
+            (int(m.group(1), 16), m.group(2)) for m in re.finditer(r"^\s+([0-9a-f]+):\s+(.*)$", function, re.MULTILINE)
         ]
         backward = []
         for address, text in code:

@@ -12,7 +12,6 @@ from tolaria.signals import SharedDeadlineSignal
 from tolaria.state import StateManager
 from tolaria.telemetry import MemorySink, TelemetryEmitter
 
-
 # Imported by the fork server before it forks the children: the first optimizer built in a process
 # pays for lazy imports (about a second here), so pay it once, in the server, not in every child.
 torch.optim.Adam([torch.zeros(1, requires_grad=True)])
@@ -25,7 +24,11 @@ def make_objects() -> tuple[nn.Module, torch.optim.Optimizer]:
     # Adam's state as its first step creates it, made directly: a first step() in a fresh process
     # spends seconds on lazy imports, which would dominate a test that starts many processes.
     for p in model.parameters():
-        optimizer.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+        optimizer.state[p] = {
+            "step": torch.tensor(0.0),
+            "exp_avg": torch.zeros_like(p),
+            "exp_avg_sq": torch.zeros_like(p),
+        }
     return model, optimizer
 
 
@@ -61,8 +64,9 @@ def checkpoint_forever(root: str, first_step: int, committed: Any, signal_name: 
     torch.set_num_threads(1)
     model, optimizer = make_objects()
     signal = SharedDeadlineSignal.attach(signal_name)
-    with StateManager(root, fast_cache_mb=0, keep_last=3, telemetry=TelemetryEmitter([MemorySink()]),
-                      deadline_signal=signal) as manager:
+    with StateManager(
+        root, fast_cache_mb=0, keep_last=3, telemetry=TelemetryEmitter([MemorySink()]), deadline_signal=signal
+    ) as manager:
         for step in itertools.count(first_step):
             fill(model, optimizer, step)
             manager.checkpoint(step, model, optimizer, extra={"step": step})

@@ -32,7 +32,8 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, 
     return {
         "model": {k: v.detach().clone() for k, v in model.state_dict().items()},
         "state": {
-            i: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()} for i, s in opt["state"].items()
+            i: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()}
+            for i, s in opt["state"].items()
         },
         "groups": [{k: v for k, v in g.items()} for g in opt["param_groups"]],
     }
@@ -42,7 +43,9 @@ def _bitwise_equal(a: Any, b: Any) -> bool:
     if isinstance(a, torch.Tensor):
         if not isinstance(b, torch.Tensor) or a.shape != b.shape or a.dtype != b.dtype:
             return False
-        return torch.equal(a.detach().cpu().reshape(-1).view(torch.uint8), b.detach().cpu().reshape(-1).view(torch.uint8))
+        return torch.equal(
+            a.detach().cpu().reshape(-1).view(torch.uint8), b.detach().cpu().reshape(-1).view(torch.uint8)
+        )
     if isinstance(a, dict):
         return isinstance(b, dict) and a.keys() == b.keys() and all(_bitwise_equal(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)):

@@ -17,19 +17,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from .helpers import assert_state_equal, full_state, make_adam, make_model, train_steps
 from tolaria.signals import SharedDeadlineSignal
 from tolaria.state import CheckpointError, OptimizerStateError, StateError, StateManager
 from tolaria.state.checkpoints import MANIFEST_NAME, CheckpointStore, _new_hasher
 from tolaria.state.trees import check_loadable
 from tolaria.telemetry import MemorySink, TelemetryEmitter
 
+from .helpers import assert_state_equal, full_state, make_adam, make_model, train_steps
+
 
 def _manager(root: Path, sink: MemorySink, keep_last: int = 3) -> StateManager:
     return StateManager(root, fast_cache_mb=1, keep_last=keep_last, telemetry=TelemetryEmitter([sink], batch_size=1))
 
 
-def _train_and_checkpoint(manager: StateManager, steps=(1, 2, 3)) -> tuple[torch.nn.Module, torch.optim.Optimizer, dict]:
+def _train_and_checkpoint(
+    manager: StateManager, steps=(1, 2, 3)
+) -> tuple[torch.nn.Module, torch.optim.Optimizer, dict]:
     model = make_model()
     opt = make_adam(model)
     states = {}
@@ -60,8 +63,9 @@ def _rewrite_committed(manager: StateManager, step: int, data: bytes) -> None:
 @pytest.mark.parametrize("checksum", ["crc32", "sha256", "blake2b"])
 def test_commit_layout_keep_last_and_manifest(tmp_path, sink, checksum):
     root = tmp_path / "state"
-    with StateManager(root, fast_cache_mb=1, keep_last=2, telemetry=TelemetryEmitter([sink], batch_size=1),
-                      checksum=checksum) as manager:
+    with StateManager(
+        root, fast_cache_mb=1, keep_last=2, telemetry=TelemetryEmitter([sink], batch_size=1), checksum=checksum
+    ) as manager:
         _train_and_checkpoint(manager, steps=(1, 2, 3, 4))
         assert [e.step for e in manager.checkpoints] == [3, 4]
         manager.wait_for_cleanup()
@@ -115,7 +119,9 @@ def test_failed_write_leaves_previous_checkpoints_and_no_debris(tmp_path, sink, 
             manager.checkpoint(2, model, opt)
         monkeypatch.setattr(checkpoints_module, "_write_all", real_write_all)
         assert (tmp_path / MANIFEST_NAME).read_bytes() == manifest_before
-        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".lock", MANIFEST_NAME, manager.checkpoints[0].file])
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+            [".lock", MANIFEST_NAME, manager.checkpoints[0].file]
+        )
         assert manager.restore_latest(model, opt) == 1
         assert_state_equal(states[1], model, opt)
         manager.checkpoint(2, model, opt)  # and the next write works
@@ -191,10 +197,21 @@ def test_restore_latest_into_fresh_objects_with_extra(tmp_path, sink):
 
 def test_every_value_kind_check_loadable_accepts_round_trips(tmp_path, sink):
     extra = {
-        "size": torch.Size([2, 3]), "dtype": torch.bfloat16, "device": torch.device("cpu"), "complex": 1 + 2j,
-        "bytes": b"xy", "none": None, "nested": (1, [2.5, "s"], {3: True}), "ordered": OrderedDict(a=1),
-        4: "int key", 1.5: "float key", None: 0, False: 1, "bf16": torch.ones(2, dtype=torch.bfloat16),
-        "empty": torch.empty(0, 3), "param": torch.nn.Parameter(torch.ones(2)),
+        "size": torch.Size([2, 3]),
+        "dtype": torch.bfloat16,
+        "device": torch.device("cpu"),
+        "complex": 1 + 2j,
+        "bytes": b"xy",
+        "none": None,
+        "nested": (1, [2.5, "s"], {3: True}),
+        "ordered": OrderedDict(a=1),
+        4: "int key",
+        1.5: "float key",
+        None: 0,
+        False: 1,
+        "bf16": torch.ones(2, dtype=torch.bfloat16),
+        "empty": torch.empty(0, 3),
+        "param": torch.nn.Parameter(torch.ones(2)),
     }
     check_loadable(extra)
     with _manager(tmp_path, sink) as manager:
@@ -387,14 +404,15 @@ def test_one_manager_per_folder_and_signal_lifetime(tmp_path, sink):
     with pytest.raises(FileNotFoundError):
         SharedDeadlineSignal.attach(name)
     with pytest.raises(StateError, match="closed"):
-        manager.checkpoints
+        _ = manager.checkpoints
     _manager(tmp_path, sink).close()
 
 
 @pytest.mark.parametrize("checksum", ["crc32", "sha256"])
 def test_each_checksum_detects_corruption(tmp_path, sink, checksum):
-    with StateManager(tmp_path, fast_cache_mb=1, keep_last=3, telemetry=TelemetryEmitter([sink], batch_size=1),
-                      checksum=checksum) as manager:
+    with StateManager(
+        tmp_path, fast_cache_mb=1, keep_last=3, telemetry=TelemetryEmitter([sink], batch_size=1), checksum=checksum
+    ) as manager:
         model, opt, states = _train_and_checkpoint(manager, steps=(1, 2))
         assert all(e.checksum.startswith(f"{checksum}:") for e in manager.checkpoints)
         newest = tmp_path / manager.checkpoints[-1].file

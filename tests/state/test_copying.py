@@ -43,7 +43,6 @@ def test_a_failing_copy_raises():
         copy_tensors([(torch.empty(2_000_000), torch.empty(3, 5))])
 
 
-
 def test_after_fork_reset_makes_a_fresh_pool():
     copy_tensors(_pairs())
     old = copying._pool

@@ -58,7 +58,9 @@ def test_sigkill_at_random_moments_never_loses_a_committed_checkpoint(tmp_path, 
         last_reported = committed.value
 
         sink = MemorySink()
-        with StateManager(root, fast_cache_mb=0, keep_last=3, telemetry=TelemetryEmitter([sink], batch_size=1)) as manager:
+        with StateManager(
+            root, fast_cache_mb=0, keep_last=3, telemetry=TelemetryEmitter([sink], batch_size=1)
+        ) as manager:
             leftovers_seen += len(sink.of_kind("state.leftovers_removed"))
             step = manager.restore_latest(model, optimizer)
             assert step >= last_reported, f"kill {kills}: restored step {step}, but step {last_reported} had committed"

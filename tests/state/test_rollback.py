@@ -7,10 +7,11 @@ import time
 
 import pytest
 
-from .helpers import assert_state_equal, full_state, make_adam, make_model, train_steps
 from tolaria.state import StateManager
 from tolaria.state import checkpoints as checkpoints_module
 from tolaria.telemetry import TelemetryEmitter
+
+from .helpers import assert_state_equal, full_state, make_adam, make_model, train_steps
 
 # Liveness bound for "returns by the deadline even if the read never ends": generous, because the
 # machine is shared; a stuck read would otherwise block for the whole 30 s the test allows it.
@@ -21,8 +22,9 @@ real_read_chunk = checkpoints_module._read_chunk
 @pytest.fixture
 def setup(tmp_path, sink):
     """A manager with checkpoints of steps 1 and 2 (no snapshots), a model and optimizer past them."""
-    manager = StateManager(tmp_path, fast_cache_mb=1, keep_last=3, telemetry=TelemetryEmitter([sink], batch_size=1),
-                           max_abandoned_reads=2)
+    manager = StateManager(
+        tmp_path, fast_cache_mb=1, keep_last=3, telemetry=TelemetryEmitter([sink], batch_size=1), max_abandoned_reads=2
+    )
     model = make_model()
     opt = make_adam(model)
     states = {}
@@ -165,7 +167,11 @@ def test_fast_tier_comes_first_then_durable(setup):
     assert result.ok and result.tier == "fast" and result.step == 3
     assert_state_equal(snap, model, opt)
     result = manager.rollback(0, model, opt, deadline_s=5.0)
-    assert not result.ok and not result.deadline_missed and "no snapshot or checkpoint at or before step 0" in result.reason
+    assert (
+        not result.ok
+        and not result.deadline_missed
+        and "no snapshot or checkpoint at or before step 0" in result.reason
+    )
 
 
 def test_durable_rollback_skips_a_corrupt_checkpoint(setup, sink):

@@ -6,15 +6,18 @@ import pytest
 import torch
 from torch import nn
 
-from .helpers import assert_state_equal, full_state, make_adam, make_model, train_steps
 from tolaria.state import SnapshotCache, StateError, StateManager
 from tolaria.state.trees import pack, packed_nbytes, tensors_of
 from tolaria.telemetry import TelemetryEmitter
 
+from .helpers import assert_state_equal, full_state, make_adam, make_model, train_steps
+
 
 @pytest.fixture
 def manager(tmp_path, sink):
-    with StateManager(tmp_path / "state", fast_cache_mb=1, keep_last=2, telemetry=TelemetryEmitter([sink], batch_size=1)) as m:
+    with StateManager(
+        tmp_path / "state", fast_cache_mb=1, keep_last=2, telemetry=TelemetryEmitter([sink], batch_size=1)
+    ) as m:
         yield m
 
 

@@ -21,7 +21,9 @@ class TwoHeads(nn.Module):
         return {"a": self.a(z).squeeze(-1), "b": self.b(z).squeeze(-1)}
 
 
-def make_batches(n_batches: int = 8, batch: int = 16, d_in: int = 6, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def make_batches(
+    n_batches: int = 8, batch: int = 16, d_in: int = 6, seed: int = 0
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n_batches):

@@ -62,8 +62,9 @@ def test_a_resumed_run_repeats_the_uninterrupted_one_bit_for_bit(tmp_path):
     model1, optimizer1, _, _ = make_problem()
     Trainer(model1, optimizer1, data, loss_fn, config(tmp_path, "split", epochs=1)).fit()
     model2, optimizer2, _, _ = make_problem(seed=7)
-    resumed = Trainer(model2, optimizer2, data, loss_fn,
-                      config(tmp_path, "split", epochs=3, checkpoint=CheckpointConfig(resume=True)))
+    resumed = Trainer(
+        model2, optimizer2, data, loss_fn, config(tmp_path, "split", epochs=3, checkpoint=CheckpointConfig(resume=True))
+    )
     resumed.fit()
     assert resumed.aggregator.calls == straight.aggregator.calls
     assert torch.equal(resumed.aggregator.average, straight.aggregator.average)
@@ -73,8 +74,9 @@ def test_a_resumed_run_repeats_the_uninterrupted_one_bit_for_bit(tmp_path):
 
 def test_a_rollback_restores_the_state_of_the_snapshot(tmp_path, monkeypatch):
     model, optimizer, data, _ = make_problem()
-    cfg = config(tmp_path, epochs=2, checkpoint=CheckpointConfig(snapshot_every_steps=4),
-                 safety=SafetyConfig(rollback_after=3))
+    cfg = config(
+        tmp_path, epochs=2, checkpoint=CheckpointConfig(snapshot_every_steps=4), safety=SafetyConfig(rollback_after=3)
+    )
     trainer = Trainer(model, optimizer, data, NaNLoss(start=7, count=3), cfg)
     at_step_4 = {}
     snapshot = trainer._snapshot
@@ -101,8 +103,9 @@ def test_a_checkpoint_without_the_aggregators_state_is_said_loudly(tmp_path):
     cfg = TrainerConfig(device="cpu", run_dir=str(tmp_path / "run"), aggregator="mean", epochs=1)
     Trainer(model, optimizer, data, loss_fn, cfg).fit()
     model2, optimizer2, _, _ = make_problem()
-    trainer = Trainer(model2, optimizer2, data, loss_fn,
-                      config(tmp_path, epochs=2, checkpoint=CheckpointConfig(resume=True)))
+    trainer = Trainer(
+        model2, optimizer2, data, loss_fn, config(tmp_path, epochs=2, checkpoint=CheckpointConfig(resume=True))
+    )
     summary = trainer.fit()
     [event] = [r for r in records(summary.run_dir) if r["kind"] == "train.aggregator_state_missing"]
     assert event["severity"] == "warning" and event["aggregator"] == "MovingAverageWeights"
@@ -116,8 +119,13 @@ def test_every_randomised_aggregator_gets_the_trainers_generator_and_stateless_o
         cls = aggregation.aggregator_class(name)
         if name in ("weighted", "constant") or (name == "krum"):
             continue
-        trainer = Trainer(model, optimizer, data, loss_fn,
-                          TrainerConfig(device="cpu", run_dir=str(tmp_path / name), aggregator=name, epochs=1))
+        trainer = Trainer(
+            model,
+            optimizer,
+            data,
+            loss_fn,
+            TrainerConfig(device="cpu", run_dir=str(tmp_path / name), aggregator=name, epochs=1),
+        )
         try:
             assert (trainer.generator is not None) == cls.takes_generator()
             if trainer.generator is not None:

@@ -74,7 +74,21 @@ def test_report_errors(tmp_path, capsys):
 
 def test_inject_nan_rolls_back(tmp_path, capsys):
     run_dir = tmp_path / "nan"
-    assert main(["train", "--config", small_config(tmp_path), "--out", str(run_dir), "--inject-fault", "nan", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                small_config(tmp_path),
+                "--out",
+                str(run_dir),
+                "--inject-fault",
+                "nan",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     end = end_record(run_dir)
     assert end["status"] == "completed" and end["skipped_steps"] == 3 and end["rollbacks"] == 1
 
@@ -82,8 +96,21 @@ def test_inject_nan_rolls_back(tmp_path, capsys):
 @pytest.mark.timeout(60)
 def test_inject_hang_policy_times_out_and_recovers(tmp_path, capsys):
     run_dir = tmp_path / "hang"
-    assert main(["train", "--config", small_config(tmp_path, epochs=3), "--out", str(run_dir),
-                 "--inject-fault", "hang-policy", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                small_config(tmp_path, epochs=3),
+                "--out",
+                str(run_dir),
+                "--inject-fault",
+                "hang-policy",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "control failures          | 1" in out
     assert end_record(run_dir)["status"] == "completed"
@@ -103,11 +130,14 @@ def test_bad_flags_and_config(tmp_path, capsys):
         main(["train", "--inject-fault", "segfault"])
 
 
-@pytest.mark.parametrize("aggregator,message", [
-    ("krum", "the default task has 2 gradient sources .*needs at least 3 sources"),
-    ("trimmed_mean", "the default task has 2 gradient sources .*needs at least 3 gradient sources"),
-    ("weighted", "bad options .*weights"),
-])
+@pytest.mark.parametrize(
+    "aggregator,message",
+    [
+        ("krum", "the default task has 2 gradient sources .*needs at least 3 sources"),
+        ("trimmed_mean", "the default task has 2 gradient sources .*needs at least 3 gradient sources"),
+        ("weighted", "bad options .*weights"),
+    ],
+)
 def test_an_aggregator_the_task_cannot_use_is_a_clear_error(tmp_path, capsys, aggregator, message):
     assert main(["train", "--aggregator", aggregator, "--max-steps", "2", "--out", str(tmp_path / "run")]) == 2
     assert re.search(message, capsys.readouterr().err)

@@ -40,7 +40,9 @@ def test_legacy_key_raises_with_valid_keys():
 
 
 def test_unknown_key_in_a_section_names_the_section():
-    with pytest.raises(ConfigError, match=r"checkpoint\.snapshot_every.*valid keys in \[checkpoint\].*snapshot_every_steps"):
+    with pytest.raises(
+        ConfigError, match=r"checkpoint\.snapshot_every.*valid keys in \[checkpoint\].*snapshot_every_steps"
+    ):
         TrainerConfig.from_dict({"checkpoint": {"snapshot_every": 3}})
 
 
@@ -75,7 +77,7 @@ def test_toml_file(tmp_path):
     path = tmp_path / "run.toml"
     path.write_text(
         'epochs = 3\naggregator = "mean"\ncontrol_timeout_s = 1.5\n'
-        "[aggregator_options]\n\n[lr]\npolicy = \"cosine\"\nwarmup_steps = 4\n"
+        '[aggregator_options]\n\n[lr]\npolicy = "cosine"\nwarmup_steps = 4\n'
         '[telemetry]\nrate_limits = { "safety.step_skipped" = 2.0 }\n'
     )
     config = TrainerConfig.from_toml(path)

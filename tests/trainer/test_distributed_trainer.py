@@ -17,7 +17,6 @@ from typing import Any
 
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 # tests/distributed: pytest puts tests/ on sys.path, as for this package. The problem (data set, model,
 # optimizer, seeds) is the one the distributed tests train.
@@ -25,6 +24,8 @@ from distributed import workers
 from distributed.workers import BATCH, INIT_SEED, SAMPLES, WORLD_SIZE, dataset, floats, hexes, records
 from distributed.workers import model as make_model
 from distributed.workers import optimizer as make_optimizer
+from torch.utils.data import DataLoader
+
 from tolaria.distributed import LAUNCH_ENV_VARS
 from tolaria.emergency import EmergencyLevel
 from tolaria.trainer import CheckpointConfig, TelemetryConfig, Trainer, TrainerConfig
@@ -82,9 +83,15 @@ def scenario_train(ctx, out: Path) -> dict[str, Any]:
         loader = DataLoader(dataset(), batch_size=BATCH, shuffle=True)  # the trainer shards it
         trainer = Trainer(net, make_optimizer(net), loader, loss_fn, config(out / name), ctx=ctx)
         summary = trainer.fit()
-        result[name] = {"params": hexes(net), "status": summary.status, "steps": summary.steps,
-                        "conflict_rate": summary.conflict_rate, "losses": summary.final_losses,
-                        "batches_per_epoch": len(trainer.data), "fast_path": trainer.stage.fast_path}
+        result[name] = {
+            "params": hexes(net),
+            "status": summary.status,
+            "steps": summary.steps,
+            "conflict_rate": summary.conflict_rate,
+            "losses": summary.final_losses,
+            "batches_per_epoch": len(trainer.data),
+            "fast_path": trainer.stage.fast_path,
+        }
     return result
 
 
@@ -101,17 +108,32 @@ def scenario_halt(ctx, out: Path) -> dict[str, Any]:
     loader = DataLoader(dataset(), batch_size=2, shuffle=True)  # 4 steps per epoch: the halt is mid-epoch
     trainer = holder["trainer"] = Trainer(net, make_optimizer(net), loader, loss_fn, config(out / "halt"), ctx=ctx)
     summary = trainer.fit()
-    remote = [{"source_rank": r["source_rank"], "level": r["level"]}
-              for r in records(out / "halt" / f"telemetry-rank{ctx.rank}.jsonl") if r["kind"] == "emergency.remote_level"]
-    return {"status": summary.status, "steps": summary.steps, "halt_reason": summary.halt_reason,
-            "params": hexes(net), "last_checkpoint_step": summary.last_checkpoint_step, "remote": remote}
+    remote = [
+        {"source_rank": r["source_rank"], "level": r["level"]}
+        for r in records(out / "halt" / f"telemetry-rank{ctx.rank}.jsonl")
+        if r["kind"] == "emergency.remote_level"
+    ]
+    return {
+        "status": summary.status,
+        "steps": summary.steps,
+        "halt_reason": summary.halt_reason,
+        "params": hexes(net),
+        "last_checkpoint_step": summary.last_checkpoint_step,
+        "remote": remote,
+    }
 
 
 def scenario_checkpoint(ctx, out: Path) -> dict[str, Any]:
     run_dir = out / "ckpt"
     net = make_model(INIT_SEED)
-    first = Trainer(net, make_optimizer(net), DataLoader(dataset(), batch_size=BATCH, shuffle=True), three_losses,
-                    config(run_dir, max_steps=2), ctx=ctx)
+    first = Trainer(
+        net,
+        make_optimizer(net),
+        DataLoader(dataset(), batch_size=BATCH, shuffle=True),
+        three_losses,
+        config(run_dir, max_steps=2),
+        ctx=ctx,
+    )
     first_summary = first.fit()
     at_checkpoint = hexes(net)
 
@@ -123,13 +145,25 @@ def scenario_checkpoint(ctx, out: Path) -> dict[str, Any]:
             seen.append(hexes(resumed_net))  # the parameters the first step after the resume starts from
         return three_losses(outputs, batch)
 
-    second = Trainer(resumed_net, make_optimizer(resumed_net), DataLoader(dataset(), batch_size=BATCH, shuffle=True),
-                     loss_fn, config(run_dir, max_steps=4, checkpoint=CheckpointConfig(resume=True)), ctx=ctx)
+    second = Trainer(
+        resumed_net,
+        make_optimizer(resumed_net),
+        DataLoader(dataset(), batch_size=BATCH, shuffle=True),
+        loss_fn,
+        config(run_dir, max_steps=4, checkpoint=CheckpointConfig(resume=True)),
+        ctx=ctx,
+    )
     summary = second.fit()
-    return {"first_last_checkpoint": first_summary.last_checkpoint_step, "at_checkpoint": at_checkpoint,
-            "resumed_from": summary.resumed_from_step, "start_params": seen[0], "steps": summary.steps,
-            "params": hexes(resumed_net), "last_checkpoint_step": summary.last_checkpoint_step,
-            "telemetry_file": str(summary.telemetry_file)}
+    return {
+        "first_last_checkpoint": first_summary.last_checkpoint_step,
+        "at_checkpoint": at_checkpoint,
+        "resumed_from": summary.resumed_from_step,
+        "start_params": seen[0],
+        "steps": summary.steps,
+        "params": hexes(resumed_net),
+        "last_checkpoint_step": summary.last_checkpoint_step,
+        "telemetry_file": str(summary.telemetry_file),
+    }
 
 
 def scenario_rollback(ctx, out: Path) -> dict[str, Any]:
@@ -144,14 +178,24 @@ def scenario_rollback(ctx, out: Path) -> dict[str, Any]:
         return losses
 
     cfg = config(out / "rollback", checkpoint=CheckpointConfig(snapshot_every_steps=1))
-    summary = Trainer(net, make_optimizer(net), DataLoader(dataset(), batch_size=2, shuffle=True), loss_fn, cfg,
-                      ctx=ctx).fit()
-    return {"status": summary.status, "steps": summary.steps, "skipped": summary.skipped_steps,
-            "rollbacks": summary.rollbacks, "params": hexes(net)}
+    summary = Trainer(
+        net, make_optimizer(net), DataLoader(dataset(), batch_size=2, shuffle=True), loss_fn, cfg, ctx=ctx
+    ).fit()
+    return {
+        "status": summary.status,
+        "steps": summary.steps,
+        "skipped": summary.skipped_steps,
+        "rollbacks": summary.rollbacks,
+        "params": hexes(net),
+    }
 
 
-SCENARIOS = {"train": scenario_train, "halt": scenario_halt, "checkpoint": scenario_checkpoint,
-             "rollback": scenario_rollback}
+SCENARIOS = {
+    "train": scenario_train,
+    "halt": scenario_halt,
+    "checkpoint": scenario_checkpoint,
+    "rollback": scenario_rollback,
+}
 
 
 def run(scenario: str, out: Path) -> list[dict[str, Any]]:
@@ -177,14 +221,17 @@ def test_two_ranks_train_like_one_process_on_the_combined_batch(tmp_path):
         # Identical replicas, bit for bit, although rank 1's model was initialised differently.
         assert r0["params"] == r1["params"]
         # One process on the combined batch: the same parameters up to summation order.
-        torch.testing.assert_close(floats(r0["params"]), torch.cat([p.detach().reshape(-1) for p in net.parameters()]),
-                                   rtol=0, atol=1e-12)
+        torch.testing.assert_close(
+            floats(r0["params"]), torch.cat([p.detach().reshape(-1) for p in net.parameters()]), rtol=0, atol=1e-12
+        )
         assert r0["params"] != hexes(make_model(INIT_SEED)), "training must have moved the parameters"
         # The reported losses are the global batch's (all-reduced), equal to the reference's.
         assert r0["losses"] == r1["losses"]
         assert r0["losses"] == pytest.approx(expected.final_losses, rel=1e-12)
         if name == "multi":
-            assert expected.conflict_rate and expected.conflict_rate > 0, "PCGrad must project, or its draws would not matter"
+            assert expected.conflict_rate and expected.conflict_rate > 0, (
+                "PCGrad must project, or its draws would not matter"
+            )
             assert r0["conflict_rate"] == r1["conflict_rate"] == expected.conflict_rate
     for name in ("multi", "single"):
         files = sorted(p.name for p in (tmp_path / name).glob("telemetry*.jsonl"))
@@ -253,8 +300,21 @@ def test_tolaria_train_under_torchrun_writes_one_telemetry_file_per_rank(tmp_pat
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for name in LAUNCH_ENV_VARS:
         env.pop(name, None)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "tolaria.cli", "train", "--max-steps", "3", "--out", str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "tolaria.cli",
+        "train",
+        "--max-steps",
+        "3",
+        "--out",
+        str(out),
+    ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=80, cwd=tmp_path)
     assert done.returncode == 0, f"torchrun failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
     assert sorted(p.name for p in out.glob("telemetry*.jsonl")) == ["telemetry-rank0.jsonl", "telemetry-rank1.jsonl"]

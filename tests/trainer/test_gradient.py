@@ -22,7 +22,9 @@ def per_source_grads(model, losses):
     rows = []
     for loss in losses.values():
         grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-        rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)]))
+        rows.append(
+            torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
+        )
     return torch.stack(rows)
 
 
@@ -112,7 +114,11 @@ def test_single_weighted_source_is_not_the_identity():
 @pytest.mark.parametrize("sources", [1, 2])
 def test_clipping(sources):
     model, batch = setup(7)
-    losses = lambda: two_task_loss(model(batch[0]), batch) if sources == 2 else sum(two_task_loss(model(batch[0]), batch).values())  # noqa: E731
+
+    def losses():
+        named = two_task_loss(model(batch[0]), batch)
+        return named if sources == 2 else sum(named.values())
+
     unclipped = GradientStage(model, build_aggregator("sum")).backward(losses())
     stage = GradientStage(model, build_aggregator("sum"), max_grad_norm=unclipped.grad_norm / 4)
     stage.zero_grad()
@@ -137,7 +143,9 @@ def test_infinite_or_overflowing_gradients_are_flagged_not_raised(scale):
     # the safety checks, never as an exception from the statistics.
     model, batch = setup(10)
     losses = two_task_loss(model(batch[0]), batch)
-    stats = GradientStage(model, build_aggregator("sum")).backward({"a": losses["a"] * scale, "b": -losses["b"] * scale})
+    stats = GradientStage(model, build_aggregator("sum")).backward(
+        {"a": losses["a"] * scale, "b": -losses["b"] * scale}
+    )
     assert not stats.finite
     assert not math.isfinite(stats.grad_norm)
 

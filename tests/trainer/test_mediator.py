@@ -11,8 +11,17 @@ TIMEOUT = 0.2
 
 
 def state(epoch=0):
-    return ControlState(epoch=epoch, step=10 * epoch, losses={"a": 1.0}, metrics={}, lr=(0.1,), conflict_rate=0.5,
-                        emergency_level="NONE", conservative=False, elapsed_s=1.0)
+    return ControlState(
+        epoch=epoch,
+        step=10 * epoch,
+        losses={"a": 1.0},
+        metrics={},
+        lr=(0.1,),
+        conflict_rate=0.5,
+        emergency_level="NONE",
+        conservative=False,
+        elapsed_s=1.0,
+    )
 
 
 class Policy:

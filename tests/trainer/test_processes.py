@@ -35,8 +35,12 @@ def write_config(tmp_path, epochs, extra=""):
 
 
 def train_process(*args):
-    return subprocess.Popen([sys.executable, "-m", "tolaria.cli", "train", "--no-progress", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "tolaria.cli", "train", "--no-progress", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def records(run_dir):

@@ -15,8 +15,17 @@ from .helpers import make_problem
 
 def stats(finite=True):
     loss = 1.0 if finite else float("nan")
-    return SourceStats(names=("a", "b"), losses=(loss, 1.0), weights=(1.0, 1.0), norms=(1.0, 1.0), shares=(0.5, 0.5),
-                       conflicts=0, cosine=((1.0, 0.0), (0.0, 1.0)), grad_norm=1.0, finite=finite)
+    return SourceStats(
+        names=("a", "b"),
+        losses=(loss, 1.0),
+        weights=(1.0, 1.0),
+        norms=(1.0, 1.0),
+        shares=(0.5, 0.5),
+        conflicts=0,
+        cosine=((1.0, 0.0), (0.0, 1.0)),
+        grad_norm=1.0,
+        finite=finite,
+    )
 
 
 @pytest.fixture

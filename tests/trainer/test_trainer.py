@@ -45,8 +45,18 @@ def test_fit_trains_two_sources_and_reports(tmp_path):
     assert model.training
     recs = records(summary.run_dir)
     kinds = {r["kind"] for r in recs}
-    assert {"train.loss", "gradient.weight", "gradient.norm", "gradient.share", "gradient.conflicts",
-            "gradient.cosine", "train.lr", "train.epoch", "train.end", "train.checkpoint"} <= kinds
+    assert {
+        "train.loss",
+        "gradient.weight",
+        "gradient.norm",
+        "gradient.share",
+        "gradient.conflicts",
+        "gradient.cosine",
+        "train.lr",
+        "train.epoch",
+        "train.end",
+        "train.checkpoint",
+    } <= kinds
     assert {r["source"] for r in recs if r["kind"] == "train.loss"} == {"a", "b"}
     assert all({"run_id", "epoch", "step", "rank"} <= set(r) for r in recs)
     lrs = [r["value"] for r in recs if r["kind"] == "train.lr"]
@@ -95,7 +105,9 @@ def test_max_steps_stops_mid_epoch(tmp_path):
 
 def test_nan_losses_are_skipped_and_rolled_back(tmp_path):
     model, optimizer, data, _ = make_problem()
-    cfg = config(tmp_path, epochs=3, checkpoint=CheckpointConfig(snapshot_every_steps=4), safety=SafetyConfig(rollback_after=3))
+    cfg = config(
+        tmp_path, epochs=3, checkpoint=CheckpointConfig(snapshot_every_steps=4), safety=SafetyConfig(rollback_after=3)
+    )
     summary = Trainer(model, optimizer, data, NaNLoss(start=7, count=3), cfg).fit()
     assert summary.status == "completed"
     assert summary.skipped_steps == 3 and summary.rollbacks == 1
@@ -345,8 +357,15 @@ class GraftingExecutor:
 
 def test_grafted_parameters_rebuild_the_optimizer(tmp_path):
     model, optimizer, data, loss_fn = make_problem()
-    trainer = Trainer(model, optimizer, data, loss_fn, config(tmp_path, epochs=2), policy=GraftingPolicy(),
-                      executor=GraftingExecutor(model))
+    trainer = Trainer(
+        model,
+        optimizer,
+        data,
+        loss_fn,
+        config(tmp_path, epochs=2),
+        policy=GraftingPolicy(),
+        executor=GraftingExecutor(model),
+    )
     summary = trainer.fit()
     assert summary.status == "completed" and summary.steps == 2 * len(data)
     params = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}

@@ -38,8 +38,9 @@ def test_mistakes_say_what_to_do(tmp_path):
     with pytest.raises(ConfigError, match=r"Trainer\(\.\.\., aggregator=instance\)"):
         TrainerConfig(aggregator=UPGrad())
     with pytest.raises(ConfigError, match="pass its options to its constructor"):
-        Trainer(model, optimizer, data, loss_fn, config(tmp_path, aggregator_options={"reg_eps": 1e-4}),
-                aggregator=UPGrad())
+        Trainer(
+            model, optimizer, data, loss_fn, config(tmp_path, aggregator_options={"reg_eps": 1e-4}), aggregator=UPGrad()
+        )
     with pytest.raises(TypeError, match="Aggregator or a name"):
         Trainer(model, optimizer, data, loss_fn, config(tmp_path), aggregator=lambda m: m.sum(0))
 
@@ -48,8 +49,7 @@ def test_with_a_shared_trunk_the_heads_get_their_plain_gradient(tmp_path):
     model, _, data, _ = make_problem()
     manual = copy.deepcopy(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    Trainer(model, optimizer, data[:1], two_task_loss, config(tmp_path), aggregator=UPGrad(),
-            shared=model.trunk).fit()
+    Trainer(model, optimizer, data[:1], two_task_loss, config(tmp_path), aggregator=UPGrad(), shared=model.trunk).fit()
     # The same step by hand: trunk aggregated by UPGrad, each head's own loss gradient.
     buf = GradientBuffer(manual, 2, shared=manual.trunk)
     x, _ = data[0]
@@ -63,16 +63,28 @@ def test_with_a_shared_trunk_the_heads_get_their_plain_gradient(tmp_path):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
     # And it is not what aggregating every parameter gives.
     everything, _, _, _ = make_problem()
-    Trainer(everything, torch.optim.SGD(everything.parameters(), lr=0.05), data[:1], two_task_loss,
-            TrainerConfig(device="cpu", run_dir=str(tmp_path / "all"), epochs=1), aggregator=UPGrad()).fit()
+    Trainer(
+        everything,
+        torch.optim.SGD(everything.parameters(), lr=0.05),
+        data[:1],
+        two_task_loss,
+        TrainerConfig(device="cpu", run_dir=str(tmp_path / "all"), epochs=1),
+        aggregator=UPGrad(),
+    ).fit()
     assert not torch.allclose(everything.a.weight, model.a.weight)
 
 
 def test_clipping_counts_the_heads_too(tmp_path):
     model, _, data, _ = make_problem()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    trainer = Trainer(model, optimizer, data[:1], two_task_loss,
-                      config(tmp_path, safety=SafetyConfig(max_grad_norm=1e-3)), shared=model.trunk)
+    trainer = Trainer(
+        model,
+        optimizer,
+        data[:1],
+        two_task_loss,
+        config(tmp_path, safety=SafetyConfig(max_grad_norm=1e-3)),
+        shared=model.trunk,
+    )
     trainer.fit()
     total = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
     assert total <= 1e-3 * (1 + 1e-5)

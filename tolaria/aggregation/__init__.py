@@ -10,14 +10,15 @@ from ._eigh import jacobi_eig, symmetric_eig
 from ._sources import Sources, as_sources
 from .aggregator import Aggregator
 from .aligned_mtl import AlignedMTL
+from .backends.cpu import CPU_ISA_ENV, cpu_isa, set_cpu_isa, supported_cpu_isas
 from .buffer import GradientBuffer
 from .cagrad import CAGrad
 from .conflict_free import ConFIG
 from .cr_mogm import CRMOGM
 from .dualproj import DualProj
-from .excess_mtl import ExcessMTL
-from .backends.cpu import CPU_ISA_ENV, cpu_isa, set_cpu_isa, supported_cpu_isas
 from .engine import Weights
+from .excess_mtl import ExcessMTL
+from .fairgrad import FairGrad
 from .functional import (
     aggregate_mean,
     aggregate_sum,
@@ -27,14 +28,13 @@ from .functional import (
     grads_to_flat,
     pcgrad,
 )
-from .fairgrad import FairGrad
 from .graddrop import GradDrop
 from .gradvac import GradVac
 from .imtlg import IMTLG
 from .krum import Krum
 from .mgda import MGDA
-from .nash_mtl import NashMTL
 from .modo import MoDo
+from .nash_mtl import NashMTL
 from .pcd import PCD
 from .pcgrad import PCGrad
 from .random_weighting import Random
@@ -102,6 +102,7 @@ def build_aggregator(name: str, **kwargs) -> Aggregator:
     the class's own ``TypeError`` or ``ValueError``.
     """
     return aggregator_class(name)(**kwargs)
+
 
 __all__ = [
     "AGGREGATOR_NAMES",

@@ -230,9 +230,7 @@ def _solve_box(h: Tensor, lower: Tensor, *, diagonal: bool, max_iters: int, tol:
     return canonical_box(h, lower, supports, diagonal=diagonal, exact=exact)
 
 
-def min_norm_convex_weights(
-    gram: Tensor, *, max_iters: int = DEFAULT_MAX_ITERS, tol: float = DEFAULT_TOL
-) -> Tensor:
+def min_norm_convex_weights(gram: Tensor, *, max_iters: int = DEFAULT_MAX_ITERS, tol: float = DEFAULT_TOL) -> Tensor:
     """w = argmin_{w >= 0, sum w = 1} w^T G w: the min-norm point J^T w of the rows' convex hull;
     among optimal w, the one of minimum norm.
 

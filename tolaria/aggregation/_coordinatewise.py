@@ -42,7 +42,9 @@ class CoordinatewiseAggregator(Aggregator):
         """The pass: the flat result and, with ``check``, whether every input value was finite."""
         raise NotImplementedError
 
-    def _aggregate(self, sources: Sources, out: Tensor | None, with_stats: bool) -> tuple[Tensor, AggregationStats | None]:
+    def _aggregate(
+        self, sources: Sources, out: Tensor | None, with_stats: bool
+    ) -> tuple[Tensor, AggregationStats | None]:
         impl = select_backend(self.backend, sources)
         if out is not None:
             check_out(out, sources)

@@ -250,10 +250,7 @@ def _box_candidates(h: Tensor, lower: Tensor, supports: Supports, diagonal: bool
     else:
         fixed_times_h = times(torch.where(free, 0.0, bound), h)  # (lower, 0 on F) H
     rhs = torch.where(free, -fixed_times_h, bound)  # H_FF v_F = -H_FA lower_A
-    if shared:
-        v = factors.solve(rhs.mT).mT
-    else:
-        v = factors.solve(rhs.unsqueeze(-1)).squeeze(-1)
+    v = factors.solve(rhs.mT).mT if shared else factors.solve(rhs.unsqueeze(-1)).squeeze(-1)
     grad = times(v, h)
     violation = kkt_violation(free, bound - v, grad)
     violation = torch.where(factors.regular.unsqueeze(1) if shared else factors.regular, violation, torch.inf)
@@ -375,12 +372,13 @@ def interior_point(
             base = torch.linalg.lu_solve(lu, pivots, ones.reshape(rows)).reshape(b, k, 1)  # M^-1 1
             base_sum = base.sum(dim=1)
 
-        def solve(rhs: Tensor) -> tuple[Tensor, Tensor]:
-            a = torch.linalg.lu_solve(lu, pivots, rhs.reshape(rows)).reshape(b, k)
+        # Called only within this iteration, so it sees this iteration's factors (hence the noqa).
+        def solve(rhs: Tensor) -> tuple[Tensor, Tensor]:  # noqa: B023
+            a = torch.linalg.lu_solve(lu, pivots, rhs.reshape(rows)).reshape(b, k)  # noqa: B023
             if not simplex:
-                return a, nu
-            d_nu = (gap - a.sum(dim=-1, keepdim=True)) / base_sum
-            return torch.addcmul(a, d_nu, base.squeeze(-1)), d_nu
+                return a, nu  # noqa: B023
+            d_nu = (gap - a.sum(dim=-1, keepdim=True)) / base_sum  # noqa: B023
+            return torch.addcmul(a, d_nu, base.squeeze(-1)), d_nu  # noqa: B023
 
         # Predictor: the affine-scaling direction (target s z = 0).
         dx_aff, _ = solve(grad)

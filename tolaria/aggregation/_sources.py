@@ -68,9 +68,7 @@ def as_sources(grads: Tensor | Sequence[Tensor]) -> Sources:
         return Sources(None, grads.reshape(grads.shape[0], -1), shape)
 
     if isinstance(grads, (str, bytes)) or not isinstance(grads, Sequence):
-        raise TypeError(
-            f"expected a tensor or a sequence of tensors, got {type(grads).__name__}"
-        )
+        raise TypeError(f"expected a tensor or a sequence of tensors, got {type(grads).__name__}")
     if len(grads) == 0:
         raise ValueError("no gradient sources: the input sequence is empty (K = 0)")
     for i, g in enumerate(grads):
@@ -83,17 +81,12 @@ def as_sources(grads: Tensor | Sequence[Tensor]) -> Sources:
     for i, g in enumerate(grads[1:], start=1):
         if g.shape != first.shape:
             raise ValueError(
-                f"gradient source {i} has shape {tuple(g.shape)}, "
-                f"but source 0 has shape {tuple(first.shape)}"
+                f"gradient source {i} has shape {tuple(g.shape)}, but source 0 has shape {tuple(first.shape)}"
             )
         if g.dtype != first.dtype:
-            raise ValueError(
-                f"gradient source {i} has dtype {g.dtype}, but source 0 has dtype {first.dtype}"
-            )
+            raise ValueError(f"gradient source {i} has dtype {g.dtype}, but source 0 has dtype {first.dtype}")
         if g.device != first.device:
-            raise ValueError(
-                f"gradient source {i} is on {g.device}, but source 0 is on {first.device}"
-            )
+            raise ValueError(f"gradient source {i} is on {g.device}, but source 0 is on {first.device}")
     return Sources([g.reshape(-1) for g in grads], None, first.shape)
 
 
@@ -104,8 +97,6 @@ def check_out(out: Tensor, sources: Sources) -> None:
     if out.numel() != sources.n:
         raise ValueError(f"out has {out.numel()} elements; the sources have {sources.n} each")
     if out.dtype != sources.dtype or out.device != sources.device:
-        raise ValueError(
-            f"out is {out.dtype} on {out.device}; the sources are {sources.dtype} on {sources.device}"
-        )
+        raise ValueError(f"out is {out.dtype} on {out.device}; the sources are {sources.dtype} on {sources.device}")
     if not out.is_contiguous():
         raise ValueError("out must be contiguous")

@@ -54,7 +54,9 @@ class Aggregator(ABC):
         result = flat.view(sources.shape) if out is None else out
         return (result, stats) if return_stats else result
 
-    def _aggregate(self, sources: Sources, out: Tensor | None, with_stats: bool) -> tuple[Tensor, AggregationStats | None]:
+    def _aggregate(
+        self, sources: Sources, out: Tensor | None, with_stats: bool
+    ) -> tuple[Tensor, AggregationStats | None]:
         """The flat result (and its stats): the engine's three steps. Aggregators that are not
         "weights from G, then one weighted sum" (coordinate-wise ones, ExcessMTL) override this."""
         return aggregate(
@@ -73,7 +75,7 @@ class Aggregator(ABC):
         needs n_byzantine + 3, TrimmedMean 2 trim_number + 1, per-source weights exactly K)."""
         self._check_k(k)
 
-    def _check_k(self, k: int) -> None:
+    def _check_k(self, k: int) -> None:  # noqa: B027 - a hook: most aggregators take any K
         """Hook for aggregators whose configuration fixes K (e.g. per-source weights)."""
 
     # Aggregators that promise a result conflicting with no source set this: their weights can cancel
@@ -126,7 +128,7 @@ class Aggregator(ABC):
                 f"{sorted(state)}: was it saved by another aggregator?"
             )
 
-    def reset(self) -> None:
+    def reset(self) -> None:  # noqa: B027 - stateless aggregators have nothing to forget
         """Forgets the state of earlier calls; the next call starts as the first did. A stateless
         aggregator has nothing to forget."""
 

@@ -112,8 +112,10 @@ class GradientBuffer:
         accumulate: bool = True,
     ):
         if isinstance(params, Aggregator):
-            raise TypeError("GradientBuffer takes the parameters first and the number of sources second; "
-                            "pass the aggregator to buf.aggregate(...)")
+            raise TypeError(
+                "GradientBuffer takes the parameters first and the number of sources second; "
+                "pass the aggregator to buf.aggregate(...)"
+            )
         if isinstance(num_sources, bool) or not isinstance(num_sources, int) or num_sources < 1:
             raise ValueError(f"num_sources must be a positive int, got {num_sources!r}")
         if not isinstance(accumulate, bool):
@@ -237,7 +239,7 @@ class GradientBuffer:
     def _check_bound(self, k: int) -> None:
         # Autograd accumulates into an existing .grad in place; if something replaced a .grad
         # (e.g. zero_grad(set_to_none=True) inside the block), that gradient never reached row k.
-        for i, (p, v) in enumerate(zip(self.params, self._row_views[k])):
+        for i, p in enumerate(self.params):
             if p.grad is not None and not self._is_ours(p.grad, self._row_views[k], i):
                 raise RuntimeError(
                     f"parameter {i}'s .grad was replaced while source {k} was active; "
@@ -251,8 +253,10 @@ class GradientBuffer:
         if isinstance(losses, Mapping):
             losses = list(losses.values())
         elif isinstance(losses, Tensor) or not isinstance(losses, Sequence):
-            raise TypeError(f"losses must be a sequence or a mapping of {self.num_sources} scalar tensors, "
-                            f"got {type(losses).__name__}")
+            raise TypeError(
+                f"losses must be a sequence or a mapping of {self.num_sources} scalar tensors, "
+                f"got {type(losses).__name__}"
+            )
         if len(losses) != self.num_sources:
             raise ValueError(f"got {len(losses)} losses for {self.num_sources} gradient sources")
         for k, loss in enumerate(losses):
@@ -280,8 +284,9 @@ class GradientBuffer:
                 raise ValueError(f"return_stats=True needs a Tolaria aggregator, got {type(aggregator).__name__}")
             result = self._aggregate_foreign(aggregator)
         else:
-            raise TypeError(f"aggregate needs an aggregator (a callable on the K x N matrix), got "
-                            f"{type(aggregator).__name__}")
+            raise TypeError(
+                f"aggregate needs an aggregator (a callable on the K x N matrix), got {type(aggregator).__name__}"
+            )
         if self._carry is not None:
             self.output.add_(self._carry)
             self._carry = None

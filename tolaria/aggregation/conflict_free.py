@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._gramian import conflicting_pairs, preference_vector, pref_repr, solve_if_finite
+from ._gramian import conflicting_pairs, pref_repr, preference_vector, solve_if_finite
 from ._weights import DeviceCopies, check_weight_count
 from .aggregator import Aggregator
 from .engine import Weights
@@ -70,4 +70,6 @@ class ConFIG(Aggregator):
         return torch.where(square > 0, a * length / torch.where(square > 0, square, 1.0), 0.0)
 
     def __repr__(self) -> str:
-        return f"ConFIG(pref_vector={pref_repr(self.pref_vector)}, backend={self.backend!r}, nonfinite={self.nonfinite!r})"
+        return (
+            f"ConFIG(pref_vector={pref_repr(self.pref_vector)}, backend={self.backend!r}, nonfinite={self.nonfinite!r})"
+        )

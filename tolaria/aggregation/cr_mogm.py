@@ -48,9 +48,7 @@ def _initial(value: Sequence[float] | Tensor | None) -> Tensor | None:
     except (TypeError, ValueError, RuntimeError) as exc:
         raise ValueError(f"CRMOGM initial_weights must be a 1-D sequence of numbers: {exc}") from None
     if weights.dim() != 1 or weights.numel() == 0 or not bool(torch.isfinite(weights).all()):
-        raise ValueError(
-            f"CRMOGM initial_weights must be a non-empty 1-D sequence of finite numbers, got {value!r}"
-        )
+        raise ValueError(f"CRMOGM initial_weights must be a non-empty 1-D sequence of finite numbers, got {value!r}")
     return weights
 
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ._gramian import DualConeAggregator, preference_on, solve_if_finite
 from ._canonical import project_onto_dual_cone
+from ._gramian import DualConeAggregator, preference_on, solve_if_finite
 from .engine import Weights
 
 __all__ = ["DualProj"]

@@ -77,9 +77,11 @@ def _warn_compiled_missing(reason: str) -> None:
     _compiled_missing["fallbacks"] += 1
     if not _compiled_missing["warned"]:
         _compiled_missing["warned"] = True
-        message = (f"{reason}; backend='auto' runs CPU tensors on the plain-PyTorch path, several times slower. "
-                   "Reinstall tolaria (pip install -e . builds the extension; it needs a C++17 compiler) "
-                   "or pass backend='torch' to choose that path knowingly")
+        message = (
+            f"{reason}; backend='auto' runs CPU tensors on the plain-PyTorch path, several times slower. "
+            "Reinstall tolaria (pip install -e . builds the extension; it needs a C++17 compiler) "
+            "or pass backend='torch' to choose that path knowingly"
+        )
         log.error(message)
         warnings.warn(message, RuntimeWarning, stacklevel=4)
 
@@ -98,9 +100,7 @@ def check_backend_name(backend: str) -> str:
 
 def check_nonfinite_mode(mode: str) -> str:
     if mode not in NONFINITE_MODES:
-        raise ValueError(
-            f"unknown nonfinite mode {mode!r}; valid modes are {', '.join(NONFINITE_MODES)}"
-        )
+        raise ValueError(f"unknown nonfinite mode {mode!r}; valid modes are {', '.join(NONFINITE_MODES)}")
     return mode
 
 

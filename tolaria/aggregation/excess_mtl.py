@@ -102,7 +102,9 @@ class ExcessMTL(Aggregator):
         self._warmup_sum: Tensor | None = None
         self._n_steps = 0
 
-    def _aggregate(self, sources: Sources, out: Tensor | None, with_stats: bool) -> tuple[Tensor, AggregationStats | None]:
+    def _aggregate(
+        self, sources: Sources, out: Tensor | None, with_stats: bool
+    ) -> tuple[Tensor, AggregationStats | None]:
         return_stats = with_stats
         # Everything that can refuse the call does so before the state changes.
         select_backend(self.backend, sources)

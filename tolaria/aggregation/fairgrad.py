@@ -6,8 +6,8 @@ with d = J^T w, is the alpha-fair allocation. That equation is the stationarity 
 F(w) = 1/2 w^T G w - sum_i phi(w_i), phi(w) = w^(1 - 1/alpha) / (1 - 1/alpha) (log w for alpha = 1),
 which is strictly convex on w > 0: the solution is unique, also where G is singular. It is found by
 Newton's method (a step kept inside w > 0, and the best of four step lengths by F; a fixed budget
-on accelerators, until convergence on the CPU), on G scaled to unit trace (the solution then scales back exactly: w = c w' with
-c = trace^(-alpha / (1 + alpha))). TorchJD solves the same equation with SciPy's least squares on
+on accelerators, until convergence on the CPU), on G scaled to unit trace (the solution then scales back
+exactly: w = c w' with c = trace^(-alpha / (1 + alpha))). TorchJD solves the same equation with SciPy's least squares on
 the host; the results agree to its tolerance.
 """
 
@@ -45,7 +45,7 @@ def alpha_fair_weights(gram: Tensor, alpha: float, max_iters: int = NEWTON_STEPS
     early_exit = gram.device.type == "cpu" and not torch.compiler.is_compiling()
     for _ in range(max_iters):
         w = _newton_step(h, w, p)
-        if early_exit and bool(((h @ w) * w ** p - 1).abs().max() <= CONVERGED):
+        if early_exit and bool(((h @ w) * w**p - 1).abs().max() <= CONVERGED):
             break
     scale = torch.where(positive, trace, 1.0) ** (-alpha / (1 + alpha))
     return torch.where(positive, w * scale, uniform)

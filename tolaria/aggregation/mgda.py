@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ._gramian import conflicting_pairs, solve_if_finite
 from ._canonical import min_norm_convex_weights
+from ._gramian import conflicting_pairs, solve_if_finite
 from ._qp import DEFAULT_MAX_ITERS, DEFAULT_TOL, check_solver_budget
 from .aggregator import Aggregator
 from .engine import Weights

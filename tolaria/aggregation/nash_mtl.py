@@ -154,9 +154,7 @@ class NashMTL(Aggregator):
             if not isinstance(weights, Tensor) or weights.dim() != 1 or not weights.is_floating_point():
                 raise ValueError(f"NashMTL state 'weights' must be a 1-d float tensor or None, got {weights!r}")
             if weights.numel() == 0 or (self.n_tasks is not None and weights.numel() != self.n_tasks):
-                raise ValueError(
-                    f"NashMTL(n_tasks={self.n_tasks}) cannot load a state with {weights.numel()} weights"
-                )
+                raise ValueError(f"NashMTL(n_tasks={self.n_tasks}) cannot load a state with {weights.numel()} weights")
             if not bool(torch.isfinite(weights).all()):
                 raise ValueError("NashMTL state 'weights' holds NaN or inf")
             weights = weights.detach().clone()  # moved to the gradients' device by the next call

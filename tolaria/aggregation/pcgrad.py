@@ -20,7 +20,6 @@ data-dependent control flow, and exists once per target:
 from __future__ import annotations
 
 import os
-
 from collections.abc import Sequence
 from typing import Any
 
@@ -201,8 +200,10 @@ class PCGrad(Aggregator):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not isinstance(state, dict) or not ({"seed"} == set(state) or {"generator", "device"} == set(state)):
-            raise ValueError("PCGrad.load_state_dict needs the dict state_dict() returned ({'seed': ...} or "
-                             "{'generator': ..., 'device': ...})")
+            raise ValueError(
+                "PCGrad.load_state_dict needs the dict state_dict() returned ({'seed': ...} or "
+                "{'generator': ..., 'device': ...})"
+            )
         if "seed" in state:
             self.generator, self._seed = None, int(state["seed"])
             return

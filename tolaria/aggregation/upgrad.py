@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ._gramian import DualConeAggregator, conflicting_pairs, preference_on, solve_if_finite
 from ._canonical import project_each_onto_dual_cone
+from ._gramian import DualConeAggregator, conflicting_pairs, preference_on, solve_if_finite
 from .engine import Weights
 
 __all__ = ["UPGrad"]

@@ -16,7 +16,6 @@ from ._weights import DeviceCopies, as_weight_vector, check_weight_count
 from .aggregator import Aggregator
 from .engine import Weights, has_float64
 
-
 __all__ = ["Constant", "Mean", "Sum", "Weighted"]
 
 

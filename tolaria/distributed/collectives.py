@@ -64,8 +64,9 @@ def flat_span(tensor: Tensor) -> Tensor:
     )
 
 
-def allreduce_gradient_buffer(buffer: GradientBuffer | Tensor, ctx: DistributedContext,
-                              bucket_mb: float = DEFAULT_BUCKET_MB) -> Tensor:
+def allreduce_gradient_buffer(
+    buffer: GradientBuffer | Tensor, ctx: DistributedContext, bucket_mb: float = DEFAULT_BUCKET_MB
+) -> Tensor:
     """Averages the K x N gradient buffer over all ranks, in place; returns it.
 
     Call it after every source's backward and before ``buffer.aggregate(...)``: every rank then holds
@@ -97,8 +98,10 @@ def allreduce_gradient_buffer(buffer: GradientBuffer | Tensor, ctx: DistributedC
     pre_divide = tensor.dtype in _LOW_PRECISION
     if pre_divide:
         flat.div_(world)
-    works = [(flat[start:stop], dist.all_reduce(flat[start:stop], op=dist.ReduceOp.SUM, async_op=True))
-             for start, stop in slices]
+    works = [
+        (flat[start:stop], dist.all_reduce(flat[start:stop], op=dist.ReduceOp.SUM, async_op=True))
+        for start, stop in slices
+    ]
     for chunk, work in works:
         work.wait()
         if not pre_divide:
@@ -113,7 +116,9 @@ def allreduce_mean(tensor: Tensor, ctx: DistributedContext) -> Tensor:
     """
     _check_context(ctx)
     if not isinstance(tensor, Tensor) or not tensor.is_floating_point():
-        raise TypeError(f"allreduce_mean needs a floating-point tensor, got {getattr(tensor, 'dtype', type(tensor).__name__)}")
+        raise TypeError(
+            f"allreduce_mean needs a floating-point tensor, got {getattr(tensor, 'dtype', type(tensor).__name__)}"
+        )
     if not tensor.is_contiguous():
         raise ValueError("allreduce_mean reduces in place and needs a contiguous tensor")
     if ctx._live():
@@ -155,8 +160,9 @@ def _share_bytes_from_main(data: bytes, ctx: DistributedContext) -> Any:
     return json.loads(wire.cpu().numpy().tobytes().decode())
 
 
-def _from_main(compute: Callable[[], Any], ctx: DistributedContext, what: str,
-               error_type: type[Exception] = DistributedError) -> Any:
+def _from_main(
+    compute: Callable[[], Any], ctx: DistributedContext, what: str, error_type: type[Exception] = DistributedError
+) -> Any:
     """Rank 0 computes a JSON-able value, every rank learns it, as JSON decodes it (rank 0 too; the
     others never call ``compute``); a live context only. If ``compute`` (or encoding its value) fails
     on rank 0, rank 0 re-raises its own error and every other rank raises ``error_type``
@@ -205,8 +211,11 @@ def encode_tree(tree: Any, tensors: list[Tensor], path: str) -> Any:
     if isinstance(tree, dict):
         if type(tree) not in (dict, OrderedDict):
             raise TypeError(f"{path}: cannot broadcast a {type(tree).__qualname__}; use a dict")
-        return {"t": "dict", "o": isinstance(tree, OrderedDict),
-                "v": [[encode_tree(k, tensors, path), encode_tree(v, tensors, f"{path}[{k!r}]")] for k, v in tree.items()]}
+        return {
+            "t": "dict",
+            "o": isinstance(tree, OrderedDict),
+            "v": [[encode_tree(k, tensors, path), encode_tree(v, tensors, f"{path}[{k!r}]")] for k, v in tree.items()],
+        }
     if type(tree) is list:
         return [encode_tree(v, tensors, f"{path}[{i}]") for i, v in enumerate(tree)]
     if type(tree) is tuple:
@@ -219,8 +228,10 @@ def encode_tree(tree: Any, tensors: list[Tensor], path: str) -> Any:
         return {"t": "dtype", "v": str(tree).removeprefix("torch.")}
     if isinstance(tree, torch.device):
         return {"t": "device", "v": str(tree)}
-    raise TypeError(f"{path}: cannot broadcast a {type(tree).__module__}.{type(tree).__qualname__}; state trees hold "
-                    "tensors, dicts, lists, tuples, numbers, strings, bytes, dtypes, devices or None")
+    raise TypeError(
+        f"{path}: cannot broadcast a {type(tree).__module__}.{type(tree).__qualname__}; state trees hold "
+        "tensors, dicts, lists, tuples, numbers, strings, bytes, dtypes, devices or None"
+    )
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -270,20 +281,24 @@ def broadcast_tree(tree: Any, ctx: DistributedContext) -> Any:
 
     def describe() -> dict[str, Any]:
         skeleton = encode_tree(tree, tensors, "state")
-        return {"skeleton": skeleton,
-                "tensors": [[str(t.dtype).removeprefix("torch."), list(t.shape), t.device.type] for t in tensors]}
+        return {
+            "skeleton": skeleton,
+            "tensors": [[str(t.dtype).removeprefix("torch."), list(t.shape), t.device.type] for t in tensors],
+        }
 
     header = _from_main(describe, ctx, "broadcast its state")
     comm_device = _control_device(ctx)
     works: list[Any] = []
     received: list[tuple[Tensor, torch.dtype]] = []
-    for i, (dtype_name, shape, device_type) in enumerate(header["tensors"]):
+    for i, (dtype_name, shape, _device_type) in enumerate(header["tensors"]):
         dtype = _dtype(dtype_name)
         if ctx.is_main:
             wire = tensors[i].detach().to(comm_device).contiguous().reshape(-1).view(torch.uint8)
         else:
             numel = math.prod(shape)
-            wire = torch.empty(numel * torch.empty((), dtype=dtype).element_size(), dtype=torch.uint8, device=comm_device)
+            wire = torch.empty(
+                numel * torch.empty((), dtype=dtype).element_size(), dtype=torch.uint8, device=comm_device
+            )
         if wire.numel():
             works.append(dist.broadcast(wire, src=0, async_op=True))
         received.append((wire, dtype))
@@ -292,8 +307,10 @@ def broadcast_tree(tree: Any, ctx: DistributedContext) -> Any:
     if ctx.is_main:
         return tree
     target_of = {"cpu": torch.device("cpu")}
-    out = [wire.view(dtype).reshape(shape).to(target_of.get(device_type, ctx.device))
-           for (wire, dtype), (_, shape, device_type) in zip(received, header["tensors"])]
+    out = [
+        wire.view(dtype).reshape(shape).to(target_of.get(device_type, ctx.device))
+        for (wire, dtype), (_, shape, device_type) in zip(received, header["tensors"])
+    ]
     return decode_tree(header["skeleton"], out)
 
 

@@ -52,15 +52,25 @@ class DistributedContext:
         backend: ``"gloo"``, ``"nccl"`` (or a per-device backend string), or None in a single process.
     """
 
-    def __init__(self, rank: int, world_size: int, local_rank: int, device: torch.device | str,
-                 backend: str | None, *, owns_process_group: bool = False):
+    def __init__(
+        self,
+        rank: int,
+        world_size: int,
+        local_rank: int,
+        device: torch.device | str,
+        backend: str | None,
+        *,
+        owns_process_group: bool = False,
+    ):
         world_size = _check_int("world_size", world_size, minimum=1)
         rank = _check_int("rank", rank, minimum=0)
         local_rank = _check_int("local_rank", local_rank, minimum=0)
         if rank >= world_size:
             raise ValueError(f"rank {rank} is out of range for world_size {world_size}")
         if backend is None and world_size != 1:
-            raise ValueError(f"a context without a process group (backend None) must have world_size 1, got {world_size}")
+            raise ValueError(
+                f"a context without a process group (backend None) must have world_size 1, got {world_size}"
+            )
         self._rank, self._world_size, self._local_rank = rank, world_size, local_rank
         self._device = torch.device(device)
         self._backend = backend
@@ -73,12 +83,19 @@ class DistributedContext:
     def single_process(cls, device: torch.device | str | None = None) -> DistributedContext:
         """A context for one process: rank 0 of 1, no process group; every collective is a no-op."""
         if device is None:
-            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+            device = (
+                torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+            )
         return cls(0, 1, 0, device, None)
 
     @classmethod
-    def from_environment(cls, *, backend: str | None = None, device: torch.device | str | None = None,
-                         timeout_s: float = DEFAULT_TIMEOUT_S) -> DistributedContext:
+    def from_environment(
+        cls,
+        *,
+        backend: str | None = None,
+        device: torch.device | str | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+    ) -> DistributedContext:
         """The context of this process as launched.
 
         - A default process group already initialised (by the caller): wraps it (see
@@ -99,8 +116,9 @@ class DistributedContext:
         if dist.is_available() and dist.is_initialized():
             existing = str(dist.get_backend())
             if backend is not None and backend != existing:
-                raise DistributedError(f"a process group with backend {existing!r} is already initialised; cannot "
-                                       f"use backend {backend!r}")
+                raise DistributedError(
+                    f"a process group with backend {existing!r} is already initialised; cannot use backend {backend!r}"
+                )
             return cls.from_process_group(device=device)
         present = [name for name in LAUNCH_ENV_VARS if name in os.environ]
         if not present:
@@ -126,16 +144,27 @@ class DistributedContext:
         import_before_process_group()
         ctx = cls(rank, world_size, local_rank, chosen_device, chosen_backend, owns_process_group=True)
         dist.init_process_group(
-            backend=chosen_backend, init_method="env://", rank=rank, world_size=world_size,
-            timeout=timedelta(seconds=timeout), device_id=chosen_device if chosen_device.type == "cuda" else None,
+            backend=chosen_backend,
+            init_method="env://",
+            rank=rank,
+            world_size=world_size,
+            timeout=timedelta(seconds=timeout),
+            device_id=chosen_device if chosen_device.type == "cuda" else None,
         )
-        log.info("joined the process group: rank %d of %d (local rank %d) on %s, backend %s",
-                 rank, world_size, local_rank, chosen_device, chosen_backend)
+        log.info(
+            "joined the process group: rank %d of %d (local rank %d) on %s, backend %s",
+            rank,
+            world_size,
+            local_rank,
+            chosen_device,
+            chosen_backend,
+        )
         return ctx
 
     @classmethod
-    def from_process_group(cls, *, device: torch.device | str | None = None,
-                           local_rank: int | None = None) -> DistributedContext:
+    def from_process_group(
+        cls, *, device: torch.device | str | None = None, local_rank: int | None = None
+    ) -> DistributedContext:
         """Wraps the default process group someone else initialised (the context does not own it).
 
         ``local_rank`` defaults to ``$LOCAL_RANK``, else to the global rank (one machine).
@@ -228,8 +257,10 @@ class DistributedContext:
         self.close()
 
     def __repr__(self) -> str:
-        return (f"DistributedContext(rank={self._rank}, world_size={self._world_size}, local_rank={self._local_rank}, "
-                f"device={self._device}, backend={self._backend!r})")
+        return (
+            f"DistributedContext(rank={self._rank}, world_size={self._world_size}, local_rank={self._local_rank}, "
+            f"device={self._device}, backend={self._backend!r})"
+        )
 
 
 def import_before_process_group() -> None:

@@ -63,9 +63,13 @@ class EmergencyAgreement:
         return self.level > self.local_level
 
 
-def agree_on_emergency(local_level: EmergencyLevel | int, ctx: DistributedContext, *,
-                       controller: EmergencyController | None = None,
-                       telemetry: TelemetryEmitter | None = None) -> EmergencyAgreement:
+def agree_on_emergency(
+    local_level: EmergencyLevel | int,
+    ctx: DistributedContext,
+    *,
+    controller: EmergencyController | None = None,
+    telemetry: TelemetryEmitter | None = None,
+) -> EmergencyAgreement:
     """The highest emergency level over all ranks and which rank holds it (one all-reduce of one int).
 
     Every rank must call it at the same step boundaries. A level raised by another rank is reported
@@ -90,17 +94,25 @@ def agree_on_emergency(local_level: EmergencyLevel | int, ctx: DistributedContex
         message = f"{reason}; this rank ({ctx.rank}) was at {local.name} and follows"
         log.log(logging.CRITICAL if level == EmergencyLevel.HALT else logging.WARNING, message)
         emitter_or_default(telemetry).event(
-            "emergency.remote_level", severity="critical" if level == EmergencyLevel.HALT else "warning",
-            message=message, level=level.name, local_level=local.name, source_rank=agreement.source_rank,
+            "emergency.remote_level",
+            severity="critical" if level == EmergencyLevel.HALT else "warning",
+            message=message,
+            level=level.name,
+            local_level=local.name,
+            source_rank=agreement.source_rank,
         )
         if controller is not None:
             controller.escalate(level, reason)
     return agreement
 
 
-def agree_on_emergency_level(local_level: EmergencyLevel | int, ctx: DistributedContext, *,
-                             controller: EmergencyController | None = None,
-                             telemetry: TelemetryEmitter | None = None) -> EmergencyLevel:
+def agree_on_emergency_level(
+    local_level: EmergencyLevel | int,
+    ctx: DistributedContext,
+    *,
+    controller: EmergencyController | None = None,
+    telemetry: TelemetryEmitter | None = None,
+) -> EmergencyLevel:
     """The highest emergency level over all ranks (see :func:`agree_on_emergency`): HALT on any rank
     is HALT on every rank, at the same step boundary."""
     return agree_on_emergency(local_level, ctx, controller=controller, telemetry=telemetry).level
@@ -116,8 +128,10 @@ def _agree_all_succeeded(error: BaseException | None, ctx: DistributedContext, w
         log.error("%s failed on this rank (%d): %s: %s", what, ctx.rank, type(error).__name__, error)
         raise error
     if failed:
-        raise DistributedError(f"{what} failed on rank {failed - 1} (see that rank's log); this rank ({ctx.rank}) "
-                               "stops too so the replicas do not diverge")
+        raise DistributedError(
+            f"{what} failed on rank {failed - 1} (see that rank's log); this rank ({ctx.rank}) "
+            "stops too so the replicas do not diverge"
+        )
 
 
 def _check_state_argument(state: Any, ctx: DistributedContext) -> StateManager | None:
@@ -128,9 +142,17 @@ def _check_state_argument(state: Any, ctx: DistributedContext) -> StateManager |
     return state
 
 
-def checkpoint_barrier(state: StateManager | None, ctx: DistributedContext, step: int, model: nn.Module,
-                       optimizer: torch.optim.Optimizer, extra: Any = None, *, verify: bool = True,
-                       telemetry: TelemetryEmitter | None = None) -> CheckpointEntry:
+def checkpoint_barrier(
+    state: StateManager | None,
+    ctx: DistributedContext,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    extra: Any = None,
+    *,
+    verify: bool = True,
+    telemetry: TelemetryEmitter | None = None,
+) -> CheckpointEntry:
     """Writes a durable checkpoint on rank 0 between two barriers; returns the committed entry on every rank.
 
     1. Barrier: every rank has finished the step, and all give the same ``step``; with ``verify``,
@@ -155,8 +177,10 @@ def checkpoint_barrier(state: StateManager | None, ctx: DistributedContext, step
         return state.checkpoint(step, model, optimizer, extra=extra)
     high, negated_low = _allreduce_ints([step, -step], ctx, dist.ReduceOp.MAX)
     if high != -negated_low:
-        raise ReplicaMismatchError(f"ranks disagree on the step to checkpoint: steps {-negated_low}..{high} "
-                                   f"(this rank {ctx.rank} is at {step}); nothing was written")
+        raise ReplicaMismatchError(
+            f"ranks disagree on the step to checkpoint: steps {-negated_low}..{high} "
+            f"(this rank {ctx.rank} is at {step}); nothing was written"
+        )
     if verify:
         verify_replicas(model, ctx)
 
@@ -165,17 +189,27 @@ def checkpoint_barrier(state: StateManager | None, ctx: DistributedContext, step
         return asdict(state.checkpoint(step, model, optimizer, extra=extra))
 
     committed = CheckpointEntry.from_json(
-        _from_main(write, ctx, f"write the checkpoint of step {step}", CheckpointError))
+        _from_main(write, ctx, f"write the checkpoint of step {step}", CheckpointError)
+    )
     if not ctx.is_main:
-        emitter_or_default(telemetry).event("distributed.checkpoint_committed",
-                                            message=f"rank 0 committed the checkpoint of step {step} ({committed.file})",
-                                            checkpoint_step=step, file=committed.file, sequence=committed.sequence)
+        emitter_or_default(telemetry).event(
+            "distributed.checkpoint_committed",
+            message=f"rank 0 committed the checkpoint of step {step} ({committed.file})",
+            checkpoint_step=step,
+            file=committed.file,
+            sequence=committed.sequence,
+        )
     return committed
 
 
-def resume_from_checkpoint(state: StateManager | None, ctx: DistributedContext, model: nn.Module,
-                           optimizer: torch.optim.Optimizer, *,
-                           telemetry: TelemetryEmitter | None = None) -> RestoredState:
+def resume_from_checkpoint(
+    state: StateManager | None,
+    ctx: DistributedContext,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    telemetry: TelemetryEmitter | None = None,
+) -> RestoredState:
     """Restores the newest committed checkpoint on rank 0 and the same state on every rank.
 
     Rank 0 restores through ``state.restore_latest_with_extra`` (verified, all-or-nothing); then its
@@ -216,8 +250,11 @@ def resume_from_checkpoint(state: StateManager | None, ctx: DistributedContext, 
     _agree_all_succeeded(local_error, ctx, f"resuming from the checkpoint of step {step}")
     result = restored if restored is not None else RestoredState(step, payload["extra"], file, sequence)
     emitter_or_default(telemetry).event(
-        "distributed.resumed", message=f"rank {ctx.rank} resumed from the checkpoint of step {step} ({file})",
-        restored_step=step, file=file, sequence=sequence,
+        "distributed.resumed",
+        message=f"rank {ctx.rank} resumed from the checkpoint of step {step} ({file})",
+        restored_step=step,
+        file=file,
+        sequence=sequence,
     )
     return result
 

@@ -41,8 +41,13 @@ MAX_SEED = 2**63 - 1
 # ---- identical replicas ----------------------------------------------------------------------------
 
 
-def synchronized_generator(seed: int | None, ctx: DistributedContext, *, device: torch.device | str | None = None,
-                           telemetry: TelemetryEmitter | None = None) -> torch.Generator:
+def synchronized_generator(
+    seed: int | None,
+    ctx: DistributedContext,
+    *,
+    device: torch.device | str | None = None,
+    telemetry: TelemetryEmitter | None = None,
+) -> torch.Generator:
     """A ``torch.Generator`` seeded with rank 0's ``seed`` on every rank (one broadcast of one int).
 
     Give it to the aggregator (``PCGrad(generator=...)``) so every rank draws the same shuffles and
@@ -55,8 +60,9 @@ def synchronized_generator(seed: int | None, ctx: DistributedContext, *, device:
         device: the generator's device (default ``ctx.device``, where the aggregation runs).
     """
     _check_context(ctx)
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
-                             or not 0 <= seed <= MAX_SEED):
+    if seed is not None and (
+        isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= MAX_SEED
+    ):
         raise ValueError(f"seed must be an int in [0, 2**63 - 1] or None, got {seed!r}")
     gen_device = ctx.device if device is None else torch.device(device)
     drawn = seed is None and ctx.is_main
@@ -68,14 +74,18 @@ def synchronized_generator(seed: int | None, ctx: DistributedContext, *, device:
         chosen = int(t.item())
     assert chosen is not None
     if seed is not None and chosen != seed:
-        message = (f"rank {ctx.rank} asked for seed {seed} but rank 0's seed {chosen} is used, so every rank draws "
-                   "the same shuffles")
+        message = (
+            f"rank {ctx.rank} asked for seed {seed} but rank 0's seed {chosen} is used, so every rank draws "
+            "the same shuffles"
+        )
         log.warning(message)
-        emitter_or_default(telemetry).event("distributed.seed_overridden", severity="warning", message=message,
-                                            local_seed=seed, seed=chosen)
+        emitter_or_default(telemetry).event(
+            "distributed.seed_overridden", severity="warning", message=message, local_seed=seed, seed=chosen
+        )
     if drawn:
-        emitter_or_default(telemetry).event("distributed.seed_drawn", message=f"drew the shared seed {chosen}",
-                                            seed=chosen)
+        emitter_or_default(telemetry).event(
+            "distributed.seed_drawn", message=f"drew the shared seed {chosen}", seed=chosen
+        )
     generator = torch.Generator(device=gen_device)
     generator.manual_seed(chosen)
     return generator
@@ -142,7 +152,11 @@ def _layout_digest(entries: Sequence[tuple[str, Any]]) -> int:
 
 def _all_gather_ints(values: Sequence[int] | Tensor, ctx: DistributedContext) -> list[list[int]]:
     """Every rank's int64 vector (same length everywhere), as lists, rank order; one host read."""
-    t = values if isinstance(values, Tensor) else torch.tensor(list(values), dtype=torch.int64, device=_control_device(ctx))
+    t = (
+        values
+        if isinstance(values, Tensor)
+        else torch.tensor(list(values), dtype=torch.int64, device=_control_device(ctx))
+    )
     gathered = [torch.empty_like(t) for _ in range(ctx.world_size)]
     dist.all_gather(gathered, t)
     return torch.stack(gathered).tolist()
@@ -154,8 +168,9 @@ def _check_same_layout(entries: Sequence[tuple[str, Any]], ctx: DistributedConte
     digests = [row[0] for row in _all_gather_ints([_layout_digest(entries)], ctx)]
     differing = [r for r, d in enumerate(digests) if d != digests[0]]
     if differing:
-        described = "; ".join(f"{name}: {getattr(t, 'dtype', '')} {tuple(getattr(t, 'shape', ()))}"
-                              for name, t in entries[:8])
+        described = "; ".join(
+            f"{name}: {getattr(t, 'dtype', '')} {tuple(getattr(t, 'shape', ()))}" for name, t in entries[:8]
+        )
         raise ReplicaMismatchError(
             f"the {what} differs between ranks: rank(s) {differing} do not match rank 0 (this is rank {ctx.rank}, "
             f"with {len(entries)} entries: {described}{' ...' if len(entries) > 8 else ''})"
@@ -187,7 +202,7 @@ def _fingerprint(t: Tensor) -> Tensor:
     words = data.view(torch.int16)
     acc = torch.zeros(2, dtype=torch.int64, device=t.device)
     for start in range(0, words.numel(), _FINGERPRINT_CHUNK):
-        part = words[start:start + _FINGERPRINT_CHUNK].to(torch.int64) & 0xFFFF
+        part = words[start : start + _FINGERPRINT_CHUNK].to(torch.int64) & 0xFFFF
         position = torch.arange(start, start + part.numel(), device=part.device, dtype=torch.int64) % 65521 + 1
         # Each product is < 2**32 and a slice has 2**24 of them, so the sums are exact in int64;
         # folding every slice modulo 2**62 keeps the running total exact too.
@@ -215,8 +230,11 @@ def verify_replicas(model: nn.Module, ctx: DistributedContext) -> None:
     if not ctx._live():
         return
     control = _control_device(ctx)
-    prints = (torch.cat([_fingerprint(t).to(control) for _, t in entries]) if entries
-              else torch.zeros(0, dtype=torch.int64, device=control))
+    prints = (
+        torch.cat([_fingerprint(t).to(control) for _, t in entries])
+        if entries
+        else torch.zeros(0, dtype=torch.int64, device=control)
+    )
     gathered = _all_gather_ints(prints, ctx)  # one host read for the whole model
     bad: dict[str, list[int]] = {}
     for r, row in enumerate(gathered):
@@ -253,13 +271,16 @@ def ddp_wrap(model: nn.Module, ctx: DistributedContext, **ddp_options: Any) -> n
         raise ValueError(f"ddp_wrap sets {refused} from the context; remove them from the options")
     for name, p in model.named_parameters():
         if p.device != ctx.device:
-            raise ValueError(f"parameter {name!r} is on {p.device}, but this rank's device is {ctx.device}; move the "
-                             "model to ctx.device before wrapping it")
+            raise ValueError(
+                f"parameter {name!r} is on {p.device}, but this rank's device is {ctx.device}; move the "
+                "model to ctx.device before wrapping it"
+            )
     if not ctx._live():
         return model
     if ctx.device.type == "cuda":
-        return nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device.index],
-                                                   output_device=ctx.device.index, **ddp_options)
+        return nn.parallel.DistributedDataParallel(
+            model, device_ids=[ctx.device.index], output_device=ctx.device.index, **ddp_options
+        )
     return nn.parallel.DistributedDataParallel(model, **ddp_options)
 
 

@@ -57,11 +57,14 @@ class ShardedLoader:
 
     def __iter__(self) -> Iterator[Any]:
         if self._iterated_epoch == self.epoch and self.sampler.shuffle:
-            message = (f"iterating the sharded data again with epoch {self.epoch}: the shuffle repeats; call "
-                       "set_epoch(epoch) at the start of every epoch")
+            message = (
+                f"iterating the sharded data again with epoch {self.epoch}: the shuffle repeats; call "
+                "set_epoch(epoch) at the start of every epoch"
+            )
             log.warning(message)
-            emitter_or_default(self.telemetry).event("distributed.epoch_not_advanced", severity="warning",
-                                                     message=message, data_epoch=self.epoch)
+            emitter_or_default(self.telemetry).event(
+                "distributed.epoch_not_advanced", severity="warning", message=message, data_epoch=self.epoch
+            )
         self._iterated_epoch = self.epoch
         return iter(self.loader)
 
@@ -69,17 +72,37 @@ class ShardedLoader:
         return len(self.loader)
 
     def __repr__(self) -> str:
-        return (f"ShardedLoader(rank={self.sampler.rank}, num_replicas={self.sampler.num_replicas}, "
-                f"samples_per_rank={self.sampler.num_samples}, batches={len(self.loader)}, epoch={self.epoch})")
+        return (
+            f"ShardedLoader(rank={self.sampler.rank}, num_replicas={self.sampler.num_replicas}, "
+            f"samples_per_rank={self.sampler.num_samples}, batches={len(self.loader)}, epoch={self.epoch})"
+        )
 
 
-_LOADER_OPTIONS = ("num_workers", "collate_fn", "pin_memory", "timeout", "worker_init_fn",
-                   "multiprocessing_context", "generator", "persistent_workers", "pin_memory_device", "in_order")
+_LOADER_OPTIONS = (
+    "num_workers",
+    "collate_fn",
+    "pin_memory",
+    "timeout",
+    "worker_init_fn",
+    "multiprocessing_context",
+    "generator",
+    "persistent_workers",
+    "pin_memory_device",
+    "in_order",
+)
 
 
-def shard(data: Dataset | DataLoader, ctx: DistributedContext, *, batch_size: int | None = None,
-          shuffle: bool | None = None, seed: int = 0, drop_last: bool = False,
-          telemetry: TelemetryEmitter | None = None, **loader_kwargs: Any) -> ShardedLoader:
+def shard(
+    data: Dataset | DataLoader,
+    ctx: DistributedContext,
+    *,
+    batch_size: int | None = None,
+    shuffle: bool | None = None,
+    seed: int = 0,
+    drop_last: bool = False,
+    telemetry: TelemetryEmitter | None = None,
+    **loader_kwargs: Any,
+) -> ShardedLoader:
     """This rank's shard of ``data``, as a :class:`ShardedLoader` (call ``set_epoch`` every epoch).
 
     Args:
@@ -104,25 +127,35 @@ def shard(data: Dataset | DataLoader, ctx: DistributedContext, *, batch_size: in
         raise ValueError(f"shuffle must be True, False or None, got {shuffle!r}")
     if isinstance(data, DataLoader):
         if batch_size is not None or loader_kwargs:
-            raise ValueError("a DataLoader brings its own batch size and options; pass batch_size and loader "
-                             "options only with a Dataset")
+            raise ValueError(
+                "a DataLoader brings its own batch size and options; pass batch_size and loader "
+                "options only with a Dataset"
+            )
         dataset = data.dataset
         if isinstance(dataset, IterableDataset):
-            raise TypeError("cannot shard a DataLoader over an IterableDataset with a DistributedSampler; "
-                            "split the stream by rank inside the IterableDataset instead")
+            raise TypeError(
+                "cannot shard a DataLoader over an IterableDataset with a DistributedSampler; "
+                "split the stream by rank inside the IterableDataset instead"
+            )
         if data.batch_size is None:
-            raise ValueError("the DataLoader has a custom batch_sampler (batch_size is None); shard the Dataset "
-                             "with shard(dataset, ctx, batch_size=...) instead")
+            raise ValueError(
+                "the DataLoader has a custom batch_sampler (batch_size is None); shard the Dataset "
+                "with shard(dataset, ctx, batch_size=...) instead"
+            )
         if isinstance(data.sampler, RandomSampler):
             if data.sampler.replacement or data.sampler.num_samples != len(dataset):
-                raise ValueError("the DataLoader's RandomSampler draws with replacement or a custom num_samples, "
-                                 "which a DistributedSampler cannot reproduce; shard the Dataset instead")
+                raise ValueError(
+                    "the DataLoader's RandomSampler draws with replacement or a custom num_samples, "
+                    "which a DistributedSampler cannot reproduce; shard the Dataset instead"
+                )
             loader_shuffle = True
         elif isinstance(data.sampler, SequentialSampler):
             loader_shuffle = False
         else:
-            raise ValueError(f"the DataLoader has a custom sampler ({type(data.sampler).__name__}); a "
-                             "DistributedSampler would replace it. Shard the Dataset and build the sampling per rank")
+            raise ValueError(
+                f"the DataLoader has a custom sampler ({type(data.sampler).__name__}); a "
+                "DistributedSampler would replace it. Shard the Dataset and build the sampling per rank"
+            )
         options = {name: getattr(data, name) for name in _LOADER_OPTIONS if hasattr(data, name)}
         if data.num_workers > 0:
             options["prefetch_factor"] = data.prefetch_factor
@@ -131,11 +164,15 @@ def shard(data: Dataset | DataLoader, ctx: DistributedContext, *, batch_size: in
         loader_drop_last = data.drop_last
     else:
         if isinstance(data, IterableDataset):
-            raise TypeError("cannot shard an IterableDataset with a DistributedSampler; split the stream by rank "
-                            "inside the IterableDataset instead")
+            raise TypeError(
+                "cannot shard an IterableDataset with a DistributedSampler; split the stream by rank "
+                "inside the IterableDataset instead"
+            )
         if not hasattr(data, "__getitem__") or not hasattr(data, "__len__"):
-            raise TypeError(f"data must be a map-style Dataset (with __getitem__ and __len__) or a DataLoader, "
-                            f"got {type(data).__name__}")
+            raise TypeError(
+                f"data must be a map-style Dataset (with __getitem__ and __len__) or a DataLoader, "
+                f"got {type(data).__name__}"
+            )
         if batch_size is None:
             raise ValueError("batch_size is required when sharding a Dataset (samples per rank per step)")
         batch = _check_int("batch_size", batch_size, minimum=1)
@@ -146,18 +183,30 @@ def shard(data: Dataset | DataLoader, ctx: DistributedContext, *, batch_size: in
         shuffle = True if shuffle is None else shuffle
         loader_drop_last = drop_last
     if len(dataset) < ctx.world_size and drop_last:
-        raise ValueError(f"a data set of {len(dataset)} samples cannot give each of {ctx.world_size} ranks a sample "
-                         "with drop_last=True")
-    sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=shuffle,
-                                 seed=int(seed), drop_last=drop_last)
+        raise ValueError(
+            f"a data set of {len(dataset)} samples cannot give each of {ctx.world_size} ranks a sample "
+            "with drop_last=True"
+        )
+    sampler = DistributedSampler(
+        dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=shuffle, seed=int(seed), drop_last=drop_last
+    )
     uneven = len(dataset) % ctx.world_size
     if uneven:
-        what = (f"drops {uneven} sample(s) per epoch" if drop_last
-                else f"repeats {sampler.total_size - len(dataset)} sample(s) per epoch")
+        what = (
+            f"drops {uneven} sample(s) per epoch"
+            if drop_last
+            else f"repeats {sampler.total_size - len(dataset)} sample(s) per epoch"
+        )
         message = f"{len(dataset)} samples do not divide over {ctx.world_size} ranks: the sharding {what}"
         log.warning(message)
-        emitter_or_default(telemetry).event("distributed.shard_uneven", severity="warning", message=message,
-                                            samples=len(dataset), world_size=ctx.world_size, drop_last=drop_last)
+        emitter_or_default(telemetry).event(
+            "distributed.shard_uneven",
+            severity="warning",
+            message=message,
+            samples=len(dataset),
+            world_size=ctx.world_size,
+            drop_last=drop_last,
+        )
     loader = DataLoader(dataset, batch_size=batch, sampler=sampler, drop_last=loader_drop_last, **options)
     return ShardedLoader(loader, sampler, telemetry)
 

@@ -45,17 +45,24 @@ def shared_run_id(run_id: str | None, ctx: DistributedContext) -> str:
     return str(broadcast_json(local, ctx))
 
 
-def rank_telemetry(ctx: DistributedContext, directory: str | os.PathLike[str], *, run_id: str | None = None,
-                   sinks: Iterable[TelemetrySink] = (), attributes: Mapping[str, Any] | None = None,
-                   **emitter_options: Any) -> TelemetryEmitter:
+def rank_telemetry(
+    ctx: DistributedContext,
+    directory: str | os.PathLike[str],
+    *,
+    run_id: str | None = None,
+    sinks: Iterable[TelemetrySink] = (),
+    attributes: Mapping[str, Any] | None = None,
+    **emitter_options: Any,
+) -> TelemetryEmitter:
     """An emitter writing this rank's JSONL file in ``directory`` (see :func:`telemetry_file_name`),
     plus ``sinks``, with every record tagged with the rank and rank 0's run id (a collective: call it
     on every rank). ``emitter_options`` go to :class:`~tolaria.telemetry.TelemetryEmitter`."""
     _check_context(ctx)
     shared = shared_run_id(run_id, ctx)
     path = Path(directory) / telemetry_file_name(ctx)
-    emitter = TelemetryEmitter([JsonlSink(path), *sinks], attributes={**(attributes or {}), "run_id": shared},
-                               **emitter_options)
+    emitter = TelemetryEmitter(
+        [JsonlSink(path), *sinks], attributes={**(attributes or {}), "run_id": shared}, **emitter_options
+    )
     return bind_rank(emitter, ctx)
 
 

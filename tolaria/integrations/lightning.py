@@ -93,8 +93,9 @@ _AggregatorLike = Aggregator | Callable[[Tensor], Tensor]
 _Shared = str | nn.Module | Iterable[Tensor] | None
 
 
-def _make_aggregator(aggregator: _AggregatorLike | str, options: Mapping[str, Any] | None,
-                     seed: int) -> _AggregatorLike:
+def _make_aggregator(
+    aggregator: _AggregatorLike | str, options: Mapping[str, Any] | None, seed: int
+) -> _AggregatorLike:
     if isinstance(aggregator, str):
         options = dict(options or {})
         cls = aggregator_class(aggregator)
@@ -106,8 +107,10 @@ def _make_aggregator(aggregator: _AggregatorLike | str, options: Mapping[str, An
         raise ValueError("aggregator_options go with an aggregator name; configure an instance yourself")
     if isinstance(aggregator, Aggregator) or callable(aggregator):
         return aggregator
-    raise TypeError(f"aggregator must be a Tolaria aggregator, a registry name or a callable on the K x N matrix, "
-                    f"got {type(aggregator).__name__}")
+    raise TypeError(
+        f"aggregator must be a Tolaria aggregator, a registry name or a callable on the K x N matrix, "
+        f"got {type(aggregator).__name__}"
+    )
 
 
 def _generator_of(aggregator: _AggregatorLike) -> torch.Generator | None:
@@ -118,8 +121,16 @@ def _generator_of(aggregator: _AggregatorLike) -> torch.Generator | None:
 class _State:
     """Everything the mixin keeps; a plain object, so nn.Module does not register the shared module twice."""
 
-    def __init__(self, aggregator: _AggregatorLike, shared: _Shared, clip_val: float | None, clip_algorithm: str,
-                 accumulate: int, log_stats: bool, log_prefix: str):
+    def __init__(
+        self,
+        aggregator: _AggregatorLike,
+        shared: _Shared,
+        clip_val: float | None,
+        clip_algorithm: str,
+        accumulate: int,
+        log_stats: bool,
+        log_prefix: str,
+    ):
         self.aggregator = aggregator
         self.shared = list(shared) if shared is not None and not isinstance(shared, (str, nn.Module)) else shared
         self.clip_val, self.clip_algorithm = clip_val, clip_algorithm
@@ -132,22 +143,27 @@ class _State:
 
     def check_names(self, losses: Any) -> tuple[str, ...]:
         if not isinstance(losses, Mapping) or not losses:
-            raise TypeError(f"training_step must return a non-empty mapping of named losses, "
-                            f"got {type(losses).__name__}")
+            raise TypeError(
+                f"training_step must return a non-empty mapping of named losses, got {type(losses).__name__}"
+            )
         for name, loss in losses.items():
             if not isinstance(name, str):
                 raise TypeError(f"loss names must be strings, got {name!r}")
             if not isinstance(loss, Tensor) or loss.numel() != 1:
-                raise TypeError(f"loss {name!r} must be a scalar tensor, got "
-                                f"{tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__}")
+                raise TypeError(
+                    f"loss {name!r} must be a scalar tensor, got "
+                    f"{tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__}"
+                )
             if not loss.requires_grad:
                 raise ValueError(f"loss {name!r} does not require grad: it has no gradient to aggregate")
         names = tuple(losses)
         if self.names is None:
             self.names = names
         elif names != self.names:
-            raise ValueError(f"training_step must return the same named losses every step, in the same order: "
-                             f"expected {list(self.names)}, got {list(names)}")
+            raise ValueError(
+                f"training_step must return the same named losses every step, in the same order: "
+                f"expected {list(self.names)}, got {list(names)}"
+            )
         return names
 
     def buffer_for(self, module: nn.Module, k: int) -> GradientBuffer:
@@ -186,9 +202,12 @@ class _State:
         if isinstance(saved, Mapping) and saved.get("class") == type(agg).__name__:
             agg.load_state_dict(dict(saved["state"]))
             return
-        warnings.warn(f"the checkpoint holds no state for the aggregator {type(agg).__name__}; it starts from its "
-                      "initial state, so its weights differ from the saved run's until its state has caught up",
-                      RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"the checkpoint holds no state for the aggregator {type(agg).__name__}; it starts from its "
+            "initial state, so its weights differ from the saved run's until its state has caught up",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         agg.reset()
 
 
@@ -206,8 +225,10 @@ def _ddp_wrapper(trainer: pl.Trainer) -> nn.parallel.DistributedDataParallel | N
     if not ddp:
         return None
     if getattr(model, "static_graph", False):
-        raise NotImplementedError("MultiSourceMixin does not support DDP's static_graph=True (its first-iteration "
-                                  "all-reduce ignores require_backward_grad_sync); use DDPStrategy() without it")
+        raise NotImplementedError(
+            "MultiSourceMixin does not support DDP's static_graph=True (its first-iteration "
+            "all-reduce ignores require_backward_grad_sync); use DDPStrategy() without it"
+        )
     # Off before any backward of the run, so nothing ever arms the reducer (see the module docstring).
     model.require_backward_grad_sync = False
     return model
@@ -221,11 +242,12 @@ def _allreduce_mean_grads(params: list[Tensor], world: int) -> None:
         groups.setdefault((p.dtype, p.device), []).append(p)
     for (dtype, device), group in groups.items():
         present = torch.tensor([p.grad is not None for p in group], dtype=dtype, device=device)
-        flat = torch.cat([*(p.grad.reshape(-1) if p.grad is not None else p.new_zeros(p.numel()) for p in group),
-                          present])
+        flat = torch.cat(
+            [*(p.grad.reshape(-1) if p.grad is not None else p.new_zeros(p.numel()) for p in group), present]
+        )
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         offset = 0
-        for p, seen in zip(group, flat[-len(group):].tolist()):
+        for p, seen in zip(group, flat[-len(group) :].tolist()):
             mean = flat[offset : offset + p.numel()].view_as(p).div_(world)
             offset += p.numel()
             if seen > 0:
@@ -294,17 +316,28 @@ class MultiSourceMixin:
     ):
         super().__init__(*args, **kwargs)
         if not isinstance(self, pl.LightningModule):
-            raise TypeError("MultiSourceMixin goes before LightningModule: "
-                            "class Net(MultiSourceMixin, L.LightningModule)")
-        if isinstance(accumulate_grad_batches, bool) or not isinstance(accumulate_grad_batches, int) \
-                or accumulate_grad_batches < 1:
+            raise TypeError(
+                "MultiSourceMixin goes before LightningModule: class Net(MultiSourceMixin, L.LightningModule)"
+            )
+        if (
+            isinstance(accumulate_grad_batches, bool)
+            or not isinstance(accumulate_grad_batches, int)
+            or accumulate_grad_batches < 1
+        ):
             raise ValueError(f"accumulate_grad_batches must be an int >= 1, got {accumulate_grad_batches!r}")
         if gradient_clip_val is not None and (isinstance(gradient_clip_val, bool) or not gradient_clip_val > 0):
             raise ValueError(f"gradient_clip_val must be a number > 0 or None, got {gradient_clip_val!r}")
         if gradient_clip_algorithm not in ("norm", "value"):
             raise ValueError(f"gradient_clip_algorithm must be 'norm' or 'value', got {gradient_clip_algorithm!r}")
-        self._tolaria = _State(_make_aggregator(aggregator, aggregator_options, seed), shared, gradient_clip_val,
-                               gradient_clip_algorithm, accumulate_grad_batches, bool(log_stats), log_prefix)
+        self._tolaria = _State(
+            _make_aggregator(aggregator, aggregator_options, seed),
+            shared,
+            gradient_clip_val,
+            gradient_clip_algorithm,
+            accumulate_grad_batches,
+            bool(log_stats),
+            log_prefix,
+        )
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -349,8 +382,9 @@ class MultiSourceMixin:
         values = list(losses.values())
         for k, loss in enumerate(values):
             with buffer.source(k):
-                self.manual_backward(loss / state.accumulate if state.accumulate > 1 else loss,
-                                     retain_graph=k + 1 < len(values))
+                self.manual_backward(
+                    loss / state.accumulate if state.accumulate > 1 else loss, retain_graph=k + 1 < len(values)
+                )
         state.pending += 1
         stats = None
         stepped = state.pending >= state.accumulate or trainer.is_last_batch
@@ -362,8 +396,9 @@ class MultiSourceMixin:
             self._tolaria_log(names, detached, stats)
         return detached
 
-    def _tolaria_update(self, buffer: GradientBuffer, optimizer: Any,
-                        ddp: nn.parallel.DistributedDataParallel | None) -> AggregationStats | None:
+    def _tolaria_update(
+        self, buffer: GradientBuffer, optimizer: Any, ddp: nn.parallel.DistributedDataParallel | None
+    ) -> AggregationStats | None:
         state = self._tolaria
         if ddp is not None and dist.get_world_size() > 1:
             from tolaria.distributed import DistributedContext, allreduce_gradient_buffer
@@ -386,8 +421,9 @@ class MultiSourceMixin:
             result = buffer.aggregate(state.aggregator, return_stats=with_stats)
             stats = result[1] if with_stats else None
             if state.clip_val is not None:
-                self.clip_gradients(optimizer, gradient_clip_val=state.clip_val,
-                                    gradient_clip_algorithm=state.clip_algorithm)
+                self.clip_gradients(
+                    optimizer, gradient_clip_val=state.clip_val, gradient_clip_algorithm=state.clip_algorithm
+                )
             if scale is not None:
                 # Lightning's scaler unscales the .grad again before stepping; a power-of-two scale is exact.
                 heads = [p.grad for p in buffer.unshared_params if p.grad is not None]
@@ -424,7 +460,8 @@ class MultiSourceMixin:
                     if config.strict:
                         raise MisconfigurationException(
                             f"ReduceLROnPlateau conditioned on metric {config.monitor} which is not available. "
-                            f"Available metrics are: {list(trainer.callback_metrics)}")
+                            f"Available metrics are: {list(trainer.callback_metrics)}"
+                        )
                     continue
             self.lr_scheduler_step(config.scheduler, metric)
 
@@ -463,8 +500,10 @@ def _consuming_losses(step: Callable[..., Any]) -> Callable[..., Any]:
         if state.stepped or out is None:
             return out
         if isinstance(out, Tensor) and out.requires_grad:
-            raise TypeError("training_step returned one loss tensor; MultiSourceMixin needs a mapping of named "
-                            "losses, e.g. {'task': loss} (or call self.multi_source_step yourself)")
+            raise TypeError(
+                "training_step returned one loss tensor; MultiSourceMixin needs a mapping of named "
+                "losses, e.g. {'task': loss} (or call self.multi_source_step yourself)"
+            )
         return self.multi_source_step(out) if isinstance(out, Mapping) else out
 
     training_step._tolaria_wrapped = True  # type: ignore[attr-defined]

@@ -128,7 +128,14 @@ class CheckpointEntry:
     def from_json(cls, data: Any) -> CheckpointEntry:
         if not isinstance(data, dict):
             raise ValueError(f"entry is a {type(data).__name__}, expected an object")
-        expected = {"step": int, "file": str, "nbytes": int, "checksum": str, "sequence": int, "created_unix": (int, float)}
+        expected = {
+            "step": int,
+            "file": str,
+            "nbytes": int,
+            "checksum": str,
+            "sequence": int,
+            "created_unix": (int, float),
+        }
         for key, kind in expected.items():
             if not isinstance(data.get(key), kind) or isinstance(data.get(key), bool):
                 raise ValueError(f"entry field {key!r} is {data.get(key)!r}")
@@ -151,7 +158,6 @@ class _HashingWriter:
         self.pool = pool
         self.nbytes = 0
         self.error: BaseException | None = None  # torch.save replaces it with its own error; keep the cause
-
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
@@ -188,13 +194,21 @@ class CheckpointStore:
     was committed, so it is never overwritten behind the operator's back.
     """
 
-    def __init__(self, root: str | os.PathLike[str], keep_last: int, *, checksum: str = "crc32",
-                 telemetry: TelemetryEmitter | None = None):
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        keep_last: int,
+        *,
+        checksum: str = "crc32",
+        telemetry: TelemetryEmitter | None = None,
+    ):
         if not isinstance(keep_last, int) or isinstance(keep_last, bool) or keep_last < 1:
             raise ValueError(f"keep_last must be an integer >= 1, got {keep_last!r}")
         if checksum not in checksum_algorithms():
-            raise ValueError(f"unknown checksum algorithm {checksum!r}; use 'sha256', 'blake2b', 'crc32' or another of "
-                             f"{checksum_algorithms()}")
+            raise ValueError(
+                f"unknown checksum algorithm {checksum!r}; use 'sha256', 'blake2b', 'crc32' or another of "
+                f"{checksum_algorithms()}"
+            )
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.keep_last = keep_last
@@ -226,7 +240,9 @@ class CheckpointStore:
             body = {key: value for key, value in data.items() if key != "digest"}
             if data.get("digest") != _manifest_digest(body):
                 raise ValueError("its digest does not match its content")
-            entries = tuple(sorted((CheckpointEntry.from_json(e) for e in data["checkpoints"]), key=lambda e: e.sequence))
+            entries = tuple(
+                sorted((CheckpointEntry.from_json(e) for e in data["checkpoints"]), key=lambda e: e.sequence)
+            )
             sequence = data["sequence"]
             if not isinstance(sequence, int) or any(e.sequence > sequence for e in entries):
                 raise ValueError(f"sequence {sequence!r} is behind its entries")
@@ -253,7 +269,8 @@ class CheckpointStore:
     def _remove_leftovers(self) -> None:
         committed = {e.file for e in self._entries}
         leftovers = sorted(
-            p.name for p in self.root.iterdir()
+            p.name
+            for p in self.root.iterdir()
             if p.name.startswith(TEMP_PREFIX) or (_CHECKPOINT_NAME.match(p.name) and p.name not in committed)
         )
         removed, failed = [], []
@@ -264,12 +281,21 @@ class CheckpointStore:
             except OSError as exc:
                 failed.append(f"{name} ({exc})")
         if removed:
-            report(self.telemetry, "state.leftovers_removed", "warning",
-                   f"removed {len(removed)} uncommitted file(s) left in {self.root} by an interrupted write: {removed}",
-                   files=removed)
+            report(
+                self.telemetry,
+                "state.leftovers_removed",
+                "warning",
+                f"removed {len(removed)} uncommitted file(s) left in {self.root} by an interrupted write: {removed}",
+                files=removed,
+            )
         if failed:
-            report(self.telemetry, "state.leftovers_remaining", "error",
-                   f"could not remove uncommitted file(s) in {self.root}: {failed}", files=failed)
+            report(
+                self.telemetry,
+                "state.leftovers_remaining",
+                "error",
+                f"could not remove uncommitted file(s) in {self.root}: {failed}",
+                files=failed,
+            )
 
     # ---- writing ------------------------------------------------------------------------------
 
@@ -310,7 +336,9 @@ class CheckpointStore:
                     f"writing the checkpoint of step {step} to {final} failed: {type(cause).__name__}: {cause}"
                 ) from cause
             raise
-        entry = CheckpointEntry(step, name, writer.nbytes, f"{self.checksum}:{hasher.hexdigest()}", sequence, time.time())
+        entry = CheckpointEntry(
+            step, name, writer.nbytes, f"{self.checksum}:{hasher.hexdigest()}", sequence, time.time()
+        )
         replaced = [e for e in self._entries if e.step == step]
         kept = [e for e in self._entries if e.step != step] + [entry]
         dropped = replaced + kept[: -self.keep_last]
@@ -323,13 +351,17 @@ class CheckpointStore:
                 # so the file stays; whether the commit survives a power cut is not guaranteed.
                 self._entries, self._sequence = tuple(kept), sequence
                 if isinstance(exc, Exception):
-                    raise CheckpointError(f"the checkpoint of step {step} is in the manifest, but making it durable "
-                                          f"failed: {type(exc).__name__}: {exc}") from exc
+                    raise CheckpointError(
+                        f"the checkpoint of step {step} is in the manifest, but making it durable "
+                        f"failed: {type(exc).__name__}: {exc}"
+                    ) from exc
                 raise
             self._discard(final, None, f"manifest update for step {step} failed")
             if isinstance(exc, Exception):
-                raise CheckpointError(f"committing the checkpoint of step {step} (manifest {self.manifest_path}) failed: "
-                                      f"{type(exc).__name__}: {exc}; the previous checkpoints are unchanged") from exc
+                raise CheckpointError(
+                    f"committing the checkpoint of step {step} (manifest {self.manifest_path}) failed: "
+                    f"{type(exc).__name__}: {exc}; the previous checkpoints are unchanged"
+                ) from exc
             raise
         self._entries, self._sequence = tuple(kept), sequence
         if dropped:  # deleting a large file takes a while; the commit does not wait for it
@@ -364,9 +396,13 @@ class CheckpointStore:
             try:
                 p.unlink(missing_ok=True)
             except OSError as exc:
-                report(self.telemetry, "state.cleanup_failed", "error",
-                       f"{context}: could not remove {p} ({exc}); it will be removed when the folder is next opened",
-                       file=str(p))
+                report(
+                    self.telemetry,
+                    "state.cleanup_failed",
+                    "error",
+                    f"{context}: could not remove {p} ({exc}); it will be removed when the folder is next opened",
+                    file=str(p),
+                )
 
     # ---- reading ------------------------------------------------------------------------------
 
@@ -420,7 +456,9 @@ class CheckpointStore:
         except OSError as exc:
             raise CheckpointError(f"{what}: reading the file failed: {exc}") from exc
         if total != entry.nbytes:
-            raise CheckpointError(f"{what}: {total} bytes read, the manifest records {entry.nbytes} (changed while read)")
+            raise CheckpointError(
+                f"{what}: {total} bytes read, the manifest records {entry.nbytes} (changed while read)"
+            )
         if digest != entry.checksum:
             raise CheckpointError(
                 f"{what}: checksum mismatch: the file hashes to {digest}, the manifest records {entry.checksum}"
@@ -453,8 +491,9 @@ class CheckpointStore:
             raise StagingCancelled(f"loading {what} was cancelled")
         return payload
 
-    def load_newest(self, entries: Sequence[CheckpointEntry] | None = None, *,
-                    cancel: CancelFlag | None = None) -> tuple[CheckpointEntry, dict[str, Any]]:
+    def load_newest(
+        self, entries: Sequence[CheckpointEntry] | None = None, *, cancel: CancelFlag | None = None
+    ) -> tuple[CheckpointEntry, dict[str, Any]]:
         """The most recently committed checkpoint (of ``entries``, default all) that verifies and loads.
 
         Each one that does not is reported (log and telemetry) and the previous commit is tried; if
@@ -469,8 +508,14 @@ class CheckpointStore:
                 return entry, self.load(entry, cancel)
             except CheckpointError as exc:
                 failures.append(str(exc))
-                report(self.telemetry, "state.checkpoint_invalid", "error",
-                       f"{exc}; falling back to the previous checkpoint", step=entry.step, file=entry.file)
+                report(
+                    self.telemetry,
+                    "state.checkpoint_invalid",
+                    "error",
+                    f"{exc}; falling back to the previous checkpoint",
+                    step=entry.step,
+                    file=entry.file,
+                )
         raise CheckpointError(f"no committed checkpoint in {self.root} verifies: " + "; ".join(failures))
 
     def close(self) -> None:

@@ -45,7 +45,7 @@ def reclaim_dead_segments(shm_dir: Path = SHM_DIR) -> list[str]:
         return []
     reclaimed = []
     for path in shm_dir.glob(PREFIX + "*"):
-        pid_text = path.name[len(PREFIX):].split("-", 1)[0]
+        pid_text = path.name[len(PREFIX) :].split("-", 1)[0]
         if not pid_text.isdigit() or int(pid_text) == os.getpid() or _alive(int(pid_text)):
             continue
         try:

@@ -24,17 +24,17 @@ import fcntl
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
 from tolaria.signals import SharedDeadlineSignal
-from tolaria.state.deadline_segments import create_deadline_signal
 from tolaria.state.checkpoints import CHECKPOINT_FORMAT, CheckpointEntry, CheckpointStore
+from tolaria.state.deadline_segments import create_deadline_signal
 from tolaria.state.errors import CheckpointError, StateError
 from tolaria.state.reporting import report
 from tolaria.state.restore import capture, restore
@@ -84,11 +84,23 @@ class StateManager:
             once; beyond it a rollback from disk is refused at once instead of starting a thread.
     """
 
-    def __init__(self, root: str | os.PathLike[str], fast_cache_mb: float = 1024, keep_last: int = 3,
-                 telemetry: TelemetryEmitter | None = None, *, deadline_signal: SharedDeadlineSignal | None = None,
-                 checksum: str = "crc32", max_abandoned_reads: int = 2):
-        if not isinstance(fast_cache_mb, (int, float)) or isinstance(fast_cache_mb, bool) or not fast_cache_mb >= 0 \
-                or not math.isfinite(fast_cache_mb):
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        fast_cache_mb: float = 1024,
+        keep_last: int = 3,
+        telemetry: TelemetryEmitter | None = None,
+        *,
+        deadline_signal: SharedDeadlineSignal | None = None,
+        checksum: str = "crc32",
+        max_abandoned_reads: int = 2,
+    ):
+        if (
+            not isinstance(fast_cache_mb, (int, float))
+            or isinstance(fast_cache_mb, bool)
+            or not fast_cache_mb >= 0
+            or not math.isfinite(fast_cache_mb)
+        ):
             raise ValueError(f"fast_cache_mb must be a finite number >= 0, got {fast_cache_mb!r}")
         self.root = Path(root)
         self.telemetry = emitter_or_default(telemetry)
@@ -106,8 +118,9 @@ class StateManager:
             self._store = CheckpointStore(self.root, keep_last, checksum=checksum, telemetry=self.telemetry)
             # Without a signal given, the manager's own is created when a deadline is first armed.
             self._signal = deadline_signal
-            self._rollback = DeadlineRollback(self._snapshots, self._store, self._live_signal, self.telemetry,
-                                              max_abandoned_reads=max_abandoned_reads)
+            self._rollback = DeadlineRollback(
+                self._snapshots, self._store, self._live_signal, self.telemetry, max_abandoned_reads=max_abandoned_reads
+            )
         except BaseException:
             self.close()
             raise
@@ -175,7 +188,9 @@ class StateManager:
 
     # ---- fast tier ---------------------------------------------------------------------------
 
-    def snapshot(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, extra: Any = None) -> SnapshotInfo:
+    def snapshot(
+        self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, extra: Any = None
+    ) -> SnapshotInfo:
         """Copies model, optimizer (and ``extra``) state into the in-memory cache for ``step``.
 
         Tensor copies, never pickled bytes: plain copies for CPU tensors, asynchronous copies into
@@ -193,7 +208,9 @@ class StateManager:
 
     # ---- durable tier ------------------------------------------------------------------------
 
-    def checkpoint(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, extra: Any = None) -> CheckpointEntry:
+    def checkpoint(
+        self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, extra: Any = None
+    ) -> CheckpointEntry:
         """Writes and commits a durable checkpoint of ``step``; returns its manifest entry.
 
         ``extra`` (LR controller state, counters, RNG states, ...) is saved with it and must be
@@ -205,8 +222,14 @@ class StateManager:
         payload = {"format": CHECKPOINT_FORMAT, "step": step, **capture(model, optimizer, extra)}
         entry = store.write(step, payload)
         elapsed = time.perf_counter() - start
-        self.telemetry.event("state.checkpoint_committed", message=f"checkpoint of step {step} committed as {entry.file}",
-                             step=step, file=entry.file, nbytes=entry.nbytes, elapsed_s=elapsed)
+        self.telemetry.event(
+            "state.checkpoint_committed",
+            message=f"checkpoint of step {step} committed as {entry.file}",
+            step=step,
+            file=entry.file,
+            nbytes=entry.nbytes,
+            elapsed_s=elapsed,
+        )
         self.telemetry.metric("state.checkpoint_s", elapsed, step=step, nbytes=entry.nbytes)
         return entry
 
@@ -227,8 +250,9 @@ class StateManager:
         del payload
         self.last_restored_step, self.last_restored_extra = entry.step, extra
         elapsed = time.perf_counter() - start
-        self.telemetry.event("state.restored", message=f"restored the {source}", step=entry.step, file=entry.file,
-                             elapsed_s=elapsed)
+        self.telemetry.event(
+            "state.restored", message=f"restored the {source}", step=entry.step, file=entry.file, elapsed_s=elapsed
+        )
         return RestoredState(entry.step, extra, entry.file, entry.sequence)
 
     def restore_latest(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
@@ -257,7 +281,9 @@ class StateManager:
 
     # ---- rollback ----------------------------------------------------------------------------
 
-    def rollback(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, deadline_s: float) -> RollbackResult:
+    def rollback(
+        self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, deadline_s: float
+    ) -> RollbackResult:
         """Restores the nearest state at or before ``step`` within ``deadline_s`` seconds.
 
         The fast snapshot with the largest step <= ``step`` first; else the most recently committed
@@ -267,8 +293,12 @@ class StateManager:
         :class:`RollbackResult`.
         """
         _check_step(step)
-        if isinstance(deadline_s, bool) or not isinstance(deadline_s, (int, float)) or not deadline_s > 0 \
-                or not math.isfinite(deadline_s):
+        if (
+            isinstance(deadline_s, bool)
+            or not isinstance(deadline_s, (int, float))
+            or not deadline_s > 0
+            or not math.isfinite(deadline_s)
+        ):
             raise ValueError(f"deadline_s must be a finite number of seconds > 0, got {deadline_s!r}")
         self._live_signal()  # armed: the segment exists before the deadline can be missed
         result = self._live_rollback().run(step, model, optimizer, float(deadline_s))

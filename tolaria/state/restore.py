@@ -97,7 +97,9 @@ def _check_model(model: nn.Module, saved: Any, source: str) -> tuple[bool, dict[
                 f"{source}: model entry {key!r} has shape {tuple(other.shape)} saved, {tuple(value.shape)} in the model"
             )
         if value.dtype != other.dtype:
-            raise StateMismatchError(f"{source}: model entry {key!r} has dtype {other.dtype} saved, {value.dtype} in the model")
+            raise StateMismatchError(
+                f"{source}: model entry {key!r} has dtype {other.dtype} saved, {value.dtype} in the model"
+            )
     return all_tensors, live
 
 
@@ -106,8 +108,9 @@ def _flat_params(optimizer: torch.optim.Optimizer) -> list[Tensor]:
     return [p for group in optimizer.param_groups for p in group["params"]]
 
 
-def _check_optimizer(optimizer: torch.optim.Optimizer, saved: Any, meta: Any,
-                     source: str) -> tuple[bool, list[Tensor], list[Any]]:
+def _check_optimizer(
+    optimizer: torch.optim.Optimizer, saved: Any, meta: Any, source: str
+) -> tuple[bool, list[Tensor], list[Any]]:
     """Raises OptimizerStateError unless ``saved`` loads into ``optimizer``.
 
     Returns whether it can be copied in place, the live parameters in state-dict index order, and the
@@ -115,12 +118,16 @@ def _check_optimizer(optimizer: torch.optim.Optimizer, saved: Any, meta: Any,
     """
     well_formed = isinstance(saved, dict) and isinstance(saved.get("state"), dict)
     if not well_formed or not isinstance(saved.get("param_groups"), list):
-        raise OptimizerStateError(f"{source}: optimizer state is malformed (expected a dict with 'state' and 'param_groups')")
+        raise OptimizerStateError(
+            f"{source}: optimizer state is malformed (expected a dict with 'state' and 'param_groups')"
+        )
     if not isinstance(meta, dict) or "optimizer_class" not in meta or "param_shapes" not in meta:
         raise OptimizerStateError(f"{source}: optimizer layout record is missing, so the state cannot be checked")
     cls = qualified_name(optimizer)
     if meta["optimizer_class"] != cls:
-        raise OptimizerStateError(f"{source}: optimizer state was saved from {meta['optimizer_class']}, the optimizer is {cls}")
+        raise OptimizerStateError(
+            f"{source}: optimizer state was saved from {meta['optimizer_class']}, the optimizer is {cls}"
+        )
     groups, saved_groups, saved_shapes = optimizer.param_groups, saved["param_groups"], meta["param_shapes"]
     if not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in saved_groups):
         raise OptimizerStateError(f"{source}: optimizer parameter groups are malformed (each needs a 'params' list)")
@@ -148,16 +155,19 @@ def _check_optimizer(optimizer: torch.optim.Optimizer, saved: Any, meta: Any,
         known = saved_index
     for idx in saved["state"]:
         if idx not in known:
-            raise OptimizerStateError(f"{source}: optimizer state has an entry for parameter {idx!r}, which no group lists")
+            raise OptimizerStateError(
+                f"{source}: optimizer state has an entry for parameter {idx!r}, which no group lists"
+            )
     return _fits_in_place(optimizer, saved, params, saved_index), params, saved_index
 
 
-def _fits_in_place(optimizer: torch.optim.Optimizer, saved: dict[str, Any], params: list[Tensor],
-                   saved_index: list[Any]) -> bool:
+def _fits_in_place(
+    optimizer: torch.optim.Optimizer, saved: dict[str, Any], params: list[Tensor], saved_index: list[Any]
+) -> bool:
     """In place needs the live state to have exactly the saved structure: same entries, same tensor shapes."""
     for p, idx in zip(params, saved_index):
         saved_entry = saved["state"].get(idx)
-        live_entry = optimizer.state[p] if p in optimizer.state else {}
+        live_entry = optimizer.state.get(p, {})
         if not saved_entry and not live_entry:
             continue
         if not saved_entry or not live_entry or set(saved_entry) != set(live_entry):
@@ -204,7 +214,7 @@ def _optimizer_in_place(plan: RestorePlan) -> list[tuple[Tensor, Tensor]]:
     optimizer, saved = plan.optimizer, plan.state["optimizer"]
     pairs: list[tuple[Tensor, Tensor]] = []
     for p, idx in zip(plan.params, plan.saved_index):
-        live = optimizer.state[p] if p in optimizer.state else {}
+        live = optimizer.state.get(p, {})
         for key, value in saved["state"].get(idx, {}).items():
             if isinstance(value, Tensor):
                 pairs.append((live[key], value))

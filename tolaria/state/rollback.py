@@ -79,9 +79,15 @@ class RollbackResult:
 class DeadlineRollback:
     """Runs rollbacks for a :class:`~tolaria.state.StateManager` (one at a time)."""
 
-    def __init__(self, snapshots: SnapshotCache, store: CheckpointStore,
-                 signal: SharedDeadlineSignal | Callable[[], SharedDeadlineSignal],
-                 telemetry: TelemetryEmitter, *, max_abandoned_reads: int = 2):
+    def __init__(
+        self,
+        snapshots: SnapshotCache,
+        store: CheckpointStore,
+        signal: SharedDeadlineSignal | Callable[[], SharedDeadlineSignal],
+        telemetry: TelemetryEmitter,
+        *,
+        max_abandoned_reads: int = 2,
+    ):
         self.snapshots = snapshots
         self.store = store
         # The signal, or the function that makes it when first needed (the manager's own segment).
@@ -120,9 +126,14 @@ class DeadlineRollback:
 
         entries = [e for e in self.store.entries if e.step <= step]
         if not entries:
-            return outcome.failed(None, None, f"no snapshot or checkpoint at or before step {step} "
-                                  f"(fast tier holds steps {self.snapshots.steps()}, durable tier holds steps "
-                                  f"{sorted(e.step for e in self.store.entries)})", error=None)
+            return outcome.failed(
+                None,
+                None,
+                f"no snapshot or checkpoint at or before step {step} "
+                f"(fast tier holds steps {self.snapshots.steps()}, durable tier holds steps "
+                f"{sorted(e.step for e in self.store.entries)})",
+                error=None,
+            )
         newest = max(entries, key=lambda e: e.sequence)
         label = f"durable restore for a rollback to step {step} (newest candidate: step {newest.step}, {newest.file})"
         try:
@@ -139,17 +150,28 @@ class DeadlineRollback:
             return outcome.failed("durable", newest.step, str(job.error), error=type(job.error).__name__)
         entry, payload = job.result
         job.result = None
-        return self._apply(model, optimizer, payload, "durable", entry.step,
-                           f"checkpoint of step {entry.step} ({entry.file})", outcome)
+        return self._apply(
+            model, optimizer, payload, "durable", entry.step, f"checkpoint of step {entry.step} ({entry.file})", outcome
+        )
 
-    def _apply(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any], tier: str,
-               step: int, source: str, outcome: _Outcome) -> RollbackResult:
+    def _apply(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        state: dict[str, Any],
+        tier: str,
+        step: int,
+        source: str,
+        outcome: _Outcome,
+    ) -> RollbackResult:
         try:
             plan = plan_restore(model, optimizer, state, source)
         except StateMismatchError as exc:
             return outcome.failed(tier, step, str(exc), error=type(exc).__name__)
         if time.monotonic() >= outcome.deadline_at:
-            return outcome.missed(tier, step, f"the {source} was staged and checked only after the deadline; not applied")
+            return outcome.missed(
+                tier, step, f"the {source} was staged and checked only after the deadline; not applied"
+            )
         try:
             apply_restore(plan)
         except StateMismatchError as exc:  # the optimizer refused in load_state_dict: nothing was applied
@@ -168,21 +190,43 @@ class _Outcome:
         self.deadline_s = deadline_s
 
     def _result(self, ok: bool, tier: str | None, step: int | None, reason: str, **fields: Any) -> RollbackResult:
-        return RollbackResult(ok=ok, tier=tier, step=step, reason=reason, elapsed_s=time.monotonic() - self.start,
-                              deadline_at=self.deadline_at, requested_step=self.requested, **fields)
+        return RollbackResult(
+            ok=ok,
+            tier=tier,
+            step=step,
+            reason=reason,
+            elapsed_s=time.monotonic() - self.start,
+            deadline_at=self.deadline_at,
+            requested_step=self.requested,
+            **fields,
+        )
 
     def succeeded(self, tier: str, step: int, source: str, extra: Any) -> RollbackResult:
         result = self._result(True, tier, step, f"restored the {source}", extra=extra)
         telemetry = self.owner.telemetry
-        telemetry.event("state.rollback", message=result.reason, tier=tier, step=step,
-                        requested_step=self.requested, elapsed_s=result.elapsed_s)
+        telemetry.event(
+            "state.rollback",
+            message=result.reason,
+            tier=tier,
+            step=step,
+            requested_step=self.requested,
+            elapsed_s=result.elapsed_s,
+        )
         telemetry.metric("state.rollback_s", result.elapsed_s, tier=tier)
         return result
 
     def failed(self, tier: str | None, step: int | None, reason: str, *, error: str | None) -> RollbackResult:
         result = self._result(False, tier, step, f"rollback to step {self.requested} failed: {reason}", error=error)
-        report(self.owner.telemetry, "state.rollback_failed", "error", result.reason, tier=tier, step=step,
-               requested_step=self.requested, error=error)
+        report(
+            self.owner.telemetry,
+            "state.rollback_failed",
+            "error",
+            result.reason,
+            tier=tier,
+            step=step,
+            requested_step=self.requested,
+            error=error,
+        )
         return result
 
     def missed(self, tier: str | None, step: int | None, reason: str) -> RollbackResult:
@@ -190,9 +234,28 @@ class _Outcome:
         text = f"rollback to step {self.requested} missed its {self.deadline_s:.3f}s deadline: {reason}"
         signal = self.owner.signal
         generation = signal.trigger(text, monotonic_ms=now_ms)
-        result = self._result(False, tier, step, text, deadline_missed=True, deadline_signal=signal.name,
-                              signal_generation=generation, signal_timestamp_ms=now_ms)
-        report(self.owner.telemetry, "state.rollback_deadline_missed", "critical", text, tier=tier, step=step,
-               requested_step=self.requested, deadline_s=self.deadline_s, elapsed_s=result.elapsed_s,
-               deadline_signal=signal.name, signal_generation=generation, signal_timestamp_ms=now_ms)
+        result = self._result(
+            False,
+            tier,
+            step,
+            text,
+            deadline_missed=True,
+            deadline_signal=signal.name,
+            signal_generation=generation,
+            signal_timestamp_ms=now_ms,
+        )
+        report(
+            self.owner.telemetry,
+            "state.rollback_deadline_missed",
+            "critical",
+            text,
+            tier=tier,
+            step=step,
+            requested_step=self.requested,
+            deadline_s=self.deadline_s,
+            elapsed_s=result.elapsed_s,
+            deadline_signal=signal.name,
+            signal_generation=generation,
+            signal_timestamp_ms=now_ms,
+        )
         return result

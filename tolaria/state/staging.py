@@ -68,8 +68,9 @@ class _Worker:
 class StagingWorkers:
     """Long-lived daemon workers with a bound on abandoned jobs (see the module docstring)."""
 
-    def __init__(self, *, max_abandoned: int = 2, telemetry: TelemetryEmitter | None = None,
-                 name: str = "tolaria-staging"):
+    def __init__(
+        self, *, max_abandoned: int = 2, telemetry: TelemetryEmitter | None = None, name: str = "tolaria-staging"
+    ):
         if max_abandoned < 0:
             raise ValueError(f"max_abandoned must be >= 0, got {max_abandoned}")
         self.max_abandoned = max_abandoned
@@ -137,8 +138,14 @@ class StagingWorkers:
                 outcome = f"failed ({type(job.error).__name__}: {job.error})"
             else:
                 outcome = "finished; result discarded"
-            report(self.telemetry, "state.staging_abandoned_finished", "warning",
-                   f"abandoned {job.label} {outcome} after {elapsed:.3f}s", label=job.label, elapsed_s=elapsed)
+            report(
+                self.telemetry,
+                "state.staging_abandoned_finished",
+                "warning",
+                f"abandoned {job.label} {outcome} after {elapsed:.3f}s",
+                label=job.label,
+                elapsed_s=elapsed,
+            )
         return keep
 
     def close(self) -> None:

@@ -67,7 +67,9 @@ def check_loadable(tree: Any, path: str = "state") -> None:
             raise TypeError(f"{path}: {type(tree).__qualname__} cannot be loaded with weights_only=True; use a dict")
         for key, value in tree.items():
             if type(key) not in _KEY_TYPES:
-                raise TypeError(f"{path}: key {key!r} of type {type(key).__qualname__} is not a str, number, bool or None")
+                raise TypeError(
+                    f"{path}: key {key!r} of type {type(key).__qualname__} is not a str, number, bool or None"
+                )
             check_loadable(value, _path_join(path, key))
     elif type(tree) in (list, tuple):
         for i, value in enumerate(tree):

@@ -40,10 +40,19 @@ def checkpoint(trainer: Trainer, *, epoch_complete: bool, final: bool) -> int | 
     ctx = trainer.ctx
     try:
         # Every rank: agree on the step, verify the replicas, rank 0 writes between barriers.
-        checkpoint_barrier(trainer.state if ctx.is_main else None, ctx, trainer.step, trainer.model, trainer.optimizer,
-                           extra, telemetry=trainer.telemetry)
+        checkpoint_barrier(
+            trainer.state if ctx.is_main else None,
+            ctx,
+            trainer.step,
+            trainer.model,
+            trainer.optimizer,
+            extra,
+            telemetry=trainer.telemetry,
+        )
     except Exception as exc:
-        message = f"{'final' if final else 'periodic'} checkpoint at step {trainer.step} failed: {type(exc).__name__}: {exc}"
+        message = (
+            f"{'final' if final else 'periodic'} checkpoint at step {trainer.step} failed: {type(exc).__name__}: {exc}"
+        )
         log.critical(message)
         trainer.telemetry.event("train.checkpoint_failed", severity="critical", message=message, final=final)
         if final:
@@ -51,7 +60,10 @@ def checkpoint(trainer: Trainer, *, epoch_complete: bool, final: bool) -> int | 
         trainer.emergency.escalate(EmergencyLevel.ELEVATED, message)
         return None
     trainer.telemetry.event(
-        "train.checkpoint", message=f"checkpoint at step {trainer.step}", final=final, epoch_complete=epoch_complete,
+        "train.checkpoint",
+        message=f"checkpoint at step {trainer.step}",
+        final=final,
+        epoch_complete=epoch_complete,
     )
     return trainer.step
 
@@ -61,8 +73,9 @@ def resume(trainer: Trainer) -> int:
     aggregator); returns the restored step."""
     ctx = trainer.ctx
     # Rank 0 restores, every other rank receives the same state (and all raise if any fails).
-    restored = resume_from_checkpoint(trainer.state if ctx.is_main else None, ctx, trainer.model,
-                                      trainer.optimizer, telemetry=trainer.telemetry)
+    restored = resume_from_checkpoint(
+        trainer.state if ctx.is_main else None, ctx, trainer.model, trainer.optimizer, telemetry=trainer.telemetry
+    )
     step, extra = restored.step, restored.extra
     if not isinstance(extra, Mapping) or "epoch" not in extra:
         raise ValueError(f"checkpoint at step {step} was not written by the Trainer (no epoch in its extra data)")
@@ -70,27 +83,39 @@ def resume(trainer: Trainer) -> int:
     # An epoch whose data was used up is done: the run goes on with the next one.
     trainer.epoch = int(extra["epoch"]) + (1 if extra.get("epoch_complete") else 0)
     trainer.lr.load_state_dict(extra["lr"])
-    restore_aggregator(trainer.aggregator, trainer.generator, extra, telemetry=trainer.telemetry,
-                       where=f"the checkpoint of step {trainer.step}")
+    restore_aggregator(
+        trainer.aggregator,
+        trainer.generator,
+        extra,
+        telemetry=trainer.telemetry,
+        where=f"the checkpoint of step {trainer.step}",
+    )
     trainer.telemetry.bind(step=trainer.step, epoch=trainer.epoch)
     trainer.telemetry.event(
-        "train.resume", message=f"resumed from the checkpoint at step {trainer.step}; next epoch {trainer.epoch + 1}",
-        restored_step=trainer.step, next_epoch=trainer.epoch,
+        "train.resume",
+        message=f"resumed from the checkpoint at step {trainer.step}; next epoch {trainer.epoch + 1}",
+        restored_step=trainer.step,
+        next_epoch=trainer.epoch,
     )
     return trainer.step
 
 
 def first_snapshot(trainer: Trainer) -> None:
     """The snapshot a run starts with: the first rollback target (a failure here stops the run)."""
-    trainer.state.snapshot(trainer.step, trainer.model, trainer.optimizer,
-                           extra=aggregator_extra(trainer.aggregator, trainer.generator))
+    trainer.state.snapshot(
+        trainer.step, trainer.model, trainer.optimizer, extra=aggregator_extra(trainer.aggregator, trainer.generator)
+    )
 
 
 def snapshot(trainer: Trainer) -> None:
     """A rollback snapshot on cadence; a failure is reported and training goes on."""
     try:
-        trainer.state.snapshot(trainer.step, trainer.model, trainer.optimizer,
-                               extra=aggregator_extra(trainer.aggregator, trainer.generator))
+        trainer.state.snapshot(
+            trainer.step,
+            trainer.model,
+            trainer.optimizer,
+            extra=aggregator_extra(trainer.aggregator, trainer.generator),
+        )
     except StateError as exc:  # e.g. the optimizer state outgrew the cache: reported, training goes on
         message = f"snapshot at step {trainer.step} failed: {exc}; rollbacks will use older snapshots or checkpoints"
         log.error(message)
@@ -103,7 +128,12 @@ def restore_after_rollback(trainer: Trainer, step: int) -> None:
     trainer's step follow it."""
     # The aggregator's state goes back with the model: a moving average that took in the
     # non-finite steps would otherwise carry them past the rollback.
-    restore_aggregator(trainer.aggregator, trainer.generator, trainer.state.last_restored_extra,
-                       telemetry=trainer.telemetry, where=f"the state rolled back to (step {step})")
+    restore_aggregator(
+        trainer.aggregator,
+        trainer.generator,
+        trainer.state.last_restored_extra,
+        telemetry=trainer.telemetry,
+        where=f"the state rolled back to (step {step})",
+    )
     trainer.step = step
     trainer.telemetry.bind(step=step)

@@ -94,8 +94,14 @@ class LoggingExecutor:
 class FaultyLoss:
     """Wraps a loss function; injects NaN losses over some calls, or kills the process at one call."""
 
-    def __init__(self, loss_fn: Callable[[Any, Any], Any], *, nan_calls: range = range(0), kill_at: int | None = None,
-                 kill_message: str = ""):
+    def __init__(
+        self,
+        loss_fn: Callable[[Any, Any], Any],
+        *,
+        nan_calls: range = range(0),
+        kill_at: int | None = None,
+        kill_message: str = "",
+    ):
         self.loss_fn = loss_fn
         self.nan_calls = nan_calls
         self.kill_at = kill_at
@@ -119,15 +125,25 @@ class FaultyLoss:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", metavar="FILE", help="TOML file of TrainerConfig keys (and an optional [task] table)")
+    parser.add_argument(
+        "--config", metavar="FILE", help="TOML file of TrainerConfig keys (and an optional [task] table)"
+    )
     parser.add_argument("--out", metavar="DIR", help="run folder (default ./runs/<timestamp>)")
     parser.add_argument("--epochs", type=int, metavar="N", help="passes over the data (default 5)")
     parser.add_argument("--max-steps", type=int, metavar="N", help="stop after N optimizer steps")
-    parser.add_argument("--aggregator", metavar="NAME", help=f"how the tasks' gradients combine (default pcgrad; one of {', '.join(AGGREGATOR_NAMES)})")
+    parser.add_argument(
+        "--aggregator",
+        metavar="NAME",
+        help=f"how the tasks' gradients combine (default pcgrad; one of {', '.join(AGGREGATOR_NAMES)})",
+    )
     parser.add_argument("--device", metavar="DEVICE", help='"cpu" (default), "cuda", "cuda:N" or "auto"')
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
-    parser.add_argument("--inject-fault", choices=FAULTS, help="demonstrate recovery: nan (NaN losses: skip, roll back), hang-policy (a hung policy times out), "
-                        "kill (SIGKILL mid-epoch 2; then --resume)")
+    parser.add_argument(
+        "--inject-fault",
+        choices=FAULTS,
+        help="demonstrate recovery: nan (NaN losses: skip, roll back), hang-policy (a hung policy times out), "
+        "kill (SIGKILL mid-epoch 2; then --resume)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -181,7 +197,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         config, task_config = build_config(args)
         if config.checkpoint.resume and not Path(config.run_dir or "").joinpath("checkpoints").exists():
-            raise ConfigError(f"--resume: {config.run_dir} has no checkpoints folder; is it a `tolaria train` run folder?")
+            raise ConfigError(
+                f"--resume: {config.run_dir} has no checkpoints folder; is it a `tolaria train` run folder?"
+            )
     except ConfigError as exc:
         print(f"tolaria train: error: {exc}", file=sys.stderr)
         return 2
@@ -195,8 +213,11 @@ def run(args: argparse.Namespace) -> int:
         first = max(1, steps_per_epoch // 2)
         calls = range(first, first + config.safety.rollback_after)
         loss_fn = FaultyLoss(task.loss_fn, nan_calls=calls)
-        print(f"injected fault: NaN losses at batches {calls.start}..{calls.stop - 1} of the run "
-              f"(rollback after {config.safety.rollback_after} in a row)", file=sys.stderr)
+        print(
+            f"injected fault: NaN losses at batches {calls.start}..{calls.stop - 1} of the run "
+            f"(rollback after {config.safety.rollback_after} in a row)",
+            file=sys.stderr,
+        )
     elif fault == "kill":
         if config.checkpoint.resume:
             print("note: --inject-fault kill is ignored when resuming", file=sys.stderr)
@@ -210,13 +231,24 @@ def run(args: argparse.Namespace) -> int:
             if config.epochs < 2 or (config.max_steps is not None and config.max_steps < kill_at):
                 print(f"note: the run ends before batch {kill_at}; the kill fault will not fire", file=sys.stderr)
     elif fault == "hang-policy":
-        print(f"injected fault: the control policy hangs on its first call (timeout {config.control_timeout_s:g} s)",
-              file=sys.stderr)
+        print(
+            f"injected fault: the control policy hangs on its first call (timeout {config.control_timeout_s:g} s)",
+            file=sys.stderr,
+        )
 
     try:
         # The heads are task-specific: only the trunk's gradients are aggregated.
-        trainer = Trainer(task.model, task.optimizer, task.data, loss_fn, config, policy=policy, executor=executor,
-                          evaluate=task.evaluate, shared=task.model.trunk)
+        trainer = Trainer(
+            task.model,
+            task.optimizer,
+            task.data,
+            loss_fn,
+            config,
+            policy=policy,
+            executor=executor,
+            evaluate=task.evaluate,
+            shared=task.model.trunk,
+        )
     except (ConfigError, ValueError, TypeError) as exc:  # a bad setting, an aggregator's bad options
         print(f"tolaria train: error: {exc}", file=sys.stderr)
         if "aggregator" in str(exc):
@@ -226,14 +258,20 @@ def run(args: argparse.Namespace) -> int:
         trainer.aggregator.check_sources(len(TASK_SOURCES))
     except ValueError as exc:
         trainer.close()
-        print(f"tolaria train: error: the default task has {len(TASK_SOURCES)} gradient sources "
-              f"({', '.join(TASK_SOURCES)}): {exc}", file=sys.stderr)
+        print(
+            f"tolaria train: error: the default task has {len(TASK_SOURCES)} gradient sources "
+            f"({', '.join(TASK_SOURCES)}): {exc}",
+            file=sys.stderr,
+        )
         return 2
     main = trainer.ctx.is_main  # under torchrun, only rank 0 prints (every rank writes its telemetry)
     if main:
-        print(f"training the two-digit task ({len(task.data.x)} pairs, {len(trainer.data)} steps/epoch"
-              f"{f' per rank, {trainer.ctx.world_size} ranks' if trainer.ctx.is_distributed else ''}) with "
-              f"{trainer.aggregator!r} on {trainer.device}; run folder {trainer.run_dir}", file=sys.stderr)
+        print(
+            f"training the two-digit task ({len(task.data.x)} pairs, {len(trainer.data)} steps/epoch"
+            f"{f' per rank, {trainer.ctx.world_size} ranks' if trainer.ctx.is_distributed else ''}) with "
+            f"{trainer.aggregator!r} on {trainer.device}; run folder {trainer.run_dir}",
+            file=sys.stderr,
+        )
     with _logging_around_progress(config.progress):
         try:
             summary = trainer.fit()
@@ -267,4 +305,13 @@ def _logging_around_progress(progress: bool):
         yield
 
 
-__all__ = ["EpochReportPolicy", "FAULTS", "FaultyLoss", "LoggingExecutor", "ReportProgress", "add_arguments", "build_config", "run"]
+__all__ = [
+    "EpochReportPolicy",
+    "FAULTS",
+    "FaultyLoss",
+    "LoggingExecutor",
+    "ReportProgress",
+    "add_arguments",
+    "build_config",
+    "run",
+]

@@ -61,7 +61,9 @@ def control(trainer: Trainer, stats: SourceAccumulator, metrics: Mapping[str, fl
         rebuild_optimizer(trainer)
 
 
-def consult(trainer: Trainer, stats: SourceAccumulator, metrics: Mapping[str, float], elapsed_s: float) -> dict[str, Any]:
+def consult(
+    trainer: Trainer, stats: SourceAccumulator, metrics: Mapping[str, float], elapsed_s: float
+) -> dict[str, Any]:
     """Consults the mediator once; returns what changed (a JSON-able dict, broadcast by rank 0)."""
     mediator = trainer.mediator
     was_conservative, params_before = mediator.conservative, param_ids(trainer.model)
@@ -79,23 +81,37 @@ def apply_conservative(emergency: EmergencyController, decision: Mapping[str, An
     """Enters or leaves the conservative emergency level as the mediator did (``where``: " on rank 0")."""
     if decision["conservative"] and not decision["was_conservative"]:
         emergency.escalate(EmergencyLevel.CONSERVATIVE, f"control calls failing{where}: {decision['reason']}")
-    elif decision["was_conservative"] and not decision["conservative"] and emergency.level == EmergencyLevel.CONSERVATIVE:
+    elif (
+        decision["was_conservative"] and not decision["conservative"] and emergency.level == EmergencyLevel.CONSERVATIVE
+    ):
         emergency.deescalate(EmergencyLevel.NONE, f"control calls succeed again{where}")
 
 
-def control_state(trainer: Trainer, stats: SourceAccumulator, metrics: Mapping[str, float], elapsed_s: float) -> ControlState:
+def control_state(
+    trainer: Trainer, stats: SourceAccumulator, metrics: Mapping[str, float], elapsed_s: float
+) -> ControlState:
     """What the policy sees: the run's position, losses, metrics, LRs and emergency level."""
     lr = trainer.lr
     # Before the first step the controller has set no LR yet: the policy sees the optimizer's.
-    lrs = tuple(lr.get_last_lr()) if lr.last_step is not None else tuple(g["lr"] for g in trainer.optimizer.param_groups)
+    lrs = (
+        tuple(lr.get_last_lr()) if lr.last_step is not None else tuple(g["lr"] for g in trainer.optimizer.param_groups)
+    )
     return ControlState(
-        epoch=trainer.epoch, step=trainer.step, losses=dict(stats.losses), metrics=dict(metrics),
-        lr=lrs, conflict_rate=stats.conflict_rate, emergency_level=trainer.emergency.level.name,
-        conservative=trainer.mediator.conservative, elapsed_s=elapsed_s,
+        epoch=trainer.epoch,
+        step=trainer.step,
+        losses=dict(stats.losses),
+        metrics=dict(metrics),
+        lr=lrs,
+        conflict_rate=stats.conflict_rate,
+        emergency_level=trainer.emergency.level.name,
+        conservative=trainer.mediator.conservative,
+        elapsed_s=elapsed_s,
     )
 
 
-def control_distributed(trainer: Trainer, stats: SourceAccumulator, metrics: Mapping[str, float], elapsed_s: float) -> None:
+def control_distributed(
+    trainer: Trainer, stats: SourceAccumulator, metrics: Mapping[str, float], elapsed_s: float
+) -> None:
     """Rank 0 consults the mediator (its calls are timed, so outcomes could differ per rank) and
     broadcasts the outcome; every rank then takes the same decisions at the same step."""
     ctx = trainer.ctx
@@ -110,8 +126,9 @@ def control_distributed(trainer: Trainer, stats: SourceAccumulator, metrics: Map
             "with several ranks (the other ranks' replicas would differ); stopping every rank"
         )
     if len(decision["lrs"]) != len(optimizer.param_groups):
-        raise DistributedError(f"rank 0 has {len(decision['lrs'])} param groups, rank {ctx.rank} has "
-                               f"{len(optimizer.param_groups)}")
+        raise DistributedError(
+            f"rank 0 has {len(decision['lrs'])} param groups, rank {ctx.rank} has {len(optimizer.param_groups)}"
+        )
     for group, lr in zip(optimizer.param_groups, decision["lrs"]):
         group["lr"] = lr  # an LR a command set on rank 0 holds everywhere
     apply_conservative(trainer.emergency, decision, where=" on rank 0")
@@ -137,25 +154,32 @@ def rebuild_optimizer(trainer: Trainer) -> None:
     # Through the trainer (not checkpointing.snapshot): the trainer's method is what tests replace.
     trainer._snapshot()  # older snapshots hold the old parameter set; give rollbacks a matching target
     trainer.telemetry.event(
-        "train.rebuilt", message=f"parameters changed: optimizer rebuilt (+{result.added} / -{result.removed})",
-        added=result.added, removed=result.removed,
+        "train.rebuilt",
+        message=f"parameters changed: optimizer rebuilt (+{result.added} / -{result.removed})",
+        added=result.added,
+        removed=result.removed,
     )
 
 
 def agree_on_emergency(trainer: Trainer) -> None:
     """The highest emergency level over the ranks becomes this rank's (no-op in one process)."""
     if trainer.ctx.is_distributed:
-        agree_on_emergency_level(trainer.emergency.level, trainer.ctx, controller=trainer.emergency,
-                                 telemetry=trainer.telemetry)
+        agree_on_emergency_level(
+            trainer.emergency.level, trainer.ctx, controller=trainer.emergency, telemetry=trainer.telemetry
+        )
 
 
 def agree_on_verdict(trainer: Trainer, verdict: Verdict) -> Verdict:
     """The step's safety verdict, the same on every rank (``verdict`` itself in one process)."""
-    if trainer.ctx.is_distributed and verdict.action in (ROLLED_BACK, HALT):
-        # The stats are identical on every rank, so all ranks got here; but a rollback has a
-        # deadline, so it can fail on one rank only: then every rank halts.
-        if any_rank(verdict.action == HALT, trainer.ctx) and verdict.action != HALT:
-            reason = "a rollback failed on another rank; halting every rank"
-            trainer.emergency.escalate(EmergencyLevel.HALT, reason)
-            verdict = type(verdict)(HALT, reason=reason)
+    # The stats are identical on every rank, so all ranks got here; but a rollback has a deadline,
+    # so it can fail on one rank only: then every rank halts.
+    if (
+        trainer.ctx.is_distributed
+        and verdict.action in (ROLLED_BACK, HALT)
+        and any_rank(verdict.action == HALT, trainer.ctx)
+        and verdict.action != HALT
+    ):
+        reason = "a rollback failed on another rank; halting every rank"
+        trainer.emergency.escalate(EmergencyLevel.HALT, reason)
+        verdict = type(verdict)(HALT, reason=reason)
     return verdict

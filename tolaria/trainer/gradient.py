@@ -157,9 +157,16 @@ class GradientStage:
             the ranks too. Default: every parameter is aggregated.
     """
 
-    def __init__(self, params: nn.Module | Sequence[Tensor], aggregator: Aggregator, *, max_grad_norm: float | None = None,
-                 ctx: DistributedContext | None = None, bucket_mb: float = DEFAULT_BUCKET_MB,
-                 shared: nn.Module | Sequence[Tensor] | None = None):
+    def __init__(
+        self,
+        params: nn.Module | Sequence[Tensor],
+        aggregator: Aggregator,
+        *,
+        max_grad_norm: float | None = None,
+        ctx: DistributedContext | None = None,
+        bucket_mb: float = DEFAULT_BUCKET_MB,
+        shared: nn.Module | Sequence[Tensor] | None = None,
+    ):
         if not isinstance(aggregator, Aggregator):
             raise TypeError(f"aggregator must be a tolaria Aggregator, got {type(aggregator).__name__}")
         if ctx is not None and not isinstance(ctx, DistributedContext):
@@ -218,7 +225,7 @@ class GradientStage:
         names = self._check_names(named)
         if self.fast_path:
             return self._backward_single(names, named[names[0]])
-        loss_values = torch.stack([l.detach().reshape(()).double() for l in named.values()])
+        loss_values = torch.stack([loss.detach().reshape(()).double() for loss in named.values()])
         distributed = self.ctx.is_distributed
         if distributed:
             allreduce_mean(loss_values, self.ctx)  # the global batch's losses, identical on every rank
@@ -232,18 +239,27 @@ class GradientStage:
         _, stats = self.buffer.aggregate(self.aggregator, return_stats=True)
         k = len(names)
         gram = stats.gram.to(torch.float64)
-        heads_norm = torch.nn.utils.get_total_norm(heads, foreach=True) if heads else torch.zeros((), device=gram.device)
+        heads_norm = (
+            torch.nn.utils.get_total_norm(heads, foreach=True) if heads else torch.zeros((), device=gram.device)
+        )
         # Without weights (a coordinate-wise aggregator) the aggregate's norm is read off the result.
         shared_norm = self.buffer.output.norm() if not self.aggregator.weighted else torch.zeros((), device=gram.device)
-        host = torch.cat([
-            loss_values.to(gram.device, torch.float64),
-            stats.weights.to(torch.float64),
-            stats.conflicts.reshape(1).to(torch.float64),
-            heads_norm.reshape(1).to(gram.device, torch.float64),
-            shared_norm.reshape(1).to(gram.device, torch.float64),
-            gram.reshape(-1),
-        ]).tolist()  # the one host read of the step; the rest is K x K arithmetic on host floats
-        losses_h, weights, conflicts, heads_h, output_h = host[:k], host[k : 2 * k], host[2 * k], *host[2 * k + 1 : 2 * k + 3]
+        host = torch.cat(
+            [
+                loss_values.to(gram.device, torch.float64),
+                stats.weights.to(torch.float64),
+                stats.conflicts.reshape(1).to(torch.float64),
+                heads_norm.reshape(1).to(gram.device, torch.float64),
+                shared_norm.reshape(1).to(gram.device, torch.float64),
+                gram.reshape(-1),
+            ]
+        ).tolist()  # the one host read of the step; the rest is K x K arithmetic on host floats
+        losses_h, weights, conflicts, heads_h, output_h = (
+            host[:k],
+            host[k : 2 * k],
+            host[2 * k],
+            *host[2 * k + 1 : 2 * k + 3],
+        )
         g = [host[2 * k + 3 + i * k : 2 * k + 3 + (i + 1) * k] for i in range(k)]
         norms = [_sqrt_nonnegative(g[i][i]) for i in range(k)]
         cosine = [[_cosine(g[i][j], norms[i] * norms[j]) for j in range(k)] for i in range(k)]
@@ -275,13 +291,22 @@ class GradientStage:
         loss.backward()
         grads = [p.grad for p in self.params if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads, foreach=True) if grads else torch.zeros((), device=loss.device)
-        loss_h, grad_norm = torch.stack([loss.detach().reshape(()).double(), norm.to(loss.device, torch.float64)]).tolist()
+        loss_h, grad_norm = torch.stack(
+            [loss.detach().reshape(()).double(), norm.to(loss.device, torch.float64)]
+        ).tolist()
         finite = math.isfinite(loss_h) and math.isfinite(grad_norm)
         if finite and self.max_grad_norm is not None and grad_norm > self.max_grad_norm:
             torch.nn.utils.clip_grads_with_norm_(self.params, self.max_grad_norm, norm, foreach=True)
         return SourceStats(
-            names=names, losses=(loss_h,), weights=(1.0,), norms=(grad_norm,), shares=(1.0,),
-            conflicts=0, cosine=((1.0,),), grad_norm=grad_norm, finite=finite,
+            names=names,
+            losses=(loss_h,),
+            weights=(1.0,),
+            norms=(grad_norm,),
+            shares=(1.0,),
+            conflicts=0,
+            cosine=((1.0,),),
+            grad_norm=grad_norm,
+            finite=finite,
         )
 
 

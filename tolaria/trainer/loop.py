@@ -113,7 +113,9 @@ class RunSummary:
             rows.append((f"loss [{name}]", f"{loss:.4f}"))
         for name, value in self.metrics.items():
             rows.append((name, f"{value:.4f}" if isinstance(value, float) else str(value)))
-        rows.append(("conflict rate", "n/a (one source)" if self.conflict_rate is None else f"{self.conflict_rate:.3f}"))
+        rows.append(
+            ("conflict rate", "n/a (one source)" if self.conflict_rate is None else f"{self.conflict_rate:.3f}")
+        )
         rows.append(("skipped steps / rollbacks", f"{self.skipped_steps} / {self.rollbacks}"))
         rows.append(("control failures", str(self.control_failures)))
         rows.append(("time", f"{self.wall_time_s:.1f} s"))
@@ -215,8 +217,12 @@ class Trainer:
             self.data = wiring.shard_data(data, ctx, seed=config.seed or 0, telemetry=self.telemetry)
             self.aggregator, self.generator = wiring.wire_aggregator(config, aggregator, ctx, self.telemetry)
             self.stage = GradientStage(
-                self.model, self.aggregator, max_grad_norm=config.safety.max_grad_norm, ctx=ctx,
-                bucket_mb=config.distributed.bucket_mb, shared=shared,
+                self.model,
+                self.aggregator,
+                max_grad_norm=config.safety.max_grad_norm,
+                ctx=ctx,
+                bucket_mb=config.distributed.bucket_mb,
+                shared=shared,
             )
             self.optim = OptimizerManager(optimizer, telemetry=self.telemetry)
             self.lr = wiring.build_lr(config, optimizer, self.data, self.telemetry)
@@ -266,7 +272,9 @@ class Trainer:
                 self._halt_reason = verdict.reason
             if self._confirm_rebuild:
                 self._confirm_rebuild = False
-                self.optim.report_failure(f"the first step after an optimizer rebuild was not finite ({verdict.action})")
+                self.optim.report_failure(
+                    f"the first step after an optimizer rebuild was not finite ({verdict.action})"
+                )
             return verdict.action, stats
         self.lr.apply(self.step)
         self.optimizer.step()
@@ -304,9 +312,14 @@ class Trainer:
             last_ckpt: int | None = resumed
             checkpointing.first_snapshot(self)  # the first rollback target
             self.telemetry.event(
-                "train.start", message=f"training in {self.run_dir}", run_dir=str(self.run_dir),
-                device=str(self.device), aggregator=repr(self.aggregator), epochs=self.config.epochs,
-                max_steps=self.config.max_steps, resumed_from_step=resumed,
+                "train.start",
+                message=f"training in {self.run_dir}",
+                run_dir=str(self.run_dir),
+                device=str(self.device),
+                aggregator=repr(self.aggregator),
+                epochs=self.config.epochs,
+                max_steps=self.config.max_steps,
+                resumed_from_step=resumed,
             )
             for epoch in range(start_epoch, self.config.epochs):
                 self.epoch = epoch
@@ -335,7 +348,9 @@ class Trainer:
                 last_ckpt = self._checkpoint(epoch_complete=epoch_complete, final=True)
         except BaseException as exc:
             self.telemetry.event(
-                "train.crashed", severity="critical", message=f"training stopped by {type(exc).__name__}: {exc}",
+                "train.crashed",
+                severity="critical",
+                message=f"training stopped by {type(exc).__name__}: {exc}",
                 error=f"{type(exc).__name__}: {exc}",
             )
             log.critical("training stopped by %s: %s", type(exc).__name__, exc)
@@ -357,14 +372,24 @@ class Trainer:
             last_checkpoint_step=last_ckpt,
             resumed_from_step=resumed,
             control_failures=self.mediator.failures,
-            telemetry_file=(self.run_dir / telemetry_file_name(self.ctx)) if self._owns_telemetry and self.config.telemetry.jsonl else None,
+            telemetry_file=(self.run_dir / telemetry_file_name(self.ctx))
+            if self._owns_telemetry and self.config.telemetry.jsonl
+            else None,
         )
         self.telemetry.event(
-            "train.end", severity="warning" if status == HALTED else "info",
+            "train.end",
+            severity="warning" if status == HALTED else "info",
             message=f"training {status} after {summary.epochs} epoch(s), {summary.steps} step(s)",
-            status=status, epochs=summary.epochs, steps=summary.steps, skipped_steps=summary.skipped_steps,
-            rollbacks=summary.rollbacks, wall_time_s=summary.wall_time_s, metrics=summary.metrics,
-            conflict_rate=summary.conflict_rate, halt_reason=summary.halt_reason, final_losses=summary.final_losses,
+            status=status,
+            epochs=summary.epochs,
+            steps=summary.steps,
+            skipped_steps=summary.skipped_steps,
+            rollbacks=summary.rollbacks,
+            wall_time_s=summary.wall_time_s,
+            metrics=summary.metrics,
+            conflict_rate=summary.conflict_rate,
+            halt_reason=summary.halt_reason,
+            final_losses=summary.final_losses,
         )
         self.close()
         return summary
@@ -384,7 +409,13 @@ class Trainer:
         if cfg.progress and self.ctx.is_main:
             from tqdm.auto import tqdm
 
-            bar = tqdm(self.data, total=data_length(self.data), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=True, dynamic_ncols=True)
+            bar = tqdm(
+                self.data,
+                total=data_length(self.data),
+                desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                leave=True,
+                dynamic_ncols=True,
+            )
             batches = bar
         epoch_start = time.monotonic()
         attempts = 0
@@ -408,13 +439,24 @@ class Trainer:
                         if self.step % log_every == 0:
                             emit_step_metrics(self.telemetry, stats, self.lr.get_last_lr())
                             if bar is not None:
-                                bar.set_postfix({n: f"{v:.3f}" for n, v in zip(stats.names, stats.losses)}, refresh=False)
-                    if cfg.control_every_steps and self.step and self.step % cfg.control_every_steps == 0 and action == "step":
+                                bar.set_postfix(
+                                    {n: f"{v:.3f}" for n, v in zip(stats.names, stats.losses)}, refresh=False
+                                )
+                    if (
+                        cfg.control_every_steps
+                        and self.step
+                        and self.step % cfg.control_every_steps == 0
+                        and action == "step"
+                    ):
                         control.control(self, epoch_stats, {}, time.monotonic() - epoch_start)
                     if cfg.max_steps is not None and self.step >= cfg.max_steps:
                         return MAX_STEPS, False
         except KeyboardInterrupt:
-            self.telemetry.event("train.interrupted", severity="warning", message="training interrupted (Ctrl-C); writing a final checkpoint")
+            self.telemetry.event(
+                "train.interrupted",
+                severity="warning",
+                message="training interrupted (Ctrl-C); writing a final checkpoint",
+            )
             return INTERRUPTED, False
         finally:
             if bar is not None:
@@ -433,19 +475,27 @@ class Trainer:
         finally:
             self.model.train(was_training)
         if not isinstance(result, Mapping):
-            raise TypeError(f"evaluate(model) must return a mapping of metric names to numbers, got {type(result).__name__}")
+            raise TypeError(
+                f"evaluate(model) must return a mapping of metric names to numbers, got {type(result).__name__}"
+            )
         metrics = {str(k): float(v) for k, v in result.items()}
         for name, value in metrics.items():
             self.telemetry.metric(f"eval.{name}", value)
         return metrics
 
-    def _end_epoch(self, epoch: int, stats: SourceAccumulator, previous: dict[str, float], started: float) -> dict[str, float]:
+    def _end_epoch(
+        self, epoch: int, stats: SourceAccumulator, previous: dict[str, float], started: float
+    ) -> dict[str, float]:
         metrics = self._evaluate() if self.evaluate is not None else previous
         summary = stats.summary()
         elapsed = self._epoch_elapsed
         self.telemetry.event(
-            "train.epoch", message=f"epoch {epoch + 1} done in {elapsed:.1f} s",
-            train_steps=summary.pop("steps"), duration_s=elapsed, metrics=metrics, **summary,
+            "train.epoch",
+            message=f"epoch {epoch + 1} done in {elapsed:.1f} s",
+            train_steps=summary.pop("steps"),
+            duration_s=elapsed,
+            metrics=metrics,
+            **summary,
         )
         self.safety.check_epoch_time(epoch, elapsed)
         control.control(self, stats, metrics, time.monotonic() - started)

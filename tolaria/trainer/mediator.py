@@ -223,7 +223,8 @@ class ControlMediator:
         if self._refusing:
             self._refusing = False
             self.telemetry.event(
-                "control.resumed", message="hung control calls finished; control calls run again",
+                "control.resumed",
+                message="hung control calls finished; control calls run again",
                 abandoned_alive=len(self._abandoned),
             )
         self.calls += 1
@@ -239,11 +240,15 @@ class ControlMediator:
             self._worker = None
             self.telemetry.count("control.abandoned_workers")
             return CallOutcome(
-                ok=False, timed_out=True, elapsed_s=elapsed,
+                ok=False,
+                timed_out=True,
+                elapsed_s=elapsed,
                 error=f"{name} did not return within {self.timeout_s:g} s; its worker thread was abandoned",
             )
         if job.error is not None:
-            return CallOutcome(ok=False, elapsed_s=elapsed, error=f"{name} raised {type(job.error).__name__}: {job.error}")
+            return CallOutcome(
+                ok=False, elapsed_s=elapsed, error=f"{name} raised {type(job.error).__name__}: {job.error}"
+            )
         return CallOutcome(ok=True, value=job.value, elapsed_s=elapsed)
 
     def _refuse(self, name: str, hung: int) -> CallOutcome:
@@ -265,9 +270,12 @@ class ControlMediator:
             if job.done.is_set() and not worker.alive():
                 assert job.finished is not None
                 self.telemetry.event(
-                    "control.abandoned_call_finished", severity="warning",
-                    message=f"abandoned {job.name} call returned after {job.finished - job.started:.2f} s; its result was discarded",
-                    call=job.name, duration_s=job.finished - job.started,
+                    "control.abandoned_call_finished",
+                    severity="warning",
+                    message=f"abandoned {job.name} call returned after {job.finished - job.started:.2f} s; "
+                    "its result was discarded",
+                    call=job.name,
+                    duration_s=job.finished - job.started,
                     error=None if job.error is None else f"{type(job.error).__name__}: {job.error}",
                 )
             else:
@@ -291,7 +299,9 @@ class ControlMediator:
         if not self.breaker.allow():
             report.skipped = f"circuit breaker open ({self.breaker.consecutive_failures} consecutive failures)"
             self.telemetry.count("control.skipped")
-            self.telemetry.event("control.skipped", severity="warning", message=report.skipped, breaker=self.breaker.state)
+            self.telemetry.event(
+                "control.skipped", severity="warning", message=report.skipped, breaker=self.breaker.state
+            )
             return report
         outcome = self.call("policy.evaluate", self.policy.evaluate, state)
         if not outcome.ok:
@@ -315,7 +325,9 @@ class ControlMediator:
             self._recover()
         for i, command in enumerate(commands):
             if self.executor is None:
-                outcome = CallOutcome(ok=False, error=f"policy returned command {_describe(command)} but no executor was given")
+                outcome = CallOutcome(
+                    ok=False, error=f"policy returned command {_describe(command)} but no executor was given"
+                )
             else:
                 outcome = self.call("executor.apply", self.executor.apply, command)
             if not outcome.ok:
@@ -325,8 +337,11 @@ class ControlMediator:
             self._success()
             report.applied.append(command)
             self.telemetry.event(
-                "control.applied", message=f"applied {_describe(command)}", command=_describe(command),
-                result=_describe(outcome.value), latency_s=outcome.elapsed_s,
+                "control.applied",
+                message=f"applied {_describe(command)}",
+                command=_describe(command),
+                result=_describe(outcome.value),
+                latency_s=outcome.elapsed_s,
             )
         report.conservative = self.conservative
         return report
@@ -342,8 +357,13 @@ class ControlMediator:
         report.failures.append(outcome.error)
         self.telemetry.count(kind)
         self.telemetry.event(
-            kind, severity="error", message=outcome.error, call=call, latency_s=outcome.elapsed_s,
-            command=None if command is None else _describe(command), breaker=self.breaker.state,
+            kind,
+            severity="error",
+            message=outcome.error,
+            call=call,
+            latency_s=outcome.elapsed_s,
+            command=None if command is None else _describe(command),
+            breaker=self.breaker.state,
             consecutive_failures=self.breaker.consecutive_failures,
         )
         log.error("control %s failed: %s", call, outcome.error)
@@ -351,7 +371,8 @@ class ControlMediator:
             self.conservative = True
             self.conservative_reason = outcome.error
             self.telemetry.event(
-                "control.conservative", severity="warning",
+                "control.conservative",
+                severity="warning",
                 message=f"conservative mode: no new commands until control calls succeed again ({outcome.error})",
             )
         self._withheld_calls = 0
@@ -364,7 +385,9 @@ class ControlMediator:
         log.warning("%d control command(s) withheld: %s", len(commands), why)
         self.telemetry.count("control.withheld", len(commands))
         self.telemetry.event(
-            "control.withheld", severity="warning", message=f"{len(commands)} command(s) withheld: {why}",
+            "control.withheld",
+            severity="warning",
+            message=f"{len(commands)} command(s) withheld: {why}",
             commands=[_describe(c) for c in commands],
         )
 
@@ -372,7 +395,8 @@ class ControlMediator:
         self.conservative = False
         log.info("control calls succeed again; conservative mode ended")
         self.telemetry.event(
-            "control.recovered", message="control calls succeed again; conservative mode ended",
+            "control.recovered",
+            message="control calls succeed again; conservative mode ended",
             after=self.conservative_reason,
         )
         self.conservative_reason = None
@@ -390,9 +414,15 @@ class ControlMediator:
             self._worker = None
         self._reap()
         if self._abandoned:
-            msg = f"{len(self._abandoned)} hung control call(s) still running at shutdown; left behind as daemon threads"
-            self.telemetry.event("control.hung_at_shutdown", severity="warning", message=msg,
-                                 calls=[job.name for _, job in self._abandoned])
+            msg = (
+                f"{len(self._abandoned)} hung control call(s) still running at shutdown; left behind as daemon threads"
+            )
+            self.telemetry.event(
+                "control.hung_at_shutdown",
+                severity="warning",
+                message=msg,
+                calls=[job.name for _, job in self._abandoned],
+            )
             log.warning(msg)
 
     def __enter__(self) -> ControlMediator:

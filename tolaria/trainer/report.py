@@ -41,7 +41,9 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if path.is_dir():
         # A distributed run writes one file per rank; rank 0's stands for the run (its losses are global).
-        path = path / (TELEMETRY_FILE if (path / TELEMETRY_FILE).exists() or not (path / RANK0_FILE).exists() else RANK0_FILE)
+        path = path / (
+            TELEMETRY_FILE if (path / TELEMETRY_FILE).exists() or not (path / RANK0_FILE).exists() else RANK0_FILE
+        )
     if not path.exists():
         raise FileNotFoundError(f"no telemetry at {path}; is this a run folder written by `tolaria train`?")
     records = []
@@ -52,7 +54,9 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno} is not valid JSON ({exc.msg}); the telemetry file is damaged") from None
+                raise ValueError(
+                    f"{path}:{lineno} is not valid JSON ({exc.msg}); the telemetry file is damaged"
+                ) from None
             if not isinstance(record, dict) or "kind" not in record:
                 raise ValueError(f"{path}:{lineno} is not a telemetry record (no 'kind')")
             records.append(record)
@@ -97,7 +101,10 @@ def _save(fig, out: Path) -> None:
 
 def _mark_rollbacks(ax, records: list[dict[str, Any]]) -> None:
     """Vertical lines where the run stepped back: rollbacks (red) and resumes from a checkpoint (grey)."""
-    marks = (("safety.rollback", "restored_step", "tab:red", "rollback"), ("train.resume", "restored_step", "tab:gray", "resume"))
+    marks = (
+        ("safety.rollback", "restored_step", "tab:red", "rollback"),
+        ("train.resume", "restored_step", "tab:gray", "resume"),
+    )
     for kind, key, color, label in marks:
         points = [r[key] for r in _of_kind(records, kind) if r.get(key) is not None and r.get("ok", True)]
         for i, step in enumerate(points):
@@ -164,7 +171,9 @@ def plot_conflicts(records: list[dict[str, Any]], out: Path) -> str | None:
     if epochs:
         ax.plot([r["step"] for r in epochs], [r["conflict_rate"] for r in epochs], marker="o", label="epoch mean")
     _mark_rollbacks(ax, records)
-    ax.set(xlabel="optimizer step", ylabel="conflicts per source pair", title="Gradient conflict rate", ylim=(-0.02, 1.02))
+    ax.set(
+        xlabel="optimizer step", ylabel="conflicts per source pair", title="Gradient conflict rate", ylim=(-0.02, 1.02)
+    )
     ax.grid(alpha=0.3)
     ax.legend()
     return _save(fig, out)
@@ -177,7 +186,13 @@ def mean_cosine(records: list[dict[str, Any]]) -> tuple[list[str], list[list[flo
         names = epochs[-1]["sources"]
         k = len(names)
         total = sum(r["train_steps"] for r in epochs if r["sources"] == names)
-        acc = [[sum(r["cosine"][i][j] * r["train_steps"] for r in epochs if r["sources"] == names) / total for j in range(k)] for i in range(k)]
+        acc = [
+            [
+                sum(r["cosine"][i][j] * r["train_steps"] for r in epochs if r["sources"] == names) / total
+                for j in range(k)
+            ]
+            for i in range(k)
+        ]
         return names, acc
     steps = [r for r in _of_kind(records, "gradient.cosine") if isinstance(r.get("value"), list)]
     if not steps:

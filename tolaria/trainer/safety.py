@@ -85,7 +85,7 @@ class SafetyGuard:
         self.streak += 1
         self.skipped_steps += 1
         self.epoch_incidents += 1
-        bad = [n for n, l, g in zip(stats.names, stats.losses, stats.norms) if not (_finite(l) and _finite(g))]
+        bad = [n for n, loss, g in zip(stats.names, stats.losses, stats.norms) if not (_finite(loss) and _finite(g))]
         message = (
             f"step {step} skipped: non-finite loss or gradient in source(s) {', '.join(bad) or '(aggregate)'} "
             f"({self.streak} in a row; rollback after {self.config.rollback_after})"
@@ -93,7 +93,11 @@ class SafetyGuard:
         log.warning(message)
         self.telemetry.count("safety.skipped_steps")
         self.telemetry.event(
-            "safety.step_skipped", severity="warning", message=message, sources=bad, streak=self.streak,
+            "safety.step_skipped",
+            severity="warning",
+            message=message,
+            sources=bad,
+            streak=self.streak,
             losses=dict(zip(stats.names, map(_jsonable, stats.losses))),
             norms=dict(zip(stats.names, map(_jsonable, stats.norms))),
         )
@@ -117,11 +121,19 @@ class SafetyGuard:
         self.telemetry.count("safety.rollbacks")
         result = self.state.rollback(step, model, optimizer, self.rollback_deadline_s)
         fields = dict(
-            ok=result.ok, tier=result.tier, restored_step=result.step, reason=result.reason,
-            elapsed_s=result.elapsed_s, deadline_at=result.deadline_at, rollback=self.rollbacks,
+            ok=result.ok,
+            tier=result.tier,
+            restored_step=result.step,
+            reason=result.reason,
+            elapsed_s=result.elapsed_s,
+            deadline_at=result.deadline_at,
+            rollback=self.rollbacks,
         )
         if result.ok:
-            message = f"rolled back from step {step} to step {result.step} ({result.tier} tier, {result.elapsed_s * 1e3:.1f} ms)"
+            message = (
+                f"rolled back from step {step} to step {result.step} "
+                f"({result.tier} tier, {result.elapsed_s * 1e3:.1f} ms)"
+            )
             log.warning(message)
             self.telemetry.event("safety.rollback", severity="warning", message=message, **fields)
             self._escalate(EmergencyLevel.ELEVATED, message)
@@ -149,7 +161,9 @@ class SafetyGuard:
         message = f"epoch {epoch + 1} took {elapsed_s:.2f} s, over its budget of {budget:.2f} s"
         log.warning(message)
         self.telemetry.count("safety.epoch_budget_breaches")
-        self.telemetry.event("safety.epoch_budget", severity="warning", message=message, elapsed_s=elapsed_s, budget_s=budget)
+        self.telemetry.event(
+            "safety.epoch_budget", severity="warning", message=message, elapsed_s=elapsed_s, budget_s=budget
+        )
         return True
 
     def end_epoch(self, epoch: int) -> None:

@@ -101,14 +101,25 @@ class ShuffledBatches:
     the same number of batches; ``batch_size`` is then per rank. See :meth:`for_rank`.
     """
 
-    def __init__(self, x: Tensor, y: Tensor, batch_size: int, *, seed: int = 0, shuffle: bool = True,
-                 rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        x: Tensor,
+        y: Tensor,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         if len(x) != len(y):
             raise ValueError(f"x and y hold {len(x)} and {len(y)} examples; they must match")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, world_size) with world_size >= 1, got rank {rank}, world_size {world_size}")
+            raise ValueError(
+                f"rank must be in [0, world_size) with world_size >= 1, got rank {rank}, world_size {world_size}"
+            )
         if len(x) < world_size:
             raise ValueError(f"{len(x)} examples cannot give each of {world_size} ranks one")
         self.rank, self.world_size = rank, world_size
@@ -124,8 +135,9 @@ class ShuffledBatches:
 
     def for_rank(self, rank: int, world_size: int) -> ShuffledBatches:
         """The same batches, sharded for rank ``rank`` of ``world_size`` (the trainer calls this)."""
-        return ShuffledBatches(self.x, self.y, self.batch_size, seed=self.seed, shuffle=self.shuffle,
-                               rank=rank, world_size=world_size)
+        return ShuffledBatches(
+            self.x, self.y, self.batch_size, seed=self.seed, shuffle=self.shuffle, rank=rank, world_size=world_size
+        )
 
     def _shard_size(self) -> int:
         return -(-len(self.x) // self.world_size)
@@ -201,7 +213,9 @@ def build_default_task(cfg: DigitsTaskConfig | None = None) -> DefaultTask:
     torch.manual_seed(cfg.seed)
     model = TwoDigitNet(cfg.hidden)
     if cfg.optimizer == "adamw":
-        optimizer: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer: torch.optim.Optimizer = torch.optim.AdamW(
+            model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
+        )
     else:
         optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
     data = ShuffledBatches(x, y, cfg.batch_size, seed=cfg.seed)

@@ -173,7 +173,9 @@ def bind_telemetry(telemetry: TelemetryEmitter, ctx: DistributedContext) -> None
 # ---- data, aggregator, LR ----------------------------------------------------------------------
 
 
-def shard_data(data: Iterable[Any], ctx: DistributedContext, *, seed: int, telemetry: TelemetryEmitter) -> Iterable[Any]:
+def shard_data(
+    data: Iterable[Any], ctx: DistributedContext, *, seed: int, telemetry: TelemetryEmitter
+) -> Iterable[Any]:
     """This rank's share of ``data`` (``data`` itself in one process)."""
     if not ctx.is_distributed or isinstance(data, ShardedLoader):
         return data
@@ -241,13 +243,16 @@ def build_lr(config: TrainerConfig, optimizer: torch.optim.Optimizer, data: Any,
 # ---- state, emergency, safety, control, profiler -----------------------------------------------
 
 
-def build_state(config: TrainerConfig, run_dir: Path, ctx: DistributedContext, telemetry: TelemetryEmitter) -> StateManager:
+def build_state(
+    config: TrainerConfig, run_dir: Path, ctx: DistributedContext, telemetry: TelemetryEmitter
+) -> StateManager:
     """The state manager: checkpoints and fast snapshots."""
     # Rank 0 owns the checkpoints; the others keep only their fast snapshots (for rollbacks).
     return StateManager(
         run_dir / ("checkpoints" if ctx.is_main else f"state-rank{ctx.rank}"),
         fast_cache_mb=config.checkpoint.fast_cache_mb,
-        keep_last=config.checkpoint.keep_last, telemetry=telemetry,
+        keep_last=config.checkpoint.keep_last,
+        telemetry=telemetry,
     )
 
 
@@ -275,23 +280,36 @@ def build_emergency(shared_signal: Any, telemetry: TelemetryEmitter) -> Emergenc
 
 
 def build_safety(
-    config: TrainerConfig, state: StateManager, emergency: EmergencyController, telemetry: TelemetryEmitter,
+    config: TrainerConfig,
+    state: StateManager,
+    emergency: EmergencyController,
+    telemetry: TelemetryEmitter,
 ) -> SafetyGuard:
     """The safety guard: non-finite steps, rollbacks, HALT, epoch time budgets."""
     return SafetyGuard(
-        config.safety, state, emergency,
-        rollback_deadline_s=config.checkpoint.rollback_deadline_s, telemetry=telemetry,
+        config.safety,
+        state,
+        emergency,
+        rollback_deadline_s=config.checkpoint.rollback_deadline_s,
+        telemetry=telemetry,
     )
 
 
 def build_mediator(
-    config: TrainerConfig, policy: Policy | None, executor: Executor | None, telemetry: TelemetryEmitter,
+    config: TrainerConfig,
+    policy: Policy | None,
+    executor: Executor | None,
+    telemetry: TelemetryEmitter,
 ) -> ControlMediator:
     """The control mediator: the policy and executor under timeouts and a circuit breaker."""
     return ControlMediator(
-        policy, executor, timeout_s=config.control_timeout_s,
-        failure_threshold=config.control_failure_threshold, cooldown_s=config.control_cooldown_s,
-        recovery_calls=config.control_recovery_calls, max_abandoned=config.control_max_abandoned,
+        policy,
+        executor,
+        timeout_s=config.control_timeout_s,
+        failure_threshold=config.control_failure_threshold,
+        cooldown_s=config.control_cooldown_s,
+        recovery_calls=config.control_recovery_calls,
+        max_abandoned=config.control_max_abandoned,
         telemetry=telemetry,
     )
 

@@ -53,8 +53,14 @@ def _lowbias32(x: Tensor) -> Tensor:
     return x ^ (x >> 16)
 
 
-def graddrop_uniforms(keys: tuple[int, int], start: int, stop: int, *, device: torch.device | str = "cpu",
-                      dtype: torch.dtype = torch.float32) -> Tensor:
+def graddrop_uniforms(
+    keys: tuple[int, int],
+    start: int,
+    stop: int,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
     """GradDrop's uniforms of columns [start, stop) for one call's ``keys``: the top 24 bits of two
     rounds of the lowbias32 hash of the column (``graddrop_hash`` in csrc/aggregation/coordinatewise.h,
     ``_uniform`` in tolaria.kernels.graddrop), exact in float32, in [0, 1)."""
@@ -83,8 +89,14 @@ def _finite(x: Tensor) -> Tensor:
 # ---- GradDrop ------------------------------------------------------------------------------------
 
 
-def _graddrop_torch(sources: Sources, keys: tuple[int, int], leak: Tensor | None, out: Tensor | None,
-                    f: Callable[[Tensor], Tensor] | None, check: bool) -> tuple[Tensor, Tensor]:
+def _graddrop_torch(
+    sources: Sources,
+    keys: tuple[int, int],
+    leak: Tensor | None,
+    out: Tensor | None,
+    f: Callable[[Tensor], Tensor] | None,
+    check: bool,
+) -> tuple[Tensor, Tensor]:
     j = sources.stacked()
     acc_dtype = accumulation_dtype(sources.dtype)
     flat = _output(sources, out)
@@ -117,9 +129,16 @@ def _graddrop_torch(sources: Sources, keys: tuple[int, int], leak: Tensor | None
     return flat, finite
 
 
-def graddrop(impl: Backend, sources: Sources, keys: tuple[int, int], *, leak: Tensor | None = None,
-             out: Tensor | None = None, f: Callable[[Tensor], Tensor] | None = None,
-             check: bool = True) -> tuple[Tensor, bool | None]:
+def graddrop(
+    impl: Backend,
+    sources: Sources,
+    keys: tuple[int, int],
+    *,
+    leak: Tensor | None = None,
+    out: Tensor | None = None,
+    f: Callable[[Tensor], Tensor] | None = None,
+    check: bool = True,
+) -> tuple[Tensor, bool | None]:
     """GradDrop's combination of ``sources`` on backend ``impl``; ``leak`` is None or K float64 values
     on any device, ``f`` (torch backend only) is applied to P. Returns the flat result and, with
     ``check``, whether every input value was finite (read on the host), else None."""
@@ -130,8 +149,14 @@ def graddrop(impl: Backend, sources: Sources, keys: tuple[int, int], *, leak: Te
         flat = _output(sources, out)
         lk = None if leak is None else leak.to(device="cpu", dtype=torch.float64).contiguous()
         finite = _ext.graddrop(
-            [r.data_ptr() for r in rows], sources.n, _DTYPE_CODES[sources.dtype],
-            0 if lk is None else lk.data_ptr(), keys[0], keys[1], flat.data_ptr(), torch.get_num_threads(),
+            [r.data_ptr() for r in rows],
+            sources.n,
+            _DTYPE_CODES[sources.dtype],
+            0 if lk is None else lk.data_ptr(),
+            keys[0],
+            keys[1],
+            flat.data_ptr(),
+            torch.get_num_threads(),
         )
         return flat, bool(finite) if check else None
     if impl.name == "triton":
@@ -156,8 +181,9 @@ def order_keys(x: Tensor) -> Tensor:
     """Integer keys of float32/float64 ``x`` in the total order -inf < ... < -0 < +0 < ... < +inf < NaN
     (every NaN made one positive quiet NaN); :func:`order_values` inverts it."""
     itype = torch.int32 if x.dtype == torch.float32 else torch.int64
-    bits = torch.where(torch.isnan(x), torch.tensor(_QUIET_NAN_BITS[itype], dtype=itype, device=x.device),
-                       x.view(itype))
+    bits = torch.where(
+        torch.isnan(x), torch.tensor(_QUIET_NAN_BITS[itype], dtype=itype, device=x.device), x.view(itype)
+    )
     return bits ^ ((bits >> _SIGN_BITS[itype]) & _MAGNITUDE[itype])
 
 
@@ -184,8 +210,9 @@ def _trimmed_mean_torch(sources: Sources, trim: int, out: Tensor | None, check: 
     return flat, finite
 
 
-def trimmed_mean(impl: Backend, sources: Sources, trim: int, *, out: Tensor | None = None,
-                 check: bool = True) -> tuple[Tensor, bool | None]:
+def trimmed_mean(
+    impl: Backend, sources: Sources, trim: int, *, out: Tensor | None = None, check: bool = True
+) -> tuple[Tensor, bool | None]:
     """The per-column mean of ``sources`` without their ``trim`` smallest and largest values, on
     backend ``impl`` (needs K > 2 trim); returns the flat result and, with ``check``, whether every
     input value was finite (read on the host), else None."""
@@ -193,7 +220,11 @@ def trimmed_mean(impl: Backend, sources: Sources, trim: int, *, out: Tensor | No
         rows = _contiguous_rows(sources)
         flat = _output(sources, out)
         finite = _ext.trimmed_mean(
-            [r.data_ptr() for r in rows], sources.n, _DTYPE_CODES[sources.dtype], trim, flat.data_ptr(),
+            [r.data_ptr() for r in rows],
+            sources.n,
+            _DTYPE_CODES[sources.dtype],
+            trim,
+            flat.data_ptr(),
             torch.get_num_threads(),
         )
         return flat, bool(finite) if check else None

@@ -72,9 +72,10 @@ def _check_aggregator(aggregator: Any, optimize: bool) -> None:
             f"the aggregator must be a Tolaria aggregator, a TorchJD aggregator or a callable mapping the K x N "
             f"Jacobian to an N-vector, got {type(aggregator).__name__}"
         )
-    if optimize and (isinstance(aggregator, CoordinatewiseAggregator) or not (
-        isinstance(aggregator, Aggregator) or _gram_weighted_torchjd(aggregator)
-    )):
+    if optimize and (
+        isinstance(aggregator, CoordinatewiseAggregator)
+        or not (isinstance(aggregator, Aggregator) or _gram_weighted_torchjd(aggregator))
+    ):
         raise ValueError(
             "In order to use `jac_to_grad` with `optimize_gramian_computation=True`, you must provide an "
             "aggregator that computes weights based on the Gramian of the Jacobian (e.g. `UPGrad`, Tolaria's or "

@@ -132,8 +132,10 @@ def _backward(
     tensors_ = _as_unique_list(tensors, "tensors")
     if not tensors_:
         raise ValueError("`tensors` cannot be empty.")
-    inputs_ = _leaves(tensors_, [], "tensors") if inputs is None else _dedupe(
-        [inputs] if isinstance(inputs, Tensor) else inputs, "inputs"
+    inputs_ = (
+        _leaves(tensors_, [], "tensors")
+        if inputs is None
+        else _dedupe([inputs] if isinstance(inputs, Tensor) else inputs, "inputs")
     )
     if jac_tensors is None:
         k = sum(t.numel() for t in tensors_)
@@ -185,15 +187,19 @@ def _mtl_backward(
         raise ValueError("`features` cannot be empty.")
     if not tensors_:
         raise ValueError("`tensors` cannot be empty.")
-    shared = _leaves(features_, [], "features") if shared_params is None else _dedupe(
-        [shared_params] if isinstance(shared_params, Tensor) else shared_params, "shared_params"
+    shared = (
+        _leaves(features_, [], "features")
+        if shared_params is None
+        else _dedupe([shared_params] if isinstance(shared_params, Tensor) else shared_params, "shared_params")
     )
     if tasks_params is None:
         tasks = [_leaves([t], features_, "tensors") for t in tensors_]
     else:
         tasks = [_dedupe([ps] if isinstance(ps, Tensor) else ps, "tasks_params") for ps in tasks_params]
     if len(tasks) != len(tensors_):
-        raise ValueError(f"`tensors` and `tasks_params` should have the same size. (got {len(tensors_)} and {len(tasks)})")
+        raise ValueError(
+            f"`tensors` and `tasks_params` should have the same size. (got {len(tensors_)} and {len(tasks)})"
+        )
     shared_ids = {id(p) for p in shared}
     if any(id(p) in shared_ids for ps in tasks for p in ps):
         raise ValueError("`tasks_params` should contain no tensor in common with `shared_params`.")

@@ -50,7 +50,9 @@ def backward(*args: Any, **kwargs: Any) -> None:
         b = inspect.signature(_backward_v02).bind(*args, **kwargs)
         b.apply_defaults()
         a = b.arguments
-        return _backward(a["tensors"], None, a["inputs"], a["retain_graph"], a["parallel_chunk_size"], _required(a["A"]))
+        return _backward(
+            a["tensors"], None, a["inputs"], a["retain_graph"], a["parallel_chunk_size"], _required(a["A"])
+        )
     if len(args) > 1 or "aggregator" in kwargs:
         b = inspect.signature(_backward_v03).bind(*args, **kwargs)
         b.apply_defaults()
@@ -90,9 +92,7 @@ def _mtl_backward_v03(
     """TorchJD 0.3 to 0.8: the aggregator in the call."""
 
 
-def _mtl_backward_v02(
-    losses, features, tasks_params, shared_params, A, retain_graph=False, parallel_chunk_size=None
-):
+def _mtl_backward_v02(losses, features, tasks_params, shared_params, A, retain_graph=False, parallel_chunk_size=None):
     """TorchJD 0.2: the parameters before the aggregator ``A``."""
 
 
@@ -127,22 +127,39 @@ def mtl_backward(*args: Any, **kwargs: Any) -> None:
         b.apply_defaults()
         a = b.arguments
         return _mtl_backward(
-            a["losses"], a["features"], None, a["tasks_params"], a["shared_params"], a["retain_graph"],
-            a["parallel_chunk_size"], _required(a["A"]),
+            a["losses"],
+            a["features"],
+            None,
+            a["tasks_params"],
+            a["shared_params"],
+            a["retain_graph"],
+            a["parallel_chunk_size"],
+            _required(a["A"]),
         )
     if len(args) > 2 or "aggregator" in kwargs or "losses" in kwargs:
         b = inspect.signature(_mtl_backward_v03).bind(*args, **kwargs)
         b.apply_defaults()
         a = b.arguments
         return _mtl_backward(
-            a["losses"], a["features"], None, a["tasks_params"], a["shared_params"], a["retain_graph"],
-            a["parallel_chunk_size"], _required(a["aggregator"]),
+            a["losses"],
+            a["features"],
+            None,
+            a["tasks_params"],
+            a["shared_params"],
+            a["retain_graph"],
+            a["parallel_chunk_size"],
+            _required(a["aggregator"]),
         )
     b = inspect.signature(_mtl_backward_v018).bind(*args, **kwargs)
     b.apply_defaults()
     a = b.arguments
     return _mtl_backward(
-        a["tensors"], a["features"], a["grad_tensors"], a["tasks_params"], a["shared_params"], a["retain_graph"],
+        a["tensors"],
+        a["features"],
+        a["grad_tensors"],
+        a["tasks_params"],
+        a["shared_params"],
+        a["retain_graph"],
         a["parallel_chunk_size"],
     )
 
