@@ -12,6 +12,7 @@ from tolaria.trainer.gradient import (
     SourceAccumulator,
     as_named_losses,
     build_aggregator,
+    build_training_aggregator,
 )
 
 from .helpers import TwoHeads, make_batches, two_task_loss
@@ -56,7 +57,7 @@ def setup(seed=0):
 def test_pcgrad_matches_float64_reference(seed):
     model, batch = setup(seed)
     J = per_source_grads(model, two_task_loss(model(batch[0]), batch))
-    stage = GradientStage(model, build_aggregator("pcgrad", shuffle=False))
+    stage = GradientStage(model, build_training_aggregator("pcgrad", shuffle=False))
     stats = stage.backward(two_task_loss(model(batch[0]), batch))
     torch.testing.assert_close(flat_grad(model), reference_pcgrad(J), rtol=1e-10, atol=1e-12)
     norms = J.norm(dim=1)
@@ -74,7 +75,7 @@ def test_pcgrad_matches_float64_reference(seed):
 def test_weights_reproduce_the_aggregate():
     model, batch = setup(3)
     J = per_source_grads(model, two_task_loss(model(batch[0]), batch))
-    stage = GradientStage(model, build_aggregator("pcgrad"))
+    stage = GradientStage(model, build_training_aggregator("pcgrad"))
     stats = stage.backward(two_task_loss(model(batch[0]), batch))
     torch.testing.assert_close(flat_grad(model), torch.tensor(stats.weights, dtype=J.dtype) @ J, rtol=1e-10, atol=1e-12)
 
@@ -104,7 +105,7 @@ def test_single_weighted_source_is_not_the_identity():
     model, batch = setup(6)
     loss = lambda: sum(two_task_loss(model(batch[0]), batch).values())  # noqa: E731
     expected = per_source_grads(model, {"loss": loss()})[0]
-    stage = GradientStage(model, build_aggregator("weighted", weights=[0.5]))
+    stage = GradientStage(model, build_training_aggregator("weighted", weights=[0.5]))
     stats = stage.backward(loss())
     assert not stage.fast_path
     torch.testing.assert_close(flat_grad(model), 0.5 * expected, rtol=1e-10, atol=1e-12)
@@ -119,8 +120,8 @@ def test_clipping(sources):
         named = two_task_loss(model(batch[0]), batch)
         return named if sources == 2 else sum(named.values())
 
-    unclipped = GradientStage(model, build_aggregator("sum")).backward(losses())
-    stage = GradientStage(model, build_aggregator("sum"), max_grad_norm=unclipped.grad_norm / 4)
+    unclipped = GradientStage(model, build_training_aggregator("sum")).backward(losses())
+    stage = GradientStage(model, build_training_aggregator("sum"), max_grad_norm=unclipped.grad_norm / 4)
     stage.zero_grad()
     stats = stage.backward(losses())
     assert stats.grad_norm == pytest.approx(unclipped.grad_norm)  # reported before clipping
@@ -132,7 +133,7 @@ def test_non_finite_is_flagged(sources):
     model, batch = setup(8)
     losses = two_task_loss(model(batch[0]), batch)
     losses = {"a": losses["a"] * float("nan"), "b": losses["b"]} if sources == 2 else losses["a"] * float("inf")
-    stats = GradientStage(model, build_aggregator("pcgrad")).backward(losses)
+    stats = GradientStage(model, build_training_aggregator("pcgrad")).backward(losses)
     assert not stats.finite
     assert not math.isfinite(stats.losses[0])
 
@@ -143,7 +144,7 @@ def test_infinite_or_overflowing_gradients_are_flagged_not_raised(scale):
     # the safety checks, never as an exception from the statistics.
     model, batch = setup(10)
     losses = two_task_loss(model(batch[0]), batch)
-    stats = GradientStage(model, build_aggregator("sum")).backward(
+    stats = GradientStage(model, build_training_aggregator("sum")).backward(
         {"a": losses["a"] * scale, "b": -losses["b"] * scale}
     )
     assert not stats.finite
@@ -152,7 +153,7 @@ def test_infinite_or_overflowing_gradients_are_flagged_not_raised(scale):
 
 def test_names_must_stay_the_same():
     model, batch = setup(9)
-    stage = GradientStage(model, build_aggregator("pcgrad"))
+    stage = GradientStage(model, build_training_aggregator("pcgrad"))
     stage.backward(two_task_loss(model(batch[0]), batch))
     with pytest.raises(ValueError, match=r"missing \['b'\], unexpected \['c'\]"):
         out = two_task_loss(model(batch[0]), batch)
@@ -182,7 +183,7 @@ def test_every_named_aggregator_trains_two_sources(name):
         options["seed"] = 0
     if name == "trimmed_mean":
         options["trim_number"] = 0  # two sources: nothing to trim, the mean
-    stage = GradientStage(model, build_aggregator(name, **options))
+    stage = GradientStage(model, build_training_aggregator(name, **options))
     if name == "krum":  # Krum scores each source by its distance to others: it needs three at least
         with pytest.raises(ValueError, match="Krum.* needs at least 3 sources"):
             stage.backward(two_task_loss(model(batch[0]), batch))
@@ -191,7 +192,7 @@ def test_every_named_aggregator_trains_two_sources(name):
     assert stats.finite and stats.names == ("a", "b")
     J = per_source_grads(model, two_task_loss(model(batch[0]), batch))
     if not stage.aggregator.weighted:  # coordinate-wise: the same aggregator, fresh, on J
-        expected = build_aggregator(name, **options)(J)
+        expected = build_training_aggregator(name, **options)(J)
         torch.testing.assert_close(flat_grad(model), expected, rtol=1e-8, atol=1e-10)
         assert stats.grad_norm == pytest.approx(float(expected.norm()), rel=1e-9)
         return
@@ -202,12 +203,24 @@ def test_unknown_aggregator_lists_valid_names():
     with pytest.raises(ValueError, match="valid names are " + ", ".join(AGGREGATOR_NAMES)):
         build_aggregator("nope")
     with pytest.raises(ValueError, match="bad options"):
-        build_aggregator("mean", shuffle=True)
+        build_training_aggregator("mean", shuffle=True)
+
+
+def test_one_build_aggregator_with_one_default():
+    # tolaria.trainer.build_aggregator is tolaria.aggregation.build_aggregator: it raises on NaN by
+    # default; only the trainer's own builder propagates (its safety checks skip such steps).
+    import tolaria.aggregation
+    import tolaria.trainer
+
+    assert tolaria.trainer.build_aggregator is tolaria.aggregation.build_aggregator
+    assert build_aggregator("pcgrad").nonfinite == "raise"
+    assert build_training_aggregator("pcgrad").nonfinite == "propagate"
+    assert build_training_aggregator("pcgrad", nonfinite="raise").nonfinite == "raise"
 
 
 def test_accumulator_means_and_conflict_rate():
     model, batch = setup(10)
-    stage = GradientStage(model, build_aggregator("pcgrad"))
+    stage = GradientStage(model, build_training_aggregator("pcgrad"))
     acc = SourceAccumulator()
     steps = []
     for _ in range(3):

@@ -52,13 +52,16 @@ def _allreduce_mean_grads(grads: list[Tensor], ctx: DistributedContext) -> None:
         offset += g.numel()
 
 
-def build_aggregator(name: str, **options: Any) -> Aggregator:
-    """The aggregator called ``name`` (see ``tolaria.aggregation.AGGREGATOR_NAMES``), built with ``options``.
+# One public function of this name, with one default (nonfinite="raise"): the aggregation package's.
+build_aggregator = aggregation.build_aggregator
 
-    Aggregators are built with ``nonfinite="propagate"`` unless ``options`` says otherwise: the
-    trainer's own safety checks handle non-finite gradients (skip, roll back), from the same host
-    read as its telemetry, so the aggregator need not read anything itself. An unknown name raises
-    ``ValueError`` listing the valid ones; bad options raise ``ValueError`` naming them.
+
+def build_training_aggregator(name: str, **options: Any) -> Aggregator:
+    """The aggregator the trainer builds from its config: ``name`` with ``options``, and
+    ``nonfinite="propagate"`` unless ``options`` says otherwise (the trainer's own safety checks
+    handle non-finite gradients, skip or roll back, from the same host read as its telemetry, so
+    the aggregator need not read anything itself). An unknown name raises ``ValueError`` listing
+    the valid ones; bad options raise ``ValueError`` naming them (a config error, not a TypeError).
     """
     options = {"nonfinite": "propagate", **options}
     try:
@@ -414,5 +417,6 @@ __all__ = [
     "SourceStats",
     "as_named_losses",
     "build_aggregator",
+    "build_training_aggregator",
     "emit_step_metrics",
 ]

@@ -36,7 +36,7 @@ from tolaria.telemetry import JsonlSink, LoggingSink, TelemetryEmitter, TensorBo
 
 from .batches import data_length, default_run_dir, resolve_device
 from .config import ConfigError, TrainerConfig
-from .gradient import build_aggregator
+from .gradient import build_training_aggregator
 from .mediator import ControlMediator, Executor, Policy
 from .safety import SafetyGuard
 
@@ -212,7 +212,7 @@ def wire_aggregator(
         # The same draws on every rank (and a state to checkpoint): replicas stay identical.
         generator = synchronized_generator(config.seed, ctx, telemetry=telemetry)
         aggregator_options["generator"] = generator
-    return build_aggregator(config.aggregator, **aggregator_options), generator
+    return build_training_aggregator(config.aggregator, **aggregator_options), generator
 
 
 def total_steps(data: Any, config: TrainerConfig) -> int | None:
