@@ -365,6 +365,11 @@ class TelemetryEmitter:
         with self._lock:
             return max((len(q.pending) for q in self._queues), default=0)
 
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` ran: the emitter records nothing more."""
+        return self._closed
+
     def close(self) -> None:
         """Flushes and closes every sink. Records a sink still refuses are reported, not hidden."""
         with self._lock:

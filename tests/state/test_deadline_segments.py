@@ -61,3 +61,15 @@ def test_segments_of_dead_processes_are_reclaimed(tmp_path):
         assert alive.exists()
     finally:
         alive.unlink()
+
+
+def test_a_report_after_telemetry_closed_is_logged_not_raised(caplog):
+    # An abandoned staging read can finish after the trainer closed its telemetry: its report must
+    # reach the log, not raise in the read's daemon thread (and be lost).
+    from tolaria.state.reporting import report
+    from tolaria.telemetry import MemorySink, TelemetryEmitter
+
+    telemetry = TelemetryEmitter([MemorySink()])
+    telemetry.close()
+    report(telemetry, "state.staging_finished_late", "warning", "the read of step 7 finished after close")
+    assert "the read of step 7 finished after close (after telemetry closed: logged only)" in caplog.text

@@ -13,6 +13,13 @@ log = logging.getLogger("tolaria.state")
 
 
 def report(telemetry: TelemetryEmitter, kind: str, severity: str, message: str, **fields: Any) -> None:
-    """Logs ``message`` on the ``tolaria.state`` logger and emits it as a telemetry event of ``kind``."""
+    """Logs ``message`` on the ``tolaria.state`` logger and emits it as a telemetry event of ``kind``.
+
+    A report that comes after the emitter was closed (an abandoned staging read finishing after the
+    run ended) is logged, saying so, instead of raising in the thread that made it and being lost.
+    """
+    if telemetry.closed:
+        log.log(_LOG_LEVELS[severity], "%s: %s (after telemetry closed: logged only)", kind, message)
+        return
     log.log(_LOG_LEVELS[severity], "%s: %s", kind, message)
     telemetry.event(kind, severity=severity, message=message, **fields)
