@@ -2,6 +2,8 @@
 
     python benchmarks/cpu_isa.py            # N = 4e6: K = 2, 4, 8, 16 fp32 and K = 8 bf16, every level
     python benchmarks/cpu_isa.py --rounds 15
+    python -m pytest benchmarks/cpu_isa.py --benchmark-only       # pytest-benchmark: K = 8, N = 4e6, fp32
+    TOLARIA_BENCH_N=1e6 python -m pytest benchmarks/cpu_isa.py --benchmark-only
 
 For each case it times, in turns (one call of each method per round, so drift on a shared machine
 hits all alike): the floor (one read of J, ``J.sum(0)`` in J's dtype), Tolaria's PCGrad at each ISA
@@ -9,16 +11,23 @@ level (forced with ``set_cpu_isa``, as ``TOLARIA_CPU_ISA`` does), and at K = 8 f
 (when installed) and the naive pairwise loop. It then times PCGrad right after a torch op against
 the same call after a 50 ms pause (torch's OpenMP workers spin for a while after each op; a pass that
 fights them for the cores pays for it). Ratios, not times, are the figures to compare.
+
+The pytest-benchmark form times, on one K x N float32 matrix (K = 8, N = 4e6; ``TOLARIA_BENCH_K`` and
+``TOLARIA_BENCH_N`` change them), the floor and Tolaria's PCGrad at each ISA level this CPU runs (each
+benchmark its own rounds, not interleaved); ``extra_info`` holds ``x_floor`` and ``x_widest`` (time
+over the widest level's). The widest level is set again afterwards. No assertion on timings.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import time
 from collections.abc import Callable
 
+import pytest
 import torch
 
 from tolaria.aggregation import PCGrad, cpu_isa, set_cpu_isa, supported_cpu_isas
@@ -122,6 +131,45 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tolaria[{level}]    {idle:.3f}x    {steady:.3f}x")
     set_cpu_isa(default)
     return 0
+
+
+# ---- pytest-benchmark form ----------------------------------------------------------------------
+
+BENCH_K = int(os.environ.get("TOLARIA_BENCH_K", "8"))
+BENCH_N = int(float(os.environ.get("TOLARIA_BENCH_N", str(N))))
+_LEVELS = list(supported_cpu_isas())  # widest first
+_medians: dict[str, float] = {}
+
+
+@pytest.fixture(scope="module")
+def isa_case():
+    """One fp32 matrix and one PCGrad shared by every level; the widest level is set again afterwards."""
+    j = torch.randn(BENCH_K, BENCH_N, generator=torch.Generator().manual_seed(0))
+    try:
+        yield j, PCGrad(shuffle=False)
+    finally:
+        set_cpu_isa(_LEVELS[0])
+
+
+@pytest.mark.parametrize("level", ["floor", *_LEVELS])  # the floor and the widest level first: the ratios' bases
+def test_cpu_isa(benchmark, isa_case, level):
+    j, pcgrad = isa_case
+    fn = (lambda: j.sum(0)) if level == "floor" else _at_level(level, lambda: pcgrad(j))
+    benchmark.group = (
+        f"PCGrad K={BENCH_K} N={BENCH_N:.3g} float32 cpu by ISA level "
+        f"(widest {_LEVELS[0]}, {torch.get_num_threads()} threads)"
+    )
+    try:
+        fn()  # warm-up
+        benchmark.pedantic(fn, rounds=7, iterations=1)
+    finally:
+        set_cpu_isa(_LEVELS[0])
+    median = benchmark.stats.stats.median
+    _medians[level] = median
+    if "floor" in _medians:
+        benchmark.extra_info["x_floor"] = median / _medians["floor"]
+    if _LEVELS[0] in _medians:
+        benchmark.extra_info["x_widest"] = median / _medians[_LEVELS[0]]
 
 
 if __name__ == "__main__":

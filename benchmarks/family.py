@@ -3,21 +3,31 @@ each Gramian aggregator within 1.5x of PCGrad's time), and against TorchJD's ver
 
     python benchmarks/family.py                     # K = 8, N = 4e6, float32, CPU
     python benchmarks/family.py --k 4 --n 1e6 --rounds 15
+    python -m pytest benchmarks/family.py --benchmark-only          # pytest-benchmark, K = 8, N = 4e6
+    TOLARIA_BENCH_N=1e6 python -m pytest benchmarks/family.py --benchmark-only -k "pcgrad or upgrad"
 
 Each round calls PCGrad, the floor (``J.sum(0)``, one read of J) and every aggregator once, in an
 order that rotates every round, so that load from elsewhere on a shared machine falls on all alike.
 The figures are medians over the rounds, as ratios: time / PCGrad's, and TorchJD's time / Tolaria's.
 Stateful aggregators keep their state across rounds, as in training.
+
+The pytest-benchmark form times the same methods on one shared K x N float32 matrix (K = 8, N = 4e6;
+``TOLARIA_BENCH_K`` and ``TOLARIA_BENCH_N`` change them): the floor, then for every aggregator
+Tolaria's (``CONTENDERS[name].tolaria("auto")``) and TorchJD's where it has one, each benchmark its
+own rounds (not interleaved). ``extra_info`` holds ``x_pcgrad`` (time / Tolaria's PCGrad's),
+``x_floor`` and, for Tolaria, ``torchjd_over_tolaria``. No assertion on timings.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import time
 from collections.abc import Callable
 
+import pytest
 import torch
 
 from tolaria.aggregation import AGGREGATOR_NAMES, cpu_isa
@@ -69,6 +79,56 @@ def main() -> None:
         ref = median.get(f"{name}/torchjd")
         ref_text = f"{ref:11.1f} {ref / median[name]:17.1f}x" if ref is not None else f"{'-':>11s} {'-':>18s}"
         print(f"{name:14s} {median[name]:8.2f} {median[name] / median['pcgrad']:9.2f} {ref_text}")
+
+
+# ---- pytest-benchmark form ----------------------------------------------------------------------
+
+K = int(os.environ.get("TOLARIA_BENCH_K", "8"))
+N = int(float(os.environ.get("TOLARIA_BENCH_N", "4e6")))
+# PCGrad first (after the floor): every other aggregator's ratio needs its time.
+_NAMES = ["pcgrad"] + [n for n in AGGREGATOR_NAMES if n != "pcgrad" and n in CONTENDERS and CONTENDERS[n].min_k <= K]
+_CASES = [("floor", "floor")] + [(name, impl) for name in _NAMES for impl in ("tolaria", "torchjd")]
+_medians: dict[tuple[str, str], float] = {}
+_methods: dict[tuple[str, str], Callable[[], object] | None] = {}
+
+
+@pytest.fixture(scope="module")
+def family_j() -> torch.Tensor:
+    return torch.randn(K, N, generator=torch.Generator().manual_seed(0))
+
+
+def _method(j: torch.Tensor, name: str, impl: str) -> Callable[[], object] | None:
+    """The method main() times for (name, impl); built once, so stateful aggregators keep their state."""
+    if (name, impl) not in _methods:
+        if name == "floor":
+            _methods[(name, impl)] = lambda: j.sum(0)
+        else:
+            contender = CONTENDERS[name]
+            agg = (
+                contender.tolaria("auto")
+                if impl == "tolaria"
+                else _torchjd(contender.torchjd_name, contender.torchjd_kwargs, K)
+            )
+            _methods[(name, impl)] = None if agg is None else (lambda agg=agg: agg(j))
+    return _methods[(name, impl)]
+
+
+@pytest.mark.parametrize("name,impl", _CASES, ids=[f"{n}-{i}" if n != i else n for n, i in _CASES])
+def test_family(benchmark, family_j, name, impl):
+    fn = _method(family_j, name, impl)
+    if fn is None:
+        pytest.skip(f"TorchJD has no {name} here (not installed, or no such aggregator)")
+    benchmark.group = f"family K={K} N={N:.3g} float32 cpu ({cpu_isa()}, {torch.get_num_threads()} threads)"
+    fn()  # warm-up
+    benchmark.pedantic(fn, rounds=5, iterations=1)
+    median = benchmark.stats.stats.median
+    _medians[(name, impl)] = median
+    if ("pcgrad", "tolaria") in _medians:
+        benchmark.extra_info["x_pcgrad"] = median / _medians[("pcgrad", "tolaria")]
+    if ("floor", "floor") in _medians:
+        benchmark.extra_info["x_floor"] = median / _medians[("floor", "floor")]
+    if impl == "torchjd" and (name, "tolaria") in _medians:
+        benchmark.extra_info["torchjd_over_tolaria"] = median / _medians[(name, "tolaria")]
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
     python benchmarks/rollback.py                   # 10M and 100M parameters (fp32, Adam)
     python benchmarks/rollback.py --sizes 10M       # one size
     python benchmarks/rollback.py --repeats 5 --dir /mnt/fast/tmp
+    python -m pytest benchmarks/rollback.py --benchmark-only             # pytest-benchmark, 10M parameters
+    TOLARIA_BENCH_PARAMS=1M python -m pytest benchmarks/rollback.py --benchmark-only
 
 For each model size (a stack of Linear layers, fp32, with Adam's state: about 3x the parameter
 bytes), in one process, the alternatives interleaved, best of ``--repeats`` (the minimum: on a shared
@@ -30,6 +32,12 @@ its optimizer, one snapshot, and the floor's two buffers or the prototype's byte
 
 Targets (from the issue): fast restore within 1.5x of the copy floor and at least 10x faster than
 the prototype; durable save within 1.5x of the plain write.
+
+The pytest-benchmark form times, at the smallest size above (10M parameters; ``TOLARIA_BENCH_PARAMS``
+changes it), ``snapshot``, ``fast restore`` and ``durable save`` (crc32) against their floors as
+above (clone, ``copy_``, plain write + fsync of the checkpoint's bytes, with the previous file deleted
+and ``os.sync()`` run, untimed, before each round); each benchmark has its own rounds, not
+interleaved. ``extra_info["x_floor"]`` holds Tolaria's time over the floor's. No assertion on timings.
 """
 
 from __future__ import annotations
@@ -43,9 +51,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
+from tolaria.aggregation import cpu_isa
 from tolaria.state import StateManager
 from tolaria.state.baselines import pickled_restore, pickled_snapshot
 from tolaria.telemetry import MemorySink, TelemetryEmitter
@@ -275,6 +285,90 @@ def main(argv: list[str] | None = None) -> int:
     for name, value, target, ok in checks:
         print(f"  {name:<56} {value:7.2f}x (target {target:g}x)  {'MET' if ok else 'MISSED'}")
     return 0
+
+
+# ---- pytest-benchmark form ----------------------------------------------------------------------
+
+BENCH_PARAMS = parse_size(os.environ.get("TOLARIA_BENCH_PARAMS", "10M"))
+_medians: dict[tuple[str, str], float] = {}
+
+
+@pytest.fixture(scope="module")
+def rollback_case(tmp_path_factory):
+    """The model, its optimizer, a fast-tier manager holding one snapshot, and the floor's buffers."""
+    work_dir = tmp_path_factory.mktemp("tolaria-rollback-bench")
+    model, optimizer = build(BENCH_PARAMS)
+    nbytes = state_nbytes(model, optimizer)
+    cache_mb = nbytes * 1.05 / (1 << 20) + 1
+    with StateManager(
+        work_dir / "fast", fast_cache_mb=cache_mb, keep_last=1, telemetry=TelemetryEmitter([MemorySink()])
+    ) as manager:
+        manager.snapshot(0, model, optimizer)  # warm-up, and the snapshot fast restore rolls back to
+        assert manager.rollback(0, model, optimizer, deadline_s=600).ok
+        src = torch.empty(nbytes, dtype=torch.uint8).fill_(1)
+        yield {"dir": work_dir, "model": model, "optimizer": optimizer, "manager": manager, "src": src}
+
+
+def _fast_restore(manager: StateManager, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    result = manager.rollback(0, model, optimizer, deadline_s=600)
+    assert result.ok and result.tier == "fast", result
+
+
+def _durable(case: dict, impl: str) -> tuple[Callable[[], object], Callable[[], None]]:
+    """(timed save, untimed setup): the previous file of that kind deleted and ``os.sync()`` run."""
+    model, optimizer = case["model"], case["optimizer"]
+    manager = StateManager(
+        case["dir"] / f"durable-{impl}", fast_cache_mb=0, keep_last=1, telemetry=TelemetryEmitter([MemorySink()])
+    )
+    case.setdefault("closers", []).append(manager.close)
+    manager.checkpoint(0, model, optimizer)  # warm-up
+    if impl == "tolaria":
+        steps = iter(range(1, 1 << 30))
+
+        def setup() -> None:
+            manager.wait_for_cleanup()  # the previous checkpoint is gone (keep_last=1), nothing dirty
+            os.sync()
+
+        return (lambda: manager.checkpoint(next(steps), model, optimizer)), setup
+    payload = torch.empty(manager.checkpoints[-1].nbytes, dtype=torch.uint8)
+    plain_read(manager.root / manager.checkpoints[-1].file, memoryview(payload.numpy()))
+    plain = case["dir"] / "plain.bin"
+
+    def setup_plain() -> None:
+        plain.unlink(missing_ok=True)
+        os.sync()
+
+    return (lambda: plain_write(plain, memoryview(payload.numpy()))), setup_plain
+
+
+@pytest.mark.parametrize("impl", ["floor", "tolaria"])  # the floor first: the ratio's base
+@pytest.mark.parametrize("operation", ["snapshot", "fast restore", "durable save"])
+def test_rollback(benchmark, rollback_case, operation, impl):
+    case = rollback_case
+    model, optimizer, manager, src = case["model"], case["optimizer"], case["manager"], case["src"]
+    setup = None
+    if operation == "snapshot":
+        fn = (lambda: src.clone()) if impl == "floor" else (lambda: manager.snapshot(0, model, optimizer))
+    elif operation == "fast restore":
+        dst = torch.empty_like(src).fill_(0)
+        fn = (lambda: dst.copy_(src)) if impl == "floor" else (lambda: _fast_restore(manager, model, optimizer))
+    else:
+        fn, setup = _durable(case, impl)
+    params = sum(p.numel() for p in model.parameters())
+    benchmark.group = f"{operation}, {params / 1e6:.1f}M parameters fp32 + Adam ({cpu_isa()})"
+    try:
+        if setup is None:
+            fn()  # warm-up
+            benchmark.pedantic(fn, rounds=5, iterations=1)
+        else:
+            benchmark.pedantic(fn, setup=setup, rounds=5, iterations=1)
+    finally:
+        for close in case.pop("closers", []):
+            close()
+    median = benchmark.stats.stats.median
+    _medians[(operation, impl)] = median
+    if impl == "tolaria" and (operation, "floor") in _medians:
+        benchmark.extra_info["x_floor"] = median / _medians[(operation, "floor")]
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
     python benchmarks/trainer_overhead.py                 # both parts (about 5 minutes on 1 CPU thread)
     python benchmarks/trainer_overhead.py --part overhead --epochs 3
     python benchmarks/trainer_overhead.py --part pcgrad --seeds 5 --threads 0
+    python -m pytest benchmarks/trainer_overhead.py --benchmark-only      # pytest-benchmark: one step of each loop
 
 Both parts interleave the two loops step by step: the Trainer's data iterable runs the reference
 loop's step on the same batch (on a twin model with the same initial weights) just before handing
@@ -22,6 +23,14 @@ Part 2, ``pcgrad``: the two-digit default task of ``tolaria train``: the Trainer
 loop with a host read per pair; scatter the sum back into ``.grad``), over several seeds. With two
 tasks PCGrad has a single projection order, so both compute the same update up to rounding: the
 accuracies should agree to within noise. Targets: the same accuracy, faster per step.
+
+The pytest-benchmark form times one step of each loop of each part (the defaults above: MLP of width
+1024, batch 256; the default task with seed 0). Each loop runs in a helper thread (the Trainer's
+``fit()``, or the reference step over its batches) on a data iterable that the benchmark feeds one
+batch per round, timed from the hand-over until the loop asks for the next batch (its whole step, as
+above; epoch-end work is not timed). Both run in a helper thread alike: torch's intra-op threads
+behave differently there than in the main thread. ``extra_info["x_reference"]`` holds the Trainer's
+step time over the reference's. No assertion on timings.
 """
 
 from __future__ import annotations
@@ -29,14 +38,17 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import queue
 import random
 import statistics
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -259,6 +271,144 @@ def main() -> None:
             part_overhead(args, Path(tmp))
         if args.part in ("pcgrad", "both"):
             part_pcgrad(args, Path(tmp))
+
+
+# ---- pytest-benchmark form ----------------------------------------------------------------------
+
+_ROUNDS = 5
+_medians: dict[tuple[str, str], float] = {}
+
+
+class Fed:
+    """The Trainer's data, fed one batch at a time: ``step(batch)`` hands a batch over and returns when
+    the Trainer asks for the next one (its whole step). ``len`` is fixed, so the epoch ends after it."""
+
+    def __init__(self, length: int):
+        self.length = length
+        self.handed: queue.Queue = queue.Queue()
+        self.asked: queue.Queue = queue.Queue()
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator[Any]:
+        for _ in range(self.length):
+            self.asked.put(None)
+            yield self.handed.get(timeout=600)
+        self.asked.put(None)
+
+
+class FedLoop:
+    """A training loop (``run(data)``: the Trainer's ``fit()``, or the reference step over the batches) in a
+    helper thread, driven one step at a time through :class:`Fed`."""
+
+    def __init__(self, run: Callable[[Fed], object], steps: int):
+        self.data = Fed(steps)
+        self.run = run
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        self._next()  # the loop's first request for a batch
+
+    def _run(self) -> None:
+        try:
+            self.run(self.data)
+        except BaseException as exc:  # raised again in the benchmark's thread
+            self.error = exc
+            self.data.asked.put(None)
+
+    def _next(self) -> None:
+        self.data.asked.get(timeout=600)
+        if self.error is not None:
+            raise RuntimeError("the loop failed") from self.error
+
+    def step(self, batch: Any) -> None:
+        self.data.handed.put(batch)
+        self._next()
+
+    def finish(self) -> None:
+        self.thread.join(600)
+        if self.error is not None:
+            raise RuntimeError("the loop failed") from self.error
+
+
+def _overhead_case(tmp: Path) -> tuple[Any, Callable[[Any], None], Callable[[Fed], Trainer]]:
+    """Part 1 with main()'s defaults: a batch, the bare loop's step, and the Trainer's builder."""
+    d_in, classes, hidden, batch_size = 256, 10, 1024, 256
+    g = torch.Generator().manual_seed(0)
+    batch = (torch.randn(batch_size, d_in, generator=g), torch.randint(classes, (batch_size,), generator=g))
+    bare_model = mlp(d_in, hidden, classes)
+    bare_opt = torch.optim.AdamW(bare_model.parameters(), lr=1e-3)
+
+    def bare_step(batch):
+        x, y = batch
+        bare_opt.zero_grad(set_to_none=True)
+        F.cross_entropy(bare_model(x), y).backward()
+        bare_opt.step()
+
+    def build(data: Fed) -> Trainer:
+        model = mlp(d_in, hidden, classes)
+        config = TrainerConfig(
+            epochs=1,
+            device="cpu",
+            seed=None,
+            run_dir=str(tmp / "overhead"),
+            telemetry=TelemetryConfig(log_every_steps=10),
+        )
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        return Trainer(model, opt, data, lambda out, batch: F.cross_entropy(out, batch[1]), config)
+
+    return batch, bare_step, build
+
+
+def _pcgrad_case(tmp: Path) -> tuple[Any, Callable[[Any], None], Callable[[Fed], Trainer]]:
+    """Part 2, seed 0: a batch of the default task, the naive recipe's step, and the Trainer's builder."""
+    ref = build_default_task(DigitsTaskConfig(seed=0))
+    batch = next(iter(ref.data))
+    random.seed(0)
+
+    def naive_step(batch):
+        naive_pcgrad_step(ref.model, ref.optimizer, two_digit_loss(ref.model(batch[0]), batch))
+
+    def build(data: Fed) -> Trainer:
+        mine = build_default_task(DigitsTaskConfig(seed=0))
+        config = TrainerConfig(epochs=1, device="cpu", seed=0, run_dir=str(tmp / "pcgrad"), aggregator="pcgrad")
+        return Trainer(mine.model, mine.optimizer, data, mine.loss_fn, config)
+
+    return batch, naive_step, build
+
+
+@pytest.mark.parametrize("loop", ["reference", "trainer"])  # the reference first: the ratio's base
+@pytest.mark.parametrize("part", ["overhead", "pcgrad"])
+def test_trainer_step(benchmark, tmp_path, part, loop):
+    batch, reference_step, build = (_overhead_case if part == "overhead" else _pcgrad_case)(tmp_path)
+    what = "MLP, one loss, vs the bare loop" if part == "overhead" else "default task, PCGrad, vs the naive recipe"
+    benchmark.group = f"trainer step: {what} (cpu, {torch.get_num_threads()} threads)"
+    if loop == "reference":
+
+        def run(data: Fed) -> None:
+            for b in data:
+                reference_step(b)
+
+    else:
+
+        def run(data: Fed) -> None:
+            trainer = build(data)
+            try:
+                trainer.fit()
+            finally:
+                trainer.close()
+
+    fed = FedLoop(run, steps=_ROUNDS + 1)
+    try:
+        fed.step(batch)  # warm-up: the first step (first snapshot, lazy initialisation)
+        benchmark.pedantic(fed.step, args=(batch,), rounds=_ROUNDS, iterations=1)
+    finally:
+        fed.finish()
+    median = benchmark.stats.stats.median
+    _medians[(part, loop)] = median
+    if loop == "trainer" and (part, "reference") in _medians:
+        benchmark.extra_info["x_reference"] = median / _medians[(part, "reference")]
 
 
 if __name__ == "__main__":

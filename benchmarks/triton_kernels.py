@@ -2,6 +2,7 @@
 
     python benchmarks/triton_kernels.py                       # bf16 and fp32, K 2, 8, 32, N 1e8
     python benchmarks/triton_kernels.py --dtypes bf16 --k 8 --n 1e8,1e9
+    python -m pytest benchmarks/triton_kernels.py --benchmark-only      # pytest-benchmark, bf16 K=8 N=1e8
 
 For one K x N matrix J it times, with CUDA events (median of the repeats):
 
@@ -15,15 +16,22 @@ For one K x N matrix J it times, with CUDA events (median of the repeats):
 
 ``GB/s`` is the bytes each moves over its time; ``x copy`` is that bandwidth over the copy's (for
 the step, the target is >= 0.70 at K = 8, N = 1e8, bf16).
+
+The pytest-benchmark form times each kernel above on one bf16 K x N matrix (K = 8, N = 1e8;
+``TOLARIA_BENCH_K`` and ``TOLARIA_BENCH_N`` change them), wall clock around the call and a
+``torch.cuda.synchronize()``; ``extra_info`` holds ``gb_s`` and ``x_copy``. Without a CUDA device
+every case is skipped. No assertion on timings.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 from collections.abc import Callable
 
+import pytest
 import torch
 
 from tolaria.aggregation import PCGrad
@@ -118,6 +126,74 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"{name:<14} {ms:>9.4f} {moved / ms / 1e6:>8.0f} {moved / ms / copy_rate:>7.2f}")
                 torch.cuda.empty_cache()
     return 0
+
+
+# ---- pytest-benchmark form ----------------------------------------------------------------------
+
+BENCH_K = int(os.environ.get("TOLARIA_BENCH_K", "8"))
+BENCH_N = int(float(os.environ.get("TOLARIA_BENCH_N", "1e8")))
+KERNELS = ["copy", "gram", "gram-atomic", "gram-rows", "combine", "pcgrad", "step", "step-graph"]
+_rates: dict[str, float] = {}
+
+
+@pytest.fixture(scope="module")
+def kernel_case():
+    if not torch.cuda.is_available():
+        pytest.skip("triton_kernels.py needs a CUDA device")
+    dtype = DTYPES["bf16"]
+    gen = torch.Generator(device="cuda").manual_seed(BENCH_K * 7919 + BENCH_N)
+    j = torch.randn((BENCH_K, BENCH_N), generator=gen, device="cuda", dtype=dtype)
+    case = {
+        "j": j,
+        "out": torch.empty(BENCH_N, dtype=dtype, device="cuda"),
+        "weights": torch.randn(BENCH_K, dtype=torch.float64, device="cuda"),
+        "g": gram(j),
+        "agg": PCGrad(nonfinite="propagate"),
+    }
+    yield case
+    case.clear()
+    torch.cuda.empty_cache()
+
+
+def _kernel(case: dict, name: str) -> tuple[Callable[[], object], float | None]:
+    """The call bench_case() times for ``name``, and the bytes it moves (None: not bandwidth-bound)."""
+    j, out, weights, g, agg = case["j"], case["out"], case["weights"], case["g"], case["agg"]
+    size = j.numel() * j.element_size()
+    if name == "copy":
+        return (lambda: j.clone()), 2 * size
+    if name == "gram":
+        return (lambda: gram(j)), size
+    if name == "gram-atomic":
+        return (lambda: gram(j, deterministic=False)), size
+    if name == "gram-rows":
+        rows = [r.clone() for r in j]  # separate allocations: addressed through the row table
+        return (lambda: gram(rows)), size
+    if name == "combine":
+        return (lambda: combine(j, weights, out=out)), size + size // BENCH_K
+    if name == "pcgrad":
+        return (lambda: pcgrad_weights(g)), None
+    if name == "step":
+        return (lambda: agg(j, out=out)), 2 * size
+    return graph_of(lambda: agg(j, out=out)), 2 * size
+
+
+@pytest.mark.parametrize("name", KERNELS)  # the copy first: the ratios' base
+def test_triton_kernel(benchmark, kernel_case, name):
+    fn, moved = _kernel(kernel_case, name)
+
+    def call() -> None:
+        fn()
+        torch.cuda.synchronize()
+
+    benchmark.group = f"triton kernels bf16 K={BENCH_K} N={BENCH_N:.3g} ({torch.cuda.get_device_name()})"
+    call()  # warm-up (compilation, autotuning)
+    benchmark.pedantic(call, rounds=7, iterations=1)
+    median = benchmark.stats.stats.median
+    if moved is not None:
+        _rates[name] = moved / median
+        benchmark.extra_info["gb_s"] = _rates[name] / 1e9
+        if "copy" in _rates:
+            benchmark.extra_info["x_copy"] = _rates[name] / _rates["copy"]
 
 
 if __name__ == "__main__":
