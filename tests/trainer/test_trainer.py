@@ -372,3 +372,27 @@ def test_grafted_parameters_rebuild_the_optimizer(tmp_path):
     assert id(model.extra.weight) in params and trainer.optimizer is not optimizer
     assert any(p is model.extra.weight for p in trainer.stage.params)
     assert [r["added"] for r in records(summary.run_dir) if r["kind"] == "train.rebuilt"] == [2]
+
+
+def test_a_failed_rebuild_after_a_graft_halts_instead_of_training_on_without_the_new_layer(tmp_path, monkeypatch):
+    from tolaria.optim import OptimizerManager
+
+    def broken(self, model):
+        raise RuntimeError("no room for the new parameters")
+
+    model, optimizer, data, loss_fn = make_problem()
+    trainer = Trainer(
+        model,
+        optimizer,
+        data,
+        loss_fn,
+        config(tmp_path, epochs=2),
+        policy=GraftingPolicy(),
+        executor=GraftingExecutor(model),
+    )
+    monkeypatch.setattr(trainer.optim, "_build", broken.__get__(trainer.optim, OptimizerManager), raising=False)
+    summary = trainer.fit()
+    assert summary.status == "halted" and "optimizer rebuild failed" in summary.halt_reason
+    assert summary.steps == len(data)  # it stopped at the epoch boundary where the graft happened
+    [event] = [r for r in records(summary.run_dir) if r["kind"] == "train.rebuild_failed"]
+    assert event["severity"] == "critical"

@@ -141,12 +141,17 @@ def param_ids(model: nn.Module) -> tuple[int, ...]:
 
 def rebuild_optimizer(trainer: Trainer) -> None:
     """After the executor changed the parameters: a new optimizer, LR controller and gradient stage
-    on the new parameter set (a failed rebuild is reported and the old optimizer kept)."""
+    on the new parameter set. A failed rebuild halts the run (final checkpoint, status "halted"):
+    going on with the old optimizer would leave the new parameters untrained while reporting success."""
     result = trainer.optim.rebuild(trainer.model)
     if not result.success:
-        message = f"the model's parameters changed but the optimizer rebuild failed: {result.error}"
-        log.error(message)
-        trainer.telemetry.event("train.rebuild_failed", severity="error", message=message)
+        message = (
+            f"the model's parameters changed but the optimizer rebuild failed: {result.error}; the new "
+            "parameters would never train, so the run halts"
+        )
+        log.critical(message)
+        trainer.telemetry.event("train.rebuild_failed", severity="critical", message=message)
+        trainer.emergency.escalate(EmergencyLevel.HALT, message)
         return
     trainer.lr.attach(trainer.optim.optimizer)
     trainer.stage.rebind(trainer.model)
