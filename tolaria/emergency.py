@@ -186,7 +186,6 @@ class EmergencyController:
             raise TypeError(f"{action} reason must be a str, got {type(reason).__name__}")
         with self._lock:
             started = self._clock()
-            self.flush_pending()
             record = Escalation(
                 action, target, EmergencyLevel.NONE, reason, changed=False, monotonic_ms=time.monotonic() * 1e3
             )
@@ -211,6 +210,9 @@ class EmergencyController:
                 record.signal_generation = generation
             self._level = target
             record.changed = True
+            # The level is in the signal first; only then do older broadcasts waiting under the
+            # cap go out (a slow broadcaster must never delay a HALT from reaching the signal).
+            self.flush_pending()
             return self._finish(record, started)
 
     def _known_level(self, record: Escalation) -> EmergencyLevel:
@@ -347,18 +349,20 @@ class EmergencyController:
         ``emergency.broadcasts_undelivered`` counter). Nothing queued is dropped silently."""
         timeout_s = check_timeout(timeout_s)
         deadline = self._clock() + (timeout_s if timeout_s is not None else math.inf)
-        with self._lock:
-            while True:
+        while True:
+            with self._lock:
                 self.flush_pending()
                 if not self._pending:
                     return []
                 now = self._clock()
                 room_at = self._sent_at[0] + BROADCAST_WINDOW_S if self._sent_at else now
                 if room_at > deadline:
+                    undelivered = [record for record, _ in self._pending]
+                    self._pending.clear()
                     break
-                self._sleep(max(0.0, room_at - now))
-            undelivered = [record for record, _ in self._pending]
-            self._pending.clear()
+            # Waiting for room under the cap without the lock: an escalation meanwhile (a HALT
+            # during shutdown) reaches the signal at once instead of waiting out this sleep.
+            self._sleep(max(0.0, room_at - now))
         message = (
             f"emergency controller closed with {len(undelivered)} broadcast(s) undelivered under the cap of "
             f"{self.max_broadcasts_per_min} per minute: "

@@ -423,3 +423,50 @@ def test_lower_level_only_from_the_level_named(kind):
         sig.close()
         if kind == "shared":
             sig.unlink()
+
+
+class _Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_the_level_reaches_the_signal_before_older_broadcasts_go_out():
+    signal = LocalEmergencySignal()
+    seen = []
+    clock = _Clock()
+    controller = EmergencyController(
+        broadcaster=lambda record: seen.append((record.level.name, EmergencyLevel(signal.read().level).name)),
+        signal=signal,
+        max_broadcasts_per_min=1,
+        clock=clock,
+    )
+    controller.escalate(EmergencyLevel.NOTICE, "first")  # broadcast at once
+    controller.escalate(EmergencyLevel.ELEVATED, "second")  # deferred: the cap is reached
+    clock.now = 61.0  # room again: the next transition sends the deferred one first
+    controller.escalate(EmergencyLevel.HALT, "third")
+    # When the deferred ELEVATED broadcast went out, the signal already read HALT.
+    assert seen[:2] == [("NOTICE", "NOTICE"), ("ELEVATED", "HALT")]
+
+
+def test_an_escalation_during_close_does_not_wait_out_closes_sleep():
+    signal = LocalEmergencySignal()
+    sleeping, release = threading.Event(), threading.Event()
+
+    def sleep(seconds):
+        sleeping.set()
+        release.wait(10.0)
+
+    controller = EmergencyController(broadcaster=lambda r: None, signal=signal, max_broadcasts_per_min=1, sleep=sleep)
+    controller.escalate(EmergencyLevel.NOTICE, "sent")
+    controller.escalate(EmergencyLevel.ELEVATED, "waits under the cap")
+    closer = threading.Thread(target=controller.close, kwargs={"timeout_s": 120.0})
+    closer.start()
+    assert sleeping.wait(5.0)
+    started = time.monotonic()
+    controller.escalate(EmergencyLevel.HALT, "during shutdown")
+    assert time.monotonic() - started < 1.0 and signal.read().level == EmergencyLevel.HALT
+    release.set()
+    closer.join(10.0)
