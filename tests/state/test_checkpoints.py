@@ -19,7 +19,8 @@ import torch
 
 from tolaria.signals import SharedDeadlineSignal
 from tolaria.state import CheckpointError, OptimizerStateError, StateError, StateManager
-from tolaria.state.checkpoints import MANIFEST_NAME, CheckpointStore, _new_hasher
+from tolaria.state.checkpoints import MANIFEST_NAME, CheckpointStore
+from tolaria.state.durable_io import new_hasher
 from tolaria.state.trees import check_loadable
 from tolaria.telemetry import MemorySink, TelemetryEmitter
 
@@ -51,7 +52,7 @@ def _rewrite_committed(manager: StateManager, step: int, data: bytes) -> None:
         if e.step == step:
             (store.root / e.file).write_bytes(data)
             algorithm = e.checksum.split(":")[0]
-            hasher = _new_hasher(algorithm)
+            hasher = new_hasher(algorithm)
             hasher.update(data)
             digest = f"{algorithm}:{hasher.hexdigest()}"
             e = type(e)(e.step, e.file, len(data), digest, e.sequence, e.created_unix)

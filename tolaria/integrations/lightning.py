@@ -84,6 +84,7 @@ except ImportError as exc:  # the extra is optional; say how to get it
     ) from exc
 
 from tolaria.aggregation import AggregationStats, Aggregator, GradientBuffer, aggregator_class
+from tolaria.integrations._gradients import allreduce_mean_grads, unscale_found_inf
 
 __all__ = ["CHECKPOINT_KEY", "MultiSourceMixin"]
 
@@ -234,43 +235,6 @@ def _ddp_wrapper(trainer: pl.Trainer) -> nn.parallel.DistributedDataParallel | N
     return model
 
 
-def _allreduce_mean_grads(params: list[Tensor], world: int) -> None:
-    """The heads' plain gradients averaged over the ranks (None only where no rank has one): one all-reduce
-    per dtype."""
-    groups: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
-    for p in params:
-        groups.setdefault((p.dtype, p.device), []).append(p)
-    for (dtype, device), group in groups.items():
-        present = torch.tensor([p.grad is not None for p in group], dtype=dtype, device=device)
-        flat = torch.cat(
-            [*(p.grad.reshape(-1) if p.grad is not None else p.new_zeros(p.numel()) for p in group), present]
-        )
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        offset = 0
-        for p, seen in zip(group, flat[-len(group) :].tolist()):
-            mean = flat[offset : offset + p.numel()].view_as(p).div_(world)
-            offset += p.numel()
-            if seen > 0:
-                if p.grad is None:
-                    p.grad = mean.clone()
-                else:
-                    p.grad.copy_(mean)
-
-
-def _unscale_found_inf(tensors: list[Tensor], inv_scale: float) -> bool:
-    """Divides ``tensors`` by the loss scale in place and says whether any holds inf/NaN (GradScaler's own op)."""
-    found = []
-    groups: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
-    for t in tensors:
-        groups.setdefault((t.dtype, t.device), []).append(t)
-    for (_, device), group in groups.items():
-        flag = torch.zeros(1, dtype=torch.float32, device=device)
-        inv = torch.full((1,), inv_scale, dtype=torch.float32, device=device)
-        torch._amp_foreach_non_finite_check_and_unscale_(group, flag, inv)
-        found.append(flag.to("cpu"))
-    return bool(torch.cat(found).sum().item() > 0) if found else False
-
-
 def _row_sum(rows: Tensor) -> Tensor:
     return rows.sum(0)
 
@@ -404,13 +368,13 @@ class MultiSourceMixin:
             from tolaria.distributed import DistributedContext, allreduce_gradient_buffer
 
             allreduce_gradient_buffer(buffer, DistributedContext.from_process_group(device=buffer.device))
-            _allreduce_mean_grads(buffer.unshared_params, dist.get_world_size())
+            allreduce_mean_grads(buffer.unshared_params, dist.get_world_size())
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         scale, overflow = None, False
         if scaler is not None and scaler.is_enabled():
             scale = float(scaler.get_scale())
             heads = [p.grad for p in buffer.unshared_params if p.grad is not None]
-            overflow = _unscale_found_inf([*buffer.buffer.unbind(0), *heads], 1.0 / scale)
+            overflow = unscale_found_inf([*buffer.buffer.unbind(0), *heads], 1.0 / scale)
         stats = None
         if overflow:
             # Not aggregated (a stateful aggregator's state stays clean): the scaler finds the non-finite

@@ -21,7 +21,6 @@ with ``torch.load(..., weights_only=True)``, which refuses any pickle that needs
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -29,7 +28,6 @@ import re
 import stat
 import threading
 import time
-import zlib
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -39,6 +37,7 @@ from typing import Any, Protocol
 import torch
 from torch.utils.serialization import config as serialization_config
 
+from tolaria.state.durable_io import FdFile, checksum_algorithms, manifest_digest, new_hasher
 from tolaria.state.errors import CheckpointError, StagingCancelled
 from tolaria.state.reporting import report
 from tolaria.state.trees import check_loadable
@@ -63,28 +62,6 @@ _CHECKPOINT_NAME = re.compile(r"^ckpt-(\d{12,})-(\d{8,})\.pt$")
 _ZIP_MAGIC = b"PK\x03\x04"
 _CHUNK_BYTES = 8 << 20
 _PARALLEL_HASH_BYTES = 1 << 20  # below this, hashing inline is cheaper than handing it over
-
-
-class _Crc32:
-    """``zlib.crc32`` behind the hashlib interface (it releases the GIL on large buffers, as hashlib does)."""
-
-    def __init__(self) -> None:
-        self.value = 0
-
-    def update(self, data: Any) -> None:
-        self.value = zlib.crc32(data, self.value)
-
-    def hexdigest(self) -> str:
-        return f"{self.value:08x}"
-
-
-def checksum_algorithms() -> list[str]:
-    """Names accepted for ``checksum``: ``"crc32"`` (zlib) and every hashlib algorithm available here."""
-    return ["crc32", *sorted(hashlib.algorithms_available)]
-
-
-def _new_hasher(algorithm: str) -> Any:
-    return _Crc32() if algorithm == "crc32" else hashlib.new(algorithm)
 
 
 class CancelFlag(Protocol):
@@ -142,11 +119,6 @@ class CheckpointEntry:
         if not _CHECKPOINT_NAME.match(data["file"]) or ":" not in data["checksum"]:
             raise ValueError(f"entry names file {data['file']!r} with checksum {data['checksum']!r}")
         return cls(**{key: data[key] for key in expected})
-
-
-def _manifest_digest(body: dict[str, Any]) -> str:
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
-    return "sha256:" + hashlib.sha256(canonical).hexdigest()
 
 
 class _HashingWriter:
@@ -238,7 +210,7 @@ class CheckpointStore:
                 found = data.get("format") if isinstance(data, dict) else data
                 raise ValueError(f"format is {found!r}, expected {MANIFEST_FORMAT!r}")
             body = {key: value for key, value in data.items() if key != "digest"}
-            if data.get("digest") != _manifest_digest(body):
+            if data.get("digest") != manifest_digest(body):
                 raise ValueError("its digest does not match its content")
             entries = tuple(
                 sorted((CheckpointEntry.from_json(e) for e in data["checkpoints"]), key=lambda e: e.sequence)
@@ -255,11 +227,11 @@ class CheckpointStore:
 
     def _write_manifest(self, entries: Sequence[CheckpointEntry], sequence: int) -> None:
         body = {"format": MANIFEST_FORMAT, "sequence": sequence, "checkpoints": [asdict(e) for e in entries]}
-        text = json.dumps({**body, "digest": _manifest_digest(body)}, indent=1, sort_keys=True).encode()
+        text = json.dumps({**body, "digest": manifest_digest(body)}, indent=1, sort_keys=True).encode()
         tmp = self.root / f"{TEMP_PREFIX}{MANIFEST_NAME}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
-            _write_all(_FdFile(fd), memoryview(text))
+            _write_all(FdFile(fd), memoryview(text))
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -316,7 +288,7 @@ class CheckpointStore:
         sequence = self._sequence + 1
         name = f"ckpt-{step:012d}-{sequence:08d}.pt"
         final, tmp = self.root / name, self.root / f"{TEMP_PREFIX}{name}"
-        hasher = _new_hasher(self.checksum)
+        hasher = new_hasher(self.checksum)
         writer: _HashingWriter | None = None
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
@@ -411,7 +383,7 @@ class CheckpointStore:
 
     def _hash_file(self, path: Path, algorithm: str, cancel: CancelFlag | None) -> tuple[str, int]:
         """(digest, bytes read); reads and hashes in parallel, two chunks in flight."""
-        hasher = _new_hasher(algorithm)
+        hasher = new_hasher(algorithm)
         pool = self._hash_pool()
         buffers = (bytearray(_CHUNK_BYTES), bytearray(_CHUNK_BYTES))
         pending: Future[None] | None = None
@@ -526,13 +498,3 @@ class CheckpointStore:
                 if pool is not None:
                     pool.shutdown(wait=True)
             self._pool = self._cleanup = None
-
-
-class _FdFile:
-    """``write`` on a raw descriptor, for :func:`_write_all`."""
-
-    def __init__(self, fd: int):
-        self.fd = fd
-
-    def write(self, data: memoryview) -> int:
-        return os.write(self.fd, data)
