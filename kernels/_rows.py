@@ -22,6 +22,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
+from typing import Any
 
 import torch
 import triton
@@ -29,6 +30,8 @@ import triton.language as tl
 from torch import Tensor
 
 __all__ = [
+    "accumulator_dtype",
+    "check_block_n",
     "interpreted",
     "INTERPRETED",
     "device_problem",
@@ -76,6 +79,18 @@ def device_problem(device: torch.device, what: str) -> str | None:
             "TRITON_INTERPRET=1 is set before tolaria.kernels is imported)"
         )
     return None
+
+
+def check_block_n(block_n: int) -> int:
+    """A kernel's column block: a power of two >= 16 (the tile shapes assume it)."""
+    if block_n < 16 or block_n & (block_n - 1):
+        raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
+    return block_n
+
+
+def accumulator_dtype(dtype: torch.dtype, *, wide: bool = False) -> Any:
+    """The kernels' accumulator: float64 for float64 rows (or ``wide``), float32 otherwise."""
+    return tl.float64 if wide or dtype == torch.float64 else tl.float32
 
 
 def check_device(device: torch.device, what: str) -> None:

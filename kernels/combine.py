@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._rows import INTERPRETED, Rows, as_rows, load_row, row_offsets
+from ._rows import INTERPRETED, Rows, accumulator_dtype, as_rows, check_block_n, load_row, row_offsets
 
 MAX_ROWS_PER_GROUP = 4
 
@@ -227,11 +227,10 @@ def combine(
     group = min(rows.k, MAX_ROWS_PER_GROUP)
     cfg_block_n, num_warps = _config(rows, group)
     block_n = block_n or cfg_block_n
-    if block_n < 16 or block_n & (block_n - 1):
-        raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
+    check_block_n(block_n)
     base, table, row_stride, col_stride = rows.kernel_args()
     w = weights if weights.is_contiguous() else weights.contiguous()
-    acc_dtype = tl.float64 if wide or rows.dtype == torch.float64 else tl.float32
+    acc_dtype = accumulator_dtype(rows.dtype, wide=wide)
     _combine_kernel[(triton.cdiv(rows.n, block_n),)](
         base,
         table,

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._rows import INTERPRETED, as_rows, load_row, row_offsets
+from ._rows import INTERPRETED, accumulator_dtype, as_rows, check_block_n, load_row, row_offsets
 
 
 @triton.jit
@@ -262,11 +262,10 @@ def graddrop(
         )
     if block_n is None:
         block_n = 64 if INTERPRETED else 1024
-    if block_n < 16 or block_n & (block_n - 1):
-        raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
+    check_block_n(block_n)
     flag = torch.zeros(1, dtype=torch.int32, device=rows.device) if check else None
     base, table, row_stride, col_stride = rows.kernel_args()
-    acc_dtype = tl.float64 if rows.dtype == torch.float64 else tl.float32
+    acc_dtype = accumulator_dtype(rows.dtype)
     _graddrop_kernel[(triton.cdiv(rows.n, block_n),)](
         base,
         table,

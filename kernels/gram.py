@@ -36,7 +36,16 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._rows import INTERPRETED, Rows, as_rows, load_row, multiprocessor_count, row_offsets
+from ._rows import (
+    INTERPRETED,
+    Rows,
+    accumulator_dtype,
+    as_rows,
+    check_block_n,
+    load_row,
+    multiprocessor_count,
+    row_offsets,
+)
 
 MAX_BLOCK_K = 128
 MIN_DOT_ROWS = 16
@@ -333,15 +342,14 @@ def _launch_block(
     same = a0 == b0
     row_block, segments, block_n = tile_shape(rows, max(ka, kb), same, block_n)
     _, num_warps, num_stages, per_sm = _config(rows, row_block * segments)
-    if block_n < 16 or block_n & (block_n - 1):
-        raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
+    check_block_n(block_n)
     seg_tiles = triton.cdiv(triton.cdiv(rows.n, segments), block_n)
     last_segment = rows.n - (segments - 1) * seg_tiles * block_n  # > 0 by the folding rule
     full_tiles = last_segment // block_n
     programs = num_programs or per_sm * multiprocessor_count(rows.device)
     programs = max(1, min(programs, seg_tiles))
     use_dot = rows.dtype in _DOT_DTYPES
-    acc_dtype = tl.float64 if rows.dtype == torch.float64 else tl.float32
+    acc_dtype = accumulator_dtype(rows.dtype)
     atomic = not deterministic and use_dot
     base, table, row_stride, col_stride = rows.kernel_args()
     args = (base, table, row_stride, col_stride, rows.n, seg_tiles, full_tiles, a0, ka, b0, kb)
