@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import statistics
+import time
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
-__all__ = ["BATCH", "CASES", "TRUNKS", "Model", "batches"]
+__all__ = ["BATCH", "CASES", "TRUNKS", "Model", "batches", "interleaved_medians_ms"]
 
 BATCH = 64
 # Trunk (input width, hidden width, layers) -> about 1.0M, 2.1M, 8.4M and 25M parameters.
@@ -32,3 +36,18 @@ class Model(nn.Module):
 def batches(model: Model, k: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
     g = torch.Generator().manual_seed(1)
     return torch.randn(BATCH, model.d_in, generator=g), [torch.randint(0, 10, (BATCH,), generator=g) for _ in range(k)]
+
+
+def interleaved_medians_ms(steps: dict[str, Callable[[], None]], rounds: int) -> dict[str, float]:
+    """Median ms per step function after one warm-up call each; the steps run in turns, the order
+    alternating every round, so that load from elsewhere falls on all of them alike."""
+    names = list(steps)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for step in steps.values():
+        step()
+    for i in range(rounds):
+        for name in names if i % 2 == 0 else names[::-1]:
+            start = time.perf_counter()
+            steps[name]()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}

@@ -15,9 +15,7 @@ from __future__ import annotations
 import argparse
 import platform
 import random
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,7 +28,7 @@ from tolaria.compat.pcgrad import PCGrad
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the tests' reference
-from _e2e_models import BATCH, CASES, Model, batches  # noqa: E402
+from _e2e_models import BATCH, CASES, Model, batches, interleaved_medians_ms  # noqa: E402
 from compat.reference_pcgrad import ReferencePCGrad  # noqa: E402
 
 
@@ -77,16 +75,9 @@ def main() -> None:
     )
     for trunk, k in CASES:
         steps = {lib: make_step(lib, trunk, k) for lib in ("pytorch-pcgrad", "tolaria")}
-        times: dict[str, list[float]] = {lib: [] for lib in steps}
         random.seed(0)
-        for step in steps.values():
-            step()
-        for i in range(args.steps):  # interleaved, alternating which goes first
-            for lib in list(steps) if i % 2 == 0 else list(reversed(steps)):
-                start = time.perf_counter()
-                steps[lib]()
-                times[lib].append(time.perf_counter() - start)
-        ref, ours = (statistics.median(times[lib]) * 1e3 for lib in ("pytorch-pcgrad", "tolaria"))
+        medians = interleaved_medians_ms(steps, args.steps)
+        ref, ours = (medians[lib] for lib in ("pytorch-pcgrad", "tolaria"))
         params = Model(trunk, k).trunk_parameters()
         print(
             f"  trunk {params / 1e6:5.2f}M K={k}: Pytorch-PCGrad {ref:8.1f} ms  Tolaria {ours:8.1f} ms  "

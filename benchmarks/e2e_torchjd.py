@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,7 +26,7 @@ from torch.nn import functional as F
 from tolaria.aggregation import cpu_isa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _e2e_models import BATCH, CASES, Model, batches  # noqa: E402
+from _e2e_models import BATCH, CASES, Model, batches, interleaved_medians_ms  # noqa: E402
 
 LIBRARIES = ("torchjd", "tolaria")
 
@@ -89,15 +87,8 @@ def main() -> None:
     )
     for trunk, k in CASES:
         steps = {lib: make_step(lib, trunk, k) for lib in LIBRARIES}
-        times: dict[str, list[float]] = {lib: [] for lib in steps}
-        for step in steps.values():
-            step()
-        for i in range(args.steps):  # interleaved, alternating which goes first
-            for lib in LIBRARIES if i % 2 == 0 else LIBRARIES[::-1]:
-                start = time.perf_counter()
-                steps[lib]()
-                times[lib].append(time.perf_counter() - start)
-        ref, ours = (statistics.median(times[lib]) * 1e3 for lib in LIBRARIES)
+        medians = interleaved_medians_ms(steps, args.steps)
+        ref, ours = (medians[lib] for lib in LIBRARIES)
         params = Model(trunk, k).trunk_parameters()
         print(
             f"  trunk {params / 1e6:5.2f}M K={k}: TorchJD {ref:8.1f} ms  Tolaria {ours:8.1f} ms  "
