@@ -14,17 +14,7 @@ from tolaria.aggregation import MGDA, Mean, Random, UPGrad
 from tolaria.aggregation.cr_mogm import CRMOGM
 from tolaria.aggregation.modo import MoDo
 
-from .stateful_checks import (
-    assert_backends_agree,
-    assert_bitwise,
-    assert_float32_kept,
-    assert_k_change_warns_and_starts_over,
-    assert_reset_starts_over,
-    assert_state_is_a_copy,
-    assert_state_round_trip,
-    jacobians,
-    run,
-)
+from . import stateful_checks as checks
 
 
 def mgda_weights_reference(j: torch.Tensor) -> np.ndarray:
@@ -74,7 +64,7 @@ def _assert_close(got, ref, rtol):
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 0.9, 1.0])
 @pytest.mark.parametrize("k", [2, 3, 5])
 def test_follows_the_papers_average_of_mgda_weights(k, alpha):
-    js = jacobians(k, 40, 6, seed=k)
+    js = checks.jacobians(k, 40, 6, seed=k)
     expected = cr_mogm_reference(js, [alpha] * len(js))
     agg = CRMOGM(alpha=alpha)
     for j, ref in zip(js, expected):
@@ -82,7 +72,7 @@ def test_follows_the_papers_average_of_mgda_weights(k, alpha):
 
 
 def test_initial_weights_are_lambda_zero():
-    js = jacobians(3, 30, 5, seed=4)
+    js = checks.jacobians(3, 30, 5, seed=4)
     initial = [0.2, 0.5, 0.3]
     expected = cr_mogm_reference(js, [0.7] * len(js), initial)
     agg = CRMOGM("mgda", 0.7, initial)
@@ -91,7 +81,7 @@ def test_initial_weights_are_lambda_zero():
 
 
 def test_an_alpha_schedule_set_between_calls_is_followed():
-    js = jacobians(3, 30, 6, seed=5)
+    js = checks.jacobians(3, 30, 6, seed=5)
     alphas = [0.0, 0.2, 0.4, 0.6, 0.8, 0.95]  # Corollary 1: alpha grows as the learning rate decays
     expected = cr_mogm_reference(js, alphas)
     agg = CRMOGM()
@@ -101,17 +91,17 @@ def test_an_alpha_schedule_set_between_calls_is_followed():
 
 
 def test_the_first_call_returns_the_wrapped_weights_exactly():
-    j = jacobians(4, 30, 1, seed=6)[0]
+    j = checks.jacobians(4, 30, 1, seed=6)[0]
     assert torch.equal(CRMOGM(alpha=0.9)(j), MGDA()(j))
 
 
 def test_alpha_zero_is_the_wrapped_aggregator_at_every_call():
-    js = jacobians(4, 30, 4, seed=7)
-    assert_bitwise(run(CRMOGM(alpha=0.0), js), run(MGDA(), js))
+    js = checks.jacobians(4, 30, 4, seed=7)
+    checks.assert_bitwise(checks.run(CRMOGM(alpha=0.0), js), checks.run(MGDA(), js))
 
 
 def test_alpha_one_keeps_the_first_weights():
-    js = jacobians(3, 30, 4, seed=8)
+    js = checks.jacobians(3, 30, 4, seed=8)
     agg = CRMOGM(alpha=1.0)
     _, first = agg(js[0], return_stats=True)
     for j in js[1:]:
@@ -120,14 +110,14 @@ def test_alpha_one_keeps_the_first_weights():
 
 
 def test_wraps_an_aggregator_instance_and_a_name():
-    js = jacobians(3, 30, 4, seed=9)
-    assert_bitwise(run(CRMOGM(UPGrad(), 0.6), js), run(CRMOGM("UPGrad", 0.6), js))
+    js = checks.jacobians(3, 30, 4, seed=9)
+    checks.assert_bitwise(checks.run(CRMOGM(UPGrad(), 0.6), js), checks.run(CRMOGM("UPGrad", 0.6), js))
     assert CRMOGM("upgrad").wide_combine and CRMOGM().wide_combine and not CRMOGM(MoDo()).wide_combine
 
 
 def test_the_constant_weights_of_the_mean_are_unchanged():
-    js = jacobians(3, 30, 3, seed=10)
-    for got, ref in zip(run(CRMOGM(Mean(), 0.9), js), run(Mean(), js)):
+    js = checks.jacobians(3, 30, 3, seed=10)
+    for got, ref in zip(checks.run(CRMOGM(Mean(), 0.9), js), checks.run(Mean(), js)):
         _assert_close(got, ref, 1e-15)
 
 
@@ -135,7 +125,7 @@ def test_agrees_with_torchjd_wrapping_a_stateful_weighting():
     tjd = pytest.importorskip("torchjd.aggregation")
     ours = CRMOGM(MoDo(gamma=0.5, rho=0.1), alpha=0.8)
     theirs = tjd.CRMOGMWeighting(tjd.MoDoWeighting(gamma=0.5, rho=0.1), alpha=0.8)
-    for j in jacobians(4, 30, 6, seed=11, scale=0.2):
+    for j in checks.jacobians(4, 30, 6, seed=11, scale=0.2):
         _, stats = ours(j, return_stats=True)
         assert (stats.weights - theirs(j @ j.T)).abs().max() <= 1e-13
 
@@ -145,7 +135,7 @@ def test_agrees_with_torchjd_wrapping_imtlg_with_initial_weights():
     initial = [0.1, 0.2, 0.3, 0.4]
     ours = CRMOGM("imtlg", 0.6, initial)
     theirs = tjd.CRMOGMWeighting(tjd.IMTLGWeighting(), 0.6, torch.tensor(initial, dtype=torch.float64))
-    for j in jacobians(4, 30, 6, seed=12):
+    for j in checks.jacobians(4, 30, 6, seed=12):
         _, stats = ours(j, return_stats=True)
         assert (stats.weights - theirs(j @ j.T)).abs().max() <= 1e-13
 
@@ -154,7 +144,7 @@ def test_agrees_with_torchjd_wrapping_mgda():
     tjd = pytest.importorskip("torchjd.aggregation")
     ours = CRMOGM(alpha=0.9)
     theirs = tjd.CRMOGMWeighting(tjd.MGDAWeighting(epsilon=1e-12, max_iters=20000), alpha=0.9)
-    for j in jacobians(4, 60, 5, seed=13):
+    for j in checks.jacobians(4, 60, 5, seed=13):
         d = ours(j)
         ref = theirs(j @ j.T) @ j  # Frank-Wolfe approaches MGDA's optimum slowly
         assert (d - ref).norm() <= 1e-3 * ref.norm()
@@ -195,16 +185,16 @@ def test_initial_weights_of_the_wrong_length_are_refused_at_the_call():
 
 
 def test_state_dict_round_trip_is_bit_for_bit(tmp_path):
-    assert_state_round_trip(lambda: CRMOGM(alpha=0.7), jacobians(4, 30, 8, seed=40), tmp_path)
+    checks.assert_state_round_trip(lambda: CRMOGM(alpha=0.7), checks.jacobians(4, 30, 8, seed=40), tmp_path)
 
 
 def test_state_round_trip_carries_the_wrapped_aggregators_state(tmp_path):
     def make():
         return CRMOGM(Random(seed=3), alpha=0.5)
 
-    assert_state_round_trip(make, jacobians(4, 30, 8, seed=41), tmp_path)
+    checks.assert_state_round_trip(make, checks.jacobians(4, 30, 8, seed=41), tmp_path)
     agg = make()
-    agg(jacobians(4, 30, 1, seed=42)[0])
+    agg(checks.jacobians(4, 30, 1, seed=42)[0])
     assert set(agg.state_dict()["weighting"]) == {"generator"}
 
 
@@ -212,21 +202,23 @@ def test_state_round_trip_with_a_stateful_wrapped_weighting(tmp_path):
     def make():
         return CRMOGM(MoDo(0.3), alpha=0.5)
 
-    assert_state_round_trip(make, jacobians(4, 30, 8, seed=43, scale=0.2), tmp_path)
+    checks.assert_state_round_trip(make, checks.jacobians(4, 30, 8, seed=43, scale=0.2), tmp_path)
 
 
 def test_state_dict_is_a_copy_on_the_cpu():
     assert CRMOGM().state_dict() == {"lambda": None, "started": None, "weighting": {}}
-    assert_state_is_a_copy(lambda: CRMOGM(MoDo(0.3), alpha=0.5), jacobians(3, 20, 5, seed=44, scale=0.2))
+    checks.assert_state_is_a_copy(lambda: CRMOGM(MoDo(0.3), alpha=0.5), checks.jacobians(3, 20, 5, seed=44, scale=0.2))
 
 
 def test_reset_starts_over_and_resets_the_wrapped_aggregator():
-    assert_reset_starts_over(lambda: CRMOGM(alpha=0.7), jacobians(3, 20, 4, seed=45))
-    assert_reset_starts_over(lambda: CRMOGM(MoDo(0.3), alpha=0.0), jacobians(3, 20, 4, seed=46, scale=0.2))
+    checks.assert_reset_starts_over(lambda: CRMOGM(alpha=0.7), checks.jacobians(3, 20, 4, seed=45))
+    checks.assert_reset_starts_over(
+        lambda: CRMOGM(MoDo(0.3), alpha=0.0), checks.jacobians(3, 20, 4, seed=46, scale=0.2)
+    )
 
 
 def test_a_change_of_k_warns_and_starts_over():
-    assert_k_change_warns_and_starts_over(lambda: CRMOGM(alpha=0.7), "CRMOGM", 3, 20)
+    checks.assert_k_change_warns_and_starts_over(lambda: CRMOGM(alpha=0.7), "CRMOGM", 3, 20)
 
 
 @pytest.mark.parametrize(
@@ -249,9 +241,9 @@ def test_load_state_dict_refuses_bad_states(state, match):
 
 
 def test_a_bad_wrapped_state_leaves_the_average_untouched():
-    js = jacobians(3, 20, 3, seed=47, scale=0.2)
+    js = checks.jacobians(3, 20, 3, seed=47, scale=0.2)
     agg = CRMOGM(MoDo(0.3), alpha=0.5)
-    run(agg, js)
+    checks.run(agg, js)
     before = agg.state_dict()
     bad = {"lambda": torch.full((3,), 1 / 3, dtype=torch.float64), "started": True, "weighting": {"w": None}}
     with pytest.raises(ValueError, match="MoDo.load_state_dict needs the keys"):
@@ -262,8 +254,8 @@ def test_a_bad_wrapped_state_leaves_the_average_untouched():
 
 
 def test_a_non_finite_step_returns_nan_and_keeps_the_average():
-    js = jacobians(3, 20, 4, seed=48)
-    expected = run(CRMOGM(alpha=0.6, nonfinite="propagate"), js)
+    js = checks.jacobians(3, 20, 4, seed=48)
+    expected = checks.run(CRMOGM(alpha=0.6, nonfinite="propagate"), js)
     agg = CRMOGM(alpha=0.6, nonfinite="propagate")
     bad = js[0].clone()
     bad[1, 2] = float("nan")
@@ -271,15 +263,15 @@ def test_a_non_finite_step_returns_nan_and_keeps_the_average():
     got = [agg(js[0]), agg(js[1])]
     assert torch.isnan(agg(bad)).all()  # after: it stays as it was
     got += [agg(js[2]), agg(js[3])]
-    assert_bitwise(got, expected)
+    checks.assert_bitwise(got, expected)
 
 
 def test_float32_input_keeps_its_dtype_and_device():
-    assert_float32_kept(lambda: CRMOGM(alpha=0.7), jacobians(4, 30, 4, seed=49))
+    checks.assert_float32_kept(lambda: CRMOGM(alpha=0.7), checks.jacobians(4, 30, 4, seed=49))
 
 
 def test_backends_agree_over_several_calls():
-    assert_backends_agree(lambda b: CRMOGM(alpha=0.7, backend=b), jacobians(4, 50, 4, seed=50), rtol=1e-9)
+    checks.assert_backends_agree(lambda b: CRMOGM(alpha=0.7, backend=b), checks.jacobians(4, 50, 4, seed=50), rtol=1e-9)
 
 
 def test_repr():

@@ -10,18 +10,7 @@ import torch
 
 from tolaria.aggregation.sdmgrad import SDMGrad
 
-from .stateful_checks import (
-    assert_backends_agree,
-    assert_bitwise,
-    assert_float32_kept,
-    assert_k_change_warns_and_starts_over,
-    assert_reset_starts_over,
-    assert_state_is_a_copy,
-    assert_state_round_trip,
-    jacobians,
-    project_onto_simplex_reference,
-    run,
-)
+from . import stateful_checks as checks
 
 
 def sdmgrad_reference(pairs, thirds, lr, momentum, n_iter, lam, pref=None) -> list[torch.Tensor]:
@@ -39,7 +28,7 @@ def sdmgrad_reference(pairs, thirds, lr, momentum, n_iter, lam, pref=None) -> li
         for _ in range(n_iter):
             g = j1 @ (j2.T @ (w + lam * wt)) / (s * s + 1e-8)
             velocity = g if velocity is None else momentum * velocity + g
-            w = project_onto_simplex_reference(w - lr * velocity)
+            w = checks.project_onto_simplex_reference(w - lr * velocity)
         out.append(j3.T @ (w + lam * wt) / (1 + lam))
     return out
 
@@ -58,7 +47,7 @@ def _ids(cases):
 @pytest.mark.parametrize("kwargs", CASES, ids=_ids(CASES))
 def test_follows_the_papers_steps_over_several_calls(kwargs):
     k = 3
-    js = jacobians(k, 40, 6, seed=5)
+    js = checks.jacobians(k, 40, 6, seed=5)
     args = {"lr": 10.0, "momentum": 0.5, "n_iter": 20, "lambda_": 0.3, **kwargs}
     expected = sdmgrad_reference(
         [(j, j) for j in js], js, args["lr"], args["momentum"], args["n_iter"], args["lambda_"], args.get("pref_vector")
@@ -71,7 +60,7 @@ def test_follows_the_papers_steps_over_several_calls(kwargs):
 
 @pytest.mark.parametrize("k", [1, 2, 5])
 def test_follows_the_papers_steps_for_other_k(k):
-    js = jacobians(k, 25, 5, seed=10 + k)
+    js = checks.jacobians(k, 25, 5, seed=10 + k)
     expected = sdmgrad_reference([(j, j) for j in js], js, 1.0, 0.5, 10, 0.3)
     agg = SDMGrad(lr=1.0, n_iter=10)
     for j, ref in zip(js, expected):
@@ -80,13 +69,13 @@ def test_follows_the_papers_steps_for_other_k(k):
 
 def test_weights_sum_to_one_and_lambda_zero_is_on_the_simplex():
     agg = SDMGrad(lambda_=0.0, lr=1.0)
-    for j in jacobians(4, 30, 4, seed=6):
+    for j in checks.jacobians(4, 30, 4, seed=6):
         _, stats = agg(j, return_stats=True)
         assert (stats.weights >= 0).all() and abs(stats.weights.sum().item() - 1) <= 1e-14
 
 
 def test_the_scale_of_the_gradients_does_not_change_the_weights():
-    js = jacobians(4, 30, 4, seed=7)
+    js = checks.jacobians(4, 30, 4, seed=7)
     a, b = SDMGrad(), SDMGrad()
     for j in js:
         _, sa = a(j, return_stats=True)
@@ -95,7 +84,7 @@ def test_the_scale_of_the_gradients_does_not_change_the_weights():
 
 
 def test_two_sample_form_follows_the_paper():
-    stream = jacobians(3, 30, 9, seed=8)
+    stream = checks.jacobians(3, 30, 9, seed=8)
     pairs, thirds = list(zip(stream[0::3], stream[1::3])), stream[2::3]
     expected = sdmgrad_reference(pairs, thirds, 10.0, 0.5, 20, 0.3)
     agg = SDMGrad()
@@ -117,7 +106,7 @@ def test_agrees_with_torchjd_over_consecutive_calls(kwargs):
     if "pref_vector" in theirs_kwargs:
         theirs_kwargs["pref_vector"] = torch.tensor(theirs_kwargs["pref_vector"], dtype=torch.float64)
     ours, theirs = SDMGrad(**kwargs), tjd.SDMGradWeighting(**theirs_kwargs)
-    for j in jacobians(3, 50, 6, seed=30):
+    for j in checks.jacobians(3, 50, 6, seed=30):
         _, stats = ours(j, return_stats=True)
         assert (stats.weights - theirs(j @ j.T)).abs().max() <= 1e-11
 
@@ -125,7 +114,7 @@ def test_agrees_with_torchjd_over_consecutive_calls(kwargs):
 def test_two_sample_form_agrees_with_torchjd():
     tjd = pytest.importorskip("torchjd.aggregation")
     ours, theirs = SDMGrad(), tjd.SDMGradWeighting()
-    stream = jacobians(4, 30, 8, seed=31)
+    stream = checks.jacobians(4, 30, 8, seed=31)
     for j1, j2 in zip(stream[0::2], stream[1::2]):
         cross = j1 @ j2.T
         assert (ours.weights_from_cross(cross) - theirs(cross)).abs().max() <= 1e-11
@@ -162,20 +151,20 @@ def test_a_preference_vector_of_the_wrong_length_is_refused_at_the_call():
 
 
 def test_state_dict_round_trip_is_bit_for_bit(tmp_path):
-    assert_state_round_trip(lambda: SDMGrad(lr=1.0, n_iter=3), jacobians(4, 30, 8, seed=40), tmp_path)
+    checks.assert_state_round_trip(lambda: SDMGrad(lr=1.0, n_iter=3), checks.jacobians(4, 30, 8, seed=40), tmp_path)
 
 
 def test_state_dict_is_a_copy_on_the_cpu():
     assert SDMGrad().state_dict() == {"w": None}
-    assert_state_is_a_copy(lambda: SDMGrad(lr=1.0, n_iter=3), jacobians(3, 20, 5, seed=41))
+    checks.assert_state_is_a_copy(lambda: SDMGrad(lr=1.0, n_iter=3), checks.jacobians(3, 20, 5, seed=41))
 
 
 def test_reset_starts_over():
-    assert_reset_starts_over(lambda: SDMGrad(lr=1.0, n_iter=3), jacobians(3, 20, 4, seed=42))
+    checks.assert_reset_starts_over(lambda: SDMGrad(lr=1.0, n_iter=3), checks.jacobians(3, 20, 4, seed=42))
 
 
 def test_a_change_of_k_warns_and_starts_over():
-    assert_k_change_warns_and_starts_over(lambda: SDMGrad(lr=1.0, n_iter=3), "SDMGrad", 3, 20)
+    checks.assert_k_change_warns_and_starts_over(lambda: SDMGrad(lr=1.0, n_iter=3), "SDMGrad", 3, 20)
 
 
 @pytest.mark.parametrize(
@@ -195,27 +184,27 @@ def test_load_state_dict_refuses_bad_states(state, match):
 
 
 def test_a_non_finite_step_returns_nan_and_keeps_the_state():
-    js = jacobians(3, 20, 4, seed=44)
-    expected = run(SDMGrad(lr=1.0, n_iter=3, nonfinite="propagate"), js)
+    js = checks.jacobians(3, 20, 4, seed=44)
+    expected = checks.run(SDMGrad(lr=1.0, n_iter=3, nonfinite="propagate"), js)
     agg = SDMGrad(lr=1.0, n_iter=3, nonfinite="propagate")
     got = [agg(js[0]), agg(js[1])]
     bad = js[1].clone()
     bad[0, 3] = float("inf")
     assert torch.isnan(agg(bad)).all()
     got += [agg(js[2]), agg(js[3])]
-    assert_bitwise(got, expected)
+    checks.assert_bitwise(got, expected)
 
 
 def test_float32_input_keeps_its_dtype_and_device():
-    assert_float32_kept(lambda: SDMGrad(lr=1.0, n_iter=5), jacobians(4, 30, 4, seed=46))
+    checks.assert_float32_kept(lambda: SDMGrad(lr=1.0, n_iter=5), checks.jacobians(4, 30, 4, seed=46))
 
 
 def test_backends_agree_over_several_calls():
-    assert_backends_agree(lambda b: SDMGrad(backend=b), jacobians(4, 50, 4, seed=47), rtol=1e-9)
+    checks.assert_backends_agree(lambda b: SDMGrad(backend=b), checks.jacobians(4, 50, 4, seed=47), rtol=1e-9)
 
 
 def test_permuting_the_sources_permutes_the_weights():
-    js = jacobians(5, 30, 4, seed=48)
+    js = checks.jacobians(5, 30, 4, seed=48)
     order = torch.tensor([3, 0, 4, 1, 2])
     plain, permuted = SDMGrad(lr=1.0), SDMGrad(lr=1.0)
     for j in js:
