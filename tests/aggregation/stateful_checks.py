@@ -86,7 +86,7 @@ def assert_state_is_a_copy(make: Callable[[], Aggregator], js: list[Tensor]) -> 
     assert tensors, "the state holds no tensor"
     for value in tensors:
         assert value.device.type == "cpu"
-        value.add_(1.0)
+        value.add_(1)  # an integer step: generator states are uint8
     assert_bitwise(run(agg, js[2:]), expected)
     assert_bitwise(run(loaded, js[2:]), expected)
 

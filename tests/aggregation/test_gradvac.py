@@ -1,6 +1,5 @@
 """GradVac against Algorithm 1 of Wang et al. (2021), written literally on the gradients, and TorchJD."""
 
-import io
 import warnings
 
 import pytest
@@ -9,6 +8,7 @@ import torch
 from tolaria.aggregation.gradvac import GradVac
 from tolaria.aggregation.pcgrad import draw_orders
 
+from . import stateful_checks as checks
 from .reference import assert_close_to_reference
 
 
@@ -151,22 +151,14 @@ def test_a_shared_generator_advances():
     assert not torch.equal(gen.get_state(), state)
 
 
-def test_state_dict_round_trip_resumes_bit_for_bit():
+def test_state_dict_round_trip_resumes_bit_for_bit(tmp_path):
     calls = _inputs(5, 8, seed=11)
+    checks.assert_state_round_trip(lambda: GradVac(beta=0.3, seed=1), calls, tmp_path)
+    checks.assert_state_is_a_copy(lambda: GradVac(beta=0.3, seed=1), calls)
     aggregator = GradVac(beta=0.3, seed=1)
-    for j in calls[:3]:
-        aggregator(j)
-    buffer = io.BytesIO()
-    torch.save(aggregator.state_dict(), buffer)
-    buffer.seek(0)
-    state = torch.load(buffer, weights_only=True)
+    checks.run(aggregator, calls[:3])
+    state = aggregator.state_dict()
     assert state["targets"].device.type == "cpu" and state["targets"].dtype == torch.float64
-    expected = [aggregator(j) for j in calls[3:]]
-    resumed = GradVac(beta=0.3, seed=999)
-    resumed.load_state_dict(state)
-    assert all(torch.equal(x, resumed(j)) for x, j in zip(expected, calls[3:]))
-    # The saved state is a copy: later calls do not change it.
-    assert torch.equal(state["targets"], torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)["targets"])
 
 
 def test_fresh_state_dict_and_reset():

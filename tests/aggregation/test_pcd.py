@@ -1,7 +1,6 @@
 """PCD against its definition (the paper's program, solved by enumerating active sets on the gradients,
 as its Appendix B.2 does), and against TorchJD."""
 
-import io
 import itertools
 import warnings
 
@@ -10,6 +9,7 @@ import torch
 
 from tolaria.aggregation.pcd import PCD
 
+from . import stateful_checks as checks
 from .reference import assert_close_to_reference
 
 
@@ -160,22 +160,14 @@ def test_a_tau_vector_of_the_wrong_length_is_refused():
         PCD(tau=[0.1, 0.2])(torch.randn(4, 5))
 
 
-def test_state_dict_round_trip_resumes_bit_for_bit():
+def test_state_dict_round_trip_resumes_bit_for_bit(tmp_path):
     calls = _inputs(5, 8, seed=23)
+    checks.assert_state_round_trip(lambda: PCD(tau=0.3, beta=0.9), calls, tmp_path)
+    checks.assert_state_is_a_copy(lambda: PCD(tau=0.3, beta=0.9), calls)
     aggregator = PCD(tau=0.3, beta=0.9)
-    for j in calls[:3]:
-        aggregator(j)
-    buffer = io.BytesIO()
-    torch.save(aggregator.state_dict(), buffer)
-    buffer.seek(0)
-    state = torch.load(buffer, weights_only=True)
+    checks.run(aggregator, calls[:3])
+    state = aggregator.state_dict()
     assert state["steps"] == 3 and state["sq_norm_ema"].dtype == torch.float64
-    expected = [aggregator(j) for j in calls[3:]]
-    resumed = PCD(tau=0.3, beta=0.9)
-    resumed.load_state_dict(state)
-    assert all(torch.equal(x, resumed(j)) for x, j in zip(expected, calls[3:]))
-    # Without the state the moving average differs, and so do the results.
-    assert not torch.equal(PCD(tau=0.3, beta=0.9)(calls[3]), expected[0])
 
 
 def test_fresh_state_and_reset():
