@@ -1,6 +1,7 @@
 """The aggregation benchmark's own behaviour (not its timings): what it measures and how it fails."""
 
 import json
+import shlex
 
 import pytest
 import torch
@@ -47,26 +48,8 @@ def test_a_failure_of_tolaria_itself_is_not_hidden(monkeypatch):
 
 def test_command_writes_the_table_and_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert (
-        bench.main(
-            [
-                "--k",
-                "2",
-                "--n",
-                "1000",
-                "--dtypes",
-                "fp32",
-                "--repeats",
-                "1",
-                "--budget-s",
-                "0.05",
-                "--no-memory",
-                "--json",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    line = f"--k 2 --n 1000 --dtypes fp32 --repeats 1 --budget-s 0.05 --no-memory --json {out}"
+    assert bench.main(shlex.split(line)) == 0
     assert "pcgrad  fp32  K=2  N=1e+03  (cpu)" in capsys.readouterr().out
     methods = {row["method"] for row in json.loads(out.read_text())}
     assert {"floor", "tolaria", "tolaria-torch", "naive-loop"} <= methods
@@ -86,21 +69,7 @@ def test_isa_flag_runs_under_the_forced_level_and_names_it(tmp_path, capsys):
     narrowest = supported_cpu_isas()[-1]
     try:
         out = tmp_path / "m.json"
-        args = [
-            "--isa",
-            narrowest,
-            "--k",
-            "2",
-            "--n",
-            "1000",
-            "--dtypes",
-            "fp32",
-            "--repeats",
-            "1",
-            "--no-memory",
-            "--json",
-            str(out),
-        ]
+        args = shlex.split(f"--isa {narrowest} --k 2 --n 1000 --dtypes fp32 --repeats 1 --no-memory --json {out}")
         assert bench.main(args) == 0
         assert f"CPU ISA {narrowest}," in capsys.readouterr().out.splitlines()[0]
         assert {m["cpu_isa"] for m in json.loads(out.read_text())} == {narrowest}
