@@ -355,17 +355,18 @@ class GraftingExecutor:
         return "grafted"
 
 
-def test_grafted_parameters_rebuild_the_optimizer(tmp_path):
+def _grafting_trainer(tmp_path):
+    """Two epochs whose first boundary grafts `model.extra`: (model, optimizer, data, trainer)."""
     model, optimizer, data, loss_fn = make_problem()
+    executor = GraftingExecutor(model)
     trainer = Trainer(
-        model,
-        optimizer,
-        data,
-        loss_fn,
-        config(tmp_path, epochs=2),
-        policy=GraftingPolicy(),
-        executor=GraftingExecutor(model),
+        model, optimizer, data, loss_fn, config(tmp_path, epochs=2), policy=GraftingPolicy(), executor=executor
     )
+    return model, optimizer, data, trainer
+
+
+def test_grafted_parameters_rebuild_the_optimizer(tmp_path):
+    model, optimizer, data, trainer = _grafting_trainer(tmp_path)
     summary = trainer.fit()
     assert summary.status == "completed" and summary.steps == 2 * len(data)
     params = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
@@ -380,16 +381,7 @@ def test_a_failed_rebuild_after_a_graft_halts_instead_of_training_on_without_the
     def broken(self, model):
         raise RuntimeError("no room for the new parameters")
 
-    model, optimizer, data, loss_fn = make_problem()
-    trainer = Trainer(
-        model,
-        optimizer,
-        data,
-        loss_fn,
-        config(tmp_path, epochs=2),
-        policy=GraftingPolicy(),
-        executor=GraftingExecutor(model),
-    )
+    model, optimizer, data, trainer = _grafting_trainer(tmp_path)
     monkeypatch.setattr(trainer.optim, "_build", broken.__get__(trainer.optim, OptimizerManager), raising=False)
     summary = trainer.fit()
     assert summary.status == "halted" and "optimizer rebuild failed" in summary.halt_reason
