@@ -25,12 +25,13 @@ import signal
 import sys
 import threading
 import tomllib
+import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, TrainerConfig
+from .config import ConfigError, DistributedConfig, TrainerConfig
 from .gradient import AGGREGATOR_NAMES
 from .loop import HALTED, INTERRUPTED, RunSummary, Trainer, default_run_dir
 from .mediator import ControlState
@@ -40,6 +41,7 @@ from .tasks import DigitsTaskConfig, build_default_task
 log = logging.getLogger("tolaria.train")
 
 FAULTS = ("nan", "hang-policy", "kill")
+SHARDING_CHOICES = typing.get_args(typing.get_type_hints(DistributedConfig)["sharding"])
 DEMO_CONTROL_TIMEOUT_S = 2.0
 
 
@@ -139,6 +141,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", metavar="DEVICE", help='"cpu" (default), "cuda", "cuda:N" or "auto"')
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     parser.add_argument(
+        "--sharding",
+        choices=SHARDING_CHOICES,
+        help="under torchrun: none (every rank all-reduces the whole K x N buffer; default), zero (buffer "
+        "reduce-scattered, each rank aggregates its columns) or fsdp (the model wrapped by FSDP2's fully_shard); "
+        "sets [distributed] sharding",
+    )
+    parser.add_argument(
         "--inject-fault",
         choices=FAULTS,
         help="demonstrate recovery: nan (NaN losses: skip, roll back), hang-policy (a hung policy times out), "
@@ -179,6 +188,8 @@ def build_config(args: argparse.Namespace) -> tuple[TrainerConfig, DigitsTaskCon
         changes["device"] = args.device
     elif "device" not in given:
         changes["device"] = "cpu"  # the embedded task is sized for a CPU
+    if args.sharding is not None:
+        changes["distributed"] = dataclasses.replace(config.distributed, sharding=args.sharding)
     if args.resume:
         if args.out is None and config.run_dir is None:
             raise ConfigError("--resume needs the run folder to continue: give --out DIR")
@@ -311,6 +322,7 @@ __all__ = [
     "FaultyLoss",
     "LoggingExecutor",
     "ReportProgress",
+    "SHARDING_CHOICES",
     "add_arguments",
     "build_config",
     "run",

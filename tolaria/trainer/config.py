@@ -204,11 +204,19 @@ class DistributedConfig(Section):
         timeout_s: how long a collective waits for the other ranks before failing, when the trainer
             joins the process group itself (default 600.0). It must exceed the slowest thing one rank
             does while the others wait (rank 0's checkpoint write, an evaluation).
+        sharding: how the K x N gradient buffer is spread over the ranks (default ``"none"``):
+            ``"none"`` every rank holds and all-reduces all of it; ``"zero"`` a plain model, the
+            buffer reduce-scattered by columns, each rank aggregates its shard (K N / W memory);
+            ``"fsdp"`` the model is wrapped by FSDP2's ``fully_shard`` and rows hold the local
+            gradient shards. With ``"zero"`` or ``"fsdp"`` checkpoints are written by every rank
+            through ``torch.distributed.checkpoint`` (``tolaria.state.sharded_checkpoints``), and a
+            run resumes on another world size. Ignored in a single process.
     """
 
     emergency_check_every: int = 1
     bucket_mb: float = 25.0
     timeout_s: float = 600.0
+    sharding: Literal["none", "zero", "fsdp"] = "none"
 
     def __post_init__(self) -> None:
         self._check_types("distributed.")
@@ -241,6 +249,8 @@ class TrainerConfig(Section):
             mode ends (default 1).
         control_max_abandoned: hung control workers that may be abandoned and replaced; with more
             still hung, control calls are refused (reported) until one finishes (default 2).
+        control_policy_isolation: ``"thread"`` (default) or ``"process"``: the policy runs in a child
+            process, killed when a call times out (the policy, its state and commands must be picklable).
         amp: ``"auto"`` (default: bf16 autocast on CUDA, none on CPU), ``"bf16"`` (always) or ``"off"``.
         compile: run the model through ``torch.compile`` (default False).
         run_dir: folder for checkpoints, telemetry and traces (default None: ``./runs/<timestamp>``).
@@ -260,6 +270,7 @@ class TrainerConfig(Section):
     control_cooldown_s: float = 30.0
     control_recovery_calls: int = 1
     control_max_abandoned: int = 2
+    control_policy_isolation: Literal["thread", "process"] = "thread"
     amp: Literal["auto", "bf16", "off"] = "auto"
     compile: bool = False
     run_dir: str | None = None
