@@ -139,3 +139,14 @@ def assert_float32_kept(make: Callable[[], Aggregator], js: list[Tensor]) -> Non
     for x, y in zip(wide, narrow):
         assert y.dtype == torch.float32 and y.device == js[0].device and y.shape == x.shape
         assert (y.to(torch.float64) - x).abs().max() <= 1e-4 * x.abs().max()
+
+
+def assert_loaded_state_repeats_draws(aggregator: Aggregator, j: Tensor, calls: int = 3) -> None:
+    """For an aggregator whose only state is its generator: after one call, the saved state, loaded back,
+    makes the next calls repeat bit for bit (and the draws do change from call to call)."""
+    aggregator(j)
+    state = aggregator.state_dict()
+    first = [aggregator(j) for _ in range(calls)]
+    assert not torch.equal(first[0], first[1]), "the draws did not change between calls"
+    aggregator.load_state_dict(state)
+    assert_bitwise([aggregator(j) for _ in range(calls)], first)

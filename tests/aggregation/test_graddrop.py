@@ -6,6 +6,8 @@ import torch
 
 from tolaria.aggregation.graddrop import GradDrop, draw_keys, graddrop_uniforms
 
+from . import stateful_checks as checks
+
 BACKENDS = ("cpu", "torch", "triton")
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 RTOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
@@ -85,17 +87,11 @@ def test_torchs_global_generator_is_untouched():
 
 def test_state_dict_and_shared_generator_repeat_the_draws():
     j = torch.randn(6, 400, dtype=torch.float64)
-    aggregator = GradDrop(seed=5)
-    aggregator(j)
-    state = aggregator.state_dict()
-    first = [aggregator(j) for _ in range(3)]
-    assert not torch.equal(first[0], first[1])
-    aggregator.load_state_dict(state)
-    assert all(torch.equal(a, aggregator(j)) for a in first)
+    checks.assert_loaded_state_repeats_draws(GradDrop(seed=5), j)
     assert GradDrop.stateful and GradDrop(seed=1).state_dict().keys() == {"generator"}
     assert torch.equal(GradDrop(generator=torch.Generator().manual_seed(5))(j), GradDrop(seed=5)(j))
     with pytest.raises(ValueError, match="state_dict"):
-        aggregator.load_state_dict({})
+        GradDrop(seed=5).load_state_dict({})
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

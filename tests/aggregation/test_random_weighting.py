@@ -5,6 +5,7 @@ import torch
 
 from tolaria.aggregation import Random
 
+from . import stateful_checks as checks
 from .reference import assert_close_to_reference
 
 
@@ -29,12 +30,7 @@ def test_torchs_global_generator_is_untouched():
 
 def test_state_dict_makes_the_draws_repeat():
     j = torch.randn(6, 40, dtype=torch.float64)
-    aggregator = Random(seed=5)
-    aggregator(j)
-    state = aggregator.state_dict()
-    first = [aggregator(j) for _ in range(3)]
-    aggregator.load_state_dict(state)
-    assert all(torch.equal(a, aggregator(j)) for a in first)
+    checks.assert_loaded_state_repeats_draws(Random(seed=5), j)
 
 
 def test_draws_change_from_call_to_call():
