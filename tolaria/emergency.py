@@ -1,4 +1,4 @@
-"""The controller that raises and lowers the emergency level, and its broadcast queue.
+"""The controller that raises and lowers the emergency level, and its broadcast delivery.
 
 The level says how careful training must be, from :attr:`EmergencyLevel.NONE` to
 :attr:`EmergencyLevel.HALT`. An :class:`EmergencyController` owns the transitions:
@@ -7,12 +7,20 @@ The level says how careful training must be, from :attr:`EmergencyLevel.NONE` to
   is still reported (returned record, telemetry, log).
 - ``deescalate(level, reason)`` lowers it explicitly (to NONE: the signal is cleared).
 - Each call returns an :class:`Escalation` record. The new level is written to the controller's
-  signal (a :class:`~tolaria.signals.SharedEmergencySignal` reaches every process on the host; a
-  :class:`LocalEmergencySignal` stays in this process), then handed to the broadcaster.
-- A broadcaster that raises is recorded on the record's ``error``, logged and counted in telemetry.
-- At most ``max_broadcasts_per_min`` broadcasts go out per rolling minute; later ones wait in a
-  queue, in order, and go out when the window allows: at the next ``escalate``/``deescalate`` or an
-  explicit :meth:`EmergencyController.flush_pending`. Nothing is dropped.
+  signal first, always (a :class:`~tolaria.signals.SharedEmergencySignal` reaches every process on
+  the host; a :class:`LocalEmergencySignal` stays in this process); the call then queues the record
+  for the broadcaster and returns. It never waits for the broadcaster.
+- A delivery thread (daemon, started with the first broadcast) hands the records to the broadcaster,
+  oldest first, and fills in the record's ``broadcasted``, ``error`` and ``broadcast_delay``. A
+  broadcaster that raises is recorded on the record's ``error``, logged and counted in telemetry; a
+  slow or hung one delays only the broadcasts behind it, never a transition or the signal.
+- At most ``max_broadcasts_per_min`` broadcasts go out per rolling minute; later ones wait in the
+  queue, in order, until the window allows. At most ``max_pending_broadcasts`` wait: past that the
+  oldest waiting one is dropped, loudly (event, log, counter, its record's ``error``); the signal
+  already holds the newer level.
+- :meth:`EmergencyController.flush_pending` waits (bounded) until the thread has sent what the cap
+  allows now; :meth:`EmergencyController.close` waits (bounded) for the queue to drain and reports
+  every record it could not deliver.
 
 The levels (:class:`EmergencyLevel`, :func:`as_level`) and both signals live in
 :mod:`tolaria.signals`, beside the shared-memory signal they mirror; they are re-exported here, so
@@ -77,18 +85,22 @@ class Escalation:
         previous_level: the level before the call.
         reason: the reason given.
         changed: whether the level changed (False: a reported no-op; nothing written or broadcast).
-        broadcasted: whether the broadcaster accepted it (False while deferred by the rate cap, when
-            it failed, or when there is no broadcaster).
-        error: the exception the broadcaster raised, if it did.
-        deferred: whether the rate cap queued the broadcast (it goes out later; see
-            ``broadcast_delay``).
-        latency: seconds from the call until the level was written to the signal and broadcast (or
-            queued).
-        broadcast_delay: seconds from the call until the broadcast was attempted; None until then.
+        broadcasted: whether the broadcaster accepted it (False until the delivery thread sent it,
+            when it failed, when it was dropped or undelivered, or when there is no broadcaster).
+        error: the exception the broadcaster raised, or the error that says why the record was never
+            handed to it (dropped from a full queue, controller closed).
+        deferred: whether the rate cap held the broadcast back when it was queued (it goes out later;
+            see ``broadcast_delay``).
+        latency: seconds from the call until the level was written to the signal and the broadcast
+            queued (the call never waits for the broadcaster).
+        broadcast_delay: seconds from the call until the broadcaster returned; None until then.
         monotonic_ms: when the call was made (``time.monotonic``, milliseconds); the signal's timestamp.
         signal_generation: the signal's generation after the write, when one was made.
         signal_error: the exception the signal raised on read or write, if it did (the controller
             then goes on with its last known level, and still broadcasts).
+
+    The delivery thread fills in ``broadcasted``, ``error`` and ``broadcast_delay`` after the call
+    returned: read them after :meth:`EmergencyController.flush_pending` or ``close``.
     """
 
     action: str
@@ -110,22 +122,27 @@ Broadcaster = Callable[[Escalation], None]
 
 
 class EmergencyController:
-    """Raises and lowers the emergency level, writes it to a signal and broadcasts every change.
+    """Raises and lowers the emergency level, writes it to a signal, and broadcasts every change off
+    the caller's path.
 
     Args:
         broadcaster: called with each level change's :class:`Escalation` (e.g. to publish it to other
-            hosts). May raise: the error is recorded on the record, logged and counted.
+            hosts), on the controller's delivery thread. May raise: the error is recorded on the
+            record, logged and counted. May be slow or hang: only later broadcasts wait for it.
         signal: where the level lives. With a signal, the signal is the source of truth: another
             process's trigger is seen here, and ``escalate`` raises the level atomically
             (``raise_level``), so concurrent escalations never lower it. Without one, the
             controller keeps the level itself.
         max_broadcasts_per_min: broadcasts per rolling 60 s window; the rest wait in order.
         telemetry: the emitter for events and counters.
+        max_pending_broadcasts: how many broadcasts may wait; past that the oldest is dropped, loudly.
         clock: seconds, monotonic; injectable for tests.
-        sleep: waits a number of seconds (``close`` waits for room under the cap); injectable for tests.
+        sleep: how the delivery thread waits a number of seconds (on ``clock``) for room under the
+            cap; injectable for tests. By default it waits on a condition that ``flush_pending`` and
+            ``close`` wake early.
 
-    Call :meth:`close` before the process ends: it sends the broadcasts still waiting under the cap
-    (waiting for room up to a timeout) and reports any it could not send.
+    Call :meth:`close` before the process ends: it waits (up to a timeout) for the broadcasts still
+    queued and reports any it could not deliver.
     """
 
     def __init__(
@@ -135,25 +152,36 @@ class EmergencyController:
         max_broadcasts_per_min: int = 30,
         telemetry: TelemetryEmitter | None = None,
         *,
+        max_pending_broadcasts: int = 1000,
         clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], None] | None = None,
     ):
-        if isinstance(max_broadcasts_per_min, bool) or not isinstance(max_broadcasts_per_min, numbers.Integral):
-            raise ValueError(f"max_broadcasts_per_min must be a positive int, got {max_broadcasts_per_min!r}")
-        if max_broadcasts_per_min < 1:
-            raise ValueError(f"max_broadcasts_per_min must be a positive int, got {max_broadcasts_per_min}")
+        for name, value in (
+            ("max_broadcasts_per_min", max_broadcasts_per_min),
+            ("max_pending_broadcasts", max_pending_broadcasts),
+        ):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
         self.broadcaster = broadcaster
         self.signal = signal
         self.max_broadcasts_per_min = int(max_broadcasts_per_min)
+        self.max_pending_broadcasts = int(max_pending_broadcasts)
         self.telemetry = emitter_or_default(telemetry)
         self._clock = clock
         self._sleep = sleep
         # Without a signal: the level. With one: the last level read or written, used when the
         # signal cannot be read.
         self._level = EmergencyLevel.NONE
+        # One lock for the transitions and the delivery state; never held while broadcasting or
+        # sleeping, so a transition waits at most for another transition's signal write.
+        self._cond = threading.Condition(threading.RLock())
         self._sent_at: deque[float] = deque()  # clock times of broadcasts in the current window
-        self._pending: deque[tuple[Escalation, float]] = deque()  # (record, clock time of its call)
-        self._lock = threading.RLock()
+        self._outbox: deque[tuple[Escalation, float]] = deque()  # (record, clock time of its call)
+        self._in_flight: Escalation | None = None  # the record the broadcaster holds now
+        # Delivered since the last flush_pending (which returns them); bounded like the queue.
+        self._delivered: deque[Escalation] = deque(maxlen=self.max_pending_broadcasts)
+        self._delivery: threading.Thread | None = None
+        self._closed = False
 
     # ---- state -----------------------------------------------------------------------------------
 
@@ -166,9 +194,19 @@ class EmergencyController:
 
     @property
     def pending(self) -> tuple[Escalation, ...]:
-        """Broadcasts waiting for room under the per-minute cap, oldest first."""
-        with self._lock:
-            return tuple(record for record, _ in self._pending)
+        """Broadcasts queued and not yet handed to the broadcaster, oldest first."""
+        with self._cond:
+            return tuple(record for record, _ in self._outbox)
+
+    @property
+    def in_flight(self) -> Escalation | None:
+        """The record the broadcaster is handling right now, if any."""
+        with self._cond:
+            return self._in_flight
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     # ---- transitions -----------------------------------------------------------------------------
 
@@ -184,7 +222,7 @@ class EmergencyController:
     def _transition(self, action: str, target: EmergencyLevel, reason: str) -> Escalation:
         if not isinstance(reason, str):
             raise TypeError(f"{action} reason must be a str, got {type(reason).__name__}")
-        with self._lock:
+        with self._cond:
             started = self._clock()
             record = Escalation(
                 action, target, EmergencyLevel.NONE, reason, changed=False, monotonic_ms=time.monotonic() * 1e3
@@ -210,9 +248,7 @@ class EmergencyController:
                 record.signal_generation = generation
             self._level = target
             record.changed = True
-            # The level is in the signal first; only then do older broadcasts waiting under the
-            # cap go out (a slow broadcaster must never delay a HALT from reaching the signal).
-            self.flush_pending()
+            # The level is in the signal; the broadcast only gets queued (the delivery thread sends it).
             return self._finish(record, started)
 
     def _known_level(self, record: Escalation) -> EmergencyLevel:
@@ -288,26 +324,39 @@ class EmergencyController:
         )
         self.telemetry.count("emergency.escalations" if record.action == "escalate" else "emergency.deescalations")
         if self.broadcaster is not None:
-            if self._pending or not self._has_room(self._clock()):
-                self._defer(record, started)
-            else:
-                self._broadcast(record, started)
+            self._enqueue(record, started)
         record.latency = self._clock() - started
         return record
 
-    # ---- broadcasting under the cap ----------------------------------------------------------------
+    # ---- the broadcast queue (caller side; lock held) -----------------------------------------------
 
-    def _has_room(self, now: float) -> bool:
+    def _room(self, now: float) -> int:
+        """Broadcasts the cap allows now."""
         while self._sent_at and now - self._sent_at[0] >= BROADCAST_WINDOW_S:
             self._sent_at.popleft()
-        return len(self._sent_at) < self.max_broadcasts_per_min
+        return self.max_broadcasts_per_min - len(self._sent_at)
 
-    def _defer(self, record: Escalation, started: float) -> None:
+    def _enqueue(self, record: Escalation, started: float) -> None:
+        if self._closed:
+            record.error = RuntimeError("the emergency controller is closed: broadcast not sent")
+            self._report_undelivered([record], "after close()")
+            return
+        if len(self._outbox) >= self._room(self._clock()):
+            self._defer(record)
+        if len(self._outbox) >= self.max_pending_broadcasts:
+            self._drop_oldest()
+        self._outbox.append((record, started))
+        if self._delivery is None:
+            self._delivery = threading.Thread(target=self._deliver_forever, name="tolaria-emergency-broadcast")
+            self._delivery.daemon = True  # a hung broadcaster must not keep the process alive
+            self._delivery.start()
+        self._cond.notify_all()
+
+    def _defer(self, record: Escalation) -> None:
         record.deferred = True
-        self._pending.append((record, started))
         message = (
             f"broadcast of {record.action} to {record.level.name} deferred: cap of "
-            f"{self.max_broadcasts_per_min} per minute reached; {len(self._pending)} waiting"
+            f"{self.max_broadcasts_per_min} per minute reached; {len(self._outbox) + 1} waiting"
         )
         log.warning(message)
         self.telemetry.event(
@@ -315,18 +364,58 @@ class EmergencyController:
             severity="warning",
             message=message,
             level=record.level.name,
-            pending=len(self._pending),
+            pending=len(self._outbox) + 1,
         )
         self.telemetry.count("emergency.broadcasts_deferred")
 
-    def _broadcast(self, record: Escalation, started: float) -> None:
+    def _drop_oldest(self) -> None:
+        dropped, _ = self._outbox.popleft()
+        message = (
+            f"broadcast of {dropped.action} to {dropped.level.name} ({dropped.reason}) dropped: "
+            f"{self.max_pending_broadcasts} broadcasts already waiting (the broadcaster is slow or hung, or the "
+            "cap is too low); the signal holds the newer level"
+        )
+        dropped.error = RuntimeError(message)
+        log.error(message)
+        self.telemetry.event("emergency.broadcast_dropped", severity="error", message=message, level=dropped.level.name)
+        self.telemetry.count("emergency.broadcasts_dropped")
+
+    # ---- the delivery thread ----------------------------------------------------------------------
+
+    def _deliver_forever(self) -> None:
+        while True:
+            with self._cond:
+                if self._closed:
+                    return
+                wait_s: float | None = None
+                job = None
+                if self._outbox:
+                    now = self._clock()
+                    if self._room(now) > 0:
+                        job = self._outbox.popleft()
+                        self._sent_at.append(now)
+                        self._in_flight = job[0]
+                    else:
+                        wait_s = self._sent_at[0] + BROADCAST_WINDOW_S - now
+                if job is None and (self._sleep is None or wait_s is None):
+                    self._cond.wait(wait_s)  # woken by a new record, flush_pending or close
+                    continue
+            if job is None:
+                assert wait_s is not None and self._sleep is not None
+                self._sleep(max(0.0, wait_s))
+                continue
+            self._deliver(*job)
+
+    def _deliver(self, record: Escalation, started: float) -> None:
         assert self.broadcaster is not None
-        self._sent_at.append(self._clock())
+        error: BaseException | None = None
         try:
             self.broadcaster(record)
-        except Exception as exc:  # recorded on the record, logged and counted: never swallowed
-            record.error = exc
-            message = f"broadcast of {record.action} to {record.level.name} failed: {type(exc).__name__}: {exc}"
+        except BaseException as exc:  # recorded on the record, logged and counted: never swallowed
+            error = exc
+        delay = self._clock() - started
+        if error is not None:
+            message = f"broadcast of {record.action} to {record.level.name} failed: {type(error).__name__}: {error}"
             log.error(message)
             self.telemetry.event(
                 "emergency.broadcast_failed",
@@ -334,66 +423,107 @@ class EmergencyController:
                 message=message,
                 level=record.level.name,
                 action=record.action,
-                error=f"{type(exc).__name__}: {exc}",
+                error=f"{type(error).__name__}: {error}",
             )
             self.telemetry.count("emergency.broadcast_errors")
         else:
-            record.broadcasted = True
             self.telemetry.count("emergency.broadcasts")
-        record.broadcast_delay = self._clock() - started
+        with self._cond:
+            record.error = error
+            record.broadcasted = error is None
+            record.broadcast_delay = delay
+            self._in_flight = None
+            self._delivered.append(record)
+            self._cond.notify_all()
+
+    # ---- waiting for delivery ----------------------------------------------------------------------
+
+    def flush_pending(self, timeout_s: float | None = 10.0) -> list[Escalation]:
+        """Wakes the delivery thread and waits until it has sent every queued record the per-minute
+        cap allows now (records still held back by the cap stay queued), for up to ``timeout_s``
+        seconds (None: no limit). Returns the records the broadcaster finished since the previous
+        ``flush_pending`` (at most ``max_pending_broadcasts``), oldest first, their ``broadcasted``
+        and ``error`` set. A timeout (a slow or hung broadcaster) is logged, naming the record it holds."""
+        timeout = check_timeout(timeout_s)
+        deadline = time.monotonic() + (timeout if timeout is not None else math.inf)
+        with self._cond:
+            self._cond.notify_all()
+            while self._in_flight is not None or (self._outbox and self._room(self._clock()) > 0):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    held = self._in_flight
+                    log.warning(
+                        "flush_pending gave up after %s s: %s; %d broadcast(s) still queued",
+                        timeout_s,
+                        f"the broadcaster still holds {held.action} to {held.level.name} ({held.reason})"
+                        if held is not None
+                        else "the delivery thread did not get to them",
+                        len(self._outbox),
+                    )
+                    break
+                self._cond.wait(None if math.isinf(remaining) else remaining)
+            delivered = list(self._delivered)
+            self._delivered.clear()
+            if delivered:
+                self.telemetry.event(
+                    "emergency.broadcasts_flushed",
+                    severity="info",
+                    message=f"{len(delivered)} broadcasts sent; {len(self._outbox)} still waiting",
+                    flushed=len(delivered),
+                    pending=len(self._outbox),
+                )
+        return delivered
 
     def close(self, timeout_s: float | None = 60.0) -> list[Escalation]:
-        """Sends every queued broadcast, waiting for room under the cap for up to ``timeout_s`` (None:
-        as long as it takes);
-        returns the records still unsent at the deadline, each reported (log, telemetry event and the
-        ``emergency.broadcasts_undelivered`` counter). Nothing queued is dropped silently."""
-        timeout_s = check_timeout(timeout_s)
-        deadline = self._clock() + (timeout_s if timeout_s is not None else math.inf)
-        while True:
-            with self._lock:
-                self.flush_pending()
-                if not self._pending:
-                    return []
+        """Waits up to ``timeout_s`` seconds (None: as long as it takes) for every queued broadcast to
+        be delivered, then stops the delivery thread. Gives up at once when the per-minute cap cannot
+        let the next one out before the deadline. Returns the records not delivered (still queued, or
+        still held by a slow or hung broadcaster), each reported: log, telemetry event and the
+        ``emergency.broadcasts_undelivered`` counter. Nothing queued is dropped silently.
+
+        Never holds the lock while waiting: an escalation during ``close`` (a HALT during shutdown)
+        reaches the signal at once. Escalations after ``close`` still write the signal; their
+        broadcasts are reported undelivered."""
+        timeout = check_timeout(timeout_s)
+        wait = timeout if timeout is not None else math.inf
+        deadline, clock_deadline = time.monotonic() + wait, self._clock() + wait
+        with self._cond:
+            while self._in_flight is not None or self._outbox:
                 now = self._clock()
-                room_at = self._sent_at[0] + BROADCAST_WINDOW_S if self._sent_at else now
-                if room_at > deadline:
-                    undelivered = [record for record, _ in self._pending]
-                    self._pending.clear()
+                room_at = self._sent_at[0] + BROADCAST_WINDOW_S if self._outbox and self._room(now) <= 0 else now
+                remaining = deadline - time.monotonic()
+                if room_at > clock_deadline or remaining <= 0:
                     break
-            # Waiting for room under the cap without the lock: an escalation meanwhile (a HALT
-            # during shutdown) reaches the signal at once instead of waiting out this sleep.
-            self._sleep(max(0.0, room_at - now))
+                self._cond.wait(None if math.isinf(remaining) else remaining)
+            undelivered = [record for record, _ in self._outbox]
+            held = self._in_flight
+            self._outbox.clear()
+            self._closed = True
+            self._cond.notify_all()
+        if held is not None:
+            undelivered.insert(0, held)
+        for record in undelivered:
+            if record.error is None and record is not held:
+                record.error = RuntimeError("broadcast undelivered when the emergency controller closed")
+        if undelivered:
+            self._report_undelivered(undelivered, "at close()", held=held)
+        return undelivered
+
+    def _report_undelivered(self, records: list[Escalation], when: str, held: Escalation | None = None) -> None:
         message = (
-            f"emergency controller closed with {len(undelivered)} broadcast(s) undelivered under the cap of "
-            f"{self.max_broadcasts_per_min} per minute: "
-            + "; ".join(f"{r.action} to {r.level.name} ({r.reason})" for r in undelivered)
+            f"emergency controller: {len(records)} broadcast(s) undelivered {when} (cap of "
+            f"{self.max_broadcasts_per_min} per minute): "
+            + "; ".join(
+                f"{r.action} to {r.level.name} ({r.reason})"
+                + (" [still held by the broadcaster: outcome unknown]" if r is held else "")
+                for r in records
+            )
         )
         log.error(message)
         self.telemetry.event(
             "emergency.broadcasts_undelivered",
             severity="error",
             message=message,
-            levels=[r.level.name for r in undelivered],
+            levels=[r.level.name for r in records],
         )
-        self.telemetry.count("emergency.broadcasts_undelivered", len(undelivered))
-        return undelivered
-
-    def flush_pending(self) -> list[Escalation]:
-        """Broadcasts queued records, oldest first, while the per-minute cap allows; returns those
-        broadcast (their ``broadcasted``/``error`` fields are updated). Records still waiting stay
-        queued. Also runs at the start of every ``escalate``/``deescalate``."""
-        flushed: list[Escalation] = []
-        with self._lock:
-            while self._pending and self._has_room(self._clock()):
-                record, started = self._pending.popleft()
-                self._broadcast(record, started)
-                flushed.append(record)
-            if flushed:
-                self.telemetry.event(
-                    "emergency.broadcasts_flushed",
-                    severity="info",
-                    message=f"{len(flushed)} deferred broadcasts sent; {len(self._pending)} still waiting",
-                    flushed=len(flushed),
-                    pending=len(self._pending),
-                )
-        return flushed
+        self.telemetry.count("emergency.broadcasts_undelivered", len(records))

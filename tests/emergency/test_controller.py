@@ -168,6 +168,7 @@ def test_escalate_writes_the_signal_and_returns_a_record(signal, telemetry, sink
     record = ctrl.escalate(L.ELEVATED, "loss spike")
     assert isinstance(record, Escalation)
     assert (record.action, record.level, record.previous_level, record.reason) == ("escalate", 2, 0, "loss spike")
+    assert ctrl.flush_pending() == [record]  # the delivery thread sent it
     assert record.changed and record.broadcasted and record.error is None and not record.deferred
     assert record.latency >= 0 and record.broadcast_delay is not None
     assert sent == [record]
@@ -188,6 +189,7 @@ def test_lower_or_equal_escalation_is_a_reported_noop(signal, telemetry, sink):
         record = ctrl.escalate(level, "weaker")
         assert not record.changed and not record.broadcasted
         assert record.previous_level is L.CONSERVATIVE and record.level is level
+    ctrl.flush_pending()
     assert signal.read().generation == generation and len(sent) == 1
     noops = sink.of_kind("emergency.noop")
     assert len(noops) == 2 and "not above the current level CONSERVATIVE" in noops[0]["message"]
@@ -207,6 +209,7 @@ def test_deescalate_lowers_and_clears_at_none(signal, telemetry, sink):
     assert record.changed and ctrl.level is L.NONE
     cleared = SignalState(level=0, reason="", timestamp_ms=0.0, generation=state.generation + 1, is_set=False)
     assert signal.read() == cleared
+    ctrl.flush_pending()
     assert [r.level for r in sent] == [L.HALT, L.NOTICE, L.NONE]
     assert len(sink.of_kind("emergency.deescalated")) == 2
 
@@ -257,6 +260,7 @@ def test_failing_broadcaster_is_recorded_logged_and_counted(signal, telemetry, s
     ctrl = EmergencyController(broadcaster=broken, signal=signal, telemetry=telemetry)
     with caplog.at_level("ERROR", logger="tolaria.emergency"):
         record = ctrl.escalate(L.HALT, "divergence")
+        ctrl.flush_pending()
     assert isinstance(record.error, ConnectionError) and not record.broadcasted
     assert "bus down" in caplog.text
     failures = sink.of_kind("emergency.broadcast_failed")
@@ -273,6 +277,7 @@ def test_failing_signal_is_recorded_and_the_broadcast_still_goes_out(telemetry, 
     sig.close()
     with caplog.at_level("CRITICAL", logger="tolaria.emergency"):
         record = ctrl.escalate(L.HALT, "signal is gone")
+    ctrl.flush_pending()
     assert record.changed and record.previous_level is L.ELEVATED  # the last known level
     assert isinstance(record.signal_error, ValueError) and "closed" in str(record.signal_error)
     assert record.broadcasted and sent[-1] is record
@@ -293,6 +298,7 @@ def test_rate_cap_defers_in_order_and_drops_nothing(telemetry, sink):
         ctrl.escalate(L.HALT, "4"),
         ctrl.deescalate(L.NONE, "5"),
     ]
+    assert ctrl.flush_pending() == records[:2]  # the cap holds the rest back
     assert sent == records[:2]
     assert [r.deferred for r in records] == [False, False, True, True, True]
     assert not any(r.broadcasted for r in records[2:])
@@ -308,6 +314,7 @@ def test_rate_cap_defers_in_order_and_drops_nothing(telemetry, sink):
     # The next call flushes first, and its own broadcast queues behind what still waits.
     clock.now += BROADCAST_WINDOW_S
     record = ctrl.escalate(L.ELEVATED, "6")
+    assert ctrl.flush_pending() == [records[4], record]
     assert sent == [*records, record][:6] and ctrl.pending == ()
     assert all(r.broadcasted for r in [*records, record])
     assert records[4].broadcast_delay == pytest.approx(2 * BROADCAST_WINDOW_S)
@@ -319,8 +326,10 @@ def test_rate_cap_keeps_later_broadcasts_behind_queued_ones(telemetry):
     ctrl = EmergencyController(broadcaster=sent.append, max_broadcasts_per_min=1, telemetry=telemetry, clock=clock)
     first = ctrl.escalate(L.NOTICE, "1")
     second = ctrl.escalate(L.ELEVATED, "2")
+    assert ctrl.flush_pending() == [first]
     clock.now += BROADCAST_WINDOW_S
     third = ctrl.escalate(L.HALT, "3")  # room for one: the older queued record goes first
+    assert ctrl.flush_pending() == [second]
     assert sent == [first, second] and ctrl.pending == (third,)
     clock.now += BROADCAST_WINDOW_S
     assert ctrl.flush_pending() == [third]
@@ -328,10 +337,11 @@ def test_rate_cap_keeps_later_broadcasts_behind_queued_ones(telemetry):
 
 def test_close_waits_for_room_and_sends_everything_queued(telemetry, sink):
     clock = FakeClock()
-    waits = []
+    waits, closing = [], threading.Event()
 
-    def sleep(seconds):  # the fake clock moves only when the controller waits
+    def sleep(seconds):  # the delivery thread's wait for room: the fake clock moves once close() runs
         waits.append(seconds)
+        assert closing.wait(10.0)
         clock.now += seconds
 
     sent = []
@@ -339,27 +349,32 @@ def test_close_waits_for_room_and_sends_everything_queued(telemetry, sink):
         broadcaster=sent.append, max_broadcasts_per_min=1, telemetry=telemetry, clock=clock, sleep=sleep
     )
     records = [ctrl.escalate(L.NOTICE, "1"), ctrl.escalate(L.ELEVATED, "2"), ctrl.escalate(L.HALT, "3")]
-    assert sent == records[:1]
+    assert ctrl.flush_pending() == records[:1] and ctrl.pending == tuple(records[1:])
+    closing.set()
     assert ctrl.close(timeout_s=3 * BROADCAST_WINDOW_S) == []
-    assert sent == records and ctrl.pending == ()
+    assert sent == records and ctrl.pending == () and all(r.broadcasted for r in records)
     assert waits == [BROADCAST_WINDOW_S, BROADCAST_WINDOW_S]
     assert sink.of_kind("emergency.broadcasts_undelivered") == []
 
 
 def test_close_reports_what_it_could_not_send_by_the_deadline(telemetry, sink, caplog):
     clock = FakeClock()
+    released = threading.Event()
     sent = []
     ctrl = EmergencyController(
         broadcaster=sent.append,
         max_broadcasts_per_min=1,
         telemetry=telemetry,
         clock=clock,
-        sleep=lambda s: pytest.fail("must not wait past the deadline"),
+        sleep=lambda s: released.wait(10.0),  # the clock never moves: room never comes
     )
     first, second = ctrl.escalate(L.NOTICE, "1"), ctrl.escalate(L.HALT, "disk on fire")
+    assert ctrl.flush_pending() == [first]
     with caplog.at_level("ERROR"):
-        assert ctrl.close(timeout_s=1.0) == [second]
-    assert sent == [first] and ctrl.pending == ()
+        assert ctrl.close(timeout_s=1.0) == [second]  # room at +60 s: past the deadline, no wait
+    released.set()
+    assert sent == [first] and ctrl.pending == () and ctrl.closed
+    assert not second.broadcasted and "undelivered" in str(second.error)
     (event,) = sink.of_kind("emergency.broadcasts_undelivered")
     assert "escalate to HALT (disk on fire)" in event["message"] and event["severity"] == "error"
     assert telemetry.counters["emergency.broadcasts_undelivered"] == 1
@@ -433,6 +448,23 @@ class _Clock:
         return self.now
 
 
+class _BlockingBroadcaster:
+    """A broadcaster that holds every record until the test releases it (a slow or hung broadcaster),
+    noting the signal's level when each record reached it."""
+
+    def __init__(self, signal=None):
+        self.signal = signal
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.seen = []
+
+    def __call__(self, record):
+        self.entered.set()
+        level = EmergencyLevel(self.signal.read().level).name if self.signal is not None else None
+        self.seen.append((record.level.name, level))
+        assert self.release.wait(30.0), "the test never released the broadcaster"
+
+
 def test_the_level_reaches_the_signal_before_older_broadcasts_go_out():
     signal = LocalEmergencySignal()
     seen = []
@@ -444,29 +476,116 @@ def test_the_level_reaches_the_signal_before_older_broadcasts_go_out():
         clock=clock,
     )
     controller.escalate(EmergencyLevel.NOTICE, "first")  # broadcast at once
+    assert controller.flush_pending() != []
     controller.escalate(EmergencyLevel.ELEVATED, "second")  # deferred: the cap is reached
-    clock.now = 61.0  # room again: the next transition sends the deferred one first
+    clock.now = 61.0  # room again
     controller.escalate(EmergencyLevel.HALT, "third")
+    controller.flush_pending()
     # When the deferred ELEVATED broadcast went out, the signal already read HALT.
     assert seen[:2] == [("NOTICE", "NOTICE"), ("ELEVATED", "HALT")]
 
 
-def test_an_escalation_during_close_does_not_wait_out_closes_sleep():
+@pytest.mark.parametrize("kind", ["local", "shared"])
+def test_a_slow_broadcaster_never_delays_a_halt_from_reaching_the_signal(kind, signal_name):
+    # The issue's reproduction: a record waiting behind a slow broadcaster, then a HALT. The broadcaster
+    # is held on an Event the test controls, so "still blocked" is a fact, not a timing.
+    signal = LocalEmergencySignal() if kind == "local" else SharedEmergencySignal.create(signal_name)
+    broadcaster = _BlockingBroadcaster(signal)
+    controller = EmergencyController(broadcaster=broadcaster, signal=signal)
+    try:
+        first = controller.escalate(EmergencyLevel.NOTICE, "first")
+        assert broadcaster.entered.wait(10.0)  # the broadcaster now holds NOTICE
+        waiting = controller.escalate(EmergencyLevel.ELEVATED, "queued behind the slow broadcaster")
+        halt = controller.escalate(EmergencyLevel.HALT, "loss exploded")
+        # escalate returned while the broadcaster is still blocked, and the signal already reads HALT.
+        assert not broadcaster.release.is_set() and controller.in_flight is first
+        assert signal.read().level == EmergencyLevel.HALT and halt.changed
+        assert controller.pending == (waiting, halt) and not halt.broadcasted
+        broadcaster.release.set()
+        assert controller.close(timeout_s=30.0) == []
+        assert [r.broadcasted for r in (first, waiting, halt)] == [True, True, True]
+        assert broadcaster.seen == [("NOTICE", "NOTICE"), ("ELEVATED", "HALT"), ("HALT", "HALT")]
+    finally:
+        broadcaster.release.set()
+        signal.close()
+        if kind == "shared":
+            signal.unlink()
+
+
+def test_an_escalation_during_close_is_not_blocked_by_closes_wait(telemetry, sink):
     signal = LocalEmergencySignal()
-    sleeping, release = threading.Event(), threading.Event()
-
-    def sleep(seconds):
-        sleeping.set()
-        release.wait(10.0)
-
-    controller = EmergencyController(broadcaster=lambda r: None, signal=signal, max_broadcasts_per_min=1, sleep=sleep)
-    controller.escalate(EmergencyLevel.NOTICE, "sent")
-    controller.escalate(EmergencyLevel.ELEVATED, "waits under the cap")
-    closer = threading.Thread(target=controller.close, kwargs={"timeout_s": 120.0})
+    broadcaster = _BlockingBroadcaster(signal)
+    controller = EmergencyController(broadcaster=broadcaster, signal=signal, telemetry=telemetry)
+    held = controller.escalate(EmergencyLevel.NOTICE, "sent, and held by the broadcaster")
+    assert broadcaster.entered.wait(10.0)
+    results = []
+    closer = threading.Thread(target=lambda: results.append(controller.close(timeout_s=30.0)))
     closer.start()
-    assert sleeping.wait(5.0)
-    started = time.monotonic()
-    controller.escalate(EmergencyLevel.HALT, "during shutdown")
-    assert time.monotonic() - started < 1.0 and signal.read().level == EmergencyLevel.HALT
-    release.set()
-    closer.join(10.0)
+    closer.join(0.2)  # close() now waits for the held broadcast
+    assert closer.is_alive()
+    halt = controller.escalate(EmergencyLevel.HALT, "during shutdown")
+    # close() is still waiting (the broadcaster still blocked), and the HALT is in the signal already.
+    assert closer.is_alive() and not broadcaster.release.is_set()
+    assert signal.read().level == EmergencyLevel.HALT and halt.changed
+    broadcaster.release.set()
+    closer.join(30.0)
+    assert not closer.is_alive() and results == [[]]  # the HALT queued during close went out too
+    assert held.broadcasted and halt.broadcasted
+    assert sink.of_kind("emergency.broadcasts_undelivered") == []
+
+
+def test_close_reports_a_hung_broadcaster_and_what_waits_behind_it(telemetry, sink, caplog):
+    signal = LocalEmergencySignal()
+    broadcaster = _BlockingBroadcaster()
+    controller = EmergencyController(broadcaster=broadcaster, signal=signal, telemetry=telemetry)
+    try:
+        held = controller.escalate(EmergencyLevel.NOTICE, "held")
+        assert broadcaster.entered.wait(10.0)
+        halt = controller.escalate(EmergencyLevel.HALT, "behind it")
+        with caplog.at_level("ERROR", logger="tolaria.emergency"):
+            assert controller.close(timeout_s=0.2) == [held, halt]  # bounded: the broadcaster never returns
+        assert signal.read().level == EmergencyLevel.HALT
+        (event,) = sink.of_kind("emergency.broadcasts_undelivered")
+        assert "still held by the broadcaster" in event["message"] and event["levels"] == ["NOTICE", "HALT"]
+        assert telemetry.counters["emergency.broadcasts_undelivered"] == 2
+        assert "undelivered" in caplog.text and not halt.broadcasted
+    finally:
+        broadcaster.release.set()
+
+
+def test_a_full_queue_drops_the_oldest_waiting_broadcast_loudly(telemetry, sink):
+    broadcaster = _BlockingBroadcaster()
+    controller = EmergencyController(broadcaster=broadcaster, max_pending_broadcasts=2, telemetry=telemetry)
+    try:
+        held = controller.escalate(EmergencyLevel.NOTICE, "held")
+        assert broadcaster.entered.wait(10.0)
+        dropped = controller.escalate(EmergencyLevel.ELEVATED, "oldest waiting")
+        kept = [controller.escalate(EmergencyLevel.CONSERVATIVE, "b"), controller.escalate(EmergencyLevel.HALT, "c")]
+        assert controller.pending == tuple(kept) and controller.in_flight is held
+        assert "dropped" in str(dropped.error) and not dropped.broadcasted
+        (event,) = sink.of_kind("emergency.broadcast_dropped")
+        assert event["level"] == "ELEVATED" and event["severity"] == "error"
+        assert telemetry.counters["emergency.broadcasts_dropped"] == 1
+        broadcaster.release.set()
+        assert controller.close(timeout_s=30.0) == []
+        assert [name for name, _ in broadcaster.seen] == ["NOTICE", "CONSERVATIVE", "HALT"]
+    finally:
+        broadcaster.release.set()
+
+
+def test_after_close_the_level_still_reaches_the_signal_and_the_broadcast_is_reported(telemetry, sink):
+    signal = LocalEmergencySignal()
+    sent = []
+    controller = EmergencyController(broadcaster=sent.append, signal=signal, telemetry=telemetry)
+    assert controller.close() == [] and controller.closed
+    record = controller.escalate(EmergencyLevel.HALT, "after shutdown")
+    assert signal.read().level == EmergencyLevel.HALT and record.changed
+    assert sent == [] and not record.broadcasted and "closed" in str(record.error)
+    (event,) = sink.of_kind("emergency.broadcasts_undelivered")
+    assert "after close()" in event["message"]
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True, None])
+def test_controller_rejects_a_bad_queue_bound(bad):
+    with pytest.raises(ValueError, match="max_pending_broadcasts"):
+        EmergencyController(max_pending_broadcasts=bad)
