@@ -19,6 +19,7 @@ from .engine import Weights, has_float64
 
 __all__ = [
     "SimplexStateAggregator",
+    "check_count",
     "check_state_keys",
     "k_changed",
     "loaded_vector",
@@ -46,6 +47,13 @@ def check_state_keys(state: Any, owner: str, keys: Iterable[str]) -> dict[str, A
             "was the state saved by another aggregator?"
         )
     return state
+
+
+def check_count(value: Any, owner: str, key: str) -> int:
+    """``value`` if it is an integer >= 0 (a step or call counter of a saved state); else ValueError."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{owner} state {key!r} must be an integer >= 0, got {value!r}")
+    return value
 
 
 def loaded_vector(value: Any, owner: str, key: str) -> Tensor | None:

@@ -19,6 +19,7 @@ warmup the first call's E, which that call also uses unscaled.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ from torch import Tensor
 
 from ._gramian import conflicting_pairs
 from ._sources import Sources, check_out
+from ._stateful import check_count, check_state_keys
 from .aggregator import Aggregator
 from .backends.base import accumulation_dtype
 from .engine import Weights, aggregate, has_float64, select_backend
@@ -151,10 +153,17 @@ class ExcessMTL(Aggregator):
 
     # ---- one step ---------------------------------------------------------------------------------
 
-    def _step(self, sources: Sources, dtype: torch.dtype) -> Tensor:
-        """Updates S with this call's J, then the weights; returns them (K, ``dtype``, J's device)."""
+    def _step(
+        self, sources: Sources, dtype: torch.dtype, *, reduce_sum: Callable[[Tensor], None] | None = None
+    ) -> Tensor:
+        """Updates S with this call's J, then the weights; returns them (K, ``dtype``, J's device).
+        On a column shard (``tolaria.aggregation.sharded``) S is the shard's and ``reduce_sum`` sums the
+        partial excess risks over the ranks."""
         self._ensure_state(sources, dtype)
-        excess = self._fused_pass(sources).to(dtype)
+        excess = self._fused_pass(sources)
+        if reduce_sum is not None:
+            reduce_sum(excess)
+        excess = excess.to(dtype)
         if self._n_steps < self.n_warmup_steps:
             self._warmup_sum.add_(excess)
             self._n_steps += 1
@@ -232,16 +241,8 @@ class ExcessMTL(Aggregator):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if not isinstance(state, dict):
-            raise TypeError(f"ExcessMTL.load_state_dict needs a dict, got {type(state).__name__}")
-        if set(state) != set(_STATE_KEYS):
-            raise ValueError(
-                f"ExcessMTL.load_state_dict needs the keys {sorted(_STATE_KEYS)} that state_dict() returns, got "
-                f"{sorted(state)}: was it saved by another aggregator?"
-            )
-        n_steps = state["n_steps"]
-        if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 0:
-            raise ValueError(f"ExcessMTL state 'n_steps' must be an integer >= 0, got {n_steps!r}")
+        state = check_state_keys(state, "ExcessMTL", _STATE_KEYS)
+        n_steps = check_count(state["n_steps"], "ExcessMTL", "n_steps")
         tensors = {key: state[key] for key in ("weights", "sq_grad_sum", "baseline", "warmup_sum")}
         for key, value in tensors.items():
             if value is not None and (not isinstance(value, Tensor) or not value.is_floating_point()):

@@ -44,6 +44,7 @@ from torch import Tensor
 
 from ._gramian import solve_if_finite
 from ._randomness import own_generator
+from ._stateful import check_state_keys
 from .aggregator import Aggregator
 from .engine import Weights
 from .pcgrad import draw_orders
@@ -166,13 +167,7 @@ class GradVac(Aggregator):
         return {"targets": targets, "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if not isinstance(state, dict):
-            raise TypeError(f"GradVac.load_state_dict needs a dict, got {type(state).__name__}")
-        if set(state) != {"targets", "generator"}:
-            raise ValueError(
-                f"GradVac.load_state_dict needs the keys ['generator', 'targets'] that state_dict() returns, "
-                f"got {sorted(state)}"
-            )
+        state = check_state_keys(state, "GradVac", ["generator", "targets"])
         targets, generator_state = state["targets"], state["generator"]
         if targets is not None and (
             not isinstance(targets, Tensor)

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from ._gramian import conflicting_pairs, solve_if_finite
+from ._stateful import check_count, check_state_keys
 from .aggregator import Aggregator
 from .engine import Weights
 from .fairgrad import alpha_fair_weights
@@ -137,16 +138,8 @@ class NashMTL(Aggregator):
         return {"step": self._step, "weights": solution}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if not isinstance(state, dict):
-            raise TypeError(f"NashMTL.load_state_dict needs a dict, got {type(state).__name__}")
-        if set(state) != {"step", "weights"}:
-            raise ValueError(
-                f"NashMTL.load_state_dict needs the keys ['step', 'weights'] that state_dict() returns, got "
-                f"{sorted(state)}: was it saved by another aggregator?"
-            )
-        step, weights = state["step"], state["weights"]
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"NashMTL state 'step' must be an integer >= 0, got {step!r}")
+        state = check_state_keys(state, "NashMTL", ["step", "weights"])
+        step, weights = check_count(state["step"], "NashMTL", "step"), state["weights"]
         if weights is None:
             if step != 0:
                 raise ValueError(f"NashMTL state has step {step} but no weights: only a fresh state (step 0) has none")

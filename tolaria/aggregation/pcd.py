@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ._stateful import check_count, check_state_keys
 from .aggregator import Aggregator
 from .engine import Weights
 
@@ -237,16 +238,8 @@ class PCD(Aggregator):
         return {"sq_norm_ema": ema, "steps": self._steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if not isinstance(state, dict):
-            raise TypeError(f"PCD.load_state_dict needs a dict, got {type(state).__name__}")
-        if set(state) != {"sq_norm_ema", "steps"}:
-            raise ValueError(
-                f"PCD.load_state_dict needs the keys ['sq_norm_ema', 'steps'] that state_dict() returns, "
-                f"got {sorted(state)}"
-            )
-        ema, steps = state["sq_norm_ema"], state["steps"]
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-            raise ValueError(f"PCD state 'steps' must be an integer >= 0, got {steps!r}")
+        state = check_state_keys(state, "PCD", ["sq_norm_ema", "steps"])
+        ema, steps = state["sq_norm_ema"], check_count(state["steps"], "PCD", "steps")
         if ema is None:
             if steps != 0:
                 raise ValueError(f"PCD state has no moving average but 'steps' = {steps}")
