@@ -7,6 +7,7 @@ device, with two passes over the gradients whatever K is.
 
 from ._coordinatewise import CoordinatewiseAggregator
 from ._eigh import jacobi_eig, symmetric_eig
+from ._gradient_rounds import AGGREGATION_LEVELS, BUFFER_MODES, is_gramian
 from ._sources import Sources, as_sources
 from .aggregator import Aggregator
 from .aligned_mtl import AlignedMTL
@@ -19,6 +20,7 @@ from .dualproj import DualProj
 from .engine import Weights
 from .excess_mtl import ExcessMTL
 from .fairgrad import FairGrad
+from .features import FeatureGradientBuffer
 from .functional import (
     aggregate_mean,
     aggregate_sum,
@@ -32,6 +34,7 @@ from .graddrop import GradDrop
 from .gradvac import GradVac
 from .imtlg import IMTLG
 from .krum import Krum
+from .low_memory import LowMemoryGradientBuffer, MemoryEstimate, estimate_memory, measure_activations
 from .mgda import MGDA
 from .modo import MoDo
 from .nash_mtl import NashMTL
@@ -106,6 +109,14 @@ def build_aggregator(name: str, **kwargs) -> Aggregator:
 
 __all__ = [
     "AGGREGATOR_NAMES",
+    "AGGREGATION_LEVELS",
+    "BUFFER_MODES",
+    "FeatureGradientBuffer",
+    "LowMemoryGradientBuffer",
+    "MemoryEstimate",
+    "estimate_memory",
+    "is_gramian",
+    "measure_activations",
     "CPU_ISA_ENV",
     "cpu_isa",
     "set_cpu_isa",

@@ -95,6 +95,12 @@ class GradientBuffer:
             ``aggregate`` consumes them, and an existing ``.grad`` of a shared parameter is added to
             the aggregate. False zeroes row k at every entry into ``source(k)`` and discards the
             gradients found in ``.grad`` (of every parameter) when a new round of sources begins.
+        mode: ``"buffer"`` (default: the K x N rows) or ``"low_memory"`` (the same update from the
+            Gram matrix folded during one batched backward, never K x N; Gramian aggregators only;
+            see :mod:`tolaria.aggregation.low_memory`).
+        level: ``"params"`` (default) or ``"features"`` (the sources' gradients at the shared
+            representation, ``backward(losses, features=z)``: an approximation; see
+            :mod:`tolaria.aggregation.features`).
 
     Attributes:
         params: the buffered (shared) parameters, in order.
@@ -103,6 +109,14 @@ class GradientBuffer:
         output: the flat N-tensor whose views are the shared parameters' ``.grad`` after ``aggregate``.
     """
 
+    def __new__(cls, *args: Any, mode: str = "buffer", level: str = "params", **kwargs: Any) -> GradientBuffer:
+        # mode="low_memory" and level="features" hold no K x N buffer: their own classes (issue 20).
+        if cls is GradientBuffer and (mode, level) != ("buffer", "params"):
+            from ._gradient_rounds import buffer_class
+
+            return super().__new__(buffer_class(mode, level))
+        return super().__new__(cls)
+
     def __init__(
         self,
         params: ParameterSource,
@@ -110,6 +124,8 @@ class GradientBuffer:
         *,
         shared: nn.Module | Iterable[Tensor] | None = None,
         accumulate: bool = True,
+        mode: str = "buffer",
+        level: str = "params",
     ):
         if isinstance(params, Aggregator):
             raise TypeError(

@@ -1,0 +1,197 @@
+"""What the buffer-free gradient modes share: one flat ``output`` written by one combined backward.
+
+``GradientBuffer(..., mode="low_memory")`` and ``GradientBuffer(..., level="features")`` hold no K x N
+matrix. Each round is ``backward(losses)`` (which keeps the graph and whatever the weights need) then
+``aggregate(aggregator)``, which runs one more backward of a combined cotangent with the shared
+parameters' ``.grad`` bound to views of ``output``: autograd accumulates into them in place, so the
+contract is the buffer mode's (``output`` is the aggregate, a ``.grad`` already there is added to it,
+the heads get their plain gradients). Sources cannot be accumulated over several backward calls
+(micro-batches): the Gram matrix of a sum is not the sum of Gram matrices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .buffer import GradientBuffer, ParameterSource, _parameters, _unique_trainable
+
+__all__ = ["BUFFER_MODES", "AGGREGATION_LEVELS", "OutputRound", "buffer_class", "check_losses", "is_gramian"]
+
+BUFFER_MODES = ("buffer", "low_memory")
+AGGREGATION_LEVELS = ("params", "features")
+
+
+def buffer_class(mode: str, level: str) -> type[GradientBuffer]:
+    """The ``GradientBuffer`` subclass of ``mode`` and ``level``; ``ValueError`` naming the valid ones."""
+    if mode not in BUFFER_MODES:
+        raise ValueError(f"unknown GradientBuffer mode {mode!r}; valid modes are {', '.join(BUFFER_MODES)}")
+    if level not in AGGREGATION_LEVELS:
+        raise ValueError(f"unknown GradientBuffer level {level!r}; valid levels are {', '.join(AGGREGATION_LEVELS)}")
+    if level == "features":
+        if mode != "buffer":
+            raise ValueError(
+                'level="features" holds no K x N buffer anyway (its Jacobian is K x the features\' size); '
+                'mode="low_memory" applies to level="params" only'
+            )
+        from .features import FeatureGradientBuffer
+
+        return FeatureGradientBuffer
+    if mode == "low_memory":
+        from .low_memory import LowMemoryGradientBuffer
+
+        return LowMemoryGradientBuffer
+    return GradientBuffer
+
+
+def is_gramian(aggregator: object) -> bool:
+    """Whether ``aggregator``'s result is ``weighting(G) @ J`` (so G alone decides it): a Tolaria
+    aggregator that keeps the engine's gram -> weighting -> combine steps. GradDrop, TrimmedMean
+    (coordinate-wise) and ExcessMTL (a K x N state) are not."""
+    from .aggregator import Aggregator
+
+    return (
+        isinstance(aggregator, Aggregator)
+        and aggregator.weighted
+        and type(aggregator)._aggregate is Aggregator._aggregate
+        and type(aggregator).__call__ is Aggregator.__call__
+    )
+
+
+def check_losses(losses: Sequence[Tensor] | Mapping[str, Tensor], k: int) -> list[Tensor]:
+    """The K losses as a list of scalar tensors (a sequence, or a mapping's values in order)."""
+    if isinstance(losses, Mapping):
+        losses = list(losses.values())
+    elif isinstance(losses, Tensor) or not isinstance(losses, Sequence):
+        raise TypeError(f"losses must be a sequence or a mapping of {k} scalar tensors, got {type(losses).__name__}")
+    if len(losses) != k:
+        raise ValueError(f"got {len(losses)} losses for {k} gradient sources")
+    for i, loss in enumerate(losses):
+        if not isinstance(loss, Tensor):
+            raise TypeError(f"loss {i} is a {type(loss).__name__}, not a tensor")
+        if loss.numel() != 1:
+            raise ValueError(f"loss {i} must be a scalar, got shape {tuple(loss.shape)}")
+    return list(losses)
+
+
+class OutputRound(GradientBuffer):
+    """Base of the buffer-free modes (see the module docstring); not built directly."""
+
+    mode = "buffer"
+    level = "params"
+
+    def __init__(
+        self,
+        params: ParameterSource,
+        num_sources: int,
+        *,
+        shared: nn.Module | Iterable[Tensor] | None = None,
+        accumulate: bool = True,
+        mode: str = "buffer",
+        level: str = "params",
+    ):
+        # The buffer mode's checks, without its K x N allocation.
+        if isinstance(num_sources, bool) or not isinstance(num_sources, int) or num_sources < 1:
+            raise ValueError(f"num_sources must be a positive int, got {num_sources!r}")
+        if not isinstance(accumulate, bool):
+            raise TypeError(f"accumulate must be True or False, got {accumulate!r}")
+        trainable = _unique_trainable(_parameters(params, "GradientBuffer params"), "GradientBuffer params")
+        if not trainable:
+            raise ValueError("GradientBuffer needs at least one parameter with requires_grad=True")
+        if shared is None:
+            self.params, self.unshared_params = trainable, []
+        else:
+            self.params, self.unshared_params = self._split_shared(trainable, shared)
+        first = self.params[0]
+        for i, p in enumerate(self.params):
+            if p.dtype != first.dtype or p.device != first.device:
+                raise ValueError(
+                    f"parameter {i} is {p.dtype} on {p.device}, but parameter 0 is "
+                    f"{first.dtype} on {first.device}; GradientBuffer needs one dtype and device"
+                )
+        self.num_sources = num_sources
+        self.accumulate = accumulate
+        self.dtype, self.device = first.dtype, first.device
+        self.numel = sum(p.numel() for p in self.params)
+        self.output = torch.zeros(self.numel, dtype=first.dtype, device=first.device)
+        self._offsets = []
+        offset = 0
+        for p in self.params:
+            self._offsets.append((offset, p.numel()))
+            offset += p.numel()
+        self._output_views = self._views(self.output)
+        self._pending: tuple[list[Tensor], bool] | None = None  # the round's losses, until aggregate
+
+    @property
+    def buffer(self) -> Tensor:
+        raise AttributeError(
+            f"GradientBuffer(mode={self.mode!r}, level={self.level!r}) holds no K x N buffer; "
+            'use mode="buffer", level="params" for code that reads the per-source rows'
+        )
+
+    def source(self, k: int):  # type: ignore[override]
+        raise RuntimeError(
+            f"GradientBuffer(mode={self.mode!r}, level={self.level!r}) has no per-source rows to bind: "
+            'call backward(losses) with all K losses at once, or use mode="buffer"'
+        )
+
+    def zero_grad(self) -> None:
+        """Forgets every gradient of the round (the pending losses, and every parameter's ``.grad``)."""
+        for p in (*self.params, *self.unshared_params):
+            p.grad = None
+        self._pending = None
+
+    def _open_round(self, losses: list[Tensor], retain_graph: bool) -> None:
+        if self._pending is not None:
+            raise RuntimeError(
+                f"backward was called twice without aggregate; mode={self.mode!r}, level={self.level!r} cannot "
+                "sum sources over several backward passes (micro-batches): aggregate after each backward, "
+                'or use mode="buffer"'
+            )
+        self._check_parameters()
+        if not self.accumulate:
+            for p in (*self.params, *self.unshared_params):
+                p.grad = None
+        self._pending = (losses, retain_graph)
+
+    def _close_round(self) -> tuple[list[Tensor], bool]:
+        if self._pending is None:
+            raise RuntimeError("aggregate needs a backward(losses) first: this round has no losses")
+        self._check_parameters()
+        pending, self._pending = self._pending, None
+        return pending
+
+    def _plain_head_gradients(self, losses: list[Tensor]) -> None:
+        """The heads' plain gradient (the sum over the sources), as the buffer mode gives them."""
+        if self.unshared_params:
+            reached = [p for p in self.unshared_params]
+            torch.autograd.backward(
+                torch.stack([loss.reshape(()) for loss in losses]).sum(), inputs=reached, retain_graph=True
+            )
+
+    def _bind_output(self) -> None:
+        """Points every shared ``.grad`` at its view of ``output``; what it held joins the aggregate."""
+        for p, view in zip(self.params, self._output_views):
+            grad = p.grad
+            if grad is None or not self.accumulate:
+                view.zero_()
+            elif not (grad.data_ptr() == view.data_ptr() and grad.shape == view.shape):
+                view.copy_(grad)
+            p.grad = view
+
+    def _check_bound(self, k: int = -1) -> None:
+        for i, (p, view) in enumerate(zip(self.params, self._output_views)):
+            if p.grad is None or p.grad.data_ptr() != view.data_ptr():
+                raise RuntimeError(
+                    f"parameter {i}'s .grad was replaced during the combined backward; "
+                    "the aggregate did not land in GradientBuffer.output"
+                )
+
+    def __repr__(self) -> str:
+        return (
+            f"GradientBuffer(num_sources={self.num_sources}, params={len(self.params)}, numel={self.numel}, "
+            f"unshared_params={len(self.unshared_params)}, accumulate={self.accumulate}, mode={self.mode!r}, "
+            f"level={self.level!r})"
+        )
