@@ -5,6 +5,7 @@ their arguments and bound to the matching signature; ``inspect.signature`` shows
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 from ._jacobian import _backward, _mtl_backward
@@ -96,6 +97,23 @@ def _mtl_backward_v02(losses, features, tasks_params, shared_params, A, retain_g
     """TorchJD 0.2: the parameters before the aggregator ``A``."""
 
 
+def _mtl_backward_before_018(signature_of: Callable[..., Any], aggregator_key: str, args: tuple, kwargs: dict) -> None:
+    """mtl_backward called as TorchJD 0.2 (``A=``) or 0.3 to 0.8 (``aggregator=``) spelled it."""
+    bound = inspect.signature(signature_of).bind(*args, **kwargs)
+    bound.apply_defaults()
+    a = bound.arguments
+    return _mtl_backward(
+        a["losses"],
+        a["features"],
+        None,
+        a["tasks_params"],
+        a["shared_params"],
+        a["retain_graph"],
+        a["parallel_chunk_size"],
+        _required(a[aggregator_key]),
+    )
+
+
 def mtl_backward(*args: Any, **kwargs: Any) -> None:
     """Multi-task backward; TorchJD 0.18's ``mtl_backward``: ``mtl_backward(tensors, /, features, *,
     grad_tensors=None, tasks_params=None, shared_params=None, retain_graph=False, parallel_chunk_size=None)``.
@@ -123,33 +141,9 @@ def mtl_backward(*args: Any, **kwargs: Any) -> None:
     ``.grad``; ``.jac`` is left alone.
     """
     if "A" in kwargs:
-        b = inspect.signature(_mtl_backward_v02).bind(*args, **kwargs)
-        b.apply_defaults()
-        a = b.arguments
-        return _mtl_backward(
-            a["losses"],
-            a["features"],
-            None,
-            a["tasks_params"],
-            a["shared_params"],
-            a["retain_graph"],
-            a["parallel_chunk_size"],
-            _required(a["A"]),
-        )
+        return _mtl_backward_before_018(_mtl_backward_v02, "A", args, kwargs)
     if len(args) > 2 or "aggregator" in kwargs or "losses" in kwargs:
-        b = inspect.signature(_mtl_backward_v03).bind(*args, **kwargs)
-        b.apply_defaults()
-        a = b.arguments
-        return _mtl_backward(
-            a["losses"],
-            a["features"],
-            None,
-            a["tasks_params"],
-            a["shared_params"],
-            a["retain_graph"],
-            a["parallel_chunk_size"],
-            _required(a["aggregator"]),
-        )
+        return _mtl_backward_before_018(_mtl_backward_v03, "aggregator", args, kwargs)
     b = inspect.signature(_mtl_backward_v018).bind(*args, **kwargs)
     b.apply_defaults()
     a = b.arguments
