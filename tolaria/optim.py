@@ -244,20 +244,10 @@ class OptimizerManager:
         """
         with self._lock:
             self._provisional = False
-            self.failures += 1
-            self.breaker.record_failure()
             detail = _describe(error) if error is not None else "no detail given"
             message = f"failure reported after optimizer rebuild (generation {self.generation}): {detail}"
             log.error(message)
-            self.telemetry.count("optim.failures")
-            self.telemetry.event(
-                "optim.failure",
-                severity="error",
-                message=message,
-                source="reported",
-                breaker_state=self.breaker.state,
-                consecutive_failures=self.breaker.consecutive_failures,
-            )
+            self._record_failure(message, "reported")
 
     # ---- rebuild -----------------------------------------------------------------------------
 
@@ -408,22 +398,26 @@ class OptimizerManager:
                     built[key] = value
         return new
 
-    def _fail(self, plan: _Plan, exc: BaseException, latency_ms: float) -> RebuildResult:
+    def _record_failure(self, message: str, source: str) -> None:
+        """One failure, from a rebuild or reported after one: counted, fed to the breaker, an event."""
         self.failures += 1
-        self.last_latency_ms = latency_ms
         self.breaker.record_failure()
-        error = f"optimizer rebuild failed: {_describe(exc)}"
-        log.error("%s (old optimizer kept; breaker %s)", error, self.breaker.state)
         self.telemetry.count("optim.failures")
-        self.telemetry.metric("optim.rebuild_latency_ms", latency_ms)
         self.telemetry.event(
             "optim.failure",
             severity="error",
-            message=error,
-            source="rebuild",
+            message=message,
+            source=source,
             breaker_state=self.breaker.state,
             consecutive_failures=self.breaker.consecutive_failures,
         )
+
+    def _fail(self, plan: _Plan, exc: BaseException, latency_ms: float) -> RebuildResult:
+        self.last_latency_ms = latency_ms
+        error = f"optimizer rebuild failed: {_describe(exc)}"
+        self.telemetry.metric("optim.rebuild_latency_ms", latency_ms)
+        self._record_failure(error, "rebuild")
+        log.error("%s (old optimizer kept; breaker %s)", error, self.breaker.state)
         return RebuildResult(
             False, latency_ms, error, len(plan.added), len(plan.removed), plan.kept, breaker_state=self.breaker.state
         )
