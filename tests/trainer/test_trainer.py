@@ -204,7 +204,7 @@ def test_resume_continues_from_the_checkpoint(tmp_path):
     assert not all(torch.equal(p, s) for p, s in zip(model2.parameters(), saved))  # and it trained on
 
 
-def test_resume_of_a_partial_epoch_restarts_that_epoch(tmp_path):
+def test_resume_of_a_partial_epoch_continues_after_its_last_used_batch(tmp_path):
     model, optimizer, data, loss_fn = make_problem()
     Trainer(model, optimizer, data, loss_fn, config(tmp_path, epochs=2, max_steps=12)).fit()
     model2, optimizer2, _, _ = make_problem()

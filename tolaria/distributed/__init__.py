@@ -26,7 +26,7 @@ The package, by concern (every public name is importable from ``tolaria.distribu
   the errors;
 - :mod:`~tolaria.distributed.sharding` -- :func:`shard` and :class:`ShardedLoader`;
 - :mod:`~tolaria.distributed.collectives` -- the bucketed gradient all-reduce, :func:`allreduce_mean`,
-  :func:`any_rank`, :func:`broadcast_json` and :func:`broadcast_tree`;
+  :func:`any_rank`, :func:`broadcast_json`, :func:`all_gather_json` and :func:`broadcast_tree`;
 - :mod:`~tolaria.distributed.replicas` -- :func:`synchronized_generator`,
   :func:`broadcast_module_state`, the replica and buffer-layout checks, :func:`ddp_wrap`;
 - :mod:`~tolaria.distributed.coordination` -- the emergency agreement, :func:`checkpoint_barrier` and
@@ -38,6 +38,7 @@ from tolaria.distributed.collectives import (
     DEFAULT_BUCKET_MB,
     allreduce_gradient_buffer,
     allreduce_mean,
+    all_gather_json,
     any_rank,
     broadcast_json,
     broadcast_tree,
@@ -90,6 +91,7 @@ __all__ = [
     "allreduce_mean",
     "any_rank",
     "bind_rank",
+    "all_gather_json",
     "broadcast_json",
     "broadcast_module_state",
     "broadcast_tree",

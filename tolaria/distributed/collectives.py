@@ -196,6 +196,37 @@ def broadcast_json(value: Any, ctx: DistributedContext) -> Any:
     return _from_main(lambda: value, ctx, "broadcast its value")
 
 
+def all_gather_json(value: Any, ctx: DistributedContext) -> list[Any]:
+    """Every rank's ``value`` (anything ``json.dumps`` takes), in rank order, on every rank.
+
+    For per-rank state that one rank saves for all (each rank's RNG states in rank 0's checkpoint).
+    No pickle: the JSON texts travel as bytes, padded with spaces to the longest (two collectives).
+    Every rank must call it; if one rank's value is not JSON-able, every rank raises (that rank its
+    own ``TypeError``/``ValueError``). A single-process context returns ``[value]``.
+    """
+    _check_context(ctx)
+    data, error = b"", None
+    try:
+        data = json.dumps(value).encode()
+    except (TypeError, ValueError) as exc:  # agreed on below, then re-raised on this rank
+        error = exc
+    if not ctx._live():
+        if error is not None:
+            raise error
+        return [json.loads(data)]
+    length, failed = _allreduce_ints([len(data), ctx.rank + 1 if error else 0], ctx, dist.ReduceOp.MAX)
+    if error is not None:
+        raise error
+    if failed:
+        raise DistributedError(f"rank {failed - 1}'s value for all_gather_json is not JSON-able (see its log)")
+    device = _control_device(ctx)
+    wire = torch.full((length,), ord(" "), dtype=torch.uint8, device=device)
+    wire[: len(data)].copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    gathered = [torch.empty_like(wire) for _ in range(ctx.world_size)]
+    dist.all_gather(gathered, wire)
+    return [json.loads(t.cpu().numpy().tobytes().decode()) for t in gathered]
+
+
 # ---- broadcasting a state tree (no pickle) ----------------------------------------------------------
 
 
@@ -316,6 +347,7 @@ def broadcast_tree(tree: Any, ctx: DistributedContext) -> Any:
 
 __all__ = [
     "DEFAULT_BUCKET_MB",
+    "all_gather_json",
     "allreduce_gradient_buffer",
     "allreduce_mean",
     "any_rank",

@@ -2,8 +2,10 @@
 
 A checkpoint's ``extra`` carries what the model and optimizer do not: the epoch (and whether its
 data was used up, which decides where a resume starts), the step, the LR controller's state, the
-gradient sources' names and the aggregator's state (``aggregator_state``). With several ranks every
-rank takes part (rank 0 writes, between barriers; on resume rank 0 reads and the others receive).
+gradient sources' names, the aggregator's state (``aggregator_state``) and the run's position: the
+batches of the epoch used and every rank's random states (``run_position``), so a resume repeats the
+uninterrupted run bit for bit. With several ranks every rank takes part (rank 0 writes, between
+barriers; on resume rank 0 reads and the others receive).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from tolaria.emergency import EmergencyLevel
 from tolaria.state import StateError
 
 from .aggregator_state import aggregator_extra, restore_aggregator
+from .run_position import position_extra, restore_position
 
 if TYPE_CHECKING:
     from .loop import Trainer
@@ -38,6 +41,7 @@ def checkpoint(trainer: Trainer, *, epoch_complete: bool, final: bool) -> int | 
     }
     extra.update(aggregator_extra(trainer.aggregator, trainer.generator))
     ctx = trainer.ctx
+    extra.update(position_extra(trainer))  # a collective: every rank's random states to rank 0
     try:
         # Every rank: agree on the step, verify the replicas, rank 0 writes between barriers.
         checkpoint_barrier(
@@ -70,7 +74,7 @@ def checkpoint(trainer: Trainer, *, epoch_complete: bool, final: bool) -> int | 
 
 def resume(trainer: Trainer) -> int:
     """Restores the latest checkpoint into the trainer (model, optimizer, step, epoch, LR,
-    aggregator); returns the restored step."""
+    aggregator, data position and random states); returns the restored step."""
     ctx = trainer.ctx
     # Rank 0 restores, every other rank receives the same state (and all raise if any fails).
     restored = resume_from_checkpoint(
@@ -81,6 +85,7 @@ def resume(trainer: Trainer) -> int:
         raise ValueError(f"checkpoint at step {step} was not written by the Trainer (no epoch in its extra data)")
     trainer.step = int(step)
     # An epoch whose data was used up is done: the run goes on with the next one.
+    restore_position(trainer, extra, epoch_complete=bool(extra.get("epoch_complete")))
     trainer.epoch = int(extra["epoch"]) + (1 if extra.get("epoch_complete") else 0)
     trainer.lr.load_state_dict(extra["lr"])
     restore_aggregator(

@@ -68,16 +68,21 @@ class CheckpointConfig(Section):
             that first one.
         checkpoint_every_epochs: durable checkpoint cadence in epochs (default 1). 0 writes only the
             final checkpoint (taken at the end of every run, halted runs included).
+        checkpoint_every_steps: also a durable checkpoint every this many optimizer steps, mid-epoch
+            included (default 0: none), so a killed run loses at most that many steps.
         keep_last: durable checkpoints kept on disk (default 3).
         fast_cache_mb: memory bound of the fast tier in MiB (default 512).
         rollback_deadline_s: a rollback that cannot finish within this many seconds fails and leaves
             the model untouched (default 5.0).
         resume: restore the newest verifying checkpoint of the run folder before training (default
-            False). Training continues with the epoch after the checkpoint's (or the interrupted one).
+            False). Training continues where the checkpoint was taken: the next epoch, or the batch
+            after the last one used of an interrupted epoch, with the random states of that moment
+            (see ``tolaria.trainer.run_position``).
     """
 
     snapshot_every_steps: int = 50
     checkpoint_every_epochs: int = 1
+    checkpoint_every_steps: int = 0
     keep_last: int = 3
     fast_cache_mb: float = 512.0
     rollback_deadline_s: float = 5.0
@@ -87,6 +92,7 @@ class CheckpointConfig(Section):
         self._check_types("checkpoint.")
         check_bound("checkpoint.", "snapshot_every_steps", self.snapshot_every_steps, allow_zero=True)
         check_bound("checkpoint.", "checkpoint_every_epochs", self.checkpoint_every_epochs, allow_zero=True)
+        check_bound("checkpoint.", "checkpoint_every_steps", self.checkpoint_every_steps, allow_zero=True)
         check_bound("checkpoint.", "keep_last", self.keep_last)
         check_bound("checkpoint.", "fast_cache_mb", self.fast_cache_mb)
         check_bound("checkpoint.", "rollback_deadline_s", self.rollback_deadline_s)

@@ -36,7 +36,7 @@ from tolaria.optim import OptimizerManager
 from tolaria.state import StateManager
 from tolaria.telemetry import TelemetryEmitter
 
-from . import checkpointing, control, wiring
+from . import checkpointing, control, run_position, wiring
 from .batches import (
     autocast,
     data_length,
@@ -172,6 +172,12 @@ class Trainer:
         self.step = 0
         self.epoch = 0
         self._fitted = False
+        # The run's position (see run_position): batches of this epoch used, RNG at its start, a
+        # mid-epoch resume still to apply, and the step of the last committed checkpoint.
+        self._batches_used = 0
+        self._epoch_start_rng: dict[str, Any] | None = None
+        self._pending_resume: run_position.PendingResume | None = None
+        self._last_checkpoint_step: int | None = None
         self._confirm_rebuild = False
 
     @property
@@ -242,7 +248,7 @@ class Trainer:
                 torch.manual_seed(self.config.seed)
             resumed = self._resume() if self.config.checkpoint.resume else None
             start_epoch = epochs_done = self.epoch
-            last_ckpt: int | None = resumed
+            self._last_checkpoint_step = resumed
             checkpointing.first_snapshot(self)  # the first rollback target
             self.telemetry.event(
                 "train.start",
@@ -266,7 +272,7 @@ class Trainer:
                 metrics = self._end_epoch(epoch, epoch_stats, metrics, started)
                 every = self.config.checkpoint.checkpoint_every_epochs
                 if epoch_complete and every and epochs_done % every == 0:
-                    last_ckpt = self._checkpoint(epoch_complete=True, final=False) or last_ckpt
+                    self._checkpoint(epoch_complete=True, final=False)
                 self.telemetry.flush()  # the epoch's records reach the sinks with its checkpoint
                 if status == MAX_STEPS:
                     break
@@ -277,8 +283,8 @@ class Trainer:
                     break
             if status in (HALTED, INTERRUPTED) and epoch_stats.steps and self.evaluate is not None:
                 metrics = self._evaluate()
-            if last_ckpt != self.step:
-                last_ckpt = self._checkpoint(epoch_complete=epoch_complete, final=True)
+            if self._last_checkpoint_step != self.step:
+                self._checkpoint(epoch_complete=epoch_complete, final=True)
         except BaseException as exc:
             self.telemetry.event(
                 "train.crashed",
@@ -302,7 +308,7 @@ class Trainer:
             conflict_rate=run_stats.conflict_rate,
             halt_reason=self._halt_reason if status == HALTED else None,
             run_dir=self.run_dir,
-            last_checkpoint_step=last_ckpt,
+            last_checkpoint_step=self._last_checkpoint_step,
             resumed_from_step=resumed,
             control_failures=self.mediator.failures,
             telemetry_file=(self.run_dir / telemetry_file_name(self.ctx))
@@ -351,9 +357,12 @@ class Trainer:
             )
             batches = bar
         epoch_start = time.monotonic()
-        attempts = 0
+        ckpt_every = cfg.checkpoint.checkpoint_every_steps
         try:
             with self.profiler.epoch(epoch, first_step=self.step) as window:
+                # Mid-epoch resume: the batches the checkpoint had used are skipped, RNG replayed.
+                batches, attempts = run_position.epoch_iterator(self, batches)
+                self._batches_used = attempts
                 for batch in batches:
                     attempts += 1
                     if attempts % halt_every == 0:
@@ -363,6 +372,7 @@ class Trainer:
                             self._halt_reason = reason
                             return HALTED, False
                     action, stats = self._train_step(batch)
+                    self._batches_used = attempts
                     window.step()
                     if action == HALT:
                         return HALTED, False
@@ -382,6 +392,8 @@ class Trainer:
                         and action == "step"
                     ):
                         control.control(self, epoch_stats, {}, time.monotonic() - epoch_start)
+                    if ckpt_every and action == "step" and self.step % ckpt_every == 0:
+                        self._checkpoint(epoch_complete=False, final=False)  # after all of this batch's work
                     if cfg.max_steps is not None and self.step >= cfg.max_steps:
                         return MAX_STEPS, False
         except KeyboardInterrupt:
@@ -439,7 +451,10 @@ class Trainer:
     # ---- checkpoints (in ``checkpointing``; methods, so that tests can replace ``_snapshot``) --
 
     def _checkpoint(self, *, epoch_complete: bool, final: bool) -> int | None:
-        return checkpointing.checkpoint(self, epoch_complete=epoch_complete, final=final)
+        step = checkpointing.checkpoint(self, epoch_complete=epoch_complete, final=final)
+        if step is not None:
+            self._last_checkpoint_step = step
+        return step
 
     def _resume(self) -> int:
         return checkpointing.resume(self)
