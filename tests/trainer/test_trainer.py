@@ -210,7 +210,8 @@ def test_resume_of_a_partial_epoch_continues_after_its_last_used_batch(tmp_path)
     model2, optimizer2, _, _ = make_problem()
     cfg = config(tmp_path, epochs=2, checkpoint=CheckpointConfig(resume=True))
     summary = Trainer(model2, optimizer2, data, loss_fn, cfg).fit()
-    assert summary.resumed_from_step == 12 and summary.steps == 12 + len(data)  # epoch 2 run again in full
+    # Batches 1-4 of epoch 2 were used before the stop: only 5-8 remain (tests/trainer/test_run_position.py).
+    assert summary.resumed_from_step == 12 and summary.steps == 2 * len(data)
 
 
 class FlakySink:
