@@ -16,7 +16,10 @@ long-lived daemon worker thread and waits at most ``timeout_s`` for it:
 - The circuit breaker opens after ``failure_threshold`` consecutive failures and refuses calls for
   ``cooldown_s``; then one probe call is let through (half-open) and its outcome closes or reopens it.
 
-An abandoned call keeps running in its thread until it returns; its result is discarded (and
+A call that declares a ``cancel`` parameter gets a :class:`~.isolation.CancellationToken`, set when
+it times out, so that it can stop; with ``policy_isolation="process"`` the policy runs in a child
+process that is killed on a timeout (see :mod:`.isolation`). Otherwise an abandoned call keeps
+running in its thread until it returns; its result is discarded (and
 reported), but whatever it already did cannot be undone. Executors that change the model should
 therefore prepare their change first and apply it in one final, quick operation. The policy only
 ever sees a :class:`ControlState` of plain values, never live tensors.
@@ -35,6 +38,8 @@ from typing import Any, Protocol, runtime_checkable
 
 from tolaria.optim import CircuitBreaker
 from tolaria.telemetry import TelemetryEmitter, emitter_or_default
+
+from .isolation import CancellationToken, PolicyProcess, accepts_cancel
 
 log = logging.getLogger("tolaria.trainer.mediator")
 
@@ -109,6 +114,8 @@ class _Job:
         self.name = name
         self.fn = fn
         self.args = args
+        self.token = CancellationToken()
+        self.cooperative = accepts_cancel(fn)  # it declares ``cancel``: it gets the token
         self.done = threading.Event()
         self.value: Any = None
         self.error: BaseException | None = None
@@ -117,7 +124,7 @@ class _Job:
 
     def run(self) -> None:
         try:
-            self.value = self.fn(*self.args)
+            self.value = self.fn(*self.args, cancel=self.token) if self.cooperative else self.fn(*self.args)
         except BaseException as exc:  # handed to the waiting caller, who reports it
             self.error = exc
         finally:
@@ -162,6 +169,8 @@ class ControlMediator:
             ends (0: the first successful call ends it and its commands are applied).
         max_abandoned: hung workers that may be abandoned and replaced; with more still hung, calls
             are refused (reported) until one finishes. So at most ``max_abandoned + 1`` threads hang.
+        policy_isolation: ``"thread"`` (default: the policy runs on the worker thread) or
+            ``"process"`` (in a child process, killed on a timeout; see :mod:`.isolation`).
         telemetry: the emitter for ``control.*`` events and metrics.
     """
 
@@ -175,6 +184,7 @@ class ControlMediator:
         cooldown_s: float = 30.0,
         recovery_calls: int = 1,
         max_abandoned: int = 2,
+        policy_isolation: str = "thread",
         telemetry: TelemetryEmitter | None = None,
     ):
         if policy is not None and not callable(getattr(policy, "evaluate", None)):
@@ -185,6 +195,8 @@ class ControlMediator:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         if recovery_calls < 0 or max_abandoned < 0:
             raise ValueError(f"recovery_calls and max_abandoned must be >= 0, got {recovery_calls}, {max_abandoned}")
+        if policy_isolation not in ("thread", "process"):
+            raise ValueError(f'policy_isolation must be "thread" or "process", got {policy_isolation!r}')
         self.policy = policy
         self.executor = executor
         self.timeout_s = float(timeout_s)
@@ -201,6 +213,8 @@ class ControlMediator:
         self._closed = False
         self.calls = 0
         self.failures = 0
+        # Started now, so that its start-up overlaps training rather than the first call.
+        self.policy_process = PolicyProcess(policy) if policy is not None and policy_isolation == "process" else None
 
     def _on_breaker(self, old: str, new: str) -> None:
         severity = "warning" if new == "open" else "info"
@@ -234,6 +248,7 @@ class ControlMediator:
         elapsed = time.monotonic() - job.started
         self.telemetry.metric("control.latency_s", elapsed, call=name, timed_out=not finished)
         if not finished:
+            job.token.cancel(f"{name} timed out after {self.timeout_s:g} s")
             worker = self._worker
             worker.stop()  # it exits once the hung call returns, if ever
             self._abandoned.append((worker, job))
@@ -243,13 +258,32 @@ class ControlMediator:
                 ok=False,
                 timed_out=True,
                 elapsed_s=elapsed,
-                error=f"{name} did not return within {self.timeout_s:g} s; its worker thread was abandoned",
+                error=f"{name} did not return within {self.timeout_s:g} s; its worker thread was abandoned"
+                + (" (its cancel token is set)" if job.cooperative else ""),
             )
         if job.error is not None:
             return CallOutcome(
                 ok=False, elapsed_s=elapsed, error=f"{name} raised {type(job.error).__name__}: {job.error}"
             )
         return CallOutcome(ok=True, value=job.value, elapsed_s=elapsed)
+
+    def _call_isolated(self, state: ControlState) -> CallOutcome:
+        """``policy.evaluate(state)`` in the policy's child process; a timeout kills the process."""
+        assert self.policy_process is not None
+        if self._closed:
+            raise RuntimeError("control mediator is closed; cannot run policy.evaluate")
+        self.calls += 1
+        started = time.monotonic()
+        result = self.policy_process.evaluate(state, self.timeout_s)
+        elapsed = time.monotonic() - started
+        self.telemetry.metric("control.latency_s", elapsed, call="policy.evaluate", timed_out=result.kind == "timeout")
+        if result.kind == "ok":
+            return CallOutcome(ok=True, value=result.value, elapsed_s=elapsed)
+        error = f"policy.evaluate {result.error}"
+        if result.kind != "raised":  # the process was killed (timeout) or died: a fresh one is starting
+            self.telemetry.count("control.killed_processes" if result.kind == "timeout" else "control.died_processes")
+            self.telemetry.event(f"control.policy_{result.kind}", severity="warning", message=error, pid=result.pid)
+        return CallOutcome(ok=False, timed_out=result.kind == "timeout", elapsed_s=elapsed, error=error)
 
     def _refuse(self, name: str, hung: int) -> CallOutcome:
         if not self._refusing:
@@ -275,6 +309,7 @@ class ControlMediator:
                     message=f"abandoned {job.name} call returned after {job.finished - job.started:.2f} s; "
                     "its result was discarded",
                     call=job.name,
+                    cooperative=job.cooperative,
                     duration_s=job.finished - job.started,
                     error=None if job.error is None else f"{type(job.error).__name__}: {job.error}",
                 )
@@ -303,7 +338,10 @@ class ControlMediator:
                 "control.skipped", severity="warning", message=report.skipped, breaker=self.breaker.state
             )
             return report
-        outcome = self.call("policy.evaluate", self.policy.evaluate, state)
+        if self.policy_process is not None:
+            outcome = self._call_isolated(state)
+        else:
+            outcome = self.call("policy.evaluate", self.policy.evaluate, state)
         if not outcome.ok:
             self._failure("policy.evaluate", outcome, report)
             return report
@@ -408,6 +446,8 @@ class ControlMediator:
         if self._closed:
             return
         self._closed = True
+        if self.policy_process is not None:
+            self.policy_process.close()
         if self._worker is not None:
             self._worker.stop()
             self._worker.thread.join(timeout=min(1.0, self.timeout_s))  # idle: returns at once

@@ -300,8 +300,11 @@ def build_mediator(
     policy: Policy | None,
     executor: Executor | None,
     telemetry: TelemetryEmitter,
+    ctx: DistributedContext | None = None,
 ) -> ControlMediator:
     """The control mediator: the policy and executor under timeouts and a circuit breaker."""
+    # Only rank 0 consults the policy: the other ranks start no policy process.
+    isolation = config.control_policy_isolation if ctx is None or ctx.is_main else "thread"
     return ControlMediator(
         policy,
         executor,
@@ -310,6 +313,7 @@ def build_mediator(
         cooldown_s=config.control_cooldown_s,
         recovery_calls=config.control_recovery_calls,
         max_abandoned=config.control_max_abandoned,
+        policy_isolation=isolation,
         telemetry=telemetry,
     )
 
