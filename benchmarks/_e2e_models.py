@@ -9,7 +9,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-__all__ = ["BATCH", "CASES", "TRUNKS", "Model", "batches", "interleaved_medians_ms"]
+__all__ = ["BATCH", "CASES", "TRUNKS", "Model", "batches", "interleaved_medians_ms", "time_step"]
 
 BATCH = 64
 # Trunk (input width, hidden width, layers) -> about 1.0M, 2.1M, 8.4M and 25M parameters.
@@ -51,3 +51,16 @@ def interleaved_medians_ms(steps: dict[str, Callable[[], None]], rounds: int) ->
             steps[name]()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+
+
+def time_step(benchmark, step: Callable[[], None], medians: dict, key: tuple, base_key: tuple, ratio_name: str) -> None:
+    """One pytest-benchmark measurement of ``step`` (after a warm-up call: allocations, the compiled
+    kernels' first call), its median kept in ``medians[key]``, and, once the base contender's median is
+    there, the base's median over this one as ``extra_info[ratio_name]``."""
+    step()
+    benchmark.pedantic(step, rounds=5, iterations=1)
+    if benchmark.stats is None:  # --benchmark-disable: the step ran once, as a test, and nothing was timed
+        return
+    medians[key] = benchmark.stats.stats.median
+    if key != base_key and base_key in medians:
+        benchmark.extra_info[ratio_name] = medians[base_key] / medians[key]

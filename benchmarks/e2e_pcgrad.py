@@ -28,7 +28,7 @@ from tolaria.compat.pcgrad import PCGrad
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the tests' reference
-from _e2e_models import BATCH, CASES, Model, batches, interleaved_medians_ms  # noqa: E402
+from _e2e_models import BATCH, CASES, Model, batches, interleaved_medians_ms, time_step  # noqa: E402
 from compat.reference_pcgrad import ReferencePCGrad  # noqa: E402
 
 
@@ -57,12 +57,7 @@ def test_training_step(benchmark, trunk, k, library):
     random.seed(0)
     benchmark.group = f"pcgrad step, trunk {trunk} params, K={k}, CPU ({cpu_isa()})"
     step = make_step(library, trunk, k)
-    step()  # warm-up: allocations, the buffer, the compiled kernels' first call
-    benchmark.pedantic(step, rounds=5, iterations=1)
-    _medians[(trunk, k, library)] = benchmark.stats.stats.median
-    base = _medians.get((trunk, k, "pytorch-pcgrad"))
-    if base is not None and library == "tolaria":
-        benchmark.extra_info["speedup_vs_pytorch_pcgrad"] = base / benchmark.stats.stats.median
+    time_step(benchmark, step, _medians, (trunk, k, library), (trunk, k, "pytorch-pcgrad"), "speedup_vs_pytorch_pcgrad")
 
 
 def main() -> None:

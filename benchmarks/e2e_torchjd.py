@@ -26,7 +26,7 @@ from torch.nn import functional as F
 from tolaria.aggregation import cpu_isa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _e2e_models import BATCH, CASES, Model, batches, interleaved_medians_ms  # noqa: E402
+from _e2e_models import BATCH, CASES, Model, batches, interleaved_medians_ms, time_step  # noqa: E402
 
 LIBRARIES = ("torchjd", "tolaria")
 
@@ -69,12 +69,7 @@ def test_training_step(benchmark, trunk, k, library):
         pytest.importorskip("torchjd")
     benchmark.group = f"mtl step, trunk {trunk} params, K={k}, CPU ({cpu_isa()})"
     step = make_step(library, trunk, k)
-    step()  # warm-up: allocations, the compiled kernels' first call
-    benchmark.pedantic(step, rounds=5, iterations=1)
-    _medians[(trunk, k, library)] = benchmark.stats.stats.median
-    base = _medians.get((trunk, k, "torchjd"))
-    if base is not None and library == "tolaria":
-        benchmark.extra_info["speedup_vs_torchjd"] = base / benchmark.stats.stats.median
+    time_step(benchmark, step, _medians, (trunk, k, library), (trunk, k, "torchjd"), "speedup_vs_torchjd")
 
 
 def main() -> None:
