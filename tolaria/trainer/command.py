@@ -35,8 +35,8 @@ from .config import ConfigError, DistributedConfig, TrainerConfig
 from .gradient import AGGREGATOR_NAMES
 from .loop import HALTED, INTERRUPTED, RunSummary, Trainer, default_run_dir
 from .mediator import ControlState
-from .tasks import TASKS as TASK_SOURCES
-from .tasks import DigitsTaskConfig, build_default_task
+from .task_zoo import DEFAULT_TASK, TASK_NAMES, build_task
+from .tasks import DigitsTaskConfig
 
 log = logging.getLogger("tolaria.train")
 
@@ -131,6 +131,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--config", metavar="FILE", help="TOML file of TrainerConfig keys (and an optional [task] table)"
     )
     parser.add_argument("--out", metavar="DIR", help="run folder (default ./runs/<timestamp>)")
+    parser.add_argument(
+        "--task",
+        choices=TASK_NAMES,
+        default=DEFAULT_TASK,
+        help=f"what to train (default {DEFAULT_TASK}; digit-attributes: K = 4 heads that conflict; "
+        "see tolaria.trainer.task_zoo)",
+    )
     parser.add_argument("--epochs", type=int, metavar="N", help="passes over the data (default 5)")
     parser.add_argument("--max-steps", type=int, metavar="N", help="stop after N optimizer steps")
     parser.add_argument(
@@ -214,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"tolaria train: error: {exc}", file=sys.stderr)
         return 2
-    task = build_default_task(task_config)
+    task = build_task(args.task, task_config)
     loss_fn: Callable[[Any, Any], Any] = task.loss_fn
     policy = EpochReportPolicy(hang_first=args.inject_fault == "hang-policy")
     executor = LoggingExecutor()
@@ -266,19 +273,19 @@ def run(args: argparse.Namespace) -> int:
             print("  (an aggregator's options go in the [aggregator_options] table of --config FILE)", file=sys.stderr)
         return 2
     try:
-        trainer.aggregator.check_sources(len(TASK_SOURCES))
+        trainer.aggregator.check_sources(len(task.sources))
     except ValueError as exc:
         trainer.close()
         print(
-            f"tolaria train: error: the default task has {len(TASK_SOURCES)} gradient sources "
-            f"({', '.join(TASK_SOURCES)}): {exc}",
+            f"tolaria train: error: the {task.name} task has {len(task.sources)} gradient sources "
+            f"({', '.join(task.sources)}): {exc}",
             file=sys.stderr,
         )
         return 2
     main = trainer.ctx.is_main  # under torchrun, only rank 0 prints (every rank writes its telemetry)
     if main:
         print(
-            f"training the two-digit task ({len(task.data.x)} pairs, {len(trainer.data)} steps/epoch"
+            f"training {task.description} ({len(trainer.data)} steps/epoch"
             f"{f' per rank, {trainer.ctx.world_size} ranks' if trainer.ctx.is_distributed else ''}) with "
             f"{trainer.aggregator!r} on {trainer.device}; run folder {trainer.run_dir}",
             file=sys.stderr,
