@@ -15,9 +15,9 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from tolaria.distributed import checkpoint_barrier, resume_from_checkpoint
-from tolaria.emergency import EmergencyLevel
 from tolaria.state import StateError
 
+from . import checkpoint_failures
 from .aggregator_state import aggregator_extra, restore_aggregator
 from .run_position import position_extra, restore_position
 
@@ -30,8 +30,9 @@ log = logging.getLogger("tolaria.trainer")
 
 
 def checkpoint(trainer: Trainer, *, epoch_complete: bool, final: bool) -> int | None:
-    """Writes a durable checkpoint; returns its step, or None when a periodic one failed (reported,
-    and the emergency level raised). A failed final checkpoint raises."""
+    """Writes a durable checkpoint; returns its step, or None when it failed (reported; the run goes
+    on or halts per ``[checkpoint] on_failure``, see :mod:`.checkpoint_failures`). A failed final
+    checkpoint raises, unless the run is halting because checkpoints kept failing."""
     extra = {
         "epoch": trainer.epoch,
         "epoch_complete": epoch_complete,
@@ -57,12 +58,10 @@ def checkpoint(trainer: Trainer, *, epoch_complete: bool, final: bool) -> int | 
         message = (
             f"{'final' if final else 'periodic'} checkpoint at step {trainer.step} failed: {type(exc).__name__}: {exc}"
         )
-        log.critical(message)
-        trainer.telemetry.event("train.checkpoint_failed", severity="critical", message=message, final=final)
-        if final:
+        if checkpoint_failures.checkpoint_failed(trainer, message, final=final):
             raise
-        trainer.emergency.escalate(EmergencyLevel.ELEVATED, message)
         return None
+    checkpoint_failures.checkpoint_succeeded(trainer)
     trainer.telemetry.event(
         "train.checkpoint",
         message=f"checkpoint at step {trainer.step}",

@@ -78,6 +78,12 @@ class CheckpointConfig(Section):
             False). Training continues where the checkpoint was taken: the next epoch, or the batch
             after the last one used of an interrupted epoch, with the random states of that moment
             (see ``tolaria.trainer.run_position``).
+        on_failure: what a failed durable checkpoint (a full disk, an I/O error) does; every failure is
+            a ``train.checkpoint_failed`` event and raises the emergency level to ELEVATED, and the
+            previous checkpoints stay as they were. ``"retry"`` (default): the next checkpoint on the
+            cadence is the retry; ``max_failures`` consecutive failures halt the run. ``"emit"``:
+            report only, never halt. ``"halt"``: the first failure halts the run.
+        max_failures: consecutive failed checkpoints that halt a ``"retry"`` run (default 3).
     """
 
     snapshot_every_steps: int = 50
@@ -87,9 +93,12 @@ class CheckpointConfig(Section):
     fast_cache_mb: float = 512.0
     rollback_deadline_s: float = 5.0
     resume: bool = False
+    on_failure: Literal["emit", "retry", "halt"] = "retry"
+    max_failures: int = 3
 
     def __post_init__(self) -> None:
         self._check_types("checkpoint.")
+        check_bound("checkpoint.", "max_failures", self.max_failures)
         check_bound("checkpoint.", "snapshot_every_steps", self.snapshot_every_steps, allow_zero=True)
         check_bound("checkpoint.", "checkpoint_every_epochs", self.checkpoint_every_epochs, allow_zero=True)
         check_bound("checkpoint.", "checkpoint_every_steps", self.checkpoint_every_steps, allow_zero=True)
