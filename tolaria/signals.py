@@ -21,9 +21,21 @@ the next trigger. The classes are compiled (``tolaria._signal``, C++):
 Both share one primitive and these rules:
 
 - ``create(name)`` makes the segment (mode 0600), ``attach(name)`` opens it (``FileNotFoundError``
-  when missing). Names are 1 to 200 letters, digits, ``.``, ``_`` or ``-`` (no ``/``), else
+  when missing). ``create_or_attach(name)`` does whichever applies: of several processes calling it
+  at once (the ranks of one host), exactly one creates and the others attach (``created`` says
+  which); none fails. Names are 1 to 200 letters, digits, ``.``, ``_`` or ``-`` (no ``/``), else
   ``ValueError``. The segment header holds a magic number and a layout version: a name holding
   anything else raises :class:`SignalLayoutError`.
+- Only segments of this process's effective user, writable by no one else (no group or other write
+  bit), are attached or reclaimed; any other raises ``PermissionError``: another user could forge or
+  suppress a HALT through it.
+- Nothing read from a segment is trusted (another process may overwrite any byte): the header is
+  checked on every call, every record read is checked (level, reason length and UTF-8, timestamp),
+  and a bad one raises :class:`SignalLayoutError`; a record mid-write or a writer lock held for
+  ``STUCK_S`` (0.5) seconds raises ``RuntimeError`` instead of hanging. A ``raise_level`` or
+  ``trigger`` replaces a corrupted record; ``lower_level`` leaves it alone (it may hide a higher
+  level). The one thing not survived: a process of the same user truncating the segment after
+  others mapped it (their next access faults); same-user processes are as trusted as the process.
 - A segment whose creator died (crash, ``SIGKILL``) is reclaimed by ``create``: adopted in place
   when it has this layout (processes still attached stay connected; the record is cleared and
   ``reclaimed_pid`` names the dead creator), replaced when it has another layout version. One whose

@@ -25,6 +25,17 @@
 // Writers from any process serialise on writer_pid; a writer that finds the lock held by a dead
 // process takes it over, and its write repairs whatever record the dead writer left half-written.
 // Readers never block writers: they copy the record and retry when the sequence moved.
+//
+// Hostile or corrupted segments. Every byte of a mapped segment may be overwritten by another
+// process at any time, so nothing read from it is trusted: the header is checked on attach and on
+// every call, the record is checked after every read (the kind's validator: ranges, lengths,
+// UTF-8), and every loop that waits on another process is bounded (kStuckSeconds), ending in an
+// error instead of a hang. The record lives in the segment's first page, which a file of any
+// non-zero size backs, so no read faults. Only a segment of this effective uid, writable by no one
+// else (no group or other write bit), is attached: another user could otherwise forge or suppress
+// a HALT. What this does not stop: a process of the same user that truncates the segment to zero
+// bytes after others mapped it makes their next access fault (SIGBUS); same-user processes are
+// trusted as much as the process itself.
 
 #pragma once
 
@@ -85,10 +96,16 @@ struct ClosedError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-// A writer died in the middle of a write; the next trigger or clear repairs the record.
+// A writer died in the middle of a write (or the record stayed mid-write for kStuckSeconds); the
+// next trigger or clear repairs the record.
 struct TornRecordError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
+
+// How long a call waits for another process (a record mid-write, the writer lock) before it gives
+// up with an error. A real writer holds both for well under a microsecond; seconds mean a stopped
+// writer (SIGSTOP) or a corrupted segment, and a call must not hang on either.
+constexpr double kStuckSeconds = 0.5;
 
 // ---- small helpers ------------------------------------------------------------------------------
 
@@ -119,7 +136,9 @@ inline void sleep_seconds(double s) {
 // ids can be reused, so a long-dead creator whose pid was recycled looks alive: the caller then
 // gets a clear "exists, creator alive" error and can unlink the segment by hand.
 inline bool process_alive(uint32_t pid) {
-  if (pid == 0) return false;
+  // 0 and values past INT_MAX name no process (as a pid_t they are 0 or negative, which kill()
+  // reads as a process group or every process); they come from corrupted segments.
+  if (pid == 0 || pid > static_cast<uint32_t>(INT_MAX)) return false;
   if (kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH) return false;
 #if defined(__linux__)
   char path[64];
@@ -163,6 +182,41 @@ inline std::size_t utf8_prefix_length(const std::string& text, std::size_t max_b
   return cut;
 }
 
+// Whether `data` is UTF-8 exactly as Python's strict decoder takes it (no overlong forms, no
+// surrogates, nothing past U+10FFFF): a record that passes decodes without error.
+inline bool valid_utf8(const char* data, std::size_t n) {
+  const auto* s = reinterpret_cast<const unsigned char*>(data);
+  std::size_t i = 0;
+  while (i < n) {
+    const unsigned char c = s[i];
+    std::size_t extra;
+    unsigned char lo = 0x80, hi = 0xBF;  // range of the first continuation byte
+    if (c < 0x80) {
+      ++i;
+      continue;
+    } else if (c >= 0xC2 && c <= 0xDF) {
+      extra = 1;
+    } else if (c >= 0xE0 && c <= 0xEF) {
+      extra = 2;
+      if (c == 0xE0) lo = 0xA0;  // overlong
+      if (c == 0xED) hi = 0x9F;  // surrogates
+    } else if (c >= 0xF0 && c <= 0xF4) {
+      extra = 3;
+      if (c == 0xF0) lo = 0x90;  // overlong
+      if (c == 0xF4) hi = 0x8F;  // past U+10FFFF
+    } else {
+      return false;
+    }
+    if (n - i <= extra) return false;
+    if (s[i + 1] < lo || s[i + 1] > hi) return false;
+    for (std::size_t k = 2; k <= extra; ++k) {
+      if ((s[i + k] & 0xC0) != 0x80) return false;
+    }
+    i += extra + 1;
+  }
+  return true;
+}
+
 // ---- the segment --------------------------------------------------------------------------------
 
 struct Header {
@@ -202,6 +256,10 @@ struct Segment {
   std::atomic<uint64_t> words[kWords];
 };
 
+// The smallest page size: a segment that fits in it is backed whole by any non-empty file, so a
+// short (corrupted) segment is caught by the size checks instead of faulting the reader.
+constexpr std::size_t kMinPageSize = 4096;
+
 // A consistent copy of the record.
 template <class Payload>
 struct Snapshot {
@@ -212,12 +270,15 @@ struct Snapshot {
 
 // One process's handle on a signal segment of kind `Payload`.
 //
-// Payload must provide: kMagic (u64), kVersion (u32), kKind (const char*), and be trivially
-// copyable; a value-initialised Payload is the cleared record.
+// Payload must provide: kMagic (u64), kVersion (u32), kKind (const char*), a static
+// `std::string invalid(const Payload&, uint32_t is_set)` that says what is wrong with a record read
+// from the segment (empty: nothing), and be trivially copyable; a value-initialised Payload is
+// the cleared record.
 template <class Payload>
 class SharedSeqlock {
   static_assert(std::is_trivially_copyable_v<Payload>, "payloads are copied word by word");
   using Seg = Segment<Payload>;
+  static_assert(sizeof(Seg) <= kMinPageSize, "a segment must fit one page (see kMinPageSize)");
 
  public:
   static constexpr std::size_t kSegmentSize = sizeof(Seg);
@@ -263,10 +324,35 @@ class SharedSeqlock {
       throw os_error(errno, "cannot open shared memory for", name);
     }
     std::unique_ptr<SharedSeqlock> handle(new SharedSeqlock(name, fd, /*created=*/false));
+    handle->check_owner();
     handle->wait_until_initialised();
     handle->map();
     handle->check_layout();
     return handle;
+  }
+
+  // Creates the signal, or attaches to it when a live process created it: of several processes
+  // calling this at once, exactly one creates (O_CREAT|O_EXCL) and the others attach, waiting for
+  // its header (kInitGraceSeconds). The name vanishing between the two (its creator unlinked it, or
+  // a dead creator's segment was replaced) is retried.
+  static std::unique_ptr<SharedSeqlock> create_or_attach(const std::string& name) {
+    check_name(name);
+    for (int attempt = 0; attempt < 8; ++attempt) {
+      try {
+        return create(name);
+      } catch (const OsError& e) {
+        if (e.code != EEXIST) throw;
+      }
+      try {
+        return attach(name);
+      } catch (const OsError& e) {
+        if (e.code != ENOENT) throw;
+      }
+    }
+    throw OsError(EEXIST,
+                  std::string("cannot create or attach ") + Payload::kKind + " signal '" + name +
+                      "': it keeps appearing and vanishing (other processes create and unlink it in a loop)",
+                  name);
   }
 
   ~SharedSeqlock() {
@@ -286,15 +372,19 @@ class SharedSeqlock {
   uint64_t trigger(const Payload& payload) {
     std::shared_lock<std::shared_mutex> lk(mu_);
     check_open();
+    check_live_header();
     return write(payload, /*set=*/true);
   }
 
-  // Publishes `payload` only if `accept(current payload, current is_set)` holds at the moment of
-  // writing, atomically with respect to every other writer. Returns the generation, or nullopt.
+  // Publishes `payload` only if `accept(current payload, current is_set word)` holds at the moment
+  // of writing, atomically with respect to every other writer. Returns the generation, or nullopt.
+  // The current record may be corrupted: `accept` decides what a write over it does
+  // (Payload::invalid says whether it is).
   template <class Accept>
   std::optional<uint64_t> trigger_if(const Payload& payload, const Accept& accept) {
     std::shared_lock<std::shared_mutex> lk(mu_);
     check_open();
+    check_live_header();
     return write_if(payload, /*set=*/true, accept);
   }
 
@@ -304,6 +394,7 @@ class SharedSeqlock {
   std::optional<uint64_t> clear_if(const Accept& accept) {
     std::shared_lock<std::shared_mutex> lk(mu_);
     check_open();
+    check_live_header();
     return write_if(Payload{}, /*set=*/false, accept);
   }
 
@@ -311,14 +402,19 @@ class SharedSeqlock {
   uint64_t clear() {
     std::shared_lock<std::shared_mutex> lk(mu_);
     check_open();
+    check_live_header();
     return write(Payload{}, /*set=*/false);
   }
 
+  // A consistent copy of the record, checked: a header that changed since attach or a record the
+  // kind's validator rejects is a LayoutError; a record mid-write for kStuckSeconds a TornRecordError.
   Snapshot<Payload> read() const {
     std::shared_lock<std::shared_mutex> lk(mu_);
     check_open();
+    check_live_header();
     const Header& h = header();
     uint64_t buf[Seg::kWords];
+    double give_up_at = 0.0;
     for (uint64_t spins = 1;; ++spins) {
       uint64_t s1 = h.seq.load(std::memory_order_acquire);
       if ((s1 & 1) == 0) {
@@ -329,19 +425,37 @@ class SharedSeqlock {
         if (h.seq.load(std::memory_order_relaxed) == s1) {
           Snapshot<Payload> snap;
           std::memcpy(&snap.payload, buf, sizeof(Payload));
+          if (const std::string problem = Payload::invalid(snap.payload, is_set); !problem.empty()) {
+            throw LayoutError(std::string("the ") + Payload::kKind + " signal '" + name_ +
+                              "' holds a corrupted record (" + problem +
+                              "): something other than a Tolaria signal wrote to it; the next trigger() or "
+                              "clear() replaces it");
+          }
           snap.generation = generation;
           snap.is_set = is_set != 0;
           return snap;
         }
       }
       if (spins % 64 == 0) sched_yield();
-      if (spins % 4096 == 0 && (h.seq.load(std::memory_order_acquire) & 1) != 0) {
+      if (spins % 4096 == 0) {
+        const bool mid_write = (h.seq.load(std::memory_order_acquire) & 1) != 0;
         uint32_t writer = h.writer_pid.load(std::memory_order_acquire);
-        if (!process_alive(writer)) {
+        if (mid_write && !process_alive(writer)) {
           throw TornRecordError(std::string("the ") + Payload::kKind + " signal '" + name_ +
                                 "' holds a half-written record: its writer (pid " +
                                 std::to_string(writer) +
                                 ") died mid-write; the next trigger() or clear() repairs it");
+        }
+        const double now = monotonic_seconds();
+        if (give_up_at == 0.0) give_up_at = now + kStuckSeconds;
+        if (now > give_up_at) {
+          throw TornRecordError(std::string("the ") + Payload::kKind + " signal '" + name_ + "' gave no consistent " +
+                                "record for " + std::to_string(kStuckSeconds) + " s (" +
+                                (mid_write ? "stuck mid-write, writer pid " + std::to_string(writer) +
+                                                 " alive or stopped"
+                                           : "its sequence keeps moving") +
+                                "): the segment is corrupted or its writer is stopped; the next trigger() or "
+                                "clear() repairs it");
         }
       }
     }
@@ -386,6 +500,7 @@ class SharedSeqlock {
       // below returns at once instead of sleeping through the wake.
       const uint32_t word = h.wake_word.load(std::memory_order_seq_cst);
       if (h.trigger_generation.load(std::memory_order_acquire) > target) return true;
+      check_live_header();  // a segment overwritten while waited on ends the wait loudly
       if (closing_.load()) {
         throw ClosedError(std::string(Payload::kKind) + " signal '" + name_ + "' was closed while waiting");
       }
@@ -471,6 +586,43 @@ class SharedSeqlock {
   void check_open() const {
     if (seg_ == nullptr || closing_.load()) {
       throw ClosedError(std::string(Payload::kKind) + " signal '" + name_ + "' is closed");
+    }
+  }
+
+  // Refuses a segment another user owns, or one anyone but its owner may write: its contents would
+  // be someone else's to forge (a fake HALT) or to suppress.
+  void check_owner() const {
+    struct stat st;
+    if (fstat(fd_, &st) != 0) throw os_error(errno, "cannot stat shared memory of", name_);
+    const uid_t me = geteuid();
+    if (st.st_uid != me) {
+      throw OsError(EACCES,
+                    std::string("refusing ") + Payload::kKind + " signal '" + name_ + "': the segment belongs to uid " +
+                        std::to_string(st.st_uid) + ", not to this process's uid " + std::to_string(me) +
+                        " (only segments of the same user are trusted; run every process as one user)",
+                    name_);
+    }
+    if ((st.st_mode & (S_IWGRP | S_IWOTH)) != 0) {
+      char mode[8];
+      std::snprintf(mode, sizeof mode, "%04o", static_cast<unsigned>(st.st_mode & 07777));
+      throw OsError(EACCES,
+                    std::string("refusing ") + Payload::kKind + " signal '" + name_ + "': its mode " + mode +
+                        " lets other users write it (signals are created 0600); unlink it and create it again",
+                    name_);
+    }
+  }
+
+  // The header as attach found it: magic, version and size re-checked on every call, since another
+  // process may have overwritten them since.
+  void check_live_header() const {
+    const Header& h = header();
+    if (h.magic.load(std::memory_order_relaxed) != Payload::kMagic ||
+        h.layout_version.load(std::memory_order_relaxed) != Payload::kVersion ||
+        h.segment_size.load(std::memory_order_relaxed) != kSegmentSize) {
+      throw LayoutError(std::string("the ") + Payload::kKind + " signal '" + name_ +
+                        "' had its header overwritten since it was attached (magic, layout version or size "
+                        "changed): something other than a Tolaria signal writes to it; unlink it and create it "
+                        "again");
     }
   }
 
@@ -572,6 +724,7 @@ class SharedSeqlock {
       throw os_error(errno, "cannot open existing shared memory of", name);
     }
     std::unique_ptr<SharedSeqlock> old(new SharedSeqlock(name, fd, /*created=*/true));
+    old->check_owner();
     old->stat_identity();
     if (!old->initialised_within_grace()) {
       old->unlink_stale(path);  // its creator died before finishing the header
@@ -635,24 +788,39 @@ class SharedSeqlock {
 
   void lock_writer(Header& h) {
     const uint32_t me = static_cast<uint32_t>(getpid());
+    double give_up_at = 0.0;
     for (uint64_t spins = 1;; ++spins) {
       uint32_t owner = 0;
       if (h.writer_pid.compare_exchange_weak(owner, me, std::memory_order_acquire, std::memory_order_relaxed)) return;
       if (spins % 64 == 0) sched_yield();
       // The lock is held for well under a microsecond; still held after thousands of tries means
       // its owner may have died holding it. Take it over then (the write repairs the record).
-      if (spins % 4096 == 0 && owner != 0 && owner != me && !process_alive(owner)) {
-        if (h.writer_pid.compare_exchange_strong(owner, me, std::memory_order_acquire, std::memory_order_relaxed)) return;
+      if (spins % 4096 == 0) {
+        if (owner != 0 && owner != me && !process_alive(owner)) {
+          if (h.writer_pid.compare_exchange_strong(owner, me, std::memory_order_acquire, std::memory_order_relaxed)) {
+            return;
+          }
+        }
+        // Held by a live (or stopped) process, or by this one's pid written by someone else: give up
+        // rather than hang. Taking it over could tear the record under a writer that resumes.
+        const double now = monotonic_seconds();
+        if (give_up_at == 0.0) give_up_at = now + kStuckSeconds;
+        if (now > give_up_at) {
+          throw TornRecordError(std::string("cannot write the ") + Payload::kKind + " signal '" + name_ +
+                                "': its writer lock has been held by pid " + std::to_string(owner) + " for " +
+                                std::to_string(kStuckSeconds) +
+                                " s (a stopped writer or a corrupted segment); unlink it and create it again");
+        }
       }
     }
   }
 
   uint64_t write(const Payload& payload, bool set) {
-    return *write_if(payload, set, [](const Payload&, bool) { return true; });
+    return *write_if(payload, set, [](const Payload&, uint32_t) { return true; });
   }
 
-  // Writes unless `accept(current payload, current is_set)`, evaluated under the writer lock (so no
-  // other process can write in between), returns false; then returns nullopt.
+  // Writes unless `accept(current payload, current is_set word)`, evaluated under the writer lock
+  // (so no other process can write in between), returns false; then returns nullopt.
   template <class Accept>
   std::optional<uint64_t> write_if(const Payload& payload, bool set, const Accept& accept) {
     Header& h = header();
@@ -664,7 +832,7 @@ class SharedSeqlock {
       for (std::size_t i = 0; i < Seg::kWords; ++i) current_words[i] = seg_->words[i].load(std::memory_order_relaxed);
       Payload current;
       std::memcpy(&current, current_words, sizeof(Payload));
-      if (!accept(current, h.is_set.load(std::memory_order_relaxed) != 0)) {
+      if (!accept(current, h.is_set.load(std::memory_order_relaxed))) {
         h.writer_pid.store(0, std::memory_order_release);
         return std::nullopt;
       }

@@ -22,6 +22,23 @@ constexpr std::size_t kMaxReasonBytes = 256;
 constexpr int kMinTriggerLevel = 1;  // EmergencyLevel.NOTICE; NONE is what clear() sets
 constexpr int kMaxLevel = 4;         // EmergencyLevel.HALT
 
+// What is wrong with a reason and timestamp read from a segment (empty: nothing). Nothing in a
+// segment is trusted: another process may have written any bytes there.
+inline std::string invalid_reason_and_time(uint32_t reason_length, const char* reason, double timestamp_ms) {
+  if (reason_length > kMaxReasonBytes) {
+    return "reason length " + std::to_string(reason_length) + " past the " + std::to_string(kMaxReasonBytes) +
+           "-byte buffer";
+  }
+  if (!valid_utf8(reason, reason_length)) return "reason is not valid UTF-8";
+  if (!std::isfinite(timestamp_ms) || timestamp_ms < 0) return "timestamp is not a finite time >= 0";
+  return {};
+}
+
+inline std::string invalid_is_set(uint32_t is_set) {
+  if (is_set > 1) return "is_set word is " + std::to_string(is_set) + ", not 0 or 1";
+  return {};
+}
+
 struct EmergencyPayload {
   static constexpr uint64_t kMagic = magic_from("TLRSEMRG");
   static constexpr uint32_t kVersion = 1;
@@ -31,6 +48,17 @@ struct EmergencyPayload {
   int32_t level;
   uint32_t reason_length;
   char reason[kMaxReasonBytes];
+
+  static std::string invalid(const EmergencyPayload& p, uint32_t is_set) {
+    if (auto problem = invalid_is_set(is_set); !problem.empty()) return problem;
+    if (is_set != 0 && (p.level < kMinTriggerLevel || p.level > kMaxLevel)) {
+      return "level " + std::to_string(p.level) + " outside 1..4 while set";
+    }
+    if (is_set == 0 && (p.level != 0 || p.reason_length != 0 || p.timestamp_ms != 0.0)) {
+      return "a cleared record with a level, reason or timestamp";
+    }
+    return invalid_reason_and_time(p.reason_length, p.reason, p.timestamp_ms);
+  }
 };
 
 struct DeadlinePayload {
@@ -42,6 +70,14 @@ struct DeadlinePayload {
   uint32_t reason_length;
   uint32_t unused;
   char reason[kMaxReasonBytes];
+
+  static std::string invalid(const DeadlinePayload& p, uint32_t is_set) {
+    if (auto problem = invalid_is_set(is_set); !problem.empty()) return problem;
+    if (is_set == 0 && (p.reason_length != 0 || p.timestamp_ms != 0.0)) {
+      return "a cleared record with a reason or timestamp";
+    }
+    return invalid_reason_and_time(p.reason_length, p.reason, p.timestamp_ms);
+  }
 };
 
 inline const char* known_kind(uint64_t magic) {
@@ -142,6 +178,7 @@ void store_reason(Payload& p, const py::str& reason) {
 
 template <class Payload>
 std::string load_reason(const Payload& p) {
+  // read() has checked the record (Payload::invalid); the clamp keeps this safe on its own too.
   std::size_t n = p.reason_length <= kMaxReasonBytes ? p.reason_length : kMaxReasonBytes;
   return std::string(p.reason, n);
 }
@@ -175,9 +212,24 @@ py::class_<SharedSeqlock<Payload>> bind_signal(py::module_& m, const char* cls_n
        "in place (attached processes stay connected; the record is cleared, the generation keeps\n"
        "counting; `reclaimed_pid` names the dead creator), with another layout version it is replaced.");
   cls.def_static("attach", &Core::attach, py::arg("name"),
-                 ("Attaches to the existing signal `name`. Raises FileNotFoundError when it does not exist and\n"
-                  "SignalLayoutError when it is not a " + kind + " signal of this layout version.")
+                 ("Attaches to the existing signal `name`. Raises FileNotFoundError when it does not exist,\n"
+                  "PermissionError when another user owns it or others may write it, and SignalLayoutError\n"
+                  "when it is not a " + kind + " signal of this layout version.")
                      .c_str());
+  cls.def_static(
+      "create_or_attach",
+      [kind](const std::string& name) {
+        auto core = Core::create_or_attach(name);
+        if (auto pid = core->reclaimed_pid()) {
+          log_warning("reclaimed " + kind + " signal '" + name + "' left by dead process " + std::to_string(*pid) +
+                      "; its record was cleared");
+        }
+        return core;
+      },
+      py::arg("name"),
+      "Creates the signal `name`, or attaches to it when a live process created it; `created` says which.\n"
+      "Of several processes calling this at once (ranks on one host), exactly one creates and the others\n"
+      "attach, waiting for its header; none fails.");
 
   cls.def_property_readonly("name", &Core::name, "The signal's name (without the leading '/').");
   cls.def_property_readonly("created", &Core::created, "Whether this handle created (or reclaimed) the segment.");
@@ -236,6 +288,7 @@ py::class_<SharedSeqlock<Payload>> bind_signal(py::module_& m, const char* cls_n
   });
 
   cls.attr("MAX_REASON_BYTES") = kMaxReasonBytes;
+  cls.attr("STUCK_S") = kStuckSeconds;
   cls.attr("MAGIC") = Payload::kMagic;
   cls.attr("LAYOUT_VERSION") = Payload::kVersion;
   cls.attr("SEGMENT_SIZE") = Core::kSegmentSize;
@@ -374,8 +427,9 @@ PYBIND11_MODULE(_signal, m) {
             p.level = check_level(level);
             store_reason(p, reason);
             p.timestamp_ms = check_timestamp(monotonic_ms);
-            return self.trigger_if(p, [&p](const EmergencyPayload& current, bool is_set) {
-              return !is_set || current.level < p.level;
+            return self.trigger_if(p, [&p](const EmergencyPayload& current, uint32_t is_set) {
+              // A corrupted record is replaced: an escalation must reach the signal.
+              return !EmergencyPayload::invalid(current, is_set).empty() || is_set == 0 || current.level < p.level;
             });
           },
           py::arg("level"), py::arg("reason"), py::arg("monotonic_ms") = py::none(),
@@ -389,8 +443,9 @@ PYBIND11_MODULE(_signal, m) {
             const int from = check_level(from_level);
             const int to = check_lower_target(to_level, from);
             // Only if the level is still `from`: a concurrent escalation elsewhere is never undone.
-            auto still_from = [from](const EmergencyPayload& current, bool is_set) {
-              return is_set && current.level == from;
+            // A corrupted record is left alone: it may hide a higher level, which a lowering must not undo.
+            auto still_from = [from](const EmergencyPayload& current, uint32_t is_set) {
+              return EmergencyPayload::invalid(current, is_set).empty() && is_set == 1 && current.level == from;
             };
             if (to == 0) return self.clear_if(still_from);
             EmergencyPayload p{};
