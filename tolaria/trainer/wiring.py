@@ -265,12 +265,12 @@ def open_signal(config: TrainerConfig, telemetry: TelemetryEmitter) -> tuple[Any
     # Imported here: the compiled signal is only needed by runs that name one.
     from tolaria.signals import SharedEmergencySignal
 
-    try:
-        return SharedEmergencySignal.attach(name), False
-    except FileNotFoundError:
-        signal = SharedEmergencySignal.create(name)
+    # One call, not attach-else-create: ranks starting together on one host would race between the
+    # two (both miss, both create, one fails). Exactly one creates; the others attach.
+    signal = SharedEmergencySignal.create_or_attach(name)
+    if signal.created:
         telemetry.event("safety.signal_created", message=f"created shared emergency signal {name!r}", signal=name)
-        return signal, True
+    return signal, signal.created
 
 
 def build_emergency(shared_signal: Any, telemetry: TelemetryEmitter) -> EmergencyController:
