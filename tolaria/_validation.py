@@ -4,9 +4,10 @@ Two kinds of helpers live here, both free of any other Tolaria import (a primiti
 every layer):
 
 - Value checks (:func:`check_int`, :func:`check_finite`, :func:`check_bound`,
-  :func:`check_timeout`, :func:`check_timestamp_ms`). Each caller keeps its own wording: the error
-  class and the name prefix are arguments, so a message a user (or a test) matches on stays the same
-  wherever the check moved from.
+  :func:`check_interval`, :func:`check_nonempty`, :func:`check_timeout`,
+  :func:`check_timestamp_ms`). Each caller keeps its own wording: the error class and the name
+  prefix are arguments, so a message a user (or a test) matches on stays the same wherever the check
+  moved from.
 - The configuration-section machinery (:class:`Section`, :class:`ConfigError`): type checks against
   the dataclass annotations, ``from_dict`` that names the valid keys on an unknown one, ``to_dict``.
   A component declares its own configuration dataclass with it (``tolaria.lr.LRConfig``), and
@@ -30,6 +31,8 @@ __all__ = [
     "check_bound",
     "check_finite",
     "check_int",
+    "check_interval",
+    "check_nonempty",
     "check_section_types",
     "check_timeout",
     "check_timestamp_ms",
@@ -79,6 +82,32 @@ def check_bound(
         return
     if value < 0 or (value == 0 and not allow_zero):
         raise error(f"{where}{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def check_interval(
+    where: str,
+    name: str,
+    value: float | int | None,
+    low: float | int,
+    high: float | int,
+    *,
+    low_open: bool = False,
+    error: type[Exception] = ConfigError,
+) -> None:
+    """Raises ``error`` unless ``value`` is None or lies in ``[low, high]`` (``(low, high]`` with
+    ``low_open``); the message states the interval (type already checked, as for :func:`check_bound`)."""
+    if value is None:
+        return
+    if value < low or (value == low and low_open) or value > high:
+        raise error(f"{where}{name} must lie in {'(' if low_open else '['}{low}, {high}], got {value}")
+
+
+def check_nonempty(
+    where: str, name: str, value: str | None, what: str, *, error: type[Exception] = ConfigError
+) -> None:
+    """Raises ``error`` if ``value`` is an empty string (None, "not given", is left to the caller)."""
+    if value is not None and not value:
+        raise error(f"{where}{name} must be a non-empty {what} or omitted, got ''")
 
 
 def check_timeout(timeout_s: float | None) -> float | None:

@@ -37,7 +37,7 @@ from typing import Any, ClassVar, Literal, Protocol
 
 import torch
 
-from ._validation import Section, check_bound, check_finite, check_int
+from ._validation import Section, check_bound, check_finite, check_int, check_interval
 from .optim import OptimizerManager
 from .telemetry import TelemetryEmitter, emitter_or_default
 
@@ -475,6 +475,14 @@ class LRConfig(Section):
     def __post_init__(self) -> None:
         self._check_types("lr.")
         check_bound("lr.", "warmup_steps", self.warmup_steps, allow_zero=True)
+        # The schedules' own bounds, checked here too so that a bad [lr] table fails as the config
+        # loads (naming the key), not when the trainer builds its controller.
+        for name in ("t_max", "step_size", "restarts", "t_mult", "gamma"):
+            check_bound("lr.", name, getattr(self, name))
+        check_bound("lr.", "eta_min", self.eta_min, allow_zero=True)
+        check_interval("lr.", "warmup_start_factor", self.warmup_start_factor, 0.0, 1.0, low_open=True)
+        check_interval("lr.", "start_factor", self.start_factor, 0.0, 1.0)
+        check_interval("lr.", "end_factor", self.end_factor, 0.0, 1.0)
 
     def controller_kwargs(self) -> dict[str, Any]:
         """The options given (not ``None``), as keyword arguments of ``build_controller``."""

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tolaria import profiler as _profiler
-from tolaria._validation import ConfigError, Section, check_bound
+from tolaria._validation import ConfigError, Section, check_bound, check_interval, check_nonempty
 from tolaria.lr import LRConfig
 
 DEVICES_HELP = '"auto" (CUDA when available, else CPU), "cpu", "cuda" or "cuda:N"'
@@ -129,6 +129,7 @@ class ProfilerConfig(_profiler.ProfilerConfig, Section):
         # Replaces the base's checks: errors are ConfigErrors naming the key, and an enabled
         # section without trace_dir is valid (the trainer gives it <run_dir>/traces).
         self._check_types("profiler.")
+        check_nonempty("profiler.", "trace_dir", self.trace_dir, "folder (default: <run_dir>/traces)")
         for name in ("wait", "warmup"):
             check_bound("profiler.", name, getattr(self, name), allow_zero=True)
         check_bound("profiler.", "active_steps", self.active_steps)
@@ -306,6 +307,8 @@ class TrainerConfig(Section):
         self._check_types("")
         check_bound("", "epochs", self.epochs)
         check_bound("", "max_steps", self.max_steps)
+        check_interval("", "seed", self.seed, -(2**63), 2**63 - 1)  # torch.manual_seed's, with room for seed + epoch
+        check_nonempty("", "run_dir", self.run_dir, "folder (default: runs/<timestamp>)")
         check_bound("", "control_timeout_s", self.control_timeout_s)
         check_bound("", "control_every_steps", self.control_every_steps, allow_zero=True)
         check_bound("", "control_failure_threshold", self.control_failure_threshold)
