@@ -143,9 +143,10 @@ class DistributedContext:
             torch.cuda.set_device(chosen_device)
         import_before_process_group()
         ctx = cls(rank, world_size, local_rank, chosen_device, chosen_backend, owns_process_group=True)
+        store = _elastic_attempt_store(world_size, timeout)
         dist.init_process_group(
             backend=chosen_backend,
-            init_method="env://",
+            **({"init_method": "env://"} if store is None else {"store": store}),
             rank=rank,
             world_size=world_size,
             timeout=timedelta(seconds=timeout),
@@ -261,6 +262,32 @@ class DistributedContext:
             f"DistributedContext(rank={self._rank}, world_size={self._world_size}, local_rank={self._local_rank}, "
             f"device={self._device}, backend={self._backend!r})"
         )
+
+
+def _elastic_attempt_store(world_size: int, timeout_s: float) -> dist.Store | None:
+    """The store of this torchrun attempt, when torchrun shares its rendezvous store with the workers
+    (its default since PyTorch 2.5); else None (``env://`` as usual).
+
+    That store outlives a restart of the group (``--max-restarts``), and ``env://`` adds no prefix
+    per attempt, so a restarted group reads the previous attempt's keys: gloo then dials the dead
+    ranks' ports ("Gloo connectFullMesh failed ... Connection refused") and the restart fails. A
+    prefix per attempt (``TORCHELASTIC_RESTART_COUNT``) keeps the attempts apart. The count is the
+    same on every rank of one node; with several nodes whose agents count restarts differently,
+    launch with ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (a fresh store per attempt, no prefix here).
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    if os.environ.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE") == "1" or "TORCHELASTIC_RESTART_COUNT" not in os.environ:
+        return None
+    attempt = _env_int("TORCHELASTIC_RESTART_COUNT")
+    shared = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        _env_int("MASTER_PORT"),
+        world_size,
+        is_master=False,
+        timeout=timedelta(seconds=timeout_s),
+    )
+    return dist.PrefixStore(f"tolaria/attempt-{attempt}", shared)
 
 
 def import_before_process_group() -> None:
