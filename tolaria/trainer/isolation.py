@@ -14,14 +14,19 @@ its timeout. Two ways make that a stop rather than a leak:
   object, the state and the returned commands cross a pipe, so they must be picklable (a policy
   defined at module level, commands of plain values); the errors say so. Processes are started with
   the ``spawn`` method: as with any ``multiprocessing`` program, the script that builds the trainer
-  must guard its entry point with ``if __name__ == "__main__":``.
+  must guard its entry point with ``if __name__ == "__main__":``. On Linux the child is killed by the
+  kernel when the trainer process dies (``PR_SET_PDEATHSIG``; strictly, when the thread that started
+  it ends: the next call then finds it gone, reports it, and starts another).
 """
 
 from __future__ import annotations
 
+import ctypes
 import inspect
 import multiprocessing
 import os
+import signal
+import sys
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -100,8 +105,24 @@ class IsolatedResult:
     pid: int | None = None
 
 
-def _serve(conn: Any, policy: Any) -> None:
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Linux: the kernel SIGKILLs this child when the trainer process dies, even by SIGKILL, so a
+    policy hung at that moment is not left behind (an idle child also exits when its pipe closes)."""
+    if sys.platform != "linux":
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed in the policy process")
+    if os.getppid() != parent_pid:  # the parent died before the request took effect
+        os._exit(1)
+
+
+def _serve(conn: Any, policy: Any, parent_pid: int) -> None:
     """The child: evaluates the policy on each state received, until told to stop or orphaned."""
+    _die_with_parent(parent_pid)
     conn.send(("ready", os.getpid()))
     while True:
         try:
@@ -149,7 +170,9 @@ class PolicyProcess:
     def start(self) -> None:
         """Starts a fresh child (the previous one must be stopped)."""
         parent, child = self._context.Pipe(duplex=True)
-        process = self._context.Process(target=_serve, args=(child, self.policy), name="tolaria-policy", daemon=True)
+        process = self._context.Process(
+            target=_serve, args=(child, self.policy, os.getpid()), name="tolaria-policy", daemon=True
+        )
         try:
             process.start()  # pickles the policy for the child
         except Exception as exc:
