@@ -30,16 +30,14 @@ The levels (:class:`EmergencyLevel`, :func:`as_level`) and both signals live in
 from __future__ import annotations
 
 import logging
-import math
 import numbers
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from tolaria._validation import check_timeout
+from tolaria.broadcast_delivery import BROADCAST_WINDOW_S, BroadcastDelivery
 from tolaria.signals import EmergencyLevel, LocalEmergencySignal, SignalState, as_level
 from tolaria.telemetry import TelemetryEmitter, emitter_or_default
 
@@ -55,8 +53,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("tolaria.emergency")
-
-BROADCAST_WINDOW_S = 60.0
 
 
 class EmergencySignal(Protocol):
@@ -168,20 +164,18 @@ class EmergencyController:
         self.max_pending_broadcasts = int(max_pending_broadcasts)
         self.telemetry = emitter_or_default(telemetry)
         self._clock = clock
-        self._sleep = sleep
         # Without a signal: the level. With one: the last level read or written, used when the
         # signal cannot be read.
         self._level = EmergencyLevel.NONE
-        # One lock for the transitions and the delivery state; never held while broadcasting or
-        # sleeping, so a transition waits at most for another transition's signal write.
-        self._cond = threading.Condition(threading.RLock())
-        self._sent_at: deque[float] = deque()  # clock times of broadcasts in the current window
-        self._outbox: deque[tuple[Escalation, float]] = deque()  # (record, clock time of its call)
-        self._in_flight: Escalation | None = None  # the record the broadcaster holds now
-        # Delivered since the last flush_pending (which returns them); bounded like the queue.
-        self._delivered: deque[Escalation] = deque(maxlen=self.max_pending_broadcasts)
-        self._delivery: threading.Thread | None = None
+        self._lock = threading.RLock()  # serialises transitions; the delivery has its own lock
         self._closed = False
+        self._delivery = (
+            BroadcastDelivery(
+                broadcaster, self.max_broadcasts_per_min, self.max_pending_broadcasts, self.telemetry, clock, sleep
+            )
+            if broadcaster is not None
+            else None
+        )
 
     # ---- state -----------------------------------------------------------------------------------
 
@@ -195,17 +189,16 @@ class EmergencyController:
     @property
     def pending(self) -> tuple[Escalation, ...]:
         """Broadcasts queued and not yet handed to the broadcaster, oldest first."""
-        with self._cond:
-            return tuple(record for record, _ in self._outbox)
+        return self._delivery.pending if self._delivery is not None else ()
 
     @property
     def in_flight(self) -> Escalation | None:
         """The record the broadcaster is handling right now, if any."""
-        with self._cond:
-            return self._in_flight
+        return self._delivery.in_flight if self._delivery is not None else None
 
     @property
     def closed(self) -> bool:
+        """Whether :meth:`close` was called (transitions still write the signal; broadcasts stop)."""
         return self._closed
 
     # ---- transitions -----------------------------------------------------------------------------
@@ -222,7 +215,7 @@ class EmergencyController:
     def _transition(self, action: str, target: EmergencyLevel, reason: str) -> Escalation:
         if not isinstance(reason, str):
             raise TypeError(f"{action} reason must be a str, got {type(reason).__name__}")
-        with self._cond:
+        with self._lock:
             started = self._clock()
             record = Escalation(
                 action, target, EmergencyLevel.NONE, reason, changed=False, monotonic_ms=time.monotonic() * 1e3
@@ -323,120 +316,12 @@ class EmergencyController:
             signal_generation=record.signal_generation,
         )
         self.telemetry.count("emergency.escalations" if record.action == "escalate" else "emergency.deescalations")
-        if self.broadcaster is not None:
-            self._enqueue(record, started)
+        if self._delivery is not None:
+            self._delivery.submit(record, started)
         record.latency = self._clock() - started
         return record
 
-    # ---- the broadcast queue (caller side; lock held) -----------------------------------------------
-
-    def _room(self, now: float) -> int:
-        """Broadcasts the cap allows now."""
-        while self._sent_at and now - self._sent_at[0] >= BROADCAST_WINDOW_S:
-            self._sent_at.popleft()
-        return self.max_broadcasts_per_min - len(self._sent_at)
-
-    def _enqueue(self, record: Escalation, started: float) -> None:
-        if self._closed:
-            record.error = RuntimeError("the emergency controller is closed: broadcast not sent")
-            self._report_undelivered([record], "after close()")
-            return
-        if len(self._outbox) >= self._room(self._clock()):
-            self._defer(record)
-        if len(self._outbox) >= self.max_pending_broadcasts:
-            self._drop_oldest()
-        self._outbox.append((record, started))
-        if self._delivery is None:
-            self._delivery = threading.Thread(target=self._deliver_forever, name="tolaria-emergency-broadcast")
-            self._delivery.daemon = True  # a hung broadcaster must not keep the process alive
-            self._delivery.start()
-        self._cond.notify_all()
-
-    def _defer(self, record: Escalation) -> None:
-        record.deferred = True
-        message = (
-            f"broadcast of {record.action} to {record.level.name} deferred: cap of "
-            f"{self.max_broadcasts_per_min} per minute reached; {len(self._outbox) + 1} waiting"
-        )
-        log.warning(message)
-        self.telemetry.event(
-            "emergency.broadcast_deferred",
-            severity="warning",
-            message=message,
-            level=record.level.name,
-            pending=len(self._outbox) + 1,
-        )
-        self.telemetry.count("emergency.broadcasts_deferred")
-
-    def _drop_oldest(self) -> None:
-        dropped, _ = self._outbox.popleft()
-        message = (
-            f"broadcast of {dropped.action} to {dropped.level.name} ({dropped.reason}) dropped: "
-            f"{self.max_pending_broadcasts} broadcasts already waiting (the broadcaster is slow or hung, or the "
-            "cap is too low); the signal holds the newer level"
-        )
-        dropped.error = RuntimeError(message)
-        log.error(message)
-        self.telemetry.event("emergency.broadcast_dropped", severity="error", message=message, level=dropped.level.name)
-        self.telemetry.count("emergency.broadcasts_dropped")
-
-    # ---- the delivery thread ----------------------------------------------------------------------
-
-    def _deliver_forever(self) -> None:
-        while True:
-            with self._cond:
-                if self._closed:
-                    return
-                wait_s: float | None = None
-                job = None
-                if self._outbox:
-                    now = self._clock()
-                    if self._room(now) > 0:
-                        job = self._outbox.popleft()
-                        self._sent_at.append(now)
-                        self._in_flight = job[0]
-                    else:
-                        wait_s = self._sent_at[0] + BROADCAST_WINDOW_S - now
-                if job is None and (self._sleep is None or wait_s is None):
-                    self._cond.wait(wait_s)  # woken by a new record, flush_pending or close
-                    continue
-            if job is None:
-                assert wait_s is not None and self._sleep is not None
-                self._sleep(max(0.0, wait_s))
-                continue
-            self._deliver(*job)
-
-    def _deliver(self, record: Escalation, started: float) -> None:
-        assert self.broadcaster is not None
-        error: BaseException | None = None
-        try:
-            self.broadcaster(record)
-        except BaseException as exc:  # recorded on the record, logged and counted: never swallowed
-            error = exc
-        delay = self._clock() - started
-        if error is not None:
-            message = f"broadcast of {record.action} to {record.level.name} failed: {type(error).__name__}: {error}"
-            log.error(message)
-            self.telemetry.event(
-                "emergency.broadcast_failed",
-                severity="error",
-                message=message,
-                level=record.level.name,
-                action=record.action,
-                error=f"{type(error).__name__}: {error}",
-            )
-            self.telemetry.count("emergency.broadcast_errors")
-        else:
-            self.telemetry.count("emergency.broadcasts")
-        with self._cond:
-            record.error = error
-            record.broadcasted = error is None
-            record.broadcast_delay = delay
-            self._in_flight = None
-            self._delivered.append(record)
-            self._cond.notify_all()
-
-    # ---- waiting for delivery ----------------------------------------------------------------------
+    # ---- delivery ----------------------------------------------------------------------------------
 
     def flush_pending(self, timeout_s: float | None = 10.0) -> list[Escalation]:
         """Wakes the delivery thread and waits until it has sent every queued record the per-minute
@@ -444,35 +329,7 @@ class EmergencyController:
         seconds (None: no limit). Returns the records the broadcaster finished since the previous
         ``flush_pending`` (at most ``max_pending_broadcasts``), oldest first, their ``broadcasted``
         and ``error`` set. A timeout (a slow or hung broadcaster) is logged, naming the record it holds."""
-        timeout = check_timeout(timeout_s)
-        deadline = time.monotonic() + (timeout if timeout is not None else math.inf)
-        with self._cond:
-            self._cond.notify_all()
-            while self._in_flight is not None or (self._outbox and self._room(self._clock()) > 0):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    held = self._in_flight
-                    log.warning(
-                        "flush_pending gave up after %s s: %s; %d broadcast(s) still queued",
-                        timeout_s,
-                        f"the broadcaster still holds {held.action} to {held.level.name} ({held.reason})"
-                        if held is not None
-                        else "the delivery thread did not get to them",
-                        len(self._outbox),
-                    )
-                    break
-                self._cond.wait(None if math.isinf(remaining) else remaining)
-            delivered = list(self._delivered)
-            self._delivered.clear()
-            if delivered:
-                self.telemetry.event(
-                    "emergency.broadcasts_flushed",
-                    severity="info",
-                    message=f"{len(delivered)} broadcasts sent; {len(self._outbox)} still waiting",
-                    flushed=len(delivered),
-                    pending=len(self._outbox),
-                )
-        return delivered
+        return self._delivery.flush(timeout_s) if self._delivery is not None else []
 
     def close(self, timeout_s: float | None = 60.0) -> list[Escalation]:
         """Waits up to ``timeout_s`` seconds (None: as long as it takes) for every queued broadcast to
@@ -481,49 +338,8 @@ class EmergencyController:
         still held by a slow or hung broadcaster), each reported: log, telemetry event and the
         ``emergency.broadcasts_undelivered`` counter. Nothing queued is dropped silently.
 
-        Never holds the lock while waiting: an escalation during ``close`` (a HALT during shutdown)
+        Never holds a lock while waiting: an escalation during ``close`` (a HALT during shutdown)
         reaches the signal at once. Escalations after ``close`` still write the signal; their
         broadcasts are reported undelivered."""
-        timeout = check_timeout(timeout_s)
-        wait = timeout if timeout is not None else math.inf
-        deadline, clock_deadline = time.monotonic() + wait, self._clock() + wait
-        with self._cond:
-            while self._in_flight is not None or self._outbox:
-                now = self._clock()
-                room_at = self._sent_at[0] + BROADCAST_WINDOW_S if self._outbox and self._room(now) <= 0 else now
-                remaining = deadline - time.monotonic()
-                if room_at > clock_deadline or remaining <= 0:
-                    break
-                self._cond.wait(None if math.isinf(remaining) else remaining)
-            undelivered = [record for record, _ in self._outbox]
-            held = self._in_flight
-            self._outbox.clear()
-            self._closed = True
-            self._cond.notify_all()
-        if held is not None:
-            undelivered.insert(0, held)
-        for record in undelivered:
-            if record.error is None and record is not held:
-                record.error = RuntimeError("broadcast undelivered when the emergency controller closed")
-        if undelivered:
-            self._report_undelivered(undelivered, "at close()", held=held)
-        return undelivered
-
-    def _report_undelivered(self, records: list[Escalation], when: str, held: Escalation | None = None) -> None:
-        message = (
-            f"emergency controller: {len(records)} broadcast(s) undelivered {when} (cap of "
-            f"{self.max_broadcasts_per_min} per minute): "
-            + "; ".join(
-                f"{r.action} to {r.level.name} ({r.reason})"
-                + (" [still held by the broadcaster: outcome unknown]" if r is held else "")
-                for r in records
-            )
-        )
-        log.error(message)
-        self.telemetry.event(
-            "emergency.broadcasts_undelivered",
-            severity="error",
-            message=message,
-            levels=[r.level.name for r in records],
-        )
-        self.telemetry.count("emergency.broadcasts_undelivered", len(records))
+        self._closed = True
+        return self._delivery.close(timeout_s) if self._delivery is not None else []

@@ -6,13 +6,16 @@ of killing pytest, and under a timeout, so that a hang fails it too."""
 import json
 import os
 import random
+import struct
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tolaria.emergency import EmergencyController, EmergencyLevel
 from tolaria.signals import SharedDeadlineSignal, SharedEmergencySignal, SignalLayoutError
+from tolaria.telemetry import MemorySink, TelemetryEmitter
 
 from .workers import KINDS
 
@@ -110,3 +113,25 @@ def test_a_header_overwritten_after_attach_is_reported_on_every_call(signal_name
         for call in (sig.read, lambda: sig.trigger("x"), sig.clear, lambda: sig.wait(1.0, after_generation=0)):
             with pytest.raises(SignalLayoutError, match="header overwritten since it was attached"):
                 call()
+
+
+def test_a_halt_reaches_a_corrupted_signal_and_the_corruption_is_reported(signal_name):
+    with SharedEmergencySignal.create(signal_name) as sig:
+        sig.trigger(EmergencyLevel.ELEVATED, "before")
+        with open(f"/dev/shm/{signal_name}", "r+b") as f:  # the level word: 77, no level at all
+            f.seek(SharedEmergencySignal.LAYOUT["payload"] + 8)
+            f.write(struct.pack("<i", 77))
+        with pytest.raises(SignalLayoutError, match="level 77 outside 1..4"):
+            sig.read()
+        sink = MemorySink()
+        controller = EmergencyController(signal=sig, telemetry=TelemetryEmitter([sink]))
+        record = controller.escalate(EmergencyLevel.HALT, "loss exploded")
+        # The read failed loudly, and the HALT replaced the corrupted record all the same.
+        assert record.changed and isinstance(record.signal_error, SignalLayoutError)
+        assert sig.read().level == EmergencyLevel.HALT and sig.read().reason == "loss exploded"
+        assert [event["op"] for event in sink.of_kind("emergency.signal_failed")] == ["read"]
+        # A lowering over a corrupted record is refused: it might hide a higher level.
+        with open(f"/dev/shm/{signal_name}", "r+b") as f:
+            f.seek(SharedEmergencySignal.LAYOUT["payload"] + 8)
+            f.write(struct.pack("<i", -3))
+        assert sig.lower_level(EmergencyLevel.HALT, EmergencyLevel.NONE, "all clear?") is None
