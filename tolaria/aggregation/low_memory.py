@@ -127,9 +127,9 @@ class MemoryEstimate:
             )
         verdict = "saves memory" if self.saves else 'saves no memory: use mode="buffer"'
         return (
-            f"low_memory mode {verdict}: estimated {self.low_memory_bytes / _MIB:.1f} MiB per step "
+            f"low_memory mode {verdict}: estimated {self.low_memory_bytes / _MIB:.2f} MiB per step "
             f"(K = {k} copies of the backward's cotangents + the largest K x {self.largest_block} block) against "
-            f"{self.buffer_bytes / _MIB:.1f} MiB for the buffer mode (K x N = {k} x {self.params_numel} x {s} bytes); "
+            f"{self.buffer_bytes / _MIB:.2f} MiB for the buffer mode (K x N = {k} x {self.params_numel} x {s} bytes); "
             f"{acts}"
         )
 

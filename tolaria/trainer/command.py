@@ -145,6 +145,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help=f"how the tasks' gradients combine (default pcgrad; one of {', '.join(AGGREGATOR_NAMES)})",
     )
+    parser.add_argument(
+        "--mode",
+        choices=("buffer", "low_memory"),
+        help="buffer (default: a K x N gradient buffer) or low_memory (the same update from the Gram matrix "
+        "folded during one batched backward; declined, with a message, where it would not save memory); "
+        "sets aggregation_mode",
+    )
+    parser.add_argument(
+        "--aggregation-level",
+        choices=("params", "features"),
+        help="params (default) or features (aggregate the gradients at the shared trunk's output: an "
+        "approximation at about the cost of a plain step); sets aggregation_level",
+    )
     parser.add_argument("--device", metavar="DEVICE", help='"cpu" (default), "cuda", "cuda:N" or "auto"')
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     parser.add_argument(
@@ -191,6 +204,10 @@ def build_config(args: argparse.Namespace) -> tuple[TrainerConfig, DigitsTaskCon
         changes["max_steps"] = args.max_steps
     if args.aggregator is not None:
         changes["aggregator"] = args.aggregator
+    if args.mode is not None:
+        changes["aggregation_mode"] = args.mode
+    if args.aggregation_level is not None:
+        changes["aggregation_level"] = args.aggregation_level
     if args.device is not None:
         changes["device"] = args.device
     elif "device" not in given:

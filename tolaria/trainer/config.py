@@ -255,6 +255,11 @@ class TrainerConfig(Section):
         aggregator: how gradient sources are combined (default ``"pcgrad"``); see
             ``tolaria.aggregation``.
         aggregator_options: keyword arguments of the aggregator (default none).
+        aggregation_mode: ``"buffer"`` (default: the K x N gradient buffer) or ``"low_memory"`` (the
+            same update from the Gram matrix folded during one batched backward, never K x N; declined
+            with a ``gradient.memory_mode`` event where it would not save memory; Gramian aggregators).
+        aggregation_level: ``"params"`` (default) or ``"features"``: the sources' gradients taken at
+            the shared trunk's output (an approximation, MGDA-UB / ``rep_grad``; needs ``shared``).
         control_timeout_s: per-call timeout of ``policy.evaluate`` and ``executor.apply`` (default 5.0).
         control_every_steps: also consult the policy every this many steps (default 0: only at
             epoch ends).
@@ -280,6 +285,8 @@ class TrainerConfig(Section):
     seed: int | None = 0
     aggregator: str = "pcgrad"
     aggregator_options: dict[str, Any] = field(default_factory=dict)
+    aggregation_mode: Literal["buffer", "low_memory"] = "buffer"
+    aggregation_level: Literal["params", "features"] = "params"
     control_timeout_s: float = 5.0
     control_every_steps: int = 0
     control_failure_threshold: int = 3
@@ -316,6 +323,8 @@ class TrainerConfig(Section):
         check_bound("", "control_recovery_calls", self.control_recovery_calls, allow_zero=True)
         check_bound("", "control_max_abandoned", self.control_max_abandoned, allow_zero=True)
         _check_device(self.device)
+        if self.aggregation_mode == "low_memory" and self.aggregation_level == "features":
+            raise ConfigError('aggregation_mode = "low_memory" applies to aggregation_level = "params" only')
         if not self.aggregator:
             raise ConfigError("aggregator must be a non-empty name")
 

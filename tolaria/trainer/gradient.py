@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +41,8 @@ from tolaria.distributed import (
     verify_buffer_layout,
 )
 from tolaria.telemetry import TelemetryEmitter
+
+from .gradient_modes import GradientModes
 
 
 def _allreduce_mean_grads(grads: list[Tensor], ctx: DistributedContext) -> None:
@@ -158,6 +161,9 @@ class GradientStage:
         shared: the shared trunk (a module or parameters among ``params``): only its gradients are
             aggregated, the other parameters (task heads) get their plain gradient, averaged over
             the ranks too. Default: every parameter is aggregated.
+        mode, level: the ``GradientBuffer`` mode (``"buffer"`` or ``"low_memory"``) and level
+            (``"params"`` or ``"features"``: the output of the ``shared`` module); single process
+            only; see :mod:`.gradient_modes`. ``telemetry`` receives the low-memory decision.
     """
 
     def __init__(
@@ -169,6 +175,9 @@ class GradientStage:
         ctx: DistributedContext | None = None,
         bucket_mb: float = DEFAULT_BUCKET_MB,
         shared: nn.Module | Sequence[Tensor] | None = None,
+        mode: str = "buffer",
+        level: str = "params",
+        telemetry: TelemetryEmitter | None = None,
     ):
         if not isinstance(aggregator, Aggregator):
             raise TypeError(f"aggregator must be a tolaria Aggregator, got {type(aggregator).__name__}")
@@ -178,6 +187,9 @@ class GradientStage:
         self.max_grad_norm = max_grad_norm
         self.ctx = ctx if ctx is not None else DistributedContext.single_process(torch.device("cpu"))
         self.bucket_mb = bucket_mb
+        self.modes = GradientModes(
+            mode, level, aggregator=aggregator, shared=shared, distributed=self.ctx.is_distributed, telemetry=telemetry
+        )
         self.params = [p for p in (params.parameters() if isinstance(params, nn.Module) else params) if p.requires_grad]
         if not self.params:
             raise ValueError("the gradient stage needs at least one parameter with requires_grad=True")
@@ -196,8 +208,8 @@ class GradientStage:
     def _build(self, k: int) -> None:
         # Distributed: one source also goes through the buffer, so its gradient is all-reduced.
         self.fast_path = k == 1 and _is_identity_for_one(self.aggregator) and not self.ctx.is_distributed
-        self.buffer = None if self.fast_path else GradientBuffer(self.params, num_sources=k, shared=self.shared)
-        if self.buffer is not None:
+        self.buffer = None if self.fast_path else self.modes.build(self.params, k, self.shared)
+        if self.buffer is not None and self.modes.default:  # the other modes run in one process only
             verify_buffer_layout(self.buffer, self.ctx)  # every rank, same step: a mismatch raises everywhere
 
     def _check_names(self, named: Mapping[str, Tensor]) -> tuple[str, ...]:
@@ -213,6 +225,17 @@ class GradientStage:
                 f"{list(names)} (missing {missing}, unexpected {extra})"
             )
         return names
+
+    @property
+    def _weights_give_norm(self) -> bool:
+        # w^T G w is the aggregate's squared norm, unless G is not the parameters' Gram matrix (the
+        # features level) or there are no weights (coordinate-wise aggregators): then read the output.
+        return self.aggregator.weighted and self.modes.level == "params"
+
+    def forward_context(self) -> AbstractContextManager[None]:
+        """Wrap each training forward in this (the trainer does): the low-memory mode measures the
+        first one's activations, the features level forgets stale features."""
+        return self.modes.forward_context(self.params)
 
     def zero_grad(self) -> None:
         """Clears gradients before a step (the buffer's rows, and every parameter's ``.grad``)."""
@@ -233,7 +256,8 @@ class GradientStage:
         if distributed:
             allreduce_mean(loss_values, self.ctx)  # the global batch's losses, identical on every rank
         assert self.buffer is not None
-        self.buffer.backward(list(named.values()))
+        # The features level takes the trunk's output too.
+        self.buffer.backward(list(named.values()), **self.modes.backward_kwargs())
         heads = [p.grad for p in self.buffer.unshared_params if p.grad is not None]
         if distributed:
             allreduce_gradient_buffer(self.buffer, self.ctx, self.bucket_mb)  # the step's one big transfer
@@ -246,7 +270,7 @@ class GradientStage:
             torch.nn.utils.get_total_norm(heads, foreach=True) if heads else torch.zeros((), device=gram.device)
         )
         # Without weights (a coordinate-wise aggregator) the aggregate's norm is read off the result.
-        shared_norm = self.buffer.output.norm() if not self.aggregator.weighted else torch.zeros((), device=gram.device)
+        shared_norm = self.buffer.output.norm() if not self._weights_give_norm else torch.zeros((), device=gram.device)
         host = torch.cat(
             [
                 loss_values.to(gram.device, torch.float64),
@@ -266,7 +290,7 @@ class GradientStage:
         g = [host[2 * k + 3 + i * k : 2 * k + 3 + (i + 1) * k] for i in range(k)]
         norms = [_sqrt_nonnegative(g[i][i]) for i in range(k)]
         cosine = [[_cosine(g[i][j], norms[i] * norms[j]) for j in range(k)] for i in range(k)]
-        if self.aggregator.weighted:
+        if self._weights_give_norm:
             shared_sq = sum(weights[i] * g[i][j] * weights[j] for i in range(k) for j in range(k))
         else:
             shared_sq = output_h * output_h

@@ -156,6 +156,9 @@ class Trainer:
                 ctx=ctx,
                 bucket_mb=config.distributed.bucket_mb,
                 shared=shared,
+                mode=config.aggregation_mode,
+                level=config.aggregation_level,
+                telemetry=self.telemetry,
             )
             self.optim = OptimizerManager(optimizer, telemetry=self.telemetry)
             self.lr = wiring.build_lr(config, optimizer, self.data, self.telemetry)
@@ -191,7 +194,8 @@ class Trainer:
         model_device = next(self.model.parameters()).device
         with autocast(self.config.amp, self.device):
             inputs = move_to(split_inputs(batch), model_device)
-            outputs = self.forward(self._forward_model, inputs) if self.forward else self._forward_model(inputs)
+            with self.stage.forward_context():  # features level: the trunk's output; low_memory: measures
+                outputs = self.forward(self._forward_model, inputs) if self.forward else self._forward_model(inputs)
             out = first_tensor(outputs)
             if out is None:
                 raise TypeError(f"the model returned no tensor (got {type(outputs).__name__})")
