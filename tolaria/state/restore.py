@@ -8,11 +8,16 @@ that can still refuse (``load_state_dict``), so a refusal leaves the model untou
 Copies go *into* the live tensors (``copy_``), so the source (a snapshot's buffers, a checkpoint's
 memory map) is never aliased by the model or the optimizer, and the tensors keep their device: state
 saved on a GPU restores onto a model that now lives on the CPU, and the other way round.
+
+A sharded model (FSDP2's ``fully_shard``: parameters and optimizer state are DTensors) is captured
+and restored through each DTensor's local shard: a rank's snapshot holds its own shard only, and
+restoring copies into that shard in place (the same rank, the same sharding).
 """
 
 from __future__ import annotations
 
 import copy
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +26,7 @@ from torch import Tensor, nn
 
 from tolaria.state.copying import copy_tensors
 from tolaria.state.errors import OptimizerStateError, StateError, StateMismatchError
-from tolaria.state.trees import clone_tree
+from tolaria.state.trees import clone_tree, map_tensors
 
 __all__ = [
     "qualified_name",
@@ -34,6 +39,25 @@ __all__ = [
 ]
 
 _MAX_LISTED = 5
+
+
+def _dtensor_type() -> type | None:
+    # No DTensor exists before torch.distributed.tensor is imported, and importing it costs a second.
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None)
+
+
+def _local(t: Any) -> Any:
+    """A DTensor's local shard (a view: writing to it writes the parameter); anything else as it is."""
+    dtensor = _dtensor_type()
+    if dtensor is not None and isinstance(t, dtensor):
+        with torch.no_grad():
+            return t.to_local()
+    return t
+
+
+def _localized(tree: Any) -> Any:
+    return tree if _dtensor_type() is None else map_tensors(tree, _local)
 
 
 def qualified_name(obj: object) -> str:
@@ -52,8 +76,8 @@ def optimizer_layout(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
 def capture(model: nn.Module, optimizer: torch.optim.Optimizer, extra: Any = None) -> dict[str, Any]:
     """The live state (tensors not copied) in the layout snapshots and checkpoints share."""
     return {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "model": _localized(model.state_dict()),
+        "optimizer": _localized(optimizer.state_dict()),
         "extra": extra,
         "meta": optimizer_layout(optimizer),
     }
@@ -72,7 +96,7 @@ def _check_model(model: nn.Module, saved: Any, source: str) -> tuple[bool, dict[
     """
     if not isinstance(saved, dict):
         raise StateMismatchError(f"{source}: model state is a {type(saved).__qualname__}, expected a dict")
-    live = model.state_dict(keep_vars=True)
+    live = _localized(model.state_dict(keep_vars=True))
     missing, unexpected = set(live) - set(saved), set(saved) - set(live)
     if missing or unexpected:
         parts = []
@@ -173,7 +197,7 @@ def _fits_in_place(
         if not saved_entry or not live_entry or set(saved_entry) != set(live_entry):
             return False
         for key, value in saved_entry.items():
-            live_value = live_entry[key]
+            live_value = _local(live_entry[key])
             if isinstance(value, Tensor) != isinstance(live_value, Tensor):
                 return False
             if isinstance(value, Tensor) and (value.shape != live_value.shape or value.dtype != live_value.dtype):
@@ -217,7 +241,7 @@ def _optimizer_in_place(plan: RestorePlan) -> list[tuple[Tensor, Tensor]]:
         live = optimizer.state.get(p, {})
         for key, value in saved["state"].get(idx, {}).items():
             if isinstance(value, Tensor):
-                pairs.append((live[key], value))
+                pairs.append((_local(live[key]), value))
             else:
                 live[key] = copy.deepcopy(value)
     for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):
@@ -235,6 +259,12 @@ def _optimizer_in_place(plan: RestorePlan) -> list[tuple[Tensor, Tensor]]:
 def _load_optimizer(plan: RestorePlan) -> None:
     # A different structure (e.g. a fresh optimizer with no state yet): load a private copy, since
     # load_state_dict keeps tensors that are already on the right device instead of copying them.
+    dtensor = _dtensor_type()
+    if dtensor is not None and any(isinstance(p, dtensor) for p in plan.params) and plan.state["optimizer"]["state"]:
+        raise OptimizerStateError(
+            f"{plan.source}: the optimizer of a sharded (DTensor) model has state of another structure than the "
+            "saved shards; sharded optimizer state is restored in place only, so nothing was changed"
+        )
     try:
         plan.optimizer.load_state_dict(clone_tree(plan.state["optimizer"]))
     except Exception as exc:
