@@ -25,6 +25,8 @@ The package, by concern (every public name is importable from ``tolaria.distribu
 - :mod:`~tolaria.distributed.context` -- :class:`DistributedContext` (joining the process group) and
   the errors;
 - :mod:`~tolaria.distributed.sharding` -- :func:`shard` and :class:`ShardedLoader`;
+- :mod:`~tolaria.distributed.sharded_modes` -- :data:`SHARDING_MODES` (none, zero, fsdp: the gradient
+  buffer replicated or sharded by columns) and :func:`fsdp_wrap`;
 - :mod:`~tolaria.distributed.collectives` -- the bucketed gradient all-reduce, :func:`allreduce_mean`,
   :func:`any_rank`, :func:`broadcast_json`, :func:`all_gather_json` and :func:`broadcast_tree`;
 - :mod:`~tolaria.distributed.replicas` -- :func:`synchronized_generator`,
@@ -70,6 +72,7 @@ from tolaria.distributed.replicas import (
     verify_buffer_layout,
     verify_replicas,
 )
+from tolaria.distributed.sharded_modes import SHARDING_MODES, check_sharding, fsdp_wrap
 from tolaria.distributed.sharding import ShardedLoader, shard
 from tolaria.distributed.telemetry import (
     bind_rank,
@@ -84,6 +87,7 @@ __all__ = [
     "DistributedError",
     "EmergencyAgreement",
     "ReplicaMismatchError",
+    "SHARDING_MODES",
     "ShardedLoader",
     "agree_on_emergency",
     "agree_on_emergency_level",
@@ -95,9 +99,11 @@ __all__ = [
     "broadcast_json",
     "broadcast_module_state",
     "broadcast_tree",
+    "check_sharding",
     "bucket_slices",
     "checkpoint_barrier",
     "ddp_wrap",
+    "fsdp_wrap",
     "rank_telemetry",
     "resume_from_checkpoint",
     "shard",
