@@ -42,6 +42,7 @@ from .pcd import PCD
 from .pcgrad import PCGrad
 from .random_weighting import Random
 from .sdmgrad import SDMGrad
+from .sharded_buffer import FSDPGradientBuffer, ZeroGradientBuffer
 from .stats import AggregationStats
 from .trimmed_mean import TrimmedMean
 from .upgrad import UPGrad
@@ -148,6 +149,8 @@ __all__ = [
     "registered_name",
     "AggregationStats",
     "GradientBuffer",
+    "FSDPGradientBuffer",
+    "ZeroGradientBuffer",
     "Mean",
     "PCGrad",
     "Sum",

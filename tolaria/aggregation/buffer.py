@@ -60,6 +60,19 @@ def _parameters(source: Any, what: str) -> list[Tensor]:
     return params
 
 
+def _holds_dtensors(source: Any) -> bool:
+    """Whether a module's, an optimizer's or a list's parameters are DTensors (FSDP2's sharded ones)."""
+    if isinstance(source, nn.Module):
+        params: Iterable[Any] = source.parameters()
+    elif isinstance(source, torch.optim.Optimizer):
+        params = (p for group in source.param_groups for p in group["params"])
+    elif isinstance(source, (list, tuple)):
+        params = source
+    else:
+        return False  # an iterator is not consumed here; GradientBuffer's own checks then apply
+    return any(type(p).__name__ == "DTensor" and hasattr(p, "to_local") for p in params)
+
+
 def _unique_trainable(params: list[Tensor], what: str) -> list[Tensor]:
     for i, p in enumerate(params):
         if not isinstance(p, Tensor):
@@ -115,6 +128,11 @@ class GradientBuffer:
             from ._gradient_rounds import buffer_class
 
             return super().__new__(buffer_class(mode, level))
+        # A model wrapped by FSDP2's fully_shard (DTensor parameters): the rows of its local shards (issue 19).
+        if cls is GradientBuffer and _holds_dtensors(args[0] if args else kwargs.get("params")):
+            from .sharded_buffer import FSDPGradientBuffer
+
+            return super().__new__(FSDPGradientBuffer)
         return super().__new__(cls)
 
     def __init__(

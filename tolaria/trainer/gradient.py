@@ -33,11 +33,14 @@ from torch import Tensor, nn
 
 from tolaria import aggregation
 from tolaria.aggregation import AGGREGATOR_NAMES, Aggregator, GradientBuffer
+from tolaria.aggregation.sharded import check_shardable
+from tolaria.aggregation.sharded_buffer import FSDPGradientBuffer, ZeroGradientBuffer
 from tolaria.distributed import (
     DEFAULT_BUCKET_MB,
     DistributedContext,
     allreduce_gradient_buffer,
     allreduce_mean,
+    check_sharding,
     verify_buffer_layout,
 )
 from tolaria.telemetry import TelemetryEmitter
@@ -161,6 +164,14 @@ class GradientStage:
         shared: the shared trunk (a module or parameters among ``params``): only its gradients are
             aggregated, the other parameters (task heads) get their plain gradient, averaged over
             the ranks too. Default: every parameter is aggregated.
+        sharding: with more than one rank, ``"none"`` (default: the all-reduce above), ``"zero"``
+            (the buffer reduce-scattered by columns, each rank aggregates its K x N / W shard, the
+            result all-gathered into ``.grad``: :class:`~tolaria.aggregation.ZeroGradientBuffer`) or
+            ``"fsdp"`` (``params`` is a model wrapped by FSDP2's ``fully_shard``, e.g. by
+            :func:`tolaria.distributed.fsdp_wrap`; the rows and the ``.grad`` are this rank's shards:
+            :class:`~tolaria.aggregation.FSDPGradientBuffer`). Both sharded modes aggregate with one
+            all-reduce of the K x K Gram matrix and read the stats off the global one. Ignored in a
+            single process.
         mode, level: the ``GradientBuffer`` mode (``"buffer"`` or ``"low_memory"``) and level
             (``"params"`` or ``"features"``: the output of the ``shared`` module); single process
             only; see :mod:`.gradient_modes`. ``telemetry`` receives the low-memory decision.
@@ -175,6 +186,7 @@ class GradientStage:
         ctx: DistributedContext | None = None,
         bucket_mb: float = DEFAULT_BUCKET_MB,
         shared: nn.Module | Sequence[Tensor] | None = None,
+        sharding: str = "none",
         mode: str = "buffer",
         level: str = "params",
         telemetry: TelemetryEmitter | None = None,
@@ -187,6 +199,10 @@ class GradientStage:
         self.max_grad_norm = max_grad_norm
         self.ctx = ctx if ctx is not None else DistributedContext.single_process(torch.device("cpu"))
         self.bucket_mb = bucket_mb
+        self.sharding = check_sharding(sharding) if self.ctx.is_distributed else "none"
+        if self.sharding != "none":
+            check_shardable(aggregator)  # refuses, by name, an aggregator with no sharded form
+        self._module = params if isinstance(params, nn.Module) else None  # FSDP reshards through it
         self.modes = GradientModes(
             mode, level, aggregator=aggregator, shared=shared, distributed=self.ctx.is_distributed, telemetry=telemetry
         )
@@ -201,6 +217,7 @@ class GradientStage:
 
     def rebind(self, params: nn.Module | Sequence[Tensor]) -> None:
         """Uses a new parameter set (e.g. after modules were grafted and the optimizer rebuilt)."""
+        self._module = params if isinstance(params, nn.Module) else None
         self.params = [p for p in (params.parameters() if isinstance(params, nn.Module) else params) if p.requires_grad]
         if self.names is not None:
             self._build(len(self.names))
@@ -208,9 +225,28 @@ class GradientStage:
     def _build(self, k: int) -> None:
         # Distributed: one source also goes through the buffer, so its gradient is all-reduced.
         self.fast_path = k == 1 and _is_identity_for_one(self.aggregator) and not self.ctx.is_distributed
-        self.buffer = None if self.fast_path else self.modes.build(self.params, k, self.shared)
+        if self.fast_path:
+            self.buffer = None
+        elif self.sharding == "zero":
+            self.buffer = ZeroGradientBuffer(self.params, k, shared=self.shared)
+        elif self.sharding == "fsdp":
+            buffer = GradientBuffer(self._module or self.params, num_sources=k, shared=self.shared)
+            if not isinstance(buffer, FSDPGradientBuffer):
+                raise ValueError(
+                    "sharding='fsdp' needs a model wrapped by torch.distributed.fsdp.fully_shard (its parameters are "
+                    "DTensors); wrap it with tolaria.distributed.fsdp_wrap(model, ctx) before building the "
+                    "optimizer, or use sharding='zero' for a plain model"
+                )
+            self.buffer = buffer
+        else:
+            self.buffer = self.modes.build(self.params, k, self.shared)
         if self.buffer is not None and self.modes.default:  # the other modes run in one process only
-            verify_buffer_layout(self.buffer, self.ctx)  # every rank, same step: a mismatch raises everywhere
+            # Every rank, same step: a mismatch raises everywhere. A sharded buffer's rows differ in width
+            # between ranks; what they must share is the whole: K sources of N elements of one dtype.
+            layout = self.buffer.buffer
+            if self.sharding != "none":
+                layout = torch.empty((k, self.buffer.numel), dtype=self.buffer.dtype, device="meta")
+            verify_buffer_layout(layout, self.ctx)
 
     def _check_names(self, named: Mapping[str, Tensor]) -> tuple[str, ...]:
         names = tuple(named)
@@ -256,21 +292,19 @@ class GradientStage:
         if distributed:
             allreduce_mean(loss_values, self.ctx)  # the global batch's losses, identical on every rank
         assert self.buffer is not None
-        # The features level takes the trunk's output too.
+        # "zero": each row reduce-scattered as its source ends; the features level takes the trunk's output
         self.buffer.backward(list(named.values()), **self.modes.backward_kwargs())
         heads = [p.grad for p in self.buffer.unshared_params if p.grad is not None]
-        if distributed:
+        if self.sharding == "fsdp":
+            heads = [g.to_local() for g in heads]  # FSDP2 averaged them already: the local shards
+        if distributed and self.sharding == "none":
             allreduce_gradient_buffer(self.buffer, self.ctx, self.bucket_mb)  # the step's one big transfer
-            if heads:
-                _allreduce_mean_grads(heads, self.ctx)
+        if distributed and self.sharding != "fsdp" and heads:
+            _allreduce_mean_grads(heads, self.ctx)
         _, stats = self.buffer.aggregate(self.aggregator, return_stats=True)
         k = len(names)
         gram = stats.gram.to(torch.float64)
-        heads_norm = (
-            torch.nn.utils.get_total_norm(heads, foreach=True) if heads else torch.zeros((), device=gram.device)
-        )
-        # Without weights (a coordinate-wise aggregator) the aggregate's norm is read off the result.
-        shared_norm = self.buffer.output.norm() if not self._weights_give_norm else torch.zeros((), device=gram.device)
+        heads_norm, shared_norm = self._norms(heads, gram.device)
         host = torch.cat(
             [
                 loss_values.to(gram.device, torch.float64),
@@ -313,6 +347,18 @@ class GradientStage:
             grad_norm=grad_norm,
             finite=finite,
         )
+
+    def _norms(self, heads: list[Tensor], device: torch.device) -> tuple[Tensor, Tensor]:
+        """The heads' gradient norm and, without weights (a coordinate-wise aggregator), the aggregate's
+        norm read off the result; with "fsdp" both are norms of shards, summed over ranks (one all-reduce)."""
+        zero = torch.zeros((), device=device)
+        heads_norm = torch.nn.utils.get_total_norm(heads, foreach=True) if heads else zero
+        shared_norm = self.buffer.output.norm() if not self._weights_give_norm else zero
+        if self.sharding == "fsdp" and (heads or not self._weights_give_norm):
+            both = torch.stack([heads_norm.double().square(), shared_norm.to(heads_norm.device).double().square()])
+            torch.distributed.all_reduce(both, group=self.buffer.group)
+            heads_norm, shared_norm = both.sqrt().unbind()
+        return heads_norm, shared_norm
 
     def _backward_single(self, names: tuple[str, ...], loss: Tensor) -> SourceStats:
         loss.backward()
