@@ -31,16 +31,17 @@ The package, by concern (every public name is importable from ``tolaria.distribu
   :func:`any_rank`, :func:`broadcast_json`, :func:`all_gather_json` and :func:`broadcast_tree`;
 - :mod:`~tolaria.distributed.replicas` -- :func:`synchronized_generator`,
   :func:`broadcast_module_state`, the replica and buffer-layout checks, :func:`ddp_wrap`;
-- :mod:`~tolaria.distributed.coordination` -- the emergency agreement, :func:`checkpoint_barrier` and
-  :func:`resume_from_checkpoint`;
+- :mod:`~tolaria.distributed.coordination` -- the emergency agreement, :func:`checkpoint_barrier`,
+  :func:`resume_from_checkpoint` and the rollback agreement (:func:`agree_on_rollback`,
+  :func:`adopt_main_state`);
 - :mod:`~tolaria.distributed.telemetry` -- :func:`rank_telemetry` and its parts.
 """
 
 from tolaria.distributed.collectives import (
     DEFAULT_BUCKET_MB,
+    all_gather_json,
     allreduce_gradient_buffer,
     allreduce_mean,
-    all_gather_json,
     any_rank,
     broadcast_json,
     broadcast_tree,
@@ -58,8 +59,11 @@ from tolaria.distributed.context import (
 )
 from tolaria.distributed.coordination import (
     EmergencyAgreement,
+    RollbackAgreement,
+    adopt_main_state,
     agree_on_emergency,
     agree_on_emergency_level,
+    agree_on_rollback,
     checkpoint_barrier,
     resume_from_checkpoint,
 )
@@ -87,15 +91,18 @@ __all__ = [
     "DistributedError",
     "EmergencyAgreement",
     "ReplicaMismatchError",
+    "RollbackAgreement",
     "SHARDING_MODES",
     "ShardedLoader",
+    "adopt_main_state",
     "agree_on_emergency",
     "agree_on_emergency_level",
+    "agree_on_rollback",
+    "all_gather_json",
     "allreduce_gradient_buffer",
     "allreduce_mean",
     "any_rank",
     "bind_rank",
-    "all_gather_json",
     "broadcast_json",
     "broadcast_module_state",
     "broadcast_tree",

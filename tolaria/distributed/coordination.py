@@ -6,6 +6,8 @@
   learns whether it was committed.
 - :func:`resume_from_checkpoint`: rank 0 restores the newest checkpoint and broadcasts the state, so
   every rank resumes from the same one.
+- :func:`agree_on_rollback` / :func:`adopt_main_state`: whether every rank's rollback restored the
+  same step, and, when not, rank 0's model, optimizer and extra state made every rank's.
 
 A failure on one rank is raised on every rank, so no rank goes on alone and the replicas do not
 diverge.
@@ -21,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from tolaria.distributed.collectives import _from_main, broadcast_tree
+from tolaria.distributed.collectives import _from_main, all_gather_json, broadcast_tree
 from tolaria.distributed.context import (
     DistributedContext,
     DistributedError,
@@ -259,10 +261,89 @@ def resume_from_checkpoint(
     return result
 
 
+# ---- rollbacks -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RollbackAgreement:
+    """What :func:`agree_on_rollback` found.
+
+    Attributes:
+        restored_steps: per rank, in rank order, the step its rollback restored, or None where it
+            restored nothing (it failed: its snapshot was missing, its read missed the deadline, ...).
+    """
+
+    restored_steps: tuple[int | None, ...]
+
+    @property
+    def consistent(self) -> bool:
+        """Whether every rank did the same: all restored the same step, or none restored anything."""
+        return len(set(self.restored_steps)) == 1
+
+    @property
+    def any_failed(self) -> bool:
+        """Whether some rank restored nothing."""
+        return None in self.restored_steps
+
+    def describe(self) -> str:
+        return ", ".join(
+            f"rank {r} {'restored nothing' if s is None else f'restored step {s}'}"
+            for r, s in enumerate(self.restored_steps)
+        )
+
+
+def agree_on_rollback(restored_step: int | None, ctx: DistributedContext) -> RollbackAgreement:
+    """Every rank's rollback outcome, on every rank (one small all-gather; every rank must call it).
+
+    A rollback is local (each rank restores its own snapshot, under its own deadline), so it can fail
+    on one rank only, or restore another step there (a missing snapshot sends it to an older durable
+    checkpoint). Taken apart, those outcomes would leave replicas that differ; see
+    :func:`adopt_main_state` for the way back.
+    """
+    _check_context(ctx)
+    if restored_step is not None:
+        _check_step(restored_step)
+    steps = all_gather_json(restored_step, ctx)
+    return RollbackAgreement(tuple(None if s is None else int(s) for s in steps))
+
+
+def adopt_main_state(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ctx: DistributedContext,
+    *,
+    extra: Any = None,
+    what: str = "rank 0's state",
+) -> Any:
+    """Makes rank 0's model and optimizer state (and its ``extra``) every rank's; returns rank 0's
+    ``extra`` on every rank.
+
+    Rank 0's state is broadcast (no pickle) and every other rank applies it with the same checks as a
+    resume; if any rank cannot, every rank raises (:class:`DistributedError`, the failing rank its own
+    error). Communication: the model and optimizer state once, rank 0 to all. A single-process
+    context returns ``extra``.
+    """
+    _check_context(ctx)
+    if not ctx._live():
+        return extra
+    payload = broadcast_tree(capture(model, optimizer, extra) if ctx.is_main else None, ctx)
+    local_error: Exception | None = None
+    if not ctx.is_main:
+        try:
+            restore(model, optimizer, payload, f"{what}, broadcast from rank 0")
+        except Exception as exc:  # agreed on below, then re-raised on this rank
+            local_error = exc
+    _agree_all_succeeded(local_error, ctx, f"taking {what}")
+    return payload["extra"]
+
+
 __all__ = [
     "EmergencyAgreement",
+    "RollbackAgreement",
+    "adopt_main_state",
     "agree_on_emergency",
     "agree_on_emergency_level",
+    "agree_on_rollback",
     "checkpoint_barrier",
     "resume_from_checkpoint",
 ]

@@ -6,8 +6,9 @@ rank) and broadcasts a JSON decision; every rank then applies the same decision 
 so the replicas stay identical. The decision is all a rank needs: whether the mediator entered or
 left its conservative mode, whether the executor changed the parameters, and the LRs now set.
 
-The ranks also agree here on the emergency level (the highest wins) and on a step's safety verdict
-(a rollback that failed on one rank halts every rank): every rank must stop at the same step.
+The ranks also agree here on the emergency level (the highest wins) and on a step's safety verdict:
+every rank must stop at the same step, and the replicas must stay identical through a rollback that
+went differently on some rank (see :func:`agree_on_verdict`).
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from typing import TYPE_CHECKING, Any
 
 from tolaria.distributed import (
     DistributedError,
+    adopt_main_state,
     agree_on_emergency_level,
-    any_rank,
+    agree_on_rollback,
     broadcast_json,
 )
 from tolaria.emergency import EmergencyController, EmergencyLevel
@@ -175,16 +177,52 @@ def agree_on_emergency(trainer: Trainer) -> None:
 
 
 def agree_on_verdict(trainer: Trainer, verdict: Verdict) -> Verdict:
-    """The step's safety verdict, the same on every rank (``verdict`` itself in one process)."""
-    # The stats are identical on every rank, so all ranks got here; but a rollback has a deadline,
-    # so it can fail on one rank only: then every rank halts.
-    if (
-        trainer.ctx.is_distributed
-        and verdict.action in (ROLLED_BACK, HALT)
-        and any_rank(verdict.action == HALT, trainer.ctx)
-        and verdict.action != HALT
-    ):
-        reason = "a rollback failed on another rank; halting every rank"
+    """The step's safety verdict, the same on every rank, with identical replicas (``verdict`` itself
+    in one process).
+
+    The stats are identical on every rank, so every rank reaches the same verdict, except for a
+    rollback: it is local (each rank's own snapshot, its own deadline), so one rank's can fail (its
+    snapshot missing, its read stalled past the deadline) or restore another step (a missing snapshot
+    sends it to an older durable checkpoint). The ranks compare what their rollbacks restored; when
+    they differ, **rank 0's state wins**: its model, optimizer and aggregator state are broadcast and
+    every rank takes them, so the replicas never differ. Then:
+
+    - every rank's rollback restored something (only the steps differ): every rank goes on from rank
+      0's restored step, as after any rollback;
+    - a rollback failed on some rank: every rank halts, from identical replicas (rank 0's restored
+      state, or its untouched one if its own rollback failed), so the final checkpoint is written and
+      the committed ones stay as they are.
+    """
+    ctx = trainer.ctx
+    if not ctx.is_distributed or verdict.action not in (ROLLED_BACK, HALT):
+        return verdict
+    agreement = agree_on_rollback(verdict.step if verdict.action == ROLLED_BACK else None, ctx)
+    if agreement.consistent:
+        return verdict
+    main_step = agreement.restored_steps[0]
+    # Rank 0 sends the aggregator state it restored; if it restored nothing, every rank's aggregator
+    # is still the same (the loop restores it only after this agreement), so none travels.
+    sent = trainer.state.last_restored_extra if ctx.is_main and main_step is not None else None
+    extra = adopt_main_state(
+        trainer.model, trainer.optimizer, ctx, extra=sent, what=f"rank 0's state after its rollback ({verdict.action})"
+    )
+    if main_step is not None:
+        trainer.state.last_restored_step, trainer.state.last_restored_extra = main_step, extra
+    halting = agreement.any_failed
+    reason = f"the ranks' rollbacks differ ({agreement.describe()}): every rank took rank 0's state" + (
+        "; a rollback failed, so every rank halts" if halting else f" and goes on from step {main_step}"
+    )
+    log.log(logging.CRITICAL if halting else logging.WARNING, reason)
+    trainer.telemetry.event(
+        "distributed.rollback_disagreed",
+        severity="critical" if halting else "warning",
+        message=reason,
+        restored_steps=list(agreement.restored_steps),
+        halting=halting,
+    )
+    if halting:
         trainer.emergency.escalate(EmergencyLevel.HALT, reason)
-        verdict = type(verdict)(HALT, reason=reason)
-    return verdict
+    if main_step is not None:
+        # Rank 0's rollback is every rank's; a halt then stops the run at the next check, before any step.
+        return type(verdict)(ROLLED_BACK, step=main_step, reason=reason)
+    return type(verdict)(HALT, reason=reason)
