@@ -73,14 +73,18 @@ class ControlState:
 
 @runtime_checkable
 class Policy(Protocol):
-    """Decides what to do: ``evaluate(state) -> commands`` (an iterable; empty for "nothing")."""
+    """Decides what to do: ``evaluate(state) -> commands`` (an iterable; empty for "nothing").
+
+    An ``evaluate(state, *, cancel)`` is passed a :class:`~.isolation.CancellationToken` (set on a timeout)."""
 
     def evaluate(self, state: ControlState) -> Iterable[Any]: ...
 
 
 @runtime_checkable
 class Executor(Protocol):
-    """Carries out one command: ``apply(command)``; the return value is reported, not interpreted."""
+    """Carries out one command: ``apply(command)``; the return value is reported, not interpreted.
+
+    An ``apply(command, *, cancel)`` is passed a :class:`~.isolation.CancellationToken` (set on a timeout)."""
 
     def apply(self, command: Any) -> Any: ...
 
