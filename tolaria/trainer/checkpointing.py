@@ -5,14 +5,18 @@ data was used up, which decides where a resume starts), the step, the LR control
 gradient sources' names, the aggregator's state (``aggregator_state``) and the run's position: the
 batches of the epoch used and every rank's random states (``run_position``), so a resume repeats the
 uninterrupted run bit for bit. With several ranks every rank takes part (rank 0 writes, between
-barriers; on resume rank 0 reads and the others receive).
+barriers; on resume rank 0 reads and the others receive). A sharded run (``[distributed] sharding``
+``"zero"`` or ``"fsdp"``) checkpoints through ``torch.distributed.checkpoint`` instead:
+every rank writes and reads its own shard, in ``<run>/sharded-checkpoints``
+(:class:`~tolaria.state.sharded_checkpoints.ShardedCheckpointStore`), and may resume on another
+world size.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tolaria.distributed import checkpoint_barrier, resume_from_checkpoint
 from tolaria.state import StateError
@@ -27,6 +31,26 @@ if TYPE_CHECKING:
 __all__ = ["checkpoint", "first_snapshot", "restore_after_rollback", "resume", "snapshot"]
 
 log = logging.getLogger("tolaria.trainer")
+
+SHARDED_CHECKPOINTS_DIR = "sharded-checkpoints"
+
+
+def _sharded(trainer: Trainer) -> bool:
+    # By the config, not the world size: a sharded run's checkpoints resume in one process too.
+    return trainer.config.distributed.sharding != "none"
+
+
+def _sharded_store(trainer: Trainer) -> Any:
+    """The run's :class:`ShardedCheckpointStore` (built on first use: importing DCP takes a second or two)."""
+    store = getattr(trainer, "_sharded_store", None)
+    if store is None:
+        from tolaria.state.sharded_checkpoints import ShardedCheckpointStore
+
+        store = ShardedCheckpointStore(
+            trainer.run_dir / SHARDED_CHECKPOINTS_DIR, trainer.config.checkpoint.keep_last, telemetry=trainer.telemetry
+        )
+        trainer._sharded_store = store
+    return store
 
 
 def checkpoint(trainer: Trainer, *, epoch_complete: bool, final: bool) -> int | None:
@@ -44,16 +68,18 @@ def checkpoint(trainer: Trainer, *, epoch_complete: bool, final: bool) -> int | 
     ctx = trainer.ctx
     extra.update(position_extra(trainer))  # a collective: every rank's random states to rank 0
     try:
-        # Every rank: agree on the step, verify the replicas, rank 0 writes between barriers.
-        checkpoint_barrier(
-            trainer.state if ctx.is_main else None,
-            ctx,
-            trainer.step,
-            trainer.model,
-            trainer.optimizer,
-            extra,
-            telemetry=trainer.telemetry,
-        )
+        if _sharded(trainer):  # every rank writes its shard (DCP)
+            _sharded_store(trainer).write(trainer.step, trainer.model, trainer.optimizer, extra)
+        else:  # every rank: agree on the step, verify the replicas, rank 0 writes between barriers
+            checkpoint_barrier(
+                trainer.state if ctx.is_main else None,
+                ctx,
+                trainer.step,
+                trainer.model,
+                trainer.optimizer,
+                extra,
+                telemetry=trainer.telemetry,
+            )
     except Exception as exc:
         message = (
             f"{'final' if final else 'periodic'} checkpoint at step {trainer.step} failed: {type(exc).__name__}: {exc}"
@@ -75,17 +101,19 @@ def resume(trainer: Trainer) -> int:
     """Restores the latest checkpoint into the trainer (model, optimizer, step, epoch, LR,
     aggregator, data position and random states); returns the restored step."""
     ctx = trainer.ctx
-    # Rank 0 restores, every other rank receives the same state (and all raise if any fails).
-    restored = resume_from_checkpoint(
-        trainer.state if ctx.is_main else None, ctx, trainer.model, trainer.optimizer, telemetry=trainer.telemetry
-    )
+    if _sharded(trainer):  # every rank reads its shard, resharded to this world size (DCP)
+        restored: Any = _sharded_store(trainer).load_newest(trainer.model, trainer.optimizer)
+    else:  # rank 0 restores, every other rank receives the same state (and all raise if any fails)
+        restored = resume_from_checkpoint(
+            trainer.state if ctx.is_main else None, ctx, trainer.model, trainer.optimizer, telemetry=trainer.telemetry
+        )
     step, extra = restored.step, restored.extra
     if not isinstance(extra, Mapping) or "epoch" not in extra:
         raise ValueError(f"checkpoint at step {step} was not written by the Trainer (no epoch in its extra data)")
     trainer.step = int(step)
     # An epoch whose data was used up is done: the run goes on with the next one.
-    restore_position(trainer, extra, epoch_complete=bool(extra.get("epoch_complete")))
     trainer.epoch = int(extra["epoch"]) + (1 if extra.get("epoch_complete") else 0)
+    restore_position(trainer, extra, epoch_complete=bool(extra.get("epoch_complete")))
     trainer.lr.load_state_dict(extra["lr"])
     restore_aggregator(
         trainer.aggregator,
