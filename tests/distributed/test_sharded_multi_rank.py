@@ -66,3 +66,17 @@ def test_sharded_modes_match_one_process_and_agree_across_ranks(tmp_path, world)
             if got["finite"]:
                 assert abs(float.fromhex(got["grad_norm"]) - float.fromhex(expected["grad_norm"])) < 1e-12
     assert not torch.equal(_floats(stages["zero"]["params"]), initial), "training must move the parameters"
+
+    if world == 4:  # bytes each rank sends in one step's gradient path at K = 8, counted at the collectives
+        for rank in ranks:
+            sent = rank["bytes"]
+            n, k = sent["none_numel"], 8
+            assert sent["zero"]["total"] <= 0.6 * sent["none"]["total"], sent
+            # fsdp: K reduce-scatters of FSDP2's own (one summed loss), its all-gathers unchanged, the K x K Gram.
+            assert sent["fsdp"]["reduce_scatter"] == k * sent["fsdp_summed"]["reduce_scatter"], sent
+            assert sent["fsdp"]["all_gather"] == sent["fsdp_summed"]["all_gather"], sent
+            assert sent["fsdp"]["all_reduce"] == sent["zero"]["all_reduce"] == 2 * k * k * 8 * 3 // 4, sent
+            # Buffer rows: K x N replicated, K x about N / W sharded.
+            assert sent["none_rows"] == [k, n]
+            assert sent["zero_rows"][0] == k and abs(sent["zero_rows"][1] - n / 4) <= 1
+            assert sent["fsdp_rows"][0] == k and sent["fsdp_rows"][1] <= n / 4 + 128 + 8  # a head row at most

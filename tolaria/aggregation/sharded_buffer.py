@@ -46,6 +46,17 @@ def _local(t: Tensor) -> Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+def _reduce_scatter(output: Tensor, input: Tensor, group: dist.ProcessGroup | None) -> None:
+    # reduce_scatter_single where torch has it (2.10+: the other name is deprecated), as FSDP2 calls it.
+    single = getattr(dist, "reduce_scatter_single", None)
+    (single or dist.reduce_scatter_tensor)(output, input, op=dist.ReduceOp.SUM, group=group)
+
+
+def _all_gather(output: Tensor, input: Tensor, group: dist.ProcessGroup | None) -> None:
+    single = getattr(dist, "all_gather_single", None)
+    (single or dist.all_gather_into_tensor)(output, input, group=group)
+
+
 def _aligned(n: int) -> int:
     return max(_ROW_ALIGN, -(-n // _ROW_ALIGN) * _ROW_ALIGN)
 
@@ -233,7 +244,7 @@ class ZeroGradientBuffer(_ShardedBuffer):
         if pre_divide:
             self._staging.div_(self.world_size)
         if self.world_size > 1:
-            dist.reduce_scatter_tensor(into, self._staging, op=dist.ReduceOp.SUM, group=self.group)
+            _reduce_scatter(into, self._staging, self.group)
         else:
             into.copy_(self._staging)
         if not pre_divide and self.world_size > 1:
@@ -251,7 +262,7 @@ class ZeroGradientBuffer(_ShardedBuffer):
         self._absorb_external_grads()
         stats = self._aggregate_shard(aggregator, return_stats)
         if self.world_size > 1:
-            dist.all_gather_into_tensor(self._gathered, self._shard_out[: self.chunk], group=self.group)
+            _all_gather(self._gathered, self._shard_out[: self.chunk], self.group)
         else:
             self._gathered.copy_(self._shard_out[: self.chunk])
         if self._carry is not None:
