@@ -66,6 +66,8 @@ class _ShardedBuffer(GradientBuffer):
     the round's carry, and the aggregate through :func:`sharded_aggregate`."""
 
     def _init_common(self, params: Any, num_sources: int, shared: Any, options: Mapping[str, Any]) -> list[Tensor]:
+        # GradientBuffer's defaults are what a sharded buffer is; anything else it does not do.
+        options = {k: v for k, v in options.items() if (k, v) not in (("mode", "buffer"), ("level", "params"))}
         if options:
             raise TypeError(f"{type(self).__name__} does not take {sorted(options)}")
         if isinstance(num_sources, bool) or not isinstance(num_sources, int) or num_sources < 1:
@@ -289,7 +291,8 @@ class FSDPGradientBuffer(_ShardedBuffer):
     after the last (the optimizer then steps the shards and the next forward all-gathers them).
     Memory cost: the whole model's unsharded parameters (N elements) stay allocated from the first
     backward to the last, where FSDP2 alone holds about one module's at a time; the buffer itself
-    is K x N / W. With :meth:`source` instead, the caller manages resharding.
+    is K x N / W. With :meth:`source` instead, or a buffer built on a list of parameters (no
+    modules to reach), the caller manages resharding (else each source's backward all-gathers anew).
 
     Aggregation: :func:`sharded_aggregate` over the mesh's process group (one all-reduce of the
     K x K Gram matrix); the result's shard is written into ``output_shard``, whose DTensor views
