@@ -4,20 +4,9 @@
 #if defined(__x86_64__)
 #include <immintrin.h>
 
-#include <alloca.h>
+#include "isa_unit.h"
 
-#include <cstdint>
-#include <cstring>
-
-#include "coordinatewise_table.h"
-#include "kernel_table.h"
-
-// kernels.h goes inside an anonymous namespace (internal linkage, see there); every system header
-// it uses is included above, outside it.
 namespace {
-
-#include "kernels.h"
-#include "coordinatewise.h"  // GradDrop and TrimmedMean, on the same traits
 
 struct Avx2 : VectorTypes<32> {
   static constexpr const char* kName = "avx2";
@@ -36,8 +25,5 @@ struct Avx2 : VectorTypes<32> {
 
 }  // namespace
 
-namespace tolaria::cpu {
-extern const KernelTable kAvx2Kernels = Kernels<Avx2>::table();
-extern const CoordinatewiseTable kAvx2Coordinatewise = Coordinatewise<Avx2>::table();
-}  // namespace tolaria::cpu
+TOLARIA_DEFINE_ISA_TABLES(Avx2)
 #endif

@@ -8,20 +8,9 @@
 #endif
 #include <immintrin.h>
 
-#include <alloca.h>
+#include "isa_unit.h"
 
-#include <cstdint>
-#include <cstring>
-
-#include "coordinatewise_table.h"
-#include "kernel_table.h"
-
-// kernels.h goes inside an anonymous namespace (internal linkage, see there); every system header
-// it uses is included above, outside it.
 namespace {
-
-#include "kernels.h"
-#include "coordinatewise.h"  // GradDrop and TrimmedMean, on the same traits
 
 struct Avx512 : VectorTypes<64> {
   static constexpr const char* kName = "avx512";
@@ -41,8 +30,5 @@ struct Avx512 : VectorTypes<64> {
 
 }  // namespace
 
-namespace tolaria::cpu {
-extern const KernelTable kAvx512Kernels = Kernels<Avx512>::table();
-extern const CoordinatewiseTable kAvx512Coordinatewise = Coordinatewise<Avx512>::table();
-}  // namespace tolaria::cpu
+TOLARIA_DEFINE_ISA_TABLES(Avx512)
 #endif

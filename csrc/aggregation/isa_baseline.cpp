@@ -5,20 +5,9 @@
 #include <immintrin.h>
 #endif
 
-#include <alloca.h>
+#include "isa_unit.h"
 
-#include <cstdint>
-#include <cstring>
-
-#include "coordinatewise_table.h"
-#include "kernel_table.h"
-
-// kernels.h goes inside an anonymous namespace (internal linkage, see there); every system header
-// it uses is included above, outside it.
 namespace {
-
-#include "kernels.h"
-#include "coordinatewise.h"  // GradDrop and TrimmedMean, on the same traits
 
 struct Baseline : VectorTypes<16> {
   static constexpr const char* kName = "baseline";
@@ -46,7 +35,4 @@ struct Baseline : VectorTypes<16> {
 
 }  // namespace
 
-namespace tolaria::cpu {
-extern const KernelTable kBaselineKernels = Kernels<Baseline>::table();
-extern const CoordinatewiseTable kBaselineCoordinatewise = Coordinatewise<Baseline>::table();
-}  // namespace tolaria::cpu
+TOLARIA_DEFINE_ISA_TABLES(Baseline)

@@ -4,20 +4,9 @@
 #if defined(__aarch64__)
 #include <arm_neon.h>
 
-#include <alloca.h>
+#include "isa_unit.h"
 
-#include <cstdint>
-#include <cstring>
-
-#include "coordinatewise_table.h"
-#include "kernel_table.h"
-
-// kernels.h goes inside an anonymous namespace (internal linkage, see there); every system header
-// it uses is included above, outside it.
 namespace {
-
-#include "kernels.h"
-#include "coordinatewise.h"  // GradDrop and TrimmedMean, on the same traits
 
 struct Neon : VectorTypes<16> {
   static constexpr const char* kName = "neon";
@@ -36,8 +25,5 @@ struct Neon : VectorTypes<16> {
 
 }  // namespace
 
-namespace tolaria::cpu {
-extern const KernelTable kNeonKernels = Kernels<Neon>::table();
-extern const CoordinatewiseTable kNeonCoordinatewise = Coordinatewise<Neon>::table();
-}  // namespace tolaria::cpu
+TOLARIA_DEFINE_ISA_TABLES(Neon)
 #endif
