@@ -30,7 +30,7 @@ def test_compare_end_to_end(tmp_path, capsys):
     printed = capsys.readouterr().out
     lines = printed.splitlines()
     header = next(line for line in lines if line.startswith("aggregator"))
-    for column in (*ATTRIBUTE_HEADS, "step ms", "peak MB", "conflict steps"):
+    for column in (*ATTRIBUTE_HEADS, "step ms", "peak MB", "conflict steps", "min cos"):
         assert column in header, column
     rows = {line.split("|")[0].strip(): line for line in lines if line.startswith(("upgrad ", "mean "))}
     assert set(rows) == {"upgrad", "mean"}
@@ -46,6 +46,7 @@ def test_compare_end_to_end(tmp_path, capsys):
         assert sorted(run["evals"]["accuracy/digit"]) == ["3", "5"]
         assert run["metrics"]["accuracy/digit"] == run["evals"]["accuracy/digit"]["5"]
         assert 0 <= run["conflict_steps"] <= 1 and 0 <= run["negative_pairs"] <= run["conflict_steps"]
+        assert -1 <= run["min_cosine"] <= 1
         assert run["step_ms"] > 0
     # One seed, one start: both aggregators see the same first batch with the same model.
     for seed in (0, 1):
@@ -79,14 +80,15 @@ def test_conflict_stats_counts_steps_with_a_negative_pair():
 
     records = [cos(1, 0.5, 0.1, 0.2), cos(2, -0.1, 0.3, -0.2), cos(3, 0.2, 0.2, -0.01), cos(4, 0.1, 0.1, 0.1)]
     records.append(cos(4, 0.1, -0.3, 0.1))  # step 4 run again after a rollback: the later record counts
-    steps, pairs = conflict_stats(records)
+    steps, pairs, smallest = conflict_stats(records)
     assert steps == pytest.approx(3 / 4)
     assert pairs == pytest.approx((0 + 2 / 3 + 1 / 3 + 1 / 3) / 4)
+    assert smallest == pytest.approx((0.1 - 0.2 - 0.01 - 0.3) / 4)
 
 
 def test_differences_from_mean_reports_only_clear_ones():
     def run(agg, seed, acc):
-        return RunResult(agg, seed, "completed", 10, {"accuracy/a": acc}, 1.0, 0.5, 0.2)
+        return RunResult(agg, seed, "completed", 10, {"accuracy/a": acc}, 1.0, 0.5, 0.2, -0.1)
 
     results = [run("mean", 0, 0.80), run("mean", 1, 0.82), run("mean", 2, 0.81)]
     results += [run("mgda", 0, 0.90), run("mgda", 1, 0.91), run("mgda", 2, 0.92)]  # clearly better

@@ -12,7 +12,9 @@ so on one seed every aggregator starts from the same model and sees the same bat
   optimizer state, gradient buffer, the first rollback snapshot), measured as
   :mod:`.peak_memory` describes (on the CPU with the profiler, which is why it is a separate run);
 - the conflict rate: the fraction of steps where at least one pair of sources has a negative
-  cosine (from the per-step cosine matrix the trainer logs), and the mean share of such pairs;
+  cosine (from the per-step cosine matrix the trainer logs), the mean share of such pairs, and the
+  mean over steps of the most negative pairwise cosine (how hard they conflict: sources that are
+  merely orthogonal, cosine about 0, have negative pairs on half the steps too);
 - against the ``mean`` aggregator (when compared): the accuracy differences larger than two
   standard errors.
 
@@ -65,6 +67,7 @@ class RunResult:
     step_ms: float
     conflict_steps: float  # fraction of steps with at least one negative pairwise cosine
     negative_pairs: float  # mean fraction of source pairs with a negative cosine
+    min_cosine: float  # mean over steps of the smallest pairwise cosine
     losses: dict[str, dict[int, float]] = field(default_factory=dict)  # source -> step -> loss
     evals: dict[str, dict[int, float]] = field(default_factory=dict)  # metric -> step -> value
 
@@ -87,22 +90,24 @@ class StepClock:
         return statistics.median(gaps) * 1e3
 
 
-def conflict_stats(records: list[dict[str, Any]]) -> tuple[float, float]:
-    """(fraction of logged steps with a negative pairwise cosine, mean fraction of negative pairs)."""
+def conflict_stats(records: list[dict[str, Any]]) -> tuple[float, float, float]:
+    """(fraction of logged steps with a negative pairwise cosine, mean fraction of negative pairs,
+    mean of each step's smallest pairwise cosine)."""
     steps: dict[int, list[list[float]]] = {}
     for r in records:
         if r.get("kind") == "gradient.cosine" and r.get("step") is not None and isinstance(r.get("value"), list):
             steps[int(r["step"])] = r["value"]  # a step run again after a rollback: the later one counts
     if not steps:
-        return math.nan, math.nan
-    any_negative, pair_share = 0, 0.0
+        return math.nan, math.nan, math.nan
+    any_negative, pair_share, smallest = 0, 0.0, 0.0
     for cosine in steps.values():
         k = len(cosine)
         pairs = [cosine[i][j] for i in range(k) for j in range(i + 1, k)]
         negative = sum(1 for c in pairs if c < 0)
         any_negative += negative > 0
         pair_share += negative / len(pairs)
-    return any_negative / len(steps), pair_share / len(steps)
+        smallest += min(pairs)
+    return any_negative / len(steps), pair_share / len(steps), smallest / len(steps)
 
 
 def _curves(records: list[dict[str, Any]]) -> tuple[dict[str, dict[int, float]], dict[str, dict[int, float]]]:
@@ -156,7 +161,7 @@ def train_one(settings: CompareSettings, aggregator: str, seed: int) -> RunResul
     summary = trainer.fit()
     records = load_records(run_dir)
     losses, evals = _curves(records)
-    conflict_steps, negative_pairs = conflict_stats(records)
+    conflict_steps, negative_pairs, min_cosine = conflict_stats(records)
     return RunResult(
         aggregator=aggregator,
         seed=seed,
@@ -166,6 +171,7 @@ def train_one(settings: CompareSettings, aggregator: str, seed: int) -> RunResul
         step_ms=clock.median_interval_ms(),
         conflict_steps=conflict_steps,
         negative_pairs=negative_pairs,
+        min_cosine=min_cosine,
         losses=losses,
         evals=evals,
     )
@@ -207,7 +213,7 @@ def table(results: Sequence[RunResult], memory: dict[str, int]) -> str:
         by_agg[r.aggregator].append(r)
     metrics = sorted({m for r in results for m in r.metrics})
     header = ["aggregator", *(m.removeprefix("accuracy/") for m in metrics), "mean acc", "step ms", "peak MB"]
-    header += ["conflict steps", "neg. pairs"]
+    header += ["conflict steps", "neg. pairs", "min cos"]
     rows = []
     for agg, runs in by_agg.items():
         row = [agg]
@@ -219,6 +225,7 @@ def table(results: Sequence[RunResult], memory: dict[str, int]) -> str:
         row.append(f"{memory[agg] / 2**20:.1f}" if agg in memory else "-")
         row.append(f"{statistics.fmean(r.conflict_steps for r in runs):.2f}")
         row.append(f"{statistics.fmean(r.negative_pairs for r in runs):.2f}")
+        row.append(f"{statistics.fmean(r.min_cosine for r in runs):+.3f}")
         rows.append(row)
     widths = [max(len(header[i]), *(len(row[i]) for row in rows)) for i in range(len(header))]
     line = " | ".join(h.ljust(w) for h, w in zip(header, widths))
