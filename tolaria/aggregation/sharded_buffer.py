@@ -312,9 +312,9 @@ class FSDPGradientBuffer(_ShardedBuffer):
         from torch.distributed.tensor import DTensor, Shard
 
         self._init_common(params, num_sources, shared, options)
-        self._fsdp_modules = [m for m in params.modules() if isinstance(m, FSDPModule)] if isinstance(
-            params, nn.Module
-        ) else []
+        self._fsdp_modules = (
+            [m for m in params.modules() if isinstance(m, FSDPModule)] if isinstance(params, nn.Module) else []
+        )
         mesh = None
         for i, p in enumerate(self.params):
             if not isinstance(p, DTensor) or len(p.placements) != 1 or p.placements[0] != Shard(0):
