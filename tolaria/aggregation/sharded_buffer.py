@@ -288,7 +288,8 @@ class FSDPGradientBuffer(_ShardedBuffer):
     Parameters all-gathered once per step, not once per source: :meth:`backward` sets FSDP2's
     ``reshard_after_backward`` to False for the K passes, so each module's unsharded parameters,
     all-gathered by the first pass (or kept from the forward), serve all K, and reshards them all
-    after the last (the optimizer then steps the shards and the next forward all-gathers them).
+    after the last, setting ``reshard_after_backward`` back to True (FSDP2's default); the optimizer
+    then steps the shards and the next forward all-gathers them.
     Memory cost: the whole model's unsharded parameters (N elements) stay allocated from the first
     backward to the last, where FSDP2 alone holds about one module's at a time; the buffer itself
     is K x N / W. With :meth:`source` instead, or a buffer built on a list of parameters (no
