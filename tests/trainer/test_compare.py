@@ -146,3 +146,18 @@ def test_peak_memory_on_the_cpu_counts_live_tensor_bytes():
     result, peak = measure_peak_memory(work)
     assert result.shape == (2000, 1000)
     assert 12_000_000 <= peak < 12_100_000  # small tensors of the profiler's own may add a few bytes
+
+
+def test_compare_flags_set_every_runs_config(tmp_path):
+    import argparse
+
+    from tolaria.trainer.compare import add_arguments, settings_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    argv = ["--aggregators", "mgda, upgrad", "--seeds", "2", "--max-steps", "7", "--out", str(tmp_path)]
+    settings = settings_from_args(parser.parse_args([*argv, "--mode", "low_memory"]))
+    assert settings.aggregators == ("mgda", "upgrad") and settings.seeds == 2
+    assert settings.config.max_steps == 7 and settings.config.aggregation_mode == "low_memory"
+    settings = settings_from_args(parser.parse_args([*argv, "--aggregation-level", "features"]))
+    assert settings.config.aggregation_level == "features" and settings.config.aggregation_mode == "buffer"

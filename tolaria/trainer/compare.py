@@ -33,6 +33,7 @@ import math
 import statistics
 import sys
 import time
+import typing
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -53,6 +54,8 @@ DEFAULT_AGGREGATORS = ("pcgrad", "upgrad", "mgda", "mean")
 PLOT_FILE = "compare.png"
 RESULTS_FILE = "compare.json"
 MEMORY_STEPS = 2
+MODES = typing.get_args(typing.get_type_hints(TrainerConfig)["aggregation_mode"])
+LEVELS = typing.get_args(typing.get_type_hints(TrainerConfig)["aggregation_level"])
 
 
 @dataclass
@@ -368,6 +371,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config", metavar="FILE", help="TOML of TrainerConfig keys and a [task] table, as for tolaria train"
     )
+    parser.add_argument("--mode", choices=MODES, help="aggregation_mode of every run (default: the config's, buffer)")
+    parser.add_argument(
+        "--aggregation-level", choices=LEVELS, help="aggregation_level of every run (default: the config's, params)"
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
 
 
@@ -387,6 +394,10 @@ def settings_from_args(args: argparse.Namespace) -> CompareSettings:
     changes: dict[str, Any] = {"epochs": args.epochs, "device": args.device}
     if args.max_steps is not None:
         changes["max_steps"] = args.max_steps
+    if args.mode is not None:
+        changes["aggregation_mode"] = args.mode
+    if args.aggregation_level is not None:
+        changes["aggregation_level"] = args.aggregation_level
     return CompareSettings(
         task=args.task,
         aggregators=aggregators,
