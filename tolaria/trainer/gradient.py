@@ -58,6 +58,13 @@ def _allreduce_mean_grads(grads: list[Tensor], ctx: DistributedContext) -> None:
         offset += g.numel()
 
 
+_NOT_WRAPPED = (
+    "sharding='fsdp' needs a model wrapped by torch.distributed.fsdp.fully_shard (its parameters are DTensors); "
+    "wrap it with tolaria.distributed.fsdp_wrap(model, ctx) before building the optimizer, or use sharding='zero' "
+    "for a plain model"
+)
+
+
 # One public function of this name, with one default (nonfinite="raise"): the aggregation package's.
 build_aggregator = aggregation.build_aggregator
 
@@ -207,6 +214,8 @@ class GradientStage:
             mode, level, aggregator=aggregator, shared=shared, distributed=self.ctx.is_distributed, telemetry=telemetry
         )
         self.params = [p for p in (params.parameters() if isinstance(params, nn.Module) else params) if p.requires_grad]
+        if self.sharding == "fsdp" and not any(hasattr(p, "to_local") for p in self.params):  # DTensors?
+            raise ValueError(_NOT_WRAPPED)
         if not self.params:
             raise ValueError("the gradient stage needs at least one parameter with requires_grad=True")
         # The shared trunk (a module is re-read at every rebuild, so grafted layers join it).
@@ -232,11 +241,7 @@ class GradientStage:
         elif self.sharding == "fsdp":
             buffer = GradientBuffer(self._module or self.params, num_sources=k, shared=self.shared)
             if not isinstance(buffer, FSDPGradientBuffer):
-                raise ValueError(
-                    "sharding='fsdp' needs a model wrapped by torch.distributed.fsdp.fully_shard (its parameters are "
-                    "DTensors); wrap it with tolaria.distributed.fsdp_wrap(model, ctx) before building the "
-                    "optimizer, or use sharding='zero' for a plain model"
-                )
+                raise ValueError(_NOT_WRAPPED)
             self.buffer = buffer
         else:
             self.buffer = self.modes.build(self.params, k, self.shared)

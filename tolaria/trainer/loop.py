@@ -146,7 +146,8 @@ class Trainer:
         wiring.write_run_config(config, ctx, self.run_dir)
 
         try:
-            broadcast_module_state(self.model, ctx)  # replicas start from rank 0's parameters
+            if config.distributed.sharding != "fsdp":  # fsdp: each rank holds its own shards (GradientStage checks)
+                broadcast_module_state(self.model, ctx)  # replicas start from rank 0's parameters
             self.data = wiring.shard_data(data, ctx, seed=config.seed or 0, telemetry=self.telemetry)
             self.aggregator, self.generator = wiring.wire_aggregator(config, aggregator, ctx, self.telemetry)
             self.stage = GradientStage(
@@ -156,6 +157,7 @@ class Trainer:
                 ctx=ctx,
                 bucket_mb=config.distributed.bucket_mb,
                 shared=shared,
+                sharding=config.distributed.sharding,
                 mode=config.aggregation_mode,
                 level=config.aggregation_level,
                 telemetry=self.telemetry,
