@@ -12,6 +12,7 @@ without one, to the durable checkpoint of step 8 (rank 0 only: rank 1 holds no c
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -21,8 +22,20 @@ from distributed.workers import model as make_model
 from distributed.workers import optimizer as make_optimizer
 from torch.utils.data import DataLoader
 
+from tolaria.emergency import EmergencyController, EmergencyLevel, LocalEmergencySignal
 from tolaria.state import StateManager
-from tolaria.trainer import CheckpointConfig, SafetyConfig, TelemetryConfig, Trainer, TrainerConfig
+from tolaria.telemetry import MemorySink, TelemetryEmitter
+from tolaria.trainer import (
+    CheckpointConfig,
+    DistributedConfig,
+    SafetyConfig,
+    TelemetryConfig,
+    Trainer,
+    TrainerConfig,
+    checkpointing,
+    control,
+)
+from tolaria.trainer.safety import HALT, ROLLED_BACK, Verdict
 
 pytestmark = [pytest.mark.slow]
 
@@ -77,8 +90,36 @@ def run_fault(ctx, run_dir: Path, lose_snapshots: int | None, stall: int | None)
     return result
 
 
+def fsdp_disagreement(ctx) -> dict[str, Any]:
+    """With sharding = "fsdp" no rank's state stands for the others': the agreement alone, on a
+    trainer stand-in (rank 0 restored step 10, rank 1 nothing)."""
+    sink = MemorySink()
+    telemetry = TelemetryEmitter([sink], batch_size=1)
+    trainer = SimpleNamespace(
+        ctx=ctx,
+        config=TrainerConfig(distributed=DistributedConfig(sharding="fsdp")),
+        telemetry=telemetry,
+        emergency=EmergencyController(signal=LocalEmergencySignal("t"), telemetry=telemetry),
+        step=11,
+        _state_split=None,
+        _last_checkpoint_step=8,
+    )
+    local = Verdict(ROLLED_BACK, step=10) if ctx.is_main else Verdict(HALT, reason="rollback failed")
+    verdict = control.agree_on_verdict(trainer, local)
+    written = checkpointing.checkpoint(trainer, epoch_complete=False, final=True)  # must not write or collect
+    telemetry.flush()
+    return {
+        "action": verdict.action,
+        "level": trainer.emergency.level.name,
+        "written": written,
+        "kinds": [r["kind"] for r in sink.records],
+    }
+
+
 def scenario_rollback_faults(ctx, out: Path) -> dict[str, Any]:
-    return {name: run_fault(ctx, out / name, *fault) for name, fault in FAULTS.items()}
+    results = {name: run_fault(ctx, out / name, *fault) for name, fault in FAULTS.items()}
+    results["fsdp"] = fsdp_disagreement(ctx)
+    return results
 
 
 SCENARIOS = {"rollback_faults": scenario_rollback_faults}
@@ -112,3 +153,7 @@ def test_a_rollback_that_differs_on_one_rank_never_leaves_replicas_that_differ(t
     ]
     assert kinds.count("distributed.rollback_disagreed") == 2
     assert "state.rollback_deadline_missed" in kinds
+    # Sharded (fsdp): every rank halts and writes nothing; the committed checkpoint stays the last common state.
+    for r in (rank0["fsdp"], rank1["fsdp"]):
+        assert r["action"] == "halt" and r["level"] == EmergencyLevel.HALT.name and r["written"] is None
+        assert {"distributed.rollback_disagreed", "train.checkpoint_skipped"} <= set(r["kinds"])

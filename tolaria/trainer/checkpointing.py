@@ -56,7 +56,18 @@ def _sharded_store(trainer: Trainer) -> Any:
 def checkpoint(trainer: Trainer, *, epoch_complete: bool, final: bool) -> int | None:
     """Writes a durable checkpoint; returns its step, or None when it failed (reported; the run goes
     on or halts per ``[checkpoint] on_failure``, see :mod:`.checkpoint_failures`). A failed final
-    checkpoint raises, unless the run is halting because checkpoints kept failing."""
+    checkpoint raises, unless the run is halting because checkpoints kept failing.
+
+    Nothing is written once the ranks' states split (``trainer._state_split``, set by
+    ``control.agree_on_verdict``): the newest committed checkpoint stays the last common state."""
+    if trainer._state_split is not None:
+        message = (
+            f"{'final' if final else 'periodic'} checkpoint at step {trainer.step} not written: "
+            f"{trainer._state_split}; the last common state is the checkpoint of step {trainer._last_checkpoint_step}"
+        )
+        log.critical(message)
+        trainer.telemetry.event("train.checkpoint_skipped", severity="critical", message=message, final=final)
+        return None
     extra = {
         "epoch": trainer.epoch,
         "epoch_complete": epoch_complete,

@@ -192,6 +192,10 @@ def agree_on_verdict(trainer: Trainer, verdict: Verdict) -> Verdict:
     - a rollback failed on some rank: every rank halts, from identical replicas (rank 0's restored
       state, or its untouched one if its own rollback failed), so the final checkpoint is written and
       the committed ones stay as they are.
+
+    With ``sharding = "fsdp"`` each rank holds its own shard, so rank 0's state is not the others':
+    on a disagreement every rank halts and no checkpoint is written from the shards, which now
+    belong to different steps; the newest committed checkpoint stays the run's last common state.
     """
     ctx = trainer.ctx
     if not ctx.is_distributed or verdict.action not in (ROLLED_BACK, HALT):
@@ -199,6 +203,23 @@ def agree_on_verdict(trainer: Trainer, verdict: Verdict) -> Verdict:
     agreement = agree_on_rollback(verdict.step if verdict.action == ROLLED_BACK else None, ctx)
     if agreement.consistent:
         return verdict
+    if trainer.config.distributed.sharding == "fsdp":
+        reason = (
+            f"the ranks' rollbacks differ ({agreement.describe()}) and each rank holds its own shard, so no "
+            "rank's state can stand for the others': every rank halts, and no checkpoint is written from shards "
+            "of different steps"
+        )
+        log.critical(reason)
+        trainer.telemetry.event(
+            "distributed.rollback_disagreed",
+            severity="critical",
+            message=reason,
+            restored_steps=list(agreement.restored_steps),
+            halting=True,
+        )
+        trainer._state_split = reason
+        trainer.emergency.escalate(EmergencyLevel.HALT, reason)
+        return type(verdict)(HALT, reason=reason)
     main_step = agreement.restored_steps[0]
     # Rank 0 sends the aggregator state it restored; if it restored nothing, every rank's aggregator
     # is still the same (the loop restores it only after this agreement), so none travels.

@@ -183,6 +183,7 @@ class Trainer:
         self._epoch_start_rng: dict[str, Any] | None = None
         self._pending_resume: run_position.PendingResume | None = None
         self._last_checkpoint_step: int | None = None
+        self._state_split: str | None = None  # why the ranks' states differ, when they do (no checkpoint then)
         self._confirm_rebuild = False
 
     @property
