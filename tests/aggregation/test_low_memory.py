@@ -228,3 +228,20 @@ def test_the_estimate_counts_the_saved_activations_and_declines_where_they_domin
         buf.backward([head(z).mean() for head in heads])
     assert not buf.memory_estimate.saves
     buf.aggregate(build_aggregator("mean"))
+
+
+def test_non_finite_sources_are_named_or_propagated_as_in_the_buffer_mode():
+    x, ys = _batches(1)[0]
+    for mode in ("buffer", "low_memory"):
+        model = _model()
+        buf = GradientBuffer(model, K, shared=model.trunk, mode=mode)
+        losses = _losses(model, x, ys)
+        buf.backward([losses[0], losses[1] * float("nan"), losses[2]])
+        with pytest.raises(ValueError, match=r"gradient source\(s\) 1;"):
+            buf.aggregate(build_aggregator("upgrad"))
+        buf.zero_grad()
+        losses = _losses(model, x, ys)
+        buf.backward([losses[0], losses[1] * float("nan"), losses[2]])
+        out, stats = buf.aggregate(build_aggregator("upgrad", nonfinite="propagate"), return_stats=True)
+        assert torch.isnan(stats.weights).all() and torch.isnan(out).all(), mode
+        assert torch.isfinite(stats.gram[[0, 2]][:, [0, 2]]).all(), mode  # the other sources stay finite

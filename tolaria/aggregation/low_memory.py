@@ -20,7 +20,8 @@ API is missing, or the model's backward has no batching rule (``.item()`` in a c
 ops), the Gram is built from ordinary backward passes instead: one reference row (N elements) held
 at a time and each other source's gradient folded against it, 1 + K(K-1)/2 passes, still never
 K x N. That fallback is announced once per buffer (``RuntimeWarning``), and :attr:`batched` says
-which path ran.
+which path ran. The same passes rebuild G when the batched one comes out non-finite: there every
+loss's graph carries the other sources' zero cotangents, and 0 x inf = NaN would spoil every source.
 """
 
 from __future__ import annotations
@@ -216,6 +217,12 @@ class LowMemoryGradientBuffer(OutputRound):
         try:
             gram = self._batched_gram(losses)
             self.batched = True
+            if not bool(torch.isfinite(gram).all()):
+                # In one batched pass every loss's graph carries the other sources' zero cotangents, and
+                # 0 x inf = NaN: one non-finite source spoils them all. Per-source passes keep the others
+                # finite, so the non-finite check names the same sources as the buffer mode.
+                log.info("low_memory mode: a non-finite source; its Gram matrix is rebuilt from per-source passes")
+                gram = self._sequential_gram(losses)
             return gram
         except Exception as exc:  # no batching rule, or functorch's private API changed: exact fallback
             self.batched = False
