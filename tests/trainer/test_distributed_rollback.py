@@ -11,6 +11,7 @@ without one, to the durable checkpoint of step 8 (rank 0 only: rank 1 holds no c
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -40,11 +41,14 @@ from tolaria.trainer.safety import HALT, ROLLED_BACK, Verdict
 pytestmark = [pytest.mark.slow]
 
 NAN_CALL = 12
+STALL_S = 2.0  # a durable read that hangs this long, against a rollback deadline of a quarter of it
 FAULTS = {
-    # rank whose snapshots vanish just before the rollback, rank whose rollback misses its deadline
-    "snapshot_missing_on_rank1": (1, None),
-    "snapshot_missing_on_rank0": (0, None),
-    "deadline_missed_on_rank1": (None, 1),
+    # rank whose snapshots vanish just before the rollback, rank whose rollback misses its deadline,
+    # rank whose durable read stalls
+    "snapshot_missing_on_rank1": (1, None, None),
+    "snapshot_missing_on_rank0": (0, None, None),
+    "deadline_missed_on_rank1": (None, 1, None),
+    "durable_read_stalled_on_rank0": (0, None, 0),
 }
 
 
@@ -53,7 +57,19 @@ def three_losses(out, batch) -> dict[str, Any]:
     return dict(zip("abc", workers.source_losses(out, y)))
 
 
-def run_fault(ctx, run_dir: Path, lose_snapshots: int | None, stall: int | None) -> dict[str, Any]:
+def stalled(load_newest):
+    """``load_newest`` after a hang that ignores cancellation (a stuck disk)."""
+
+    def load(*args, **kwargs):
+        time.sleep(STALL_S)
+        return load_newest(*args, **kwargs)
+
+    return load
+
+
+def run_fault(
+    ctx, run_dir: Path, lose_snapshots: int | None, miss_deadline: int | None, stall_read: int | None
+) -> dict[str, Any]:
     net = make_model(INIT_SEED)
     holder: dict[str, Trainer] = {}
     calls = [0]
@@ -78,10 +94,15 @@ def run_fault(ctx, run_dir: Path, lose_snapshots: int | None, stall: int | None)
         safety=SafetyConfig(rollback_after=1),
         telemetry=TelemetryConfig(log_every_steps=1000),
     )
+    if stall_read is not None:
+        config = config.replace(checkpoint=CheckpointConfig(snapshot_every_steps=2, rollback_deadline_s=STALL_S / 4))
     loader = DataLoader(dataset(), batch_size=1, shuffle=True)
     trainer = holder["trainer"] = Trainer(net, make_optimizer(net), loader, loss_fn, config, ctx=ctx)
-    if ctx.rank == stall:
+    if ctx.rank == miss_deadline:
         trainer.safety.rollback_deadline_s = 1e-9  # the fault: this rank's restore cannot make its deadline
+    if ctx.rank == stall_read:
+        store = trainer.state._store  # the fault: this rank's durable reads hang (the rollback's staging read)
+        store.load_newest = stalled(store.load_newest)
     summary = trainer.fit()
     result = {"status": summary.status, "steps": summary.steps, "rollbacks": summary.rollbacks, "params": hexes(net)}
     if ctx.is_main:
@@ -141,6 +162,11 @@ def test_a_rollback_that_differs_on_one_rank_never_leaves_replicas_that_differ(t
     for name in ("snapshot_missing_on_rank1", "deadline_missed_on_rank1"):
         assert rank0[name]["status"] == "halted" and rank0[name]["steps"] == 10, name
         assert [step for step, _ in rank0[name]["checkpoints"]] == [8, 10], name
+    # Rank 0's durable read stalls past the deadline (abandoned): it restores nothing, rank 1 its
+    # snapshot of 10; rank 0's untouched state (step 11) is every rank's, and both halt there.
+    stalled_run = rank0["durable_read_stalled_on_rank0"]
+    assert stalled_run["status"] == "halted" and stalled_run["steps"] == 11
+    assert [step for step, _ in stalled_run["checkpoints"]] == [8, 11]
     # Rank 0 falls back to its checkpoint of step 8, rank 1 to its snapshot of step 10: rank 0's wins,
     # and the run goes on from step 8 (the 4 batches left of epoch 2).
     done = rank0["snapshot_missing_on_rank0"]
