@@ -111,7 +111,7 @@ def _entry(rank: int, world: int, out: str) -> None:
     )
     try:
         ctx = DistributedContext.from_process_group()
-        result = scenario(ctx)
+        result = scenario(ctx, Path(out))
         (Path(out) / f"sharded-rank{rank}.json").write_text(json.dumps(result))
     except BaseException:
         traceback.print_exc()
@@ -289,9 +289,52 @@ def bytes_case(ctx: DistributedContext, k: int = 8) -> dict[str, Any]:
     return counted
 
 
-def scenario(ctx: DistributedContext) -> dict[str, Any]:
+def trainer_case(ctx: DistributedContext, out: Path) -> dict[str, Any]:
+    """The Trainer under each ``[distributed] sharding`` (fsdp: the model wrapped before the optimizer is
+    built); the sharded runs must end where the replicated one does."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from tolaria.trainer import TelemetryConfig, Trainer, TrainerConfig
+    from tolaria.trainer.config import DistributedConfig
+
+    x, y = combined_batch(99, 4, 3)
+    result = {}
+    for mode in ("none", *MODES):
+        net = Net(3)
+        if mode == "fsdp":
+            fsdp_wrap(net, ctx)
+        config = TrainerConfig(
+            epochs=1,
+            device="cpu",
+            seed=AGG_SEED,
+            run_dir=str(out / f"trainer-{mode}"),
+            telemetry=TelemetryConfig(log_every_steps=1),
+            distributed=DistributedConfig(sharding=mode),
+        )
+        loader = DataLoader(TensorDataset(x, y), batch_size=2, shuffle=True)
+
+        def loss_fn(outputs, batch):
+            return {f"s{i}": loss for i, loss in enumerate(losses(outputs, batch[1]))}
+
+        trainer = Trainer(net, optimizer(net), loader, loss_fn, config, ctx=ctx)
+        summary = trainer.fit()
+        result[mode] = {
+            "params": hexes(full_parameters(net)),
+            "status": summary.status,
+            "steps": summary.steps,
+            "buffer": type(trainer.stage.buffer).__name__,
+        }
+    return result
+
+
+def scenario(ctx: DistributedContext, out: Path) -> dict[str, Any]:
     cases = {
         f"{mode}/{name}/{k}": train_case(ctx, mode, name, k) for mode in MODES for name in AGGREGATORS for k in SOURCES
     }
     stages = {mode: stage_case(ctx, mode) for mode in ("none", *MODES)}
-    return {"cases": cases, "stages": stages, "bytes": bytes_case(ctx) if ctx.world_size == 4 else None}
+    return {
+        "cases": cases,
+        "stages": stages,
+        "bytes": bytes_case(ctx) if ctx.world_size == 4 else None,
+        "trainer": trainer_case(ctx, out) if ctx.world_size == 2 else None,
+    }

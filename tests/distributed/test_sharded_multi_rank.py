@@ -67,6 +67,18 @@ def test_sharded_modes_match_one_process_and_agree_across_ranks(tmp_path, world)
                 assert abs(float.fromhex(got["grad_norm"]) - float.fromhex(expected["grad_norm"])) < 1e-12
     assert not torch.equal(_floats(stages["zero"]["params"]), initial), "training must move the parameters"
 
+    if world == 2:  # the Trainer itself under each [distributed] sharding
+        runs = ranks[0]["trainer"]
+        assert ranks[1]["trainer"] == runs
+        assert [runs[m]["buffer"] for m in ("none", "zero", "fsdp")] == [
+            "GradientBuffer",
+            "ZeroGradientBuffer",
+            "FSDPGradientBuffer",
+        ]
+        for mode, run in runs.items():
+            assert (run["status"], run["steps"]) == ("completed", 3), mode  # 12 samples, 2 ranks, batches of 2
+            torch.testing.assert_close(_floats(run["params"]), _floats(runs["none"]["params"]), rtol=0, atol=1e-12)
+
     if world == 4:  # bytes each rank sends in one step's gradient path at K = 8, counted at the collectives
         for rank in ranks:
             sent = rank["bytes"]
