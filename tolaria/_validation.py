@@ -240,6 +240,17 @@ class Section:
     def _check_types(self, where: str) -> None:
         check_section_types(self, where)
 
+    def validate(self) -> None:
+        """Checks every value again, nested sections first: a config changed after it was built
+        (``config.epochs = -1``) fails here, naming the key, rather than inside a run."""
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if isinstance(value, Section):
+                value.validate()
+        post_init = getattr(self, "__post_init__", None)
+        if post_init is not None:
+            post_init()
+
     @classmethod
     def valid_keys(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import pytest
 
-from tolaria.trainer import TrainerConfig
+from tolaria.trainer import Trainer, TrainerConfig
 from tolaria.trainer.config import ConfigError
 
 # (dotted key, kind) -> why that bad-looking value is valid there.
@@ -86,12 +86,29 @@ def test_seed_range_is_torchs():
             TrainerConfig(seed=seed)
 
 
+def test_the_trainer_validates_a_config_assigned_after_construction(tmp_path):
+    from .helpers import make_problem
+
+    config = TrainerConfig(device="cpu", run_dir=str(tmp_path))
+    config.checkpoint.keep_last = -2
+    with pytest.raises(ConfigError, match=r"checkpoint\.keep_last must be > 0, got -2"):
+        Trainer(*make_problem(), config)
+    assert not (tmp_path / "checkpoints").exists()  # refused before anything was built
+
+
 def _check_rejected(tmp_path: Path, key: str, owner: type, name: str, value: Any) -> None:
     section, _, leaf = key.rpartition(".")
     # Python: the section's own class (as a user builds it), and TrainerConfig from a dict.
     with pytest.raises(ConfigError) as direct:
         owner(**{name: value})
     _assert_names_field_and_range(str(direct.value), key)
+    # Python, after construction: a field assigned later is caught by validate() (the Trainer calls it).
+    if not owner.__dataclass_params__.frozen:
+        config = TrainerConfig()
+        setattr(config if not section else getattr(config, section), leaf, value)
+        with pytest.raises(ConfigError) as assigned:
+            config.validate()
+        _assert_names_field_and_range(str(assigned.value), key)
     data = {leaf: value} if not section else {section: {leaf: value}}
     with pytest.raises(ConfigError) as from_dict:
         TrainerConfig.from_dict(data)

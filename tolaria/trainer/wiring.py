@@ -88,6 +88,7 @@ def check_arguments(
     config = config if config is not None else TrainerConfig()
     if not isinstance(config, TrainerConfig):
         raise TypeError(f"config must be a TrainerConfig, got {type(config).__name__}")
+    config.validate()  # its fields may have been assigned since it was built
     if isinstance(aggregator, str):
         config = dataclasses.replace(config, aggregator=aggregator)
     elif aggregator is not None and not isinstance(aggregator, Aggregator):
