@@ -208,6 +208,26 @@ def copy_j_step(trunk: str, k: int) -> Callable[[], None]:
     return step
 
 
+def low_memory_estimate(trunk: str, k: int) -> str:
+    """What the low-memory mode predicts before a step (``measure_forward`` + ``memory_estimate``)."""
+    import warnings
+
+    model = MultiHead(trunk, k)
+    x, ys = make_batch(trunk, k)
+    buffer = _tolaria_buffer(model, k, mode="low_memory")
+    with buffer.measure_forward():
+        features = model.trunk(x)
+    with warnings.catch_warnings():  # the estimate's RuntimeWarning says what its message says
+        warnings.simplefilter("ignore", RuntimeWarning)
+        buffer.backward(_losses(model, features, ys))
+    estimate = buffer.memory_estimate
+    verdict = "saves" if estimate.saves else "would not save"
+    return (
+        f"estimate: {verdict} (low_memory {estimate.low_memory_bytes / 2**20:.1f} MiB "
+        f"against buffer {estimate.buffer_bytes / 2**20:.1f} MiB)"
+    )
+
+
 def peak_step_memory(name: str, trunk: str, k: int) -> int:
     """Peak tensor bytes of building ``name``'s step and running it twice, over model and batch."""
     model = MultiHead(trunk, k)
@@ -243,6 +263,8 @@ def measure_case(trunk: str, k: int, steps: tuple[str, ...], rounds: int, memory
         for name in closures:
             if name != "copy_J":
                 rows[name]["peak"] = peak_step_memory(name, trunk, k)
+    if "ms" in rows.get("low_memory", {}):
+        rows["low_memory"]["estimate"] = low_memory_estimate(trunk, k)
     return rows
 
 
@@ -265,6 +287,10 @@ def format_case(trunk: str, k: int, rows: dict[str, dict]) -> list[str]:
             text += f"  {row['peak'] / 2**20:8.1f} MiB  x{row['peak'] / plain['peak']:5.2f} memory"
         if bound and name == "buffer":
             text += f"  (x{row['ms'] / bound:.2f} of the bound)"
+        if "peak" in row and name == "low_memory" and "peak" in rows.get("buffer", {}):
+            text += f"  (x{row['peak'] / rows['buffer']['peak']:.2f} of buffer's memory)"
+        if "estimate" in row:
+            text += f"\n{'':20s}{row['estimate']}"
         lines.append(text)
     return lines
 
