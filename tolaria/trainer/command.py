@@ -31,12 +31,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tolaria.distributed import DistributedContext, fsdp_wrap
+
 from .config import ConfigError, DistributedConfig, TrainerConfig
 from .gradient import AGGREGATOR_NAMES
 from .loop import HALTED, INTERRUPTED, RunSummary, Trainer, default_run_dir
 from .mediator import ControlState
 from .task_zoo import DEFAULT_TASK, TASK_NAMES, build_task
 from .tasks import DigitsTaskConfig
+from .wiring import open_context
 
 log = logging.getLogger("tolaria.train")
 
@@ -271,6 +274,7 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
 
+    ctx = _fsdp_context(config, task) if config.distributed.sharding == "fsdp" else None
     try:
         # The heads are task-specific: only the trunk's gradients are aggregated.
         trainer = Trainer(
@@ -283,8 +287,13 @@ def run(args: argparse.Namespace) -> int:
             executor=executor,
             evaluate=task.evaluate,
             shared=task.model.trunk,
+            ctx=ctx,
         )
+        if ctx is not None:
+            trainer._owns_ctx = True  # built here for the wrapping; the trainer closes it with itself
     except (ConfigError, ValueError, TypeError) as exc:  # a bad setting, an aggregator's bad options
+        if ctx is not None:
+            ctx.close()
         print(f"tolaria train: error: {exc}", file=sys.stderr)
         if "aggregator" in str(exc):
             print("  (an aggregator's options go in the [aggregator_options] table of --config FILE)", file=sys.stderr)
@@ -319,6 +328,21 @@ def run(args: argparse.Namespace) -> int:
         print(summary.table())
         print(f"plots: tolaria report {summary.run_dir}")
     return _exit_code(summary)
+
+
+def _fsdp_context(config: TrainerConfig, task: Any) -> DistributedContext:
+    """``--sharding fsdp``: joins the process group as the trainer would, wraps the task's model with
+    FSDP2's ``fully_shard`` (:func:`tolaria.distributed.fsdp_wrap`) and points its optimizer (which
+    has no state yet) at the sharded parameters, since both must happen before the trainer starts. In
+    one process there is nothing to shard: the model stays as it is (the stage runs as ``"none"``)."""
+    ctx, _ = open_context(config, None)
+    if ctx.is_distributed:
+        names = {id(p): name for name, p in task.model.named_parameters()}
+        fsdp_wrap(task.model, ctx)  # replaces every parameter by a DTensor of the same name
+        sharded = dict(task.model.named_parameters())
+        for group in task.optimizer.param_groups:
+            group["params"] = [sharded[names[id(p)]] for p in group["params"]]
+    return ctx
 
 
 def _exit_code(summary: RunSummary) -> int:
