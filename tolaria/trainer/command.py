@@ -303,7 +303,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         trainer.close()
         print(
-            f"tolaria train: error: the {task.name} task has {len(task.sources)} gradient sources "
+            f"tolaria train: error: the {'default' if task.name == DEFAULT_TASK else task.name} task has "
+            f"{len(task.sources)} gradient sources "
             f"({', '.join(task.sources)}): {exc}",
             file=sys.stderr,
         )
