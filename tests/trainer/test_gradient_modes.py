@@ -12,11 +12,12 @@ import pytest
 import torch
 from torch import nn
 
-from tolaria.aggregation import AGGREGATION_LEVELS, BUFFER_MODES, LowMemoryGradientBuffer
+from tolaria.aggregation import AGGREGATION_LEVELS, BUFFER_MODES, LowMemoryGradientBuffer, Mean
 from tolaria.cli import main
 from tolaria.telemetry import TelemetryEmitter
 from tolaria.trainer.config import ConfigError, TrainerConfig
 from tolaria.trainer.gradient import GradientStage, build_training_aggregator
+from tolaria.trainer.gradient_modes import GradientModes
 
 
 class _Wide(nn.Module):
@@ -88,6 +89,8 @@ def test_the_config_keys_and_their_errors():
     model = _Wide()
     with pytest.raises(ValueError, match="use aggregation_mode='buffer'"):
         GradientStage(model, build_training_aggregator("excess_mtl"), shared=model.trunk, mode="low_memory")
+    with pytest.raises(ValueError, match="single process only"):
+        GradientModes("low_memory", "params", aggregator=Mean(), shared=None, distributed=True)
     with pytest.raises(ValueError, match="needs the shared trunk as a module"):
         GradientStage(model, build_training_aggregator("mean"), shared=list(model.trunk.parameters()), level="features")
 
