@@ -24,8 +24,11 @@ as the record of what was committed (JSON, its own digest). Nothing in a checkpo
 DCP's ``.metadata`` pickle is unpickled with an allowlist and may only point at verified files,
 non-tensor values and ``extra`` load with ``weights_only=True``, tensors with DCP's own
 ``weights_only=True`` reader (:mod:`tolaria.state.dcp_safety`). The state is read into fresh tensors
-and copied into the model and optimizer only once every rank has it (``set_state_dict``), so a
-failed read leaves them untouched.
+(transiently twice the rank's shard of model and optimizer state) and copied into the model and
+optimizer only once every rank has it (``set_state_dict``), so a failed read leaves the parameters
+untouched. One thing DCP does first: an optimizer with no state yet gets its state made by
+``get_state_dict`` (one step with zero gradients and the learning rate set to 0, which moves no
+parameter), so that there are tensors to read into.
 
 DCP reshards on load: a checkpoint written on 4 ranks resumes on 2 (or 8), as long as the ranks'
 ``extra`` states were identical (the trainer's are, except ExcessMTL's shard-local state, which
@@ -230,9 +233,12 @@ class ShardedCheckpointStore:
                 f"manifest {path} is unreadable or corrupt ({type(exc).__name__}: {exc}); it is the record of "
                 "committed checkpoints, so nothing was changed: repair or move it away"
             ) from exc
-        if not self._leftovers_checked:
+        if not self._leftovers_checked:  # files of an interrupted write, once per store
             self._leftovers_checked = True
-            self._remove_leftovers({e.dir for e in entries})
+            committed = {e.dir for e in entries}
+            for p in sorted(self.root.iterdir()):
+                if p.name.startswith(TEMP_PREFIX) or (_DIR_NAME.match(p.name) and p.name not in committed):
+                    self._remove(p, "an uncommitted checkpoint left by an interrupted write")
         return entries, sequence
 
     def _write_manifest(self, entries: Sequence[ShardedCheckpointEntry], sequence: int) -> None:
@@ -243,15 +249,6 @@ class ShardedCheckpointStore:
         os.replace(tmp, self.root / _MANIFEST_NAME)
         _fsync_dir(self.root)
 
-    def _remove_leftovers(self, committed: set[str]) -> None:
-        leftovers = sorted(
-            p
-            for p in self.root.iterdir()
-            if p.name.startswith(TEMP_PREFIX) or (_DIR_NAME.match(p.name) and p.name not in committed)
-        )
-        for path in leftovers:
-            self._remove(path, "an uncommitted checkpoint left by an interrupted write")
-
     def _remove(self, path: Path, why: str, *, leftover: bool = True) -> None:
         """Deletes ``path``; a leftover's removal is reported, a routine one (keep_last) only if it fails."""
         try:
@@ -261,6 +258,12 @@ class ShardedCheckpointStore:
             return
         if leftover:
             report(self.telemetry, "state.leftovers_removed", "warning", f"removed {path}: {why}", file=path.name)
+
+    def _manifest_has(self, sequence: int) -> bool:
+        try:
+            return json.loads((self.root / _MANIFEST_NAME).read_text(encoding="utf-8")).get("sequence") == sequence
+        except (OSError, ValueError, AttributeError):
+            return False
 
     @property
     def entries(self) -> tuple[ShardedCheckpointEntry, ...]:
@@ -367,7 +370,8 @@ class ShardedCheckpointStore:
         try:
             self._write_manifest(kept[-self.keep_last :], entry.sequence)
         except BaseException:
-            self._remove(self.root / entry.dir, f"the manifest update for step {entry.step} failed")
+            if not self._manifest_has(entry.sequence):  # renamed into place but not fsynced: it stays listed
+                self._remove(self.root / entry.dir, f"the manifest update for step {entry.step} failed")
             raise
         for old, why in dropped:
             self._remove(self.root / old.dir, f"checkpoint of step {old.step} {why}", leftover=False)
