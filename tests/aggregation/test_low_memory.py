@@ -245,3 +245,17 @@ def test_non_finite_sources_are_named_or_propagated_as_in_the_buffer_mode():
         out, stats = buf.aggregate(build_aggregator("upgrad", nonfinite="propagate"), return_stats=True)
         assert torch.isnan(stats.weights).all() and torch.isnan(out).all(), mode
         assert torch.isfinite(stats.gram[[0, 2]][:, [0, 2]]).all(), mode  # the other sources stay finite
+
+
+def test_a_functorch_without_the_private_unwrap_falls_back_exactly(monkeypatch):
+    import tolaria.aggregation.low_memory as low_memory
+
+    def missing(grad, k):
+        raise AttributeError("module 'torch._C._functorch' has no attribute 'get_unwrapped'")
+
+    monkeypatch.setattr(low_memory, "_unbatch", missing)
+    reference = _run("mgda", "buffer", steps=1)
+    with pytest.warns(RuntimeWarning, match="AttributeError: module 'torch._C._functorch'"):
+        low = _run("mgda", "low_memory", steps=1)
+    assert not low[2].batched
+    _assert_same(reference, low)
