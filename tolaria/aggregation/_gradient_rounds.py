@@ -165,11 +165,9 @@ class OutputRound(GradientBuffer):
 
     def _plain_head_gradients(self, losses: list[Tensor]) -> None:
         """The heads' plain gradient (the sum over the sources), as the buffer mode gives them."""
-        if self.unshared_params:
-            reached = [p for p in self.unshared_params]
-            torch.autograd.backward(
-                torch.stack([loss.reshape(()) for loss in losses]).sum(), inputs=reached, retain_graph=True
-            )
+        if self.unshared_params:  # one pass through the heads only: autograd stops at the inputs it needs
+            total = torch.stack([loss.reshape(()) for loss in losses]).sum()
+            torch.autograd.backward(total, inputs=self.unshared_params, retain_graph=True)
 
     def _bind_output(self) -> None:
         """Points every shared ``.grad`` at its view of ``output``; what it held joins the aggregate."""
