@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from tolaria.emergency import EmergencyController, EmergencyLevel, LocalEmergencySignal
+from tolaria.signals import SignalLayoutError
 from tolaria.state import StateManager
 from tolaria.telemetry import MemorySink, TelemetryEmitter
 from tolaria.trainer.config import SafetyConfig
@@ -135,3 +136,18 @@ def test_a_level_raised_by_someone_else_is_left_alone(env):
     emergency.escalate(EmergencyLevel.ELEVATED, "someone else")
     g.end_epoch(0)
     assert emergency.level == EmergencyLevel.ELEVATED
+
+
+@pytest.mark.parametrize("error", [SignalLayoutError("bad reason length"), RuntimeError("record stuck mid-write")])
+def test_an_unreadable_signal_halts_at_the_step_boundary_loudly(env, monkeypatch, error):
+    sink, _, _, emergency, *_ = env
+    g = guard(env)
+    assert g.halt_reason() is None
+
+    def unreadable(_self):
+        raise error
+
+    monkeypatch.setattr(type(emergency), "level", property(unreadable))
+    reason = g.halt_reason()
+    assert reason is not None and "emergency signal unreadable" in reason and str(error) in reason
+    assert [r["kind"] for r in sink.records if r.get("kind") == "safety.signal_unreadable"]

@@ -19,6 +19,7 @@ from typing import Any
 from torch import nn
 
 from tolaria.emergency import EmergencyController, EmergencyLevel
+from tolaria.signals import SignalLayoutError
 from tolaria.telemetry import TelemetryEmitter, emitter_or_default
 
 from .config import SafetyConfig
@@ -146,11 +147,19 @@ class SafetyGuard:
 
     def halt_reason(self) -> str | None:
         """Why the run must stop now (the level is HALT: local or from the shared signal), or None."""
-        level = self.emergency.level
-        if level < EmergencyLevel.HALT:
-            return None
-        signal = self.emergency.signal
-        reason = signal.read().reason if signal is not None else ""
+        try:
+            level = self.emergency.level
+            if level < EmergencyLevel.HALT:
+                return None
+            signal = self.emergency.signal
+            reason = signal.read().reason if signal is not None else ""
+        except (SignalLayoutError, RuntimeError) as exc:
+            # A signal that cannot be read may be hiding a HALT (corrupted, or its writer stuck): stop
+            # at this step boundary, with the last committed checkpoint intact, rather than train blind.
+            reason = f"emergency signal unreadable ({type(exc).__name__}: {exc}); halting"
+            log.critical(reason)
+            self.telemetry.event("safety.signal_unreadable", severity="critical", message=reason)
+            return reason
         return reason or "emergency level HALT"
 
     def check_epoch_time(self, epoch: int, elapsed_s: float) -> bool:
