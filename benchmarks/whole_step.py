@@ -271,9 +271,10 @@ def measure_case(trunk: str, k: int, steps: tuple[str, ...], rounds: int, memory
 def format_case(trunk: str, k: int, rows: dict[str, dict]) -> list[str]:
     plain = rows["plain"]
     bound = rows["k_backward"]["ms"] + rows["copy_J"]["ms"] if "ms" in rows.get("k_backward", {}) else None
+    peak = f", peak {plain['peak'] / 2**20:.1f} MiB" if "peak" in plain else ""
     lines = [
-        f"{trunk} ({trunk_parameters(trunk) / 1e6:.1f}M, batch {BATCH[trunk]}) K={k}: plain {plain['ms']:.1f} ms, "
-        f"peak {plain.get('peak', 0) / 2**20:.1f} MiB; copy_J {rows['copy_J']['ms']:.1f} ms"
+        f"{trunk} ({trunk_parameters(trunk) / 1e6:.1f}M, batch {BATCH[trunk]}) K={k}: plain {plain['ms']:.1f} ms"
+        f"{peak}; copy_J {rows['copy_J']['ms']:.1f} ms"
         + (f"; bound (k_backward + copy_J) {bound:.1f} ms" if bound else "")
     ]
     for name, row in rows.items():
