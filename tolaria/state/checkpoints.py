@@ -39,7 +39,7 @@ from torch.utils.serialization import config as serialization_config
 
 from tolaria.state.durable_io import FdFile, checksum_algorithms, manifest_digest, new_hasher
 from tolaria.state.errors import CheckpointError, StagingCancelled
-from tolaria.state.reporting import report
+from tolaria.state.reporting import report, report_fallback
 from tolaria.state.trees import check_loadable
 from tolaria.telemetry import TelemetryEmitter, emitter_or_default
 
@@ -480,14 +480,7 @@ class CheckpointStore:
                 return entry, self.load(entry, cancel)
             except CheckpointError as exc:
                 failures.append(str(exc))
-                report(
-                    self.telemetry,
-                    "state.checkpoint_invalid",
-                    "error",
-                    f"{exc}; falling back to the previous checkpoint",
-                    step=entry.step,
-                    file=entry.file,
-                )
+                report_fallback(self.telemetry, str(exc), entry.step, entry.file)
         raise CheckpointError(f"no committed checkpoint in {self.root} verifies: " + "; ".join(failures))
 
     def close(self) -> None:

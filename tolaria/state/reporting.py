@@ -7,7 +7,7 @@ from typing import Any
 
 from tolaria.telemetry import _LOG_LEVELS, TelemetryEmitter
 
-__all__ = ["report"]
+__all__ = ["report", "report_fallback"]
 
 log = logging.getLogger("tolaria.state")
 
@@ -23,3 +23,15 @@ def report(telemetry: TelemetryEmitter, kind: str, severity: str, message: str, 
         return
     log.log(_LOG_LEVELS[severity], "%s: %s", kind, message)
     telemetry.event(kind, severity=severity, message=message, **fields)
+
+
+def report_fallback(telemetry: TelemetryEmitter, problem: str, step: int, file: Any) -> None:
+    """A committed checkpoint that does not verify or load: the reader falls back to the one before."""
+    report(
+        telemetry,
+        "state.checkpoint_invalid",
+        "error",
+        f"{problem}; falling back to the previous checkpoint",
+        step=step,
+        file=file,
+    )

@@ -60,7 +60,7 @@ from tolaria.state.checkpoints import TEMP_PREFIX, _fsync_dir, _read_chunk, _wri
 from tolaria.state.dcp_safety import VerifiedMetadataReader, WeightsOnlyLoadPlanner
 from tolaria.state.durable_io import FdFile, checksum_algorithms, manifest_digest, new_hasher
 from tolaria.state.errors import CheckpointError, StateError, StateMismatchError
-from tolaria.state.reporting import report
+from tolaria.state.reporting import report, report_fallback
 from tolaria.state.trees import check_loadable, map_tensors
 from tolaria.telemetry import TelemetryEmitter, emitter_or_default
 
@@ -431,14 +431,7 @@ class ShardedCheckpointStore:
                     problem = str(exc)
             failures.append(problem)
             if self.rank == 0:
-                report(
-                    self.telemetry,
-                    "state.checkpoint_invalid",
-                    "error",
-                    f"{problem}; falling back to the previous checkpoint",
-                    step=entry.step,
-                    file=entry.dir,
-                )
+                report_fallback(self.telemetry, problem, entry.step, entry.dir)
         raise CheckpointError(f"no committed sharded checkpoint in {self.root} verifies: " + "; ".join(failures))
 
     def _agree_typed(self, error: Exception | None, source: str) -> None:
