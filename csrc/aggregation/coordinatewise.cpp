@@ -38,12 +38,13 @@ const CoordinatewiseTable& active_coordinatewise() {
   const char* name = active_kernels().name;
   static const CoordinatewiseTable* const tables[] = {
 #if defined(__x86_64__)
-      &kAvx512Coordinatewise, &kAvx2Coordinatewise,
+    &kAvx512Coordinatewise,
+    &kAvx2Coordinatewise,
 #endif
 #if defined(__aarch64__)
-      &kNeonCoordinatewise,
+    &kNeonCoordinatewise,
 #endif
-      &kBaselineCoordinatewise,
+    &kBaselineCoordinatewise,
   };
   for (const CoordinatewiseTable* table : tables) {
     if (std::strcmp(table->name, name) == 0) return *table;
@@ -57,7 +58,7 @@ std::vector<int32_t> merge_exchange_pairs(int64_t n) {
   int t = 0;
   while ((int64_t{1} << t) < n) ++t;
   for (int64_t p = int64_t{1} << (t - 1); p > 0; p >>= 1) {  // M1, M5
-    int64_t q = int64_t{1} << (t - 1), r = 0, d = p;          // M2
+    int64_t q = int64_t{1} << (t - 1), r = 0, d = p;         // M2
     while (true) {
       for (int64_t i = 0; i < n - d; ++i) {  // M3
         if ((i & p) == r) {
@@ -74,8 +75,8 @@ std::vector<int32_t> merge_exchange_pairs(int64_t n) {
   return pairs;
 }
 
-bool graddrop(const std::vector<uintptr_t>& rows, int64_t n, int dtype, uintptr_t leak, uint32_t key0,
-              uint32_t key1, uintptr_t out, int threads) {
+bool graddrop(const std::vector<uintptr_t>& rows, int64_t n, int dtype, uintptr_t leak, uint32_t key0, uint32_t key1,
+              uintptr_t out, int threads) {
   const int64_t k = static_cast<int64_t>(rows.size());
   const std::vector<const void*> ptrs = to_pointers(rows);
   const CoordinatewiseTable& table = active_coordinatewise();
@@ -90,8 +91,7 @@ bool graddrop(const std::vector<uintptr_t>& rows, int64_t n, int dtype, uintptr_
   return all_true(finite);
 }
 
-bool trimmed_mean(const std::vector<uintptr_t>& rows, int64_t n, int dtype, int64_t trim, uintptr_t out,
-                  int threads) {
+bool trimmed_mean(const std::vector<uintptr_t>& rows, int64_t n, int dtype, int64_t trim, uintptr_t out, int threads) {
   const int64_t k = static_cast<int64_t>(rows.size());
   const std::vector<const void*> ptrs = to_pointers(rows);
   const std::vector<int32_t> pairs = merge_exchange_pairs(k);

@@ -51,9 +51,8 @@ std::vector<int32_t> merge_exchange_pairs(int64_t n);
 
 // The drivers the bindings call (rows: K row pointers of n elements); each returns whether every
 // input value was finite. `threads`: the most threads of torch's team to use.
-bool graddrop(const std::vector<uintptr_t>& rows, int64_t n, int dtype, uintptr_t leak, uint32_t key0,
-              uint32_t key1, uintptr_t out, int threads);
-bool trimmed_mean(const std::vector<uintptr_t>& rows, int64_t n, int dtype, int64_t trim, uintptr_t out,
-                  int threads);
+bool graddrop(const std::vector<uintptr_t>& rows, int64_t n, int dtype, uintptr_t leak, uint32_t key0, uint32_t key1,
+              uintptr_t out, int threads);
+bool trimmed_mean(const std::vector<uintptr_t>& rows, int64_t n, int dtype, int64_t trim, uintptr_t out, int threads);
 
 }  // namespace tolaria::cpu

@@ -35,8 +35,7 @@ bool has_avx512() {
   __builtin_cpu_init();
   // x86-64-v4, the flags isa_avx512.cpp is compiled with.
   return has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("avx512dq") &&
-         __builtin_cpu_supports("avx512vl");
+         __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
 }
 #endif
 bool always() { return true; }
@@ -44,13 +43,13 @@ bool always() { return true; }
 const std::vector<Level>& levels() {
   static const std::vector<Level> all = {
 #if defined(__x86_64__)
-      {&kAvx512Kernels, &has_avx512},
-      {&kAvx2Kernels, &has_avx2},
+    {&kAvx512Kernels, &has_avx512},
+    {&kAvx2Kernels, &has_avx2},
 #endif
 #if defined(__aarch64__)
-      {&kNeonKernels, &always},
+    {&kNeonKernels, &always},
 #endif
-      {&kBaselineKernels, &always},
+    {&kBaselineKernels, &always},
   };
   return all;
 }

@@ -61,7 +61,6 @@ TOLARIA_INLINE U float_bits_to_half(U f) {
   const U odd = (magnitude >> 13) & 1u;
   const U normal = (magnitude + 0xc8000fffu + odd) >> 13;  // 0xc8000fff = ((15 - 127) << 23) + 0xfff
   const U special = magnitude > 0x7f800000u ? splat<U>(0x7e00u) : splat<U>(0x7c00u);
-  const U result =
-      magnitude >= 0x47800000u ? special : (magnitude < 0x38800000u ? small : U(normal & 0xffffu));
+  const U result = magnitude >= 0x47800000u ? special : (magnitude < 0x38800000u ? small : U(normal & 0xffffu));
   return result | (sign >> 16);
 }

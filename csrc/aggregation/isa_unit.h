@@ -21,8 +21,8 @@ namespace {
 }  // namespace
 
 // Defines tolaria::cpu::k<Traits>Kernels and k<Traits>Coordinatewise, the tables dispatch.cpp names.
-#define TOLARIA_DEFINE_ISA_TABLES(Traits)                                                         \
-  namespace tolaria::cpu {                                                                        \
-  extern const KernelTable k##Traits##Kernels = Kernels<Traits>::table();                         \
-  extern const CoordinatewiseTable k##Traits##Coordinatewise = Coordinatewise<Traits>::table();   \
+#define TOLARIA_DEFINE_ISA_TABLES(Traits)                                                       \
+  namespace tolaria::cpu {                                                                      \
+  extern const KernelTable k##Traits##Kernels = Kernels<Traits>::table();                       \
+  extern const CoordinatewiseTable k##Traits##Coordinatewise = Coordinatewise<Traits>::table(); \
   }

@@ -141,7 +141,6 @@ struct Kernels {
 
   // ---- Gram, fast path -----------------------------------------------------------------------
 
-
   // One tile: rows i0..i0+BI-1 against rows j0..j0+BJ-1 over `len` columns of the chunk; on the
   // diagonal (i0 == j0) only the pairs b <= a. Accumulators stay in registers across the chunk.
   // V: the vector type (vf for float lanes, vd for the wide path's double lanes), T its element.
@@ -334,8 +333,8 @@ struct Kernels {
   // ---- combine -------------------------------------------------------------------------------
 
   template <DType D>
-  static bool combine_range_lowp(const void* const* rows, int64_t k, const double* weights, int64_t begin,
-                                 int64_t end, void* out, bool stream) {
+  static bool combine_range_lowp(const void* const* rows, int64_t k, const double* weights, int64_t begin, int64_t end,
+                                 void* out, bool stream) {
     constexpr int V = Isa::kCombineVectors;
     constexpr int64_t block = V * L;
     float* w = static_cast<float*>(alloca(sizeof(float) * static_cast<size_t>(k)));
@@ -371,8 +370,8 @@ struct Kernels {
     return finite;
   }
 
-  static bool combine_range_f64(const void* const* rows, int64_t k, const double* weights, int64_t begin,
-                                int64_t end, void* out) {
+  static bool combine_range_f64(const void* const* rows, int64_t k, const double* weights, int64_t begin, int64_t end,
+                                void* out) {
     double* o = static_cast<double*>(out);
     double check = 0.0;  // sum of o * 0: stays 0 unless some o is NaN or inf
     constexpr int64_t chunk = 512;
@@ -410,8 +409,8 @@ struct Kernels {
   }
 
   template <DType D>
-  static bool combine_range_wide(const void* const* rows, int64_t k, const double* weights, int64_t begin,
-                                 int64_t end, void* out) {
+  static bool combine_range_wide(const void* const* rows, int64_t k, const double* weights, int64_t begin, int64_t end,
+                                 void* out) {
     constexpr int V = Isa::kCombineVectors;
     constexpr int64_t block = V * DL;
     int64_t c = begin;

@@ -102,8 +102,8 @@ void gram(const std::vector<uintptr_t>& rows, int64_t n, int dtype, uintptr_t ou
 
 constexpr int64_t kStreamBytes = 8 << 20;
 
-bool combine(const std::vector<uintptr_t>& rows, int64_t n, int dtype, uintptr_t weights, uintptr_t out,
-             int threads, bool wide) {
+bool combine(const std::vector<uintptr_t>& rows, int64_t n, int dtype, uintptr_t weights, uintptr_t out, int threads,
+             bool wide) {
   const int64_t k = static_cast<int64_t>(rows.size());
   std::vector<const void*> ptrs = to_pointers(rows);
   const double* w = reinterpret_cast<const double*>(weights);
@@ -146,9 +146,10 @@ PYBIND11_MODULE(_aggregation_cpu, m) {
         "whether every input value was finite.");
   m.def("merge_exchange_pairs", &tolaria::cpu::merge_exchange_pairs, py::arg("n"),
         "The sorting network TrimmedMean uses for n keys, as a flat list of (lo, hi) index pairs (for tests).");
-  m.def("isa", [] { return std::string(tolaria::cpu::active_kernels().name); },
-        "The ISA level whose kernels run now.");
-  m.def("lanes", [] { return tolaria::cpu::active_kernels().lanes; }, "Floats per vector of the level in use.");
+  m.def(
+      "isa", [] { return std::string(tolaria::cpu::active_kernels().name); }, "The ISA level whose kernels run now.");
+  m.def(
+      "lanes", [] { return tolaria::cpu::active_kernels().lanes; }, "Floats per vector of the level in use.");
   m.def("set_isa", &tolaria::cpu::select_level, py::arg("level"),
         "Runs the kernels of `level` from now on (ValueError if unknown or unsupported here).");
   m.def("compiled_isa_levels", &tolaria::cpu::compiled_levels, "ISA levels built in, widest first.");

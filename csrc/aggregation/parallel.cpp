@@ -58,9 +58,8 @@ Runtime discover() {
     found.parallel = reinterpret_cast<GompParallel>(dlsym(RTLD_DEFAULT, "GOMP_parallel"));
     if (found.parallel != nullptr) {
       Dl_info info;
-      found.library = dladdr(reinterpret_cast<void*>(found.parallel), &info) && info.dli_fname
-                          ? info.dli_fname
-                          : "GOMP_parallel";
+      found.library =
+          dladdr(reinterpret_cast<void*>(found.parallel), &info) && info.dli_fname ? info.dli_fname : "GOMP_parallel";
     }
   }
   return found;

@@ -161,14 +161,13 @@ inline bool process_alive(uint32_t pid) {
 inline void check_name(const std::string& name) {
   bool ok = !name.empty() && name.size() <= kMaxNameLength && name[0] != '.';
   for (char c : name) {
-    bool allowed = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-                   c == '.' || c == '_' || c == '-';
+    bool allowed =
+        (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' || c == '_' || c == '-';
     ok = ok && allowed;
   }
   if (!ok) {
-    throw std::invalid_argument(
-        "invalid signal name '" + name + "': use 1 to " + std::to_string(kMaxNameLength) +
-        " characters among letters, digits, '.', '_' and '-', not starting with '.' (no '/')");
+    throw std::invalid_argument("invalid signal name '" + name + "': use 1 to " + std::to_string(kMaxNameLength) +
+                                " characters among letters, digits, '.', '_' and '-', not starting with '.' (no '/')");
   }
 }
 
@@ -243,7 +242,8 @@ static_assert(offsetof(Header, magic) == 0 && offsetof(Header, layout_version) =
                   offsetof(Header, creator_pid) == 12 && offsetof(Header, segment_size) == 16 &&
                   offsetof(Header, writer_pid) == 24 && offsetof(Header, wake_word) == 28 &&
                   offsetof(Header, seq) == 32 && offsetof(Header, generation) == 40 &&
-                  offsetof(Header, trigger_generation) == 48 && offsetof(Header, is_set) == 56 && offsetof(Header, waiters) == 60,
+                  offsetof(Header, trigger_generation) == 48 && offsetof(Header, is_set) == 56 &&
+                  offsetof(Header, waiters) == 60,
               "header offsets are part of the layout");
 
 // The magic numbers of every Tolaria signal kind, to name the kind a mismatched segment holds.
@@ -306,10 +306,10 @@ class SharedSeqlock {
       if (auto adopted = reclaim(name, path)) return adopted;
       // The stale segment was removed (or vanished); create it afresh.
     }
-    throw OsError(EEXIST,
-                  std::string("cannot create ") + Payload::kKind + " signal '" + name +
-                      "': other processes keep re-creating it",
-                  name);
+    throw OsError(
+        EEXIST,
+        std::string("cannot create ") + Payload::kKind + " signal '" + name + "': other processes keep re-creating it",
+        name);
   }
 
   static std::unique_ptr<SharedSeqlock> attach(const std::string& name) {
@@ -318,8 +318,9 @@ class SharedSeqlock {
     int fd = shm_open(path.c_str(), O_RDWR, 0);
     if (fd < 0) {
       if (errno == ENOENT) {
-        throw OsError(ENOENT, std::string("no ") + Payload::kKind + " signal named '" + name +
-                                  "' exists (create() it first)", name);
+        throw OsError(ENOENT,
+                      std::string("no ") + Payload::kKind + " signal named '" + name + "' exists (create() it first)",
+                      name);
       }
       throw os_error(errno, "cannot open shared memory for", name);
     }
@@ -442,8 +443,7 @@ class SharedSeqlock {
         uint32_t writer = h.writer_pid.load(std::memory_order_acquire);
         if (mid_write && !process_alive(writer)) {
           throw TornRecordError(std::string("the ") + Payload::kKind + " signal '" + name_ +
-                                "' holds a half-written record: its writer (pid " +
-                                std::to_string(writer) +
+                                "' holds a half-written record: its writer (pid " + std::to_string(writer) +
                                 ") died mid-write; the next trigger() or clear() repairs it");
         }
         const double now = monotonic_seconds();
@@ -451,9 +451,9 @@ class SharedSeqlock {
         if (now > give_up_at) {
           throw TornRecordError(std::string("the ") + Payload::kKind + " signal '" + name_ + "' gave no consistent " +
                                 "record for " + std::to_string(kStuckSeconds) + " s (" +
-                                (mid_write ? "stuck mid-write, writer pid " + std::to_string(writer) +
-                                                 " alive or stopped"
-                                           : "its sequence keeps moving") +
+                                (mid_write
+                                     ? "stuck mid-write, writer pid " + std::to_string(writer) + " alive or stopped"
+                                     : "its sequence keeps moving") +
                                 "): the segment is corrupted or its writer is stopped; the next trigger() or "
                                 "clear() repairs it");
         }
@@ -512,8 +512,7 @@ class SharedSeqlock {
       ts.tv_sec = static_cast<time_t>(remaining);
       ts.tv_nsec = static_cast<long>((remaining - static_cast<double>(ts.tv_sec)) * 1e9);
       // Not FUTEX_PRIVATE: the word is shared between processes.
-      long rc = syscall(SYS_futex, reinterpret_cast<uint32_t*>(&h.wake_word), FUTEX_WAIT, word, &ts,
-                        nullptr, 0);
+      long rc = syscall(SYS_futex, reinterpret_cast<uint32_t*>(&h.wake_word), FUTEX_WAIT, word, &ts, nullptr, 0);
       if (rc != 0) {
         if (errno == EINTR) {
           interrupted();
@@ -554,8 +553,10 @@ class SharedSeqlock {
     int fd = shm_open(path.c_str(), O_RDONLY, 0);
     if (fd < 0) {
       if (errno == ENOENT) {
-        throw OsError(ENOENT, std::string("cannot unlink ") + Payload::kKind + " signal '" + name_ +
-                                  "': the name no longer exists", name_);
+        throw OsError(
+            ENOENT,
+            std::string("cannot unlink ") + Payload::kKind + " signal '" + name_ + "': the name no longer exists",
+            name_);
       }
       throw os_error(errno, "cannot open shared memory to unlink", name_);
     }
@@ -697,21 +698,21 @@ class SharedSeqlock {
     if (magic != Payload::kMagic) {
       const char* kind = known_kind(magic);
       throw LayoutError(std::string("shared memory '") + name_ + "' is not a Tolaria " + Payload::kKind +
-                        " signal: it holds " + (kind ? std::string("a Tolaria ") + kind + " signal" :
-                                                       std::string("a foreign segment (unknown magic number)")));
+                        " signal: it holds " +
+                        (kind ? std::string("a Tolaria ") + kind + " signal"
+                              : std::string("a foreign segment (unknown magic number)")));
     }
     const uint32_t version = h.layout_version.load(std::memory_order_relaxed);
     if (version != Payload::kVersion) {
       throw LayoutError(std::string(Payload::kKind) + " signal '" + name_ + "' has layout version " +
-                        std::to_string(version) + "; this build reads version " +
-                        std::to_string(Payload::kVersion) +
+                        std::to_string(version) + "; this build reads version " + std::to_string(Payload::kVersion) +
                         " (a process from another Tolaria build made it; unlink it or use matching builds)");
     }
     const uint64_t size = h.segment_size.load(std::memory_order_relaxed);
     if (size != kSegmentSize || segment_file_size() < static_cast<off_t>(kSegmentSize)) {
       throw LayoutError(std::string(Payload::kKind) + " signal '" + name_ + "' records a size of " +
-                        std::to_string(size) + " bytes; layout version " + std::to_string(version) +
-                        " is " + std::to_string(kSegmentSize) + " bytes");
+                        std::to_string(size) + " bytes; layout version " + std::to_string(version) + " is " +
+                        std::to_string(kSegmentSize) + " bytes");
     }
   }
 
@@ -745,8 +746,9 @@ class SharedSeqlock {
                              old->segment_file_size() >= static_cast<off_t>(kSegmentSize);
     for (;;) {
       if (process_alive(creator)) {
-        throw OsError(EEXIST, std::string(Payload::kKind) + " signal '" + name + "' already exists and its creator (pid " +
-                                  std::to_string(creator) + ") is alive; attach() to it, or unlink() it first",
+        throw OsError(EEXIST,
+                      std::string(Payload::kKind) + " signal '" + name + "' already exists and its creator (pid " +
+                          std::to_string(creator) + ") is alive; attach() to it, or unlink() it first",
                       name);
       }
       if (!same_layout) {
@@ -862,8 +864,8 @@ class SharedSeqlock {
     h.wake_word.fetch_add(1, std::memory_order_seq_cst);
 #if TOLARIA_SIGNAL_FUTEX
     if (h.waiters.load(std::memory_order_seq_cst) != 0) {
-      long woken = syscall(SYS_futex, reinterpret_cast<uint32_t*>(&h.wake_word), FUTEX_WAKE, INT_MAX, nullptr,
-                           nullptr, 0);
+      long woken =
+          syscall(SYS_futex, reinterpret_cast<uint32_t*>(&h.wake_word), FUTEX_WAKE, INT_MAX, nullptr, nullptr, 0);
       if (hand_over && woken > 0) sched_yield();
     }
 #endif

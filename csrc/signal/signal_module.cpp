@@ -163,7 +163,8 @@ double check_timeout(std::optional<double> timeout_s) {
 std::optional<uint64_t> check_generation(std::optional<int64_t> after_generation) {
   if (!after_generation.has_value()) return std::nullopt;
   if (*after_generation < 0) {
-    throw std::invalid_argument("after_generation must be a generation (>= 0), got " + std::to_string(*after_generation));
+    throw std::invalid_argument("after_generation must be a generation (>= 0), got " +
+                                std::to_string(*after_generation));
   }
   return static_cast<uint64_t>(*after_generation);
 }
@@ -207,14 +208,15 @@ py::class_<SharedSeqlock<Payload>> bind_signal(py::module_& m, const char* cls_n
       },
       py::arg("name"),
       "Creates the signal `name` (cleared, generation 0) and returns a handle on it.\n\n"
-       "Raises FileExistsError when the name exists and its creator is alive, SignalLayoutError when it\n"
-       "holds something else. A segment whose creator died is reclaimed: with this layout it is adopted\n"
-       "in place (attached processes stay connected; the record is cleared, the generation keeps\n"
-       "counting; `reclaimed_pid` names the dead creator), with another layout version it is replaced.");
+      "Raises FileExistsError when the name exists and its creator is alive, SignalLayoutError when it\n"
+      "holds something else. A segment whose creator died is reclaimed: with this layout it is adopted\n"
+      "in place (attached processes stay connected; the record is cleared, the generation keeps\n"
+      "counting; `reclaimed_pid` names the dead creator), with another layout version it is replaced.");
   cls.def_static("attach", &Core::attach, py::arg("name"),
                  ("Attaches to the existing signal `name`. Raises FileNotFoundError when it does not exist,\n"
                   "PermissionError when another user owns it or others may write it, and SignalLayoutError\n"
-                  "when it is not a " + kind + " signal of this layout version.")
+                  "when it is not a " +
+                  kind + " signal of this layout version.")
                      .c_str());
   cls.def_static(
       "create_or_attach",
@@ -317,7 +319,8 @@ PYBIND11_MODULE(_signal, m) {
   m.doc() = "Cross-process emergency and deadline signals over POSIX shared memory (see tolaria.signals).";
 
   static py::exception<LayoutError> layout_error(m, "SignalLayoutError", PyExc_RuntimeError);
-  layout_error.doc() = "A shared-memory name holds a segment this build cannot read (foreign, other kind or layout version).";
+  layout_error.doc() =
+      "A shared-memory name holds a segment this build cannot read (foreign, other kind or layout version).";
   py::register_exception_translator([](std::exception_ptr p) {
     try {
       if (p) std::rethrow_exception(p);
@@ -351,21 +354,28 @@ PYBIND11_MODULE(_signal, m) {
       .def_readonly("timestamp_ms", &SignalState::timestamp_ms)
       .def_readonly("generation", &SignalState::generation)
       .def_readonly("is_set", &SignalState::is_set)
-      .def("__eq__",
-           [](const SignalState& a, const SignalState& b) {
-             return a.level == b.level && a.reason == b.reason && a.timestamp_ms == b.timestamp_ms &&
-                    a.generation == b.generation && a.is_set == b.is_set;
-           }, py::is_operator())
-      .def("__hash__", [](const SignalState& s) {
-        return py::hash(py::make_tuple(s.level, s.reason, s.timestamp_ms, s.generation, s.is_set));
-      })
-      .def("__repr__", [](const SignalState& s) {
-        return "SignalState(level=" + std::to_string(s.level) + ", reason=" + py::repr(py::str(s.reason)).cast<std::string>() +
-               ", timestamp_ms=" + py::repr(py::float_(s.timestamp_ms)).cast<std::string>() +
-               ", generation=" + std::to_string(s.generation) + ", is_set=" + (s.is_set ? "True" : "False") + ")";
-      })
+      .def(
+          "__eq__",
+          [](const SignalState& a, const SignalState& b) {
+            return a.level == b.level && a.reason == b.reason && a.timestamp_ms == b.timestamp_ms &&
+                   a.generation == b.generation && a.is_set == b.is_set;
+          },
+          py::is_operator())
+      .def("__hash__",
+           [](const SignalState& s) {
+             return py::hash(py::make_tuple(s.level, s.reason, s.timestamp_ms, s.generation, s.is_set));
+           })
+      .def("__repr__",
+           [](const SignalState& s) {
+             return "SignalState(level=" + std::to_string(s.level) +
+                    ", reason=" + py::repr(py::str(s.reason)).cast<std::string>() +
+                    ", timestamp_ms=" + py::repr(py::float_(s.timestamp_ms)).cast<std::string>() +
+                    ", generation=" + std::to_string(s.generation) + ", is_set=" + (s.is_set ? "True" : "False") + ")";
+           })
       .def(py::pickle(
-          [](const SignalState& s) { return py::make_tuple(s.level, s.reason, s.timestamp_ms, s.generation, s.is_set); },
+          [](const SignalState& s) {
+            return py::make_tuple(s.level, s.reason, s.timestamp_ms, s.generation, s.is_set);
+          },
           [](const py::tuple& t) {
             return SignalState{t[0].cast<int>(), t[1].cast<std::string>(), t[2].cast<double>(), t[3].cast<uint64_t>(),
                                t[4].cast<bool>()};
@@ -382,23 +392,28 @@ PYBIND11_MODULE(_signal, m) {
       .def_readonly("reason", &DeadlineState::reason)
       .def_readonly("generation", &DeadlineState::generation)
       .def_readonly("is_set", &DeadlineState::is_set)
-      .def("__eq__",
-           [](const DeadlineState& a, const DeadlineState& b) {
-             return a.timestamp_ms == b.timestamp_ms && a.reason == b.reason && a.generation == b.generation &&
-                    a.is_set == b.is_set;
-           }, py::is_operator())
-      .def("__hash__", [](const DeadlineState& s) {
-        return py::hash(py::make_tuple(s.timestamp_ms, s.reason, s.generation, s.is_set));
-      })
-      .def("__repr__", [](const DeadlineState& s) {
-        return "DeadlineState(timestamp_ms=" + py::repr(py::float_(s.timestamp_ms)).cast<std::string>() +
-               ", reason=" + py::repr(py::str(s.reason)).cast<std::string>() +
-               ", generation=" + std::to_string(s.generation) + ", is_set=" + (s.is_set ? "True" : "False") + ")";
-      })
+      .def(
+          "__eq__",
+          [](const DeadlineState& a, const DeadlineState& b) {
+            return a.timestamp_ms == b.timestamp_ms && a.reason == b.reason && a.generation == b.generation &&
+                   a.is_set == b.is_set;
+          },
+          py::is_operator())
+      .def("__hash__",
+           [](const DeadlineState& s) {
+             return py::hash(py::make_tuple(s.timestamp_ms, s.reason, s.generation, s.is_set));
+           })
+      .def("__repr__",
+           [](const DeadlineState& s) {
+             return "DeadlineState(timestamp_ms=" + py::repr(py::float_(s.timestamp_ms)).cast<std::string>() +
+                    ", reason=" + py::repr(py::str(s.reason)).cast<std::string>() +
+                    ", generation=" + std::to_string(s.generation) + ", is_set=" + (s.is_set ? "True" : "False") + ")";
+           })
       .def(py::pickle(
           [](const DeadlineState& s) { return py::make_tuple(s.timestamp_ms, s.reason, s.generation, s.is_set); },
           [](const py::tuple& t) {
-            return DeadlineState{t[0].cast<double>(), t[1].cast<std::string>(), t[2].cast<uint64_t>(), t[3].cast<bool>()};
+            return DeadlineState{t[0].cast<double>(), t[1].cast<std::string>(), t[2].cast<uint64_t>(),
+                                 t[3].cast<bool>()};
           }));
 
   bind_signal<EmergencyPayload>(

@@ -206,8 +206,8 @@ void check_combine(const KernelTable& t, DType d, int64_t k, int64_t n, const ch
       const double floor = d == DType::kFloat16 ? std::ldexp(1.0, -24) : 1e-30;
       // Double accumulation rounds once: half a unit in the last place of the result itself.
       const double unit = d == DType::kFloat32 ? 0x1p-24 : d == DType::kBFloat16 ? 0x1p-8 : 0x1p-11;
-      const double tol = wide && d != DType::kFloat64 ? 1.01 * unit * std::fabs(ref) + floor + 1e-15 * mag
-                                                      : rel * mag + floor;
+      const double tol =
+          wide && d != DType::kFloat64 ? 1.01 * unit * std::fabs(ref) + floor + 1e-15 * mag : rel * mag + floor;
       if (!(std::fabs(got - ref) <= tol)) {
         char buf[200];
         std::snprintf(buf, sizeof buf, "%s combine %s mode=%d k=%lld n=%lld out[%lld]=%.9g ref %.9g", t.name, dname,
@@ -237,7 +237,9 @@ int main() {
   const struct {
     DType d;
     const char* name;
-  } dtypes[] = {{DType::kFloat32, "float32"}, {DType::kFloat64, "float64"}, {DType::kBFloat16, "bfloat16"},
+  } dtypes[] = {{DType::kFloat32, "float32"},
+                {DType::kFloat64, "float64"},
+                {DType::kBFloat16, "bfloat16"},
                 {DType::kFloat16, "float16"}};
   const int64_t ns[] = {1, 3, 17, 63, 65, 257, 1001, 4099, 9000};
   std::vector<std::string> levels = tolaria::cpu::supported_levels();
