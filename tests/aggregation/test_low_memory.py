@@ -259,3 +259,36 @@ def test_a_functorch_without_the_private_unwrap_falls_back_exactly(monkeypatch):
         low = _run("mgda", "low_memory", steps=1)
     assert not low[2].batched
     _assert_same(reference, low)
+
+
+def test_wide_linear_layers_take_their_gram_from_inputs_and_output_gradients():
+    """x x^T and the output gradients give a wide layer's Gram share: the same update, fewer blocks; a
+    tied weight or a layer called twice keeps the block path (the shortcut would be wrong there)."""
+    torch.manual_seed(0)
+    wide = nn.Linear(40, 40).double()
+    tied = nn.Linear(40, 40).double()
+    trunk = nn.ModuleDict({"wide": wide, "tied": tied, "twice": nn.Linear(40, 40).double()})
+    heads = nn.ModuleList([nn.Linear(40, 1) for _ in range(K)]).double()
+    x = torch.randn(5, 40, dtype=torch.float64)
+
+    def losses():
+        z = torch.tanh(wide(x))
+        z = torch.tanh(tied(z)) + 0.1 * (z @ tied.weight)  # the weight used twice: two edges
+        z = trunk["twice"](torch.tanh(trunk["twice"](z)))
+        return [head(z).pow(2).mean() * (k + 1) for k, head in enumerate(heads)]
+
+    grads = {}
+    for mode, shortcut in (("buffer", None), ("low_memory", True), ("low_memory", False)):
+        buf = GradientBuffer(nn.ModuleList([trunk, heads]), K, shared=trunk, mode=mode)
+        if shortcut is not None:
+            buf.linear_gram = shortcut
+        buf.zero_grad()
+        buf.backward(losses())
+        _, stats = buf.aggregate(build_aggregator("upgrad"), return_stats=True)
+        grads[mode, shortcut] = ([p.grad.clone() for p in trunk.parameters()], stats.gram)
+        if shortcut is not None:
+            assert buf.linear_layers == (1 if shortcut else 0)  # "wide" only
+    for key in (("low_memory", True), ("low_memory", False)):
+        for a, b in zip(grads["buffer", None][0], grads[key][0]):
+            assert torch.allclose(a, b, rtol=0, atol=1e-13), key
+        assert torch.allclose(grads["buffer", None][1], grads[key][1], rtol=1e-12, atol=1e-14), key

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from ._gradient_rounds import OutputRound, check_losses, is_gramian
+from ._linear_gram import LinearLayer, find_linear_layers
 from .aggregator import Aggregator
 from .engine import has_float64, raise_if_nonfinite
 from .stats import AggregationStats, stats_from_gram
@@ -149,15 +150,20 @@ def estimate_memory(
     )
 
 
-def _unbatch(grad: Tensor, k: int) -> Tensor:
-    """The K x n_p block behind vmap's per-source view ``grad`` (private functorch API)."""
+def _unwrap(grad: Tensor, k: int) -> Tensor:
+    """The K x (shape) tensor behind vmap's per-source view ``grad`` (private functorch API)."""
     from torch._C import _functorch
 
     bdim = _functorch.maybe_get_bdim(grad)
     block = _functorch.get_unwrapped(grad)
     if bdim is None or bdim < 0 or block.ndim != grad.ndim + 1 or block.shape[bdim] != k:
         raise RuntimeError(f"unexpected batched gradient layout (batch dim {bdim}, shape {tuple(block.shape)})")
-    return block.movedim(bdim, 0).reshape(k, -1)
+    return block.movedim(bdim, 0)
+
+
+def _unbatch(grad: Tensor, k: int) -> Tensor:
+    """The K x n_p block behind vmap's per-source view ``grad``."""
+    return _unwrap(grad, k).reshape(k, -1)
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
@@ -181,6 +187,8 @@ class LowMemoryGradientBuffer(OutputRound):
         self.memory_estimate: MemoryEstimate | None = None
         self._activations: ActivationMeasure | None = None
         self._fallback_announced = False
+        self.linear_gram = True  # wide nn.Linear weights through x x^T (see _linear_gram); False: every block
+        self.linear_layers = 0  # how many layers the last batched backward took that way
 
     @contextmanager
     def measure_forward(self) -> Iterator[ActivationMeasure]:
@@ -252,16 +260,34 @@ class LowMemoryGradientBuffer(OutputRound):
             gram.add_((block @ block.T).to(gram.dtype))
             return grad.new_zeros(()).expand(grad.shape)  # block freed; autograd keeps a stride-0 zero
 
+        # Wide linear layers: their weight's share of G from x x^T and the output gradients, never the
+        # K x out x in block (see _linear_gram); their weights stay out of the batched backward.
+        layers = find_linear_layers([loss.grad_fn for loss in losses], self.params, k) if self.linear_gram else []
+        self.linear_layers = len(layers)
+        skipped = {id(layer.weight) for layer in layers}
+        inputs = [p for p in self.params if id(p) not in skipped]
+
+        def fold_layer(layer: LinearLayer) -> Callable[[Sequence[Tensor | None]], None]:
+            def pre_hook(grad_outputs: Sequence[Tensor | None]) -> None:
+                layer.calls += 1
+                gram.add_(layer.gram(_unwrap(grad_outputs[0], k)).to(gram.dtype))  # type: ignore[arg-type]
+
+            return pre_hook
+
         def vjp(cotangent: Tensor) -> Tensor:
-            torch.autograd.grad(stacked, self.params, cotangent, retain_graph=True, allow_unused=True)
+            torch.autograd.grad(stacked, inputs, cotangent, retain_graph=True, allow_unused=True)
             return stacked.new_zeros(())
 
-        handles = [p.register_hook(fold) for p in self.params]
+        handles = [p.register_hook(fold) for p in inputs]
+        handles += [layer.node.register_prehook(fold_layer(layer)) for layer in layers]  # type: ignore[attr-defined]
         try:
             torch.func.vmap(vjp)(torch.eye(k, dtype=stacked.dtype, device=stacked.device))
         finally:
             for handle in handles:
                 handle.remove()
+        missed = [tuple(layer.weight.shape) for layer in layers if layer.calls != 1]
+        if missed:
+            raise RuntimeError(f"the gradient of linear layer(s) {missed} did not reach their hook exactly once")
         return gram
 
     def _grads(self, loss: Tensor) -> list[Tensor | None]:
