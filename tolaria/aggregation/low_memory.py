@@ -137,13 +137,20 @@ class MemoryEstimate:
 
 
 def estimate_memory(
-    params: Sequence[Tensor], num_sources: int, activations: ActivationMeasure | None = None
+    params: Sequence[Tensor],
+    num_sources: int,
+    activations: ActivationMeasure | None = None,
+    losses: Sequence[Tensor] = (),
 ) -> MemoryEstimate:
-    """The :class:`MemoryEstimate` of a step over the shared ``params`` with K = ``num_sources``."""
+    """The :class:`MemoryEstimate` of a step over the shared ``params`` with K = ``num_sources``; given
+    the step's ``losses``, the wide linear layers that skip their block (see ``_linear_gram``) count
+    no block."""
+    roots = [loss.grad_fn for loss in losses]
+    skipped = {id(layer.weight) for layer in find_linear_layers(roots, params, num_sources)} if roots else set()
     return MemoryEstimate(
         num_sources=num_sources,
         params_numel=sum(p.numel() for p in params),
-        largest_block=max(p.numel() for p in params),
+        largest_block=max(p.numel() for p in params if id(p) not in skipped),
         element_size=params[0].element_size(),
         activation_bytes=None if activations is None else activations.total_bytes,
         largest_activation_bytes=None if activations is None else activations.largest_bytes,
@@ -198,10 +205,11 @@ class LowMemoryGradientBuffer(OutputRound):
         self._activations = measure
         self.memory_estimate = None  # re-estimated at the next backward
 
-    def _say_estimate(self) -> None:
+    def _say_estimate(self, losses: list[Tensor]) -> None:
         if self.memory_estimate is not None:
             return
-        self.memory_estimate = estimate = estimate_memory(self.params, self.num_sources, self._activations)
+        roots = losses if self.linear_gram else []
+        self.memory_estimate = estimate = estimate_memory(self.params, self.num_sources, self._activations, roots)
         if estimate.saves:
             log.info(estimate.message)
         else:
@@ -212,7 +220,7 @@ class LowMemoryGradientBuffer(OutputRound):
         """Folds the K losses' gradients into :attr:`gram` (one batched backward) and gives the heads
         their plain gradients; the graph is kept for :meth:`aggregate`'s combined backward."""
         losses = check_losses(losses, self.num_sources)
-        self._say_estimate()
+        self._say_estimate(losses)
         self._open_round(losses, retain_graph)
         try:
             self.gram = self._gram(losses)

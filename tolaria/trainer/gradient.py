@@ -210,6 +210,7 @@ class GradientStage:
         if self.sharding != "none":
             check_shardable(aggregator)  # refuses, by name, an aggregator with no sharded form
         self._module = params if isinstance(params, nn.Module) else None  # FSDP reshards through it
+        self._first_losses: tuple[Tensor, ...] = ()
         self.modes = GradientModes(
             mode, level, aggregator=aggregator, shared=shared, distributed=self.ctx.is_distributed, telemetry=telemetry
         )
@@ -244,7 +245,7 @@ class GradientStage:
                 raise ValueError(_NOT_WRAPPED)
             self.buffer = buffer
         else:
-            self.buffer = self.modes.build(self.params, k, self.shared)
+            self.buffer = self.modes.build(self.params, k, self.shared, self._first_losses)
         if self.buffer is not None and self.modes.default:  # the other modes run in one process only
             # Every rank, same step: a mismatch raises everywhere. A sharded buffer's rows differ in width
             # between ranks; what they must share is the whole: K sources of N elements of one dtype.
@@ -289,7 +290,9 @@ class GradientStage:
     def backward(self, losses: Tensor | Mapping[str, Tensor]) -> SourceStats:
         """Backpropagates every source, aggregates into ``.grad``, clips, and returns the stats."""
         named = as_named_losses(losses)
+        self._first_losses = tuple(named.values())  # the first step's graph, for the low-memory estimate
         names = self._check_names(named)
+        self._first_losses = ()  # not held past the build: it would keep the step's graph alive
         if self.fast_path:
             return self._backward_single(names, named[names[0]])
         loss_values = torch.stack([loss.detach().reshape(()).double() for loss in named.values()])

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
@@ -113,11 +113,12 @@ class GradientModes:
         if measure:
             self._activations = measured
 
-    def build(self, params: list[Tensor], k: int, shared: Any) -> GradientBuffer:
+    def build(self, params: list[Tensor], k: int, shared: Any, losses: Sequence[Tensor] = ()) -> GradientBuffer:
+        """The stage's buffer; ``losses`` (the first step's) let the estimate see the graph's layers."""
         if self.mode != "low_memory":
             return GradientBuffer(params, num_sources=k, shared=shared, level=self.level)
         buffer = GradientBuffer(params, num_sources=k, shared=shared, mode="low_memory")
-        estimate = estimate_memory(buffer.params, k, self._activations)
+        estimate = estimate_memory(buffer.params, k, self._activations, losses)
         buffer.memory_estimate = estimate  # said here, not again by the buffer
         self.chosen_mode = "low_memory" if estimate.saves else "buffer"
         message = estimate.message if estimate.saves else f"{estimate.message}; declined: running the buffer mode"
