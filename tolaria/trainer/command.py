@@ -221,10 +221,39 @@ def build_config(args: argparse.Namespace) -> tuple[TrainerConfig, DigitsTaskCon
         if args.out is None and config.run_dir is None:
             raise ConfigError("--resume needs the run folder to continue: give --out DIR")
         changes["checkpoint"] = dataclasses.replace(config.checkpoint, resume=True)
+    elif _resumes_after_a_restart(args.out or config.run_dir):
+        changes["checkpoint"] = dataclasses.replace(config.checkpoint, resume=True)
     changes["run_dir"] = args.out if args.out is not None else config.run_dir or str(default_run_dir())
     if args.inject_fault == "hang-policy" and "control_timeout_s" not in given:
         changes["control_timeout_s"] = DEMO_CONTROL_TIMEOUT_S
     return config.replace(**changes), task
+
+
+def _resumes_after_a_restart(run_dir: str | None) -> bool:
+    """Under ``torchrun --max-restarts``, whether this attempt picks the run up from its checkpoints.
+
+    A restarted attempt (``TORCHELASTIC_RESTART_COUNT`` > 0) resumes when the run folder holds a
+    checkpoint manifest; without a fixed run folder it could not find the run, which is an error
+    rather than a silent fresh start."""
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if attempt == 0:
+        if run_dir is None and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0:
+            log.warning(
+                "torchrun may restart this group, but the run folder is not fixed: give --out DIR so that "
+                "a restarted attempt resumes the run instead of starting a new one"
+            )
+        return False
+    if run_dir is None:
+        raise ConfigError(
+            f"torchrun restarted this group (attempt {attempt}), but the run folder is not fixed, so this attempt "
+            "cannot find the run to resume: give --out DIR (or run_dir in the config)"
+        )
+    folder = Path(run_dir)
+    if any((folder / sub / "manifest.json").exists() for sub in ("checkpoints", "sharded-checkpoints")):
+        log.warning("torchrun restart (attempt %d): resuming from the newest checkpoint in %s", attempt, folder)
+        return True
+    log.warning("torchrun restart (attempt %d): %s holds no checkpoint yet; the run starts over", attempt, folder)
+    return False
 
 
 # ---- the command -----------------------------------------------------------------------------
@@ -234,7 +263,8 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         config, task_config = build_config(args)
-        if config.checkpoint.resume and not Path(config.run_dir or "").joinpath("checkpoints").exists():
+        folders = [Path(config.run_dir or "") / sub for sub in ("checkpoints", "sharded-checkpoints")]
+        if config.checkpoint.resume and not any(folder.exists() for folder in folders):
             raise ConfigError(
                 f"--resume: {config.run_dir} has no checkpoints folder; is it a `tolaria train` run folder?"
             )
