@@ -73,7 +73,10 @@ def _as_linear(node: object, ids: set[int], k: int) -> LinearLayer | None:
     if bias is None or id(bias) not in ids or weight_edge is None or weight_edge.name() != "TBackward0":
         return None
     weight = getattr(weight_edge.next_functions[0][0], "variable", None)
-    x = getattr(node, "_saved_mat1", None)
+    try:
+        x = getattr(node, "_saved_mat1", None)
+    except RuntimeError:  # a saved-tensor hook that cannot unpack here: the layer takes the exact block path
+        return None
     if weight is None or id(weight) not in ids or not isinstance(x, Tensor) or x.ndim != 2 or weight.ndim != 2:
         return None
     batch, width_in = x.shape
