@@ -2,16 +2,16 @@
 
 ``GradientBuffer(..., mode="low_memory")`` and ``GradientBuffer(..., level="features")`` hold no K x N
 matrix. Each round is ``backward(losses)`` (which keeps the graph and whatever the weights need) then
-``aggregate(aggregator)``, which runs one more backward of a combined cotangent with the shared
-parameters' ``.grad`` bound to views of ``output``: autograd accumulates into them in place, so the
-contract is the buffer mode's (``output`` is the aggregate, a ``.grad`` already there is added to it,
+``aggregate(aggregator)``, which runs one more backward of a combined cotangent whose gradients are
+written into views of one flat ``output`` (parameter hooks, as autograd produces them), and those views
+become the shared parameters' ``.grad``: the contract is the buffer mode's (``output`` is the aggregate, a ``.grad`` already there is added to it,
 the heads get their plain gradients). Sources cannot be accumulated over several backward calls
 (micro-batches): the Gram matrix of a sum is not the sum of Gram matrices.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -169,23 +169,42 @@ class OutputRound(GradientBuffer):
             total = torch.stack([loss.reshape(()) for loss in losses]).sum()
             torch.autograd.backward(total, inputs=self.unshared_params, retain_graph=True)
 
-    def _bind_output(self) -> None:
-        """Points every shared ``.grad`` at its view of ``output``; what it held joins the aggregate."""
+    def _backward_into_output(
+        self, tensors: Sequence[Tensor], grad_tensors: Sequence[Tensor], retain_graph: bool
+    ) -> None:
+        """One backward of ``tensors`` with ``grad_tensors`` into ``output``, whose views become the
+        shared ``.grad``. Each parameter's gradient is written into its view as autograd produces it
+        (a copy, or an add onto what ``.grad`` held, which joins the aggregate) and then freed: no
+        zero-fill and no read-modify-write of all N, and never more than one parameter's gradient."""
+        adds = []
         for p, view in zip(self.params, self._output_views):
-            grad = p.grad
-            if grad is None or not self.accumulate:
-                view.zero_()
-            elif not (grad.data_ptr() == view.data_ptr() and grad.shape == view.shape):
-                view.copy_(grad)
-            p.grad = view
+            held = p.grad
+            if held is None or not self.accumulate:
+                adds.append(False)
+                continue
+            if not (held.data_ptr() == view.data_ptr() and held.shape == view.shape):
+                view.copy_(held)
+            adds.append(True)
+        written = [False] * len(self.params)
 
-    def _check_bound(self, k: int = -1) -> None:
-        for i, (p, view) in enumerate(zip(self.params, self._output_views)):
-            if p.grad is None or p.grad.data_ptr() != view.data_ptr():
-                raise RuntimeError(
-                    f"parameter {i}'s .grad was replaced during the combined backward; "
-                    "the aggregate did not land in GradientBuffer.output"
-                )
+        def writer(i: int, view: Tensor) -> Callable[[Tensor], Tensor]:
+            def write(grad: Tensor) -> Tensor:
+                view.add_(grad) if adds[i] else view.copy_(grad)
+                written[i] = True
+                return grad.new_zeros(()).expand(grad.shape)  # freed here; autograd keeps a stride-0 zero
+
+            return write
+
+        handles = [p.register_hook(writer(i, v)) for i, (p, v) in enumerate(zip(self.params, self._output_views))]
+        try:
+            torch.autograd.grad(tensors, self.params, grad_tensors, retain_graph=retain_graph, allow_unused=True)
+        finally:
+            for handle in handles:
+                handle.remove()
+        for p, view, add, wrote in zip(self.params, self._output_views, adds, written):
+            if not (add or wrote):
+                view.zero_()  # a parameter this backward did not reach
+            p.grad = view
 
     def __repr__(self) -> str:
         return (

@@ -122,14 +122,7 @@ class FeatureGradientBuffer(OutputRound):
             raise TypeError(f"aggregate needs an aggregator, got {type(aggregator).__name__}")
         if not isinstance(cotangent, Tensor) or cotangent.numel() != jacobian.shape[1]:
             raise ValueError(f"{type(aggregator).__name__} did not return one vector of {jacobian.shape[1]} elements")
-        self._bind_output()
         pieces = torch.split(cotangent.reshape(-1), [z.numel() for z in zs])
-        torch.autograd.backward(
-            zs,
-            grad_tensors=[c.view_as(z) for c, z in zip(pieces, zs)],
-            inputs=self.params,
-            retain_graph=retain_graph,
-        )
-        self._check_bound()
+        self._backward_into_output(zs, [c.view_as(z) for c, z in zip(pieces, zs)], retain_graph)
         del losses  # kept alive until here: the graph behind the features belongs to them
         return (self.output, stats) if return_stats else self.output

@@ -341,10 +341,8 @@ class LowMemoryGradientBuffer(OutputRound):
         if aggregator.nonfinite == "raise":
             raise_if_nonfinite(gram)
         weights, conflicts = aggregator.weighting(gram)
-        self._bind_output()
         cotangents = [w.to(loss.dtype).reshape(loss.shape) for w, loss in zip(weights, losses)]
-        torch.autograd.backward(losses, grad_tensors=cotangents, inputs=self.params, retain_graph=retain_graph)
-        self._check_bound()
+        self._backward_into_output(losses, cotangents, retain_graph)
         if return_stats:
             return self.output, stats_from_gram(gram, weights, conflicts)
         return self.output
