@@ -36,7 +36,7 @@ from tolaria.optim import OptimizerManager
 from tolaria.state import StateManager
 from tolaria.telemetry import TelemetryEmitter
 
-from . import checkpointing, control, run_position, wiring
+from . import checkpointing, control, evaluation, run_position, wiring
 from .batches import (
     autocast,
     data_length,
@@ -289,7 +289,7 @@ class Trainer:
                     status, self._halt_reason = HALTED, reason
                     break
             if status in (HALTED, INTERRUPTED) and epoch_stats.steps and self.evaluate is not None:
-                metrics = self._evaluate()
+                metrics = evaluation.evaluate(self)
             if self._last_checkpoint_step != self.step:
                 self._checkpoint(epoch_complete=epoch_complete, final=True)
         except BaseException as exc:
@@ -416,29 +416,10 @@ class Trainer:
             self._epoch_elapsed = time.monotonic() - epoch_start
         return COMPLETED, True
 
-    def _evaluate(self) -> dict[str, float]:
-        if self.evaluate is None:
-            return {}
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad(), autocast(self.config.amp, self.device):
-                result = self.evaluate(self.model)
-        finally:
-            self.model.train(was_training)
-        if not isinstance(result, Mapping):
-            raise TypeError(
-                f"evaluate(model) must return a mapping of metric names to numbers, got {type(result).__name__}"
-            )
-        metrics = {str(k): float(v) for k, v in result.items()}
-        for name, value in metrics.items():
-            self.telemetry.metric(f"eval.{name}", value)
-        return metrics
-
     def _end_epoch(
         self, epoch: int, stats: SourceAccumulator, previous: dict[str, float], started: float
     ) -> dict[str, float]:
-        metrics = self._evaluate() if self.evaluate is not None else previous
+        metrics = evaluation.evaluate(self) if self.evaluate is not None else previous
         summary = stats.summary()
         elapsed = self._epoch_elapsed
         self.telemetry.event(
