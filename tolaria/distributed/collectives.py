@@ -129,6 +129,31 @@ def allreduce_mean(tensor: Tensor, ctx: DistributedContext) -> Tensor:
     return tensor
 
 
+def allreduce_mean_grads(params: list[Tensor], world: int) -> None:
+    """The ``.grad`` of parameters outside the K x N buffer (the heads) averaged over the ranks of the
+    default process group, in place: one all-reduce per dtype and device. A parameter some rank has no
+    gradient for counts as zero there, and keeps None only where no rank has one, so every rank ends
+    with the same gradients (the trainer and the Lightning integration both call this)."""
+    groups: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
+    for p in params:
+        groups.setdefault((p.dtype, p.device), []).append(p)
+    for (dtype, device), group in groups.items():
+        present = torch.tensor([p.grad is not None for p in group], dtype=dtype, device=device)
+        flat = torch.cat(
+            [*(p.grad.reshape(-1) if p.grad is not None else p.new_zeros(p.numel()) for p in group), present]
+        )
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        offset = 0
+        for p, seen in zip(group, flat[-len(group) :].tolist()):
+            mean = flat[offset : offset + p.numel()].view_as(p).div_(world)
+            offset += p.numel()
+            if seen > 0:
+                if p.grad is None:
+                    p.grad = mean.clone()
+                else:
+                    p.grad.copy_(mean)
+
+
 def any_rank(flag: bool, ctx: DistributedContext) -> bool:
     """Whether ``flag`` is True on at least one rank (one all-reduce of one int).
 
@@ -346,6 +371,7 @@ def broadcast_tree(tree: Any, ctx: DistributedContext) -> Any:
 
 
 __all__ = [
+    "allreduce_mean_grads",
     "DEFAULT_BUCKET_MB",
     "all_gather_json",
     "allreduce_gradient_buffer",

@@ -84,7 +84,7 @@ except ImportError as exc:  # the extra is optional; say how to get it
     ) from exc
 
 from tolaria.aggregation import AggregationStats, Aggregator, GradientBuffer, aggregator_class
-from tolaria.integrations._gradients import allreduce_mean_grads, unscale_found_inf
+from tolaria.integrations._gradients import unscale_found_inf
 
 __all__ = ["CHECKPOINT_KEY", "MultiSourceMixin"]
 
@@ -365,7 +365,7 @@ class MultiSourceMixin:
     ) -> AggregationStats | None:
         state = self._tolaria
         if ddp is not None and dist.get_world_size() > 1:
-            from tolaria.distributed import DistributedContext, allreduce_gradient_buffer
+            from tolaria.distributed import DistributedContext, allreduce_gradient_buffer, allreduce_mean_grads
 
             allreduce_gradient_buffer(buffer, DistributedContext.from_process_group(device=buffer.device))
             allreduce_mean_grads(buffer.unshared_params, dist.get_world_size())

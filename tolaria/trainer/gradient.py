@@ -40,23 +40,13 @@ from tolaria.distributed import (
     DistributedContext,
     allreduce_gradient_buffer,
     allreduce_mean,
+    allreduce_mean_grads,
     check_sharding,
     verify_buffer_layout,
 )
 from tolaria.telemetry import TelemetryEmitter
 
 from .gradient_modes import GradientModes
-
-
-def _allreduce_mean_grads(grads: list[Tensor], ctx: DistributedContext) -> None:
-    """The heads' plain gradients averaged over the ranks: one flat all-reduce, copied back."""
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    allreduce_mean(flat, ctx)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
-
 
 _NOT_WRAPPED = (
     "sharding='fsdp' needs a model wrapped by torch.distributed.fsdp.fully_shard (its parameters are DTensors); "
@@ -302,13 +292,13 @@ class GradientStage:
         assert self.buffer is not None
         # "zero": each row reduce-scattered as its source ends; the features level takes the trunk's output
         self.buffer.backward(list(named.values()), **self.modes.backward_kwargs())
-        heads = [p.grad for p in self.buffer.unshared_params if p.grad is not None]
-        if self.sharding == "fsdp":
-            heads = [g.to_local() for g in heads]  # FSDP2 averaged them already: the local shards
         if distributed and self.sharding == "none":
             allreduce_gradient_buffer(self.buffer, self.ctx, self.bucket_mb)  # the step's one big transfer
-        if distributed and self.sharding != "fsdp" and heads:
-            _allreduce_mean_grads(heads, self.ctx)
+        if distributed and self.sharding != "fsdp":  # FSDP2 averaged the heads' gradients already
+            allreduce_mean_grads(list(self.buffer.unshared_params), self.ctx.world_size)
+        heads = [p.grad for p in self.buffer.unshared_params if p.grad is not None]
+        if self.sharding == "fsdp":
+            heads = [g.to_local() for g in heads]  # their local shards
         _, stats = self.buffer.aggregate(self.aggregator, return_stats=True)
         k = len(names)
         gram = stats.gram.to(torch.float64)
