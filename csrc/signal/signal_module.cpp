@@ -6,10 +6,9 @@
 //   SharedDeadlineSignal   reason, timestamp (the rollback deadline)
 // Python-facing classes are re-exported, with the emergency levels, by tolaria/signals.py.
 
+#include <Python.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
-
-#include <Python.h>
 
 #include "shared_seqlock.h"
 
@@ -35,8 +34,7 @@ inline std::string invalid_reason_and_time(uint32_t reason_length, const char* r
 }
 
 inline std::string invalid_is_set(uint32_t is_set) {
-  if (is_set > 1) return "is_set word is " + std::to_string(is_set) + ", not 0 or 1";
-  return {};
+  return is_set > 1 ? "is_set word is " + std::to_string(is_set) + ", not 0 or 1" : std::string();
 }
 
 struct EmergencyPayload {
@@ -190,48 +188,41 @@ void log_warning(const std::string& message) {
   py::module_::import("logging").attr("getLogger")("tolaria.signals").attr("warning")(message);
 }
 
+// `open` (create or create_or_attach), logging a warning when it reclaimed a dead creator's segment.
+template <class Open>
+auto logging_reclaims(const std::string& kind, Open open) {
+  return [kind, open](const std::string& name) {
+    auto core = open(name);
+    if (auto pid = core->reclaimed_pid()) {
+      log_warning("reclaimed " + kind + " signal '" + name + "' left by dead process " + std::to_string(*pid) +
+                  "; its record was cleared");
+    }
+    return core;
+  };
+}
+
 template <class Payload>
 py::class_<SharedSeqlock<Payload>> bind_signal(py::module_& m, const char* cls_name, const char* doc) {
   using Core = SharedSeqlock<Payload>;
   py::class_<Core> cls(m, cls_name, doc);
   const std::string kind = Payload::kKind;
 
-  cls.def_static(
-      "create",
-      [kind](const std::string& name) {
-        auto core = Core::create(name);
-        if (auto pid = core->reclaimed_pid()) {
-          log_warning("reclaimed " + kind + " signal '" + name + "' left by dead process " + std::to_string(*pid) +
-                      "; its record was cleared");
-        }
-        return core;
-      },
-      py::arg("name"),
-      "Creates the signal `name` (cleared, generation 0) and returns a handle on it.\n\n"
-      "Raises FileExistsError when the name exists and its creator is alive, SignalLayoutError when it\n"
-      "holds something else. A segment whose creator died is reclaimed: with this layout it is adopted\n"
-      "in place (attached processes stay connected; the record is cleared, the generation keeps\n"
-      "counting; `reclaimed_pid` names the dead creator), with another layout version it is replaced.");
+  cls.def_static("create", logging_reclaims(kind, &Core::create), py::arg("name"),
+                 "Creates the signal `name` (cleared, generation 0) and returns a handle on it.\n\n"
+                 "Raises FileExistsError when the name exists and its creator is alive, SignalLayoutError when it\n"
+                 "holds something else. A segment whose creator died is reclaimed: with this layout it is adopted\n"
+                 "in place (attached processes stay connected; the record is cleared, the generation keeps\n"
+                 "counting; `reclaimed_pid` names the dead creator), with another layout version it is replaced.");
   cls.def_static("attach", &Core::attach, py::arg("name"),
                  ("Attaches to the existing signal `name`. Raises FileNotFoundError when it does not exist,\n"
                   "PermissionError when another user owns it or others may write it, and SignalLayoutError\n"
                   "when it is not a " +
                   kind + " signal of this layout version.")
                      .c_str());
-  cls.def_static(
-      "create_or_attach",
-      [kind](const std::string& name) {
-        auto core = Core::create_or_attach(name);
-        if (auto pid = core->reclaimed_pid()) {
-          log_warning("reclaimed " + kind + " signal '" + name + "' left by dead process " + std::to_string(*pid) +
-                      "; its record was cleared");
-        }
-        return core;
-      },
-      py::arg("name"),
-      "Creates the signal `name`, or attaches to it when a live process created it; `created` says which.\n"
-      "Of several processes calling this at once (ranks on one host), exactly one creates and the others\n"
-      "attach, waiting for its header; none fails.");
+  cls.def_static("create_or_attach", logging_reclaims(kind, &Core::create_or_attach), py::arg("name"),
+                 "Creates the signal `name`, or attaches to it when a live process created it; `created` says which.\n"
+                 "Of several processes calling this at once (ranks on one host), exactly one creates and the others\n"
+                 "attach, waiting for its header; none fails.");
 
   cls.def_property_readonly("name", &Core::name, "The signal's name (without the leading '/').");
   cls.def_property_readonly("created", &Core::created, "Whether this handle created (or reclaimed) the segment.");
