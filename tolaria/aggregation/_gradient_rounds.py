@@ -1,12 +1,13 @@
 """What the buffer-free gradient modes share: one flat ``output`` written by one combined backward.
 
-``GradientBuffer(..., mode="low_memory")`` and ``GradientBuffer(..., level="features")`` hold no K x N
-matrix. Each round is ``backward(losses)`` (which keeps the graph and whatever the weights need) then
-``aggregate(aggregator)``, which runs one more backward of a combined cotangent whose gradients are
-written into views of one flat ``output`` (parameter hooks, as autograd produces them), and those views
-become the shared parameters' ``.grad``: the contract is the buffer mode's (``output`` is the aggregate, a ``.grad`` already there is added to it,
-the heads get their plain gradients). Sources cannot be accumulated over several backward calls
-(micro-batches): the Gram matrix of a sum is not the sum of Gram matrices.
+``GradientBuffer(..., mode="low_memory")`` and ``GradientBuffer(..., level="features")`` hold no K x
+N matrix. Each round is ``backward(losses)`` (which keeps the graph and whatever the weights need)
+then ``aggregate(aggregator)``, which runs one more backward of a combined cotangent whose gradients
+are written into views of one flat ``output`` (parameter hooks, as autograd produces them), and
+those views become the shared parameters' ``.grad``: the contract is the buffer mode's (``output``
+is the aggregate, a ``.grad`` already there is added to it, the heads get their plain gradients).
+Sources cannot be accumulated over several backward calls (micro-batches): the Gram matrix of a sum
+is not the sum of Gram matrices.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .buffer import GradientBuffer, ParameterSource, _parameters, _unique_trainable
+from .buffer import GradientBuffer, ParameterSource
 
 __all__ = ["BUFFER_MODES", "AGGREGATION_LEVELS", "OutputRound", "buffer_class", "check_losses", "is_gramian"]
 
@@ -93,28 +94,7 @@ class OutputRound(GradientBuffer):
         level: str = "params",
     ):
         # The buffer mode's checks, without its K x N allocation.
-        if isinstance(num_sources, bool) or not isinstance(num_sources, int) or num_sources < 1:
-            raise ValueError(f"num_sources must be a positive int, got {num_sources!r}")
-        if not isinstance(accumulate, bool):
-            raise TypeError(f"accumulate must be True or False, got {accumulate!r}")
-        trainable = _unique_trainable(_parameters(params, "GradientBuffer params"), "GradientBuffer params")
-        if not trainable:
-            raise ValueError("GradientBuffer needs at least one parameter with requires_grad=True")
-        if shared is None:
-            self.params, self.unshared_params = trainable, []
-        else:
-            self.params, self.unshared_params = self._split_shared(trainable, shared)
-        first = self.params[0]
-        for i, p in enumerate(self.params):
-            if p.dtype != first.dtype or p.device != first.device:
-                raise ValueError(
-                    f"parameter {i} is {p.dtype} on {p.device}, but parameter 0 is "
-                    f"{first.dtype} on {first.device}; GradientBuffer needs one dtype and device"
-                )
-        self.num_sources = num_sources
-        self.accumulate = accumulate
-        self.dtype, self.device = first.dtype, first.device
-        self.numel = sum(p.numel() for p in self.params)
+        first = self._bind_parameters(params, num_sources, shared, accumulate)
         self.output = torch.zeros(self.numel, dtype=first.dtype, device=first.device)
         self._offsets = []
         offset = 0

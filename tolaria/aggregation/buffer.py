@@ -150,6 +150,27 @@ class GradientBuffer:
                 "GradientBuffer takes the parameters first and the number of sources second; "
                 "pass the aggregator to buf.aggregate(...)"
             )
+        first = self._bind_parameters(params, num_sources, shared, accumulate)
+        # Rows start on 64-byte boundaries (row stride padded to 32 elements) so that the kernels'
+        # wide vector loads stay aligned whatever N is; `buffer` is the K x N view.
+        stride = -(-self.numel // _ROW_ALIGN) * _ROW_ALIGN
+        self._storage = torch.zeros((num_sources, stride), dtype=first.dtype, device=first.device)
+        self.buffer = self._storage[:, : self.numel]
+        self.output = torch.zeros(self.numel, dtype=first.dtype, device=first.device)
+        self._offsets: list[tuple[int, int]] = []
+        offset = 0
+        for p in self.params:
+            self._offsets.append((offset, p.numel()))
+            offset += p.numel()
+        self._row_views = [self._views(self.buffer[k]) for k in range(num_sources)]
+        self._output_views = self._views(self.output)
+        # Gradients found in the shared parameters' .grad during a round, added to its aggregate.
+        self._carry: Tensor | None = None
+        self._round_open = False  # a round: the backward passes between two aggregates
+
+    def _bind_parameters(self, params: Any, num_sources: int, shared: Any, accumulate: bool) -> Tensor:
+        """The checks every buffer kind makes of its arguments, and the attributes they set (params,
+        unshared_params, num_sources, accumulate, dtype, device, numel); returns parameter 0."""
         if isinstance(num_sources, bool) or not isinstance(num_sources, int) or num_sources < 1:
             raise ValueError(f"num_sources must be a positive int, got {num_sources!r}")
         if not isinstance(accumulate, bool):
@@ -168,26 +189,10 @@ class GradientBuffer:
                     f"parameter {i} is {p.dtype} on {p.device}, but parameter 0 is "
                     f"{first.dtype} on {first.device}; GradientBuffer needs one dtype and device"
                 )
-        self.num_sources = num_sources
-        self.accumulate = accumulate
+        self.num_sources, self.accumulate = num_sources, accumulate
         self.dtype, self.device = first.dtype, first.device
         self.numel = sum(p.numel() for p in self.params)
-        # Rows start on 64-byte boundaries (row stride padded to 32 elements) so that the kernels'
-        # wide vector loads stay aligned whatever N is; `buffer` is the K x N view.
-        stride = -(-self.numel // _ROW_ALIGN) * _ROW_ALIGN
-        self._storage = torch.zeros((num_sources, stride), dtype=first.dtype, device=first.device)
-        self.buffer = self._storage[:, : self.numel]
-        self.output = torch.zeros(self.numel, dtype=first.dtype, device=first.device)
-        self._offsets: list[tuple[int, int]] = []
-        offset = 0
-        for p in self.params:
-            self._offsets.append((offset, p.numel()))
-            offset += p.numel()
-        self._row_views = [self._views(self.buffer[k]) for k in range(num_sources)]
-        self._output_views = self._views(self.output)
-        # Gradients found in the shared parameters' .grad during a round, added to its aggregate.
-        self._carry: Tensor | None = None
-        self._round_open = False  # a round: the backward passes between two aggregates
+        return first
 
     @staticmethod
     def _split_shared(trainable: list[Tensor], shared: Any) -> tuple[list[Tensor], list[Tensor]]:

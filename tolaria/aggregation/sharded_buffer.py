@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .aggregator import Aggregator
-from .buffer import GradientBuffer, _parameters, _unique_trainable
+from .buffer import GradientBuffer
 from .sharded import check_shardable, sharded_aggregate
 from .stats import AggregationStats
 
@@ -70,24 +70,7 @@ class _ShardedBuffer(GradientBuffer):
         options = {k: v for k, v in options.items() if (k, v) not in (("mode", "buffer"), ("level", "params"))}
         if options:
             raise TypeError(f"{type(self).__name__} does not take {sorted(options)}")
-        if isinstance(num_sources, bool) or not isinstance(num_sources, int) or num_sources < 1:
-            raise ValueError(f"num_sources must be a positive int, got {num_sources!r}")
-        trainable = _unique_trainable(_parameters(params, "GradientBuffer params"), "GradientBuffer params")
-        if not trainable:
-            raise ValueError("GradientBuffer needs at least one parameter with requires_grad=True")
-        if shared is None:
-            self.params, self.unshared_params = trainable, []
-        else:
-            self.params, self.unshared_params = self._split_shared(trainable, shared)
-        first = self.params[0]
-        for i, p in enumerate(self.params):
-            if p.dtype != first.dtype or p.device != first.device:
-                raise ValueError(
-                    f"parameter {i} is {p.dtype} on {p.device}, but parameter 0 is {first.dtype} on {first.device}; "
-                    "GradientBuffer needs one dtype and device"
-                )
-        self.num_sources, self.accumulate = num_sources, True
-        self.dtype, self.device = first.dtype, first.device
+        self._bind_parameters(params, num_sources, shared, accumulate=True)
         self._carry: Tensor | None = None
         self._round_open = False
         self._filled: set[int] = set()
