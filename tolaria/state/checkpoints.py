@@ -37,7 +37,7 @@ from typing import Any, Protocol
 import torch
 from torch.utils.serialization import config as serialization_config
 
-from tolaria.state.durable_io import FdFile, checksum_algorithms, manifest_digest, new_hasher
+from tolaria.state.durable_io import FdFile, checksum_algorithms, manifest_digest, new_hasher, read_manifest
 from tolaria.state.errors import CheckpointError, StagingCancelled
 from tolaria.state.reporting import report, report_fallback
 from tolaria.state.trees import check_loadable
@@ -202,28 +202,14 @@ class CheckpointStore:
         return self._entries
 
     def _read_manifest(self) -> tuple[tuple[CheckpointEntry, ...], int]:
-        if not self.manifest_path.exists():
-            return (), 0
         try:
-            data = json.loads(self.manifest_path.read_text(encoding="utf-8"))
-            if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
-                found = data.get("format") if isinstance(data, dict) else data
-                raise ValueError(f"format is {found!r}, expected {MANIFEST_FORMAT!r}")
-            body = {key: value for key, value in data.items() if key != "digest"}
-            if data.get("digest") != manifest_digest(body):
-                raise ValueError("its digest does not match its content")
-            entries = tuple(
-                sorted((CheckpointEntry.from_json(e) for e in data["checkpoints"]), key=lambda e: e.sequence)
-            )
-            sequence = data["sequence"]
-            if not isinstance(sequence, int) or any(e.sequence > sequence for e in entries):
-                raise ValueError(f"sequence {sequence!r} is behind its entries")
+            entries, sequence = read_manifest(self.manifest_path, MANIFEST_FORMAT, CheckpointEntry.from_json)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise CheckpointError(
                 f"manifest {self.manifest_path} is unreadable or corrupt ({type(exc).__name__}: {exc}); "
                 "it is the record of committed checkpoints, so nothing was changed: repair or move it away"
             ) from exc
-        return entries, sequence
+        return tuple(entries), sequence
 
     def _write_manifest(self, entries: Sequence[CheckpointEntry], sequence: int) -> None:
         body = {"format": MANIFEST_FORMAT, "sequence": sequence, "checkpoints": [asdict(e) for e in entries]}

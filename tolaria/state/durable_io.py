@@ -8,9 +8,11 @@ import hashlib
 import json
 import os
 import zlib
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-__all__ = ["FdFile", "checksum_algorithms", "manifest_digest", "new_hasher"]
+__all__ = ["FdFile", "checksum_algorithms", "manifest_digest", "new_hasher", "read_manifest"]
 
 
 class _Crc32:
@@ -48,3 +50,25 @@ class FdFile:
 
     def write(self, data: memoryview) -> int:
         return os.write(self.fd, data)
+
+
+def read_manifest(path: Path, expected_format: str, entry_from_json: Callable[[Any], Any]) -> tuple[list[Any], int]:
+    """The entries (by sequence) and the sequence counter of a manifest file; ([], 0) if it is absent.
+
+    Raises ``ValueError`` (or ``KeyError``/``TypeError``/``OSError``) for a manifest that is not of
+    ``expected_format``, whose digest does not match its content, or whose counter is behind its
+    entries: the callers turn it into a ``CheckpointError`` naming the file."""
+    if not path.exists():
+        return [], 0
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(data, dict) or data.get("format") != expected_format:
+        found = data.get("format") if isinstance(data, dict) else data
+        raise ValueError(f"format is {found!r}, expected {expected_format!r}")
+    body = {key: value for key, value in data.items() if key != "digest"}
+    if data.get("digest") != manifest_digest(body):
+        raise ValueError("its digest does not match its content")
+    entries = sorted((entry_from_json(e) for e in data["checkpoints"]), key=lambda e: e.sequence)
+    sequence = data["sequence"]
+    if not isinstance(sequence, int) or any(e.sequence > sequence for e in entries):
+        raise ValueError(f"sequence {sequence!r} is behind its entries")
+    return entries, sequence

@@ -58,7 +58,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from tolaria.state.checkpoints import TEMP_PREFIX, _fsync_dir, _read_chunk, _write_all
 from tolaria.state.dcp_safety import VerifiedMetadataReader, WeightsOnlyLoadPlanner
-from tolaria.state.durable_io import FdFile, checksum_algorithms, manifest_digest, new_hasher
+from tolaria.state.durable_io import FdFile, checksum_algorithms, manifest_digest, new_hasher, read_manifest
 from tolaria.state.errors import CheckpointError, StateError, StateMismatchError
 from tolaria.state.reporting import report, report_fallback
 from tolaria.state.trees import check_loadable, map_tensors
@@ -213,21 +213,8 @@ class ShardedCheckpointStore:
 
     def _read_manifest(self) -> tuple[list[ShardedCheckpointEntry], int]:
         path = self.root / _MANIFEST_NAME
-        if not path.exists():
-            return [], 0
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            if not isinstance(data, dict) or data.get("format") != SHARDED_MANIFEST_FORMAT:
-                raise ValueError(f"format is {data.get('format') if isinstance(data, dict) else data!r}")
-            body = {key: value for key, value in data.items() if key != "digest"}
-            if data.get("digest") != manifest_digest(body):
-                raise ValueError("its digest does not match its content")
-            entries = sorted(
-                (ShardedCheckpointEntry.from_json(e) for e in data["checkpoints"]), key=lambda e: e.sequence
-            )
-            sequence = data["sequence"]
-            if not isinstance(sequence, int) or any(e.sequence > sequence for e in entries):
-                raise ValueError(f"sequence {sequence!r} is behind its entries")
+            entries, sequence = read_manifest(path, SHARDED_MANIFEST_FORMAT, ShardedCheckpointEntry.from_json)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise CheckpointError(
                 f"manifest {path} is unreadable or corrupt ({type(exc).__name__}: {exc}); it is the record of "
