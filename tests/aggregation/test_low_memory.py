@@ -21,19 +21,13 @@ from tolaria.aggregation import (
     measure_activations,
 )
 
+from .registry_examples import example_aggregator
+
 K = 3
-_KWARGS = {
-    "weighted": {"weights": [1.0, 2.0, 0.5]},
-    "constant": {"weights": [1.0, 2.0, 0.5]},
-    "pcgrad": {"seed": 1},
-    "random": {"seed": 1},
-    "gradvac": {"seed": 1},
-    "graddrop": {"seed": 1},
-}
 
 
 def _build(name: str):
-    return build_aggregator(name, **_KWARGS.get(name, {}))
+    return example_aggregator(name, K)
 
 
 GRAMIAN = [n for n in AGGREGATOR_NAMES if is_gramian(_build(n))]
