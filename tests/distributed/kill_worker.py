@@ -28,6 +28,7 @@ import json
 import os
 import random
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -166,20 +167,10 @@ def launch(out: Path, kill_step: int, kill_rank: int, *, timeout_s: float = 240.
     }
     for name in LAUNCH_ENV_VARS:
         env.pop(name, None)
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        str(WORKERS),
-        "--max-restarts",
-        "1",
-        "--monitor-interval",
-        "0.1",
-        str(Path(__file__).resolve()),
-        str(out),
-    ]
+    torchrun = (
+        f"-m torch.distributed.run --standalone --nproc-per-node {WORKERS} --max-restarts 1 --monitor-interval 0.1"
+    )
+    command = [sys.executable, *shlex.split(torchrun), str(Path(__file__).resolve()), str(out)]
     start = time.monotonic()
     process = subprocess.Popen(
         command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True

@@ -17,6 +17,8 @@ from tolaria.emergency import (
 from tolaria.signals import SharedEmergencySignal, SignalState
 from tolaria.telemetry import MemorySink, TelemetryEmitter
 
+from .waiting import assert_close_ends_a_waiter
+
 L = EmergencyLevel
 BAD_LEVELS = [5, -1, True, 2.0, "HALT", None, object()]
 
@@ -133,21 +135,12 @@ def test_local_wait_semantics():
 
 def test_local_close_ends_waiters():
     sig = LocalEmergencySignal()
-    errors = []
 
-    def wait():
-        try:
-            sig.wait(30.0)
-        except ValueError as exc:
-            errors.append(str(exc))
+    def close_by_leaving_its_context():
+        with sig:
+            pass
 
-    waiter = threading.Thread(target=wait)
-    waiter.start()
-    time.sleep(0.05)
-    with sig:
-        pass
-    waiter.join(10)
-    assert len(errors) == 1 and "closed" in errors[0]
+    assert_close_ends_a_waiter(sig, close_by_leaving_its_context)
     with pytest.raises(ValueError, match="closed"):
         sig.read()
 

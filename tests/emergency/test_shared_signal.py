@@ -21,6 +21,7 @@ from tolaria.signals import (
     SignalState,
 )
 
+from .waiting import assert_close_ends_a_waiter
 from .workers import KINDS, trigger
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pokes segments through /dev/shm")
@@ -355,19 +356,5 @@ def test_clear_does_not_release_waiters(kind, signal_name):
 
 def test_close_ends_waiters_in_this_process(kind, signal_name):
     sig = KINDS[kind].create(signal_name)
-    errors = []
-
-    def wait():
-        try:
-            sig.wait(30.0)
-        except ValueError as exc:
-            errors.append(str(exc))
-
-    waiter = threading.Thread(target=wait)
-    waiter.start()
-    time.sleep(0.05)
-    sig.close()
-    waiter.join(10)
-    assert not waiter.is_alive()
-    assert len(errors) == 1 and "closed" in errors[0]
+    assert_close_ends_a_waiter(sig, sig.close)
     sig.unlink()

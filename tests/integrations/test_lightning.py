@@ -6,6 +6,7 @@ import contextlib
 import importlib
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -235,17 +236,8 @@ def test_ddp_two_ranks_end_identical_and_equal_one_process_on_the_combined_batch
         "OMP_NUM_THREADS": "1",
         "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
     }
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        str(WORKER),
-        str(tmp_path),
-        str(steps),
-    ]
+    torchrun = "-m torch.distributed.run --standalone --nproc-per-node 2"
+    command = [sys.executable, *shlex.split(torchrun), str(WORKER), str(tmp_path), str(steps)]
     done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=80, check=False)
     assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
     rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))

@@ -10,6 +10,7 @@ strings, so equality there is bitwise.
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -300,21 +301,8 @@ def test_tolaria_train_under_torchrun_writes_one_telemetry_file_per_rank(tmp_pat
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for name in LAUNCH_ENV_VARS:
         env.pop(name, None)
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "-m",
-        "tolaria.cli",
-        "train",
-        "--max-steps",
-        "3",
-        "--out",
-        str(out),
-    ]
+    torchrun = "-m torch.distributed.run --standalone --nproc-per-node 2 -m tolaria.cli train --max-steps 3 --out"
+    command = [sys.executable, *shlex.split(torchrun), str(out)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=80, cwd=tmp_path)
     assert done.returncode == 0, f"torchrun failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
     assert sorted(p.name for p in out.glob("telemetry*.jsonl")) == ["telemetry-rank0.jsonl", "telemetry-rank1.jsonl"]
