@@ -15,39 +15,19 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from tolaria.registry import AGGREGATORS, locate
+
 __version__ = "0.1.0"
 
 _AGGREGATION = (
     "Aggregator",
-    "AlignedMTL",
-    "CAGrad",
-    "ConFIG",
-    "Constant",
-    "CRMOGM",
-    "DualProj",
-    "ExcessMTL",
-    "FairGrad",
-    "GradDrop",
-    "GradVac",
-    "IMTLG",
-    "Krum",
-    "MGDA",
-    "Mean",
-    "MoDo",
-    "NashMTL",
-    "PCD",
-    "PCGrad",
-    "Random",
-    "SDMGrad",
-    "Sum",
-    "TrimmedMean",
-    "UPGrad",
-    "Weighted",
     "GradientBuffer",
     "AggregationStats",
     "AGGREGATOR_NAMES",
     "build_aggregator",
 )
+# Every registered aggregator class too (tolaria/registry.py: a dict, nothing imported).
+_AGGREGATION += tuple(locate(entry)[1] for entry in AGGREGATORS.values())
 _TRAINER = ("Trainer", "TrainerConfig", "RunSummary")
 _HOME = {**{name: "tolaria.aggregation" for name in _AGGREGATION}, **{name: "tolaria.trainer" for name in _TRAINER}}
 
@@ -56,6 +36,8 @@ __all__ = ["__version__", *_AGGREGATION, *_TRAINER]
 
 def __getattr__(name: str) -> Any:
     home = _HOME.get(name)
+    if home is None and any(locate(entry)[1] == name for entry in AGGREGATORS.values()):
+        home = "tolaria.aggregation"  # registered after this module was imported (a plugin's line)
     if home is None:
         raise AttributeError(f"module 'tolaria' has no attribute {name!r}")
     value = getattr(importlib.import_module(home), name)

@@ -8,56 +8,22 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tolaria.aggregation import MGDA, DualProj, build_aggregator
+from tolaria.aggregation import AGGREGATOR_NAMES, MGDA, DualProj, aggregator_class
 
 from . import property_assertions as props
 from .input_families import FAMILIES, all_cases
+from .registry_examples import example_aggregator
 
-# What each aggregator promises (beyond finite output of the right shape, which all do).
-PROMISES: dict[str, set[str]] = {
-    "pcgrad": set(),
-    "mean": {"permutation", "linear"},
-    "sum": {"permutation", "linear"},
-    "mgda": {"non_conflicting", "permutation", "zero_if_stationary"},
-    "upgrad": {"non_conflicting", "permutation", "linear", "zero_if_stationary", "strongly_stationary"},
-    "dualproj": {"non_conflicting", "permutation", "zero_if_stationary"},
-    "cagrad": {"permutation"},
-    "imtlg": {"permutation"},
-    "aligned_mtl": {"permutation"},
-    "config": {"permutation"},
-    "constant": {"linear"},
-    "krum": set(),  # ties (two sources nearest each other score alike) go to the lower index
-    "random": set(),
-    # Its equation has a solution only where 0 is not in the gradients' convex hull.
-    "fairgrad": {"solvable:permutation", "solvable:non_conflicting"},
-    "gradvac": set(),  # random orders, as PCGrad's
-    # Source 0 is the primary one (no permutation invariance); where the other sources' guarantees
-    # cannot all be met it returns g_0, which may conflict with them.
-    "pcd": set(),
-    # Stateful ones are reset before every call (the properties hold of one step from a fresh state).
-    "cr_mogm": {"non_conflicting", "permutation", "zero_if_stationary"},  # first step: MGDA's weights
-    "modo": {"permutation"},
-    "sdmgrad": {"permutation"},
-    "nash_mtl": {"solvable:permutation", "solvable:non_conflicting"},  # FairGrad's equation at alpha = 1
-    "excess_mtl": {"permutation"},
-    "graddrop": set(),  # random per call
-    "trimmed_mean": {"permutation"},
-}
+# Every registered aggregator, with what its class promises (``Aggregator.promises``: beyond finite
+# output of the right shape, which all give): an aggregator added to tolaria/registry.py is covered.
+PROMISES: dict[str, frozenset[str]] = {name: aggregator_class(name).promises for name in AGGREGATOR_NAMES}
 DTYPES = [torch.float64, torch.float32]
 BACKENDS = ["cpu", "torch", "triton"]
 
 
 def _aggregator(name: str, backend: str, k: int):
-    kwargs = {"shuffle": False} if name == "pcgrad" else {}
-    if name == "cagrad":
-        kwargs["c"] = 0.5
-    if name == "constant":
-        kwargs["weights"] = [1.0 + i / k for i in range(k)]
-    if name in ("random", "gradvac", "graddrop"):
-        kwargs["seed"] = k
-    if name == "trimmed_mean":
-        kwargs["trim_number"] = (k - 1) // 2
-    aggregator = build_aggregator(name, backend=backend, **kwargs)
+    kwargs = {"shuffle": False} if name == "pcgrad" else {"c": 0.5} if name == "cagrad" else {}
+    aggregator = example_aggregator(name, k, backend=backend, **kwargs)
     if not aggregator.stateful or aggregator.takes_generator():
         return aggregator
 

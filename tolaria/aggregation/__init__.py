@@ -5,21 +5,19 @@ tensors of one shape) to one tensor of the per-source shape, in the inputs' dtyp
 device, with two passes over the gradients whatever K is.
 """
 
+import importlib
+from typing import Any
+
+from tolaria.registry import AGGREGATORS, locate
+
 from ._coordinatewise import CoordinatewiseAggregator
 from ._eigh import jacobi_eig, symmetric_eig
 from ._gradient_rounds import AGGREGATION_LEVELS, BUFFER_MODES, is_gramian
 from ._sources import Sources, as_sources
 from .aggregator import Aggregator
-from .aligned_mtl import AlignedMTL
 from .backends.cpu import CPU_ISA_ENV, cpu_isa, set_cpu_isa, supported_cpu_isas
 from .buffer import GradientBuffer
-from .cagrad import CAGrad
-from .conflict_free import ConFIG
-from .cr_mogm import CRMOGM
-from .dualproj import DualProj
 from .engine import Weights
-from .excess_mtl import ExcessMTL
-from .fairgrad import FairGrad
 from .features import FeatureGradientBuffer
 from .functional import (
     aggregate_mean,
@@ -30,52 +28,32 @@ from .functional import (
     grads_to_flat,
     pcgrad,
 )
-from .graddrop import GradDrop
-from .gradvac import GradVac
-from .imtlg import IMTLG
-from .krum import Krum
 from .low_memory import LowMemoryGradientBuffer, MemoryEstimate, estimate_memory, measure_activations
-from .mgda import MGDA
-from .modo import MoDo
-from .nash_mtl import NashMTL
-from .pcd import PCD
-from .pcgrad import PCGrad
-from .random_weighting import Random
-from .sdmgrad import SDMGrad
 from .sharded_buffer import FSDPGradientBuffer, ZeroGradientBuffer
 from .stats import AggregationStats
-from .trimmed_mean import TrimmedMean
-from .upgrad import UPGrad
-from .weighted import Constant, Mean, Sum, Weighted
 
-# The names the trainer's ``aggregator`` setting and ``tolaria train --aggregator`` accept.
-_REGISTRY: dict[str, type[Aggregator]] = {
-    "pcgrad": PCGrad,
-    "mean": Mean,
-    "sum": Sum,
-    "weighted": Weighted,
-    "mgda": MGDA,
-    "upgrad": UPGrad,
-    "cagrad": CAGrad,
-    "imtlg": IMTLG,
-    "aligned_mtl": AlignedMTL,
-    "dualproj": DualProj,
-    "config": ConFIG,
-    "constant": Constant,
-    "krum": Krum,
-    "fairgrad": FairGrad,
-    "random": Random,
-    "gradvac": GradVac,
-    "pcd": PCD,
-    "cr_mogm": CRMOGM,
-    "modo": MoDo,
-    "sdmgrad": SDMGrad,
-    "nash_mtl": NashMTL,
-    "excess_mtl": ExcessMTL,
-    "graddrop": GradDrop,
-    "trimmed_mean": TrimmedMean,
-}
+# The names the trainer's ``aggregator`` setting and ``tolaria train --aggregator`` accept: tolaria/registry.py,
+# one line per aggregator ("module.Class"; a class object works too, for aggregators defined elsewhere).
+_REGISTRY: dict[str, str | type[Aggregator]] = AGGREGATORS
 AGGREGATOR_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+# Class name -> "module.Class": the registered classes, exported by this package and loaded on first use.
+_LAZY_CLASSES: dict[str, str] = {locate(entry)[1]: entry for entry in AGGREGATORS.values()}
+
+
+def _resolve(entry: str | type[Aggregator]) -> type[Aggregator]:
+    if not isinstance(entry, str):
+        return entry
+    module, cls = locate(entry)
+    return getattr(importlib.import_module(module), cls)
+
+
+def __getattr__(name: str) -> Any:
+    path = _LAZY_CLASSES.get(name)
+    if path is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    cls = _resolve(path)
+    globals()[name] = cls  # later lookups skip this function
+    return cls
 
 
 def aggregator_class(name: str) -> type[Aggregator]:
@@ -85,16 +63,17 @@ def aggregator_class(name: str) -> type[Aggregator]:
     """
     if not isinstance(name, str):
         raise TypeError(f"aggregator name must be a string, got {type(name).__name__}")
-    cls = _REGISTRY.get(name.strip().lower())
-    if cls is None:
+    entry = _REGISTRY.get(name.strip().lower())
+    if entry is None:
         raise ValueError(f"unknown aggregator {name!r}; valid names are {', '.join(AGGREGATOR_NAMES)}")
-    return cls
+    return _resolve(entry)
 
 
 def registered_name(aggregator: Aggregator) -> str:
     """The registry name of ``aggregator``'s class (its class name if it is not registered)."""
-    for name, cls in _REGISTRY.items():
-        if type(aggregator) is cls:
+    cls = type(aggregator)
+    for name, entry in _REGISTRY.items():
+        if entry is cls or (isinstance(entry, str) and locate(entry) == (cls.__module__, cls.__qualname__)):
             return name
     return type(aggregator).__name__
 
@@ -124,26 +103,6 @@ __all__ = [
     "supported_cpu_isas",
     "Aggregator",
     "CoordinatewiseAggregator",
-    "AlignedMTL",
-    "CAGrad",
-    "ConFIG",
-    "CRMOGM",
-    "Constant",
-    "FairGrad",
-    "GradDrop",
-    "GradVac",
-    "Krum",
-    "MoDo",
-    "NashMTL",
-    "PCD",
-    "SDMGrad",
-    "TrimmedMean",
-    "Random",
-    "DualProj",
-    "ExcessMTL",
-    "IMTLG",
-    "MGDA",
-    "UPGrad",
     "aggregator_class",
     "build_aggregator",
     "registered_name",
@@ -151,10 +110,6 @@ __all__ = [
     "GradientBuffer",
     "FSDPGradientBuffer",
     "ZeroGradientBuffer",
-    "Mean",
-    "PCGrad",
-    "Sum",
-    "Weighted",
     "Weights",
     "aggregate_mean",
     "aggregate_sum",
@@ -168,3 +123,4 @@ __all__ = [
     "jacobi_eig",
     "symmetric_eig",
 ]
+__all__ += list(_LAZY_CLASSES)  # the registered aggregator classes

@@ -99,6 +99,15 @@ class Aggregator(ABC):
     # CPU tensors, numbers, strings, None, and lists/dicts of them.
     stateful: bool = False
 
+    # The properties this class promises, as TorchJD documents its aggregators'; the property suite
+    # (tests/aggregation/test_property_suite.py) holds every registered class to its own set over
+    # every input family: "non_conflicting" (no source has a negative inner product with the result),
+    # "permutation" (invariant under reordering the sources), "linear" (scaling J scales the result),
+    # "zero_if_stationary" (0 where 0 is in the sources' convex hull, the strongly stationary case),
+    # "strongly_stationary" (nonzero unless strongly stationary); "solvable:<property>" holds only
+    # where the weighting's equation has a solution. Stateful ones: of one call from a fresh state.
+    promises: frozenset[str] = frozenset()
+
     def gramian_weighting(self, gramian: Tensor) -> Tensor:
         """TorchJD's call shape: the K weights from the K x K Gramian, as one tensor in the
         Gramian's dtype and on its device (:meth:`weighting` returns them in float64, with the

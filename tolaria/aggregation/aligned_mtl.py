@@ -62,6 +62,8 @@ class AlignedMTL(Aggregator):
     ``conflicts`` in the stats counts the pairs of sources with a negative inner product.
     """
 
+    promises = frozenset({"permutation"})
+
     def __init__(
         self,
         pref_vector: Sequence[float] | Tensor | None = None,

@@ -235,6 +235,8 @@ class CAGrad(Aggregator):
     ``conflicts`` in the stats counts the pairs of sources with a negative inner product.
     """
 
+    promises = frozenset({"permutation"})
+
     def __init__(
         self,
         c: float = 0.5,

@@ -41,6 +41,8 @@ class ConFIG(Aggregator):
     negative inner product.
     """
 
+    promises = frozenset({"permutation"})
+
     def __init__(
         self, pref_vector: Sequence[float] | Tensor | None = None, *, backend: str = "auto", nonfinite: str = "raise"
     ):

@@ -76,6 +76,9 @@ class CRMOGM(Aggregator):
     configuration, not state: a schedule of alpha is the caller's to repeat after a resume.
     """
 
+    # From a fresh state: MGDA's weights.
+    promises = frozenset({"non_conflicting", "permutation", "zero_if_stationary"})
+
     stateful = True
 
     def __init__(

@@ -36,6 +36,8 @@ class DualProj(DualConeAggregator):
     the projection ((G p)_j < 0): the constraints the projection had to restore.
     """
 
+    promises = frozenset({"non_conflicting", "permutation", "zero_if_stationary"})
+
     def weighting(self, gram: Tensor) -> Weights:
         pref = preference_on(self._pref, gram)
         weights = solve_if_finite(

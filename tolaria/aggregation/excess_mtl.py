@@ -73,6 +73,8 @@ class ExcessMTL(Aggregator):
     weights currently held, without a step (for K = 1: [1], the identity, which every call is).
     """
 
+    promises = frozenset({"permutation"})
+
     stateful = True
 
     def __init__(

@@ -92,6 +92,9 @@ class FairGrad(Aggregator):
     stats counts the pairs of sources with a negative inner product.
     """
 
+    # Its equation has a solution only where 0 is not in the gradients' convex hull.
+    promises = frozenset({"solvable:non_conflicting", "solvable:permutation"})
+
     def __init__(
         self, alpha: float = 1.0, max_iters: int = NEWTON_STEPS, *, backend: str = "auto", nonfinite: str = "raise"
     ):

@@ -65,6 +65,9 @@ class GradDrop(CoordinatewiseAggregator):
     (``weights`` are NaN: each coordinate keeps its own subset of sources).
     """
 
+    # Random per call.
+    promises = frozenset()
+
     def __init__(
         self,
         f: Callable[[Tensor], Tensor] | None = None,

@@ -109,6 +109,9 @@ class GradVac(Aggregator):
     ``conflicts`` in the stats counts the vaccines applied.
     """
 
+    # Random orders, as PCGrad's.
+    promises = frozenset()
+
     stateful = True
 
     def __init__(

@@ -51,6 +51,8 @@ class IMTLG(Aggregator):
     ``conflicts`` in the stats counts the pairs of sources with a negative inner product.
     """
 
+    promises = frozenset({"permutation"})
+
     def __init__(self, rtol: float | None = None, *, backend: str = "auto", nonfinite: str = "raise"):
         super().__init__(backend=backend, nonfinite=nonfinite)
         if rtol is not None and not (isinstance(rtol, (int, float)) and 0 <= rtol < 1):

@@ -38,6 +38,9 @@ class Krum(Aggregator):
     the stats counts the sources left out.
     """
 
+    # Ties (two sources nearest each other score alike) go to the lower index.
+    promises = frozenset()
+
     def __init__(self, n_byzantine: int = 0, n_selected: int = 1, *, backend: str = "auto", nonfinite: str = "raise"):
         super().__init__(backend=backend, nonfinite=nonfinite)
         self.n_byzantine = _count(n_byzantine, "n_byzantine", 0)

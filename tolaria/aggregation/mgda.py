@@ -47,6 +47,8 @@ class MGDA(Aggregator):
     point the weights cancel, and float32 accumulation would lose the non-conflicting property.
     """
 
+    promises = frozenset({"non_conflicting", "permutation", "zero_if_stationary"})
+
     wide_combine = True
 
     def __init__(

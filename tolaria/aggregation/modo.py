@@ -51,6 +51,8 @@ class MoDo(SimplexStateAggregator):
     ``conflicts`` in the stats counts the pairs of sources with a negative inner product.
     """
 
+    promises = frozenset({"permutation"})
+
     _state_key = "lambda"
 
     def __init__(self, gamma: float = 0.1, rho: float = 0.1, *, backend: str = "auto", nonfinite: str = "raise"):

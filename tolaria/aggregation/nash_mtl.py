@@ -75,6 +75,9 @@ class NashMTL(Aggregator):
     over (the next call solves anew).
     """
 
+    # FairGrad's equation at alpha = 1.
+    promises = frozenset({"solvable:non_conflicting", "solvable:permutation"})
+
     stateful = True
 
     def __init__(

@@ -154,6 +154,10 @@ class PCD(Aggregator):
     secondary sources whose guarantee the primary gradient alone would break.
     """
 
+    # Source 0 is the primary one (no permutation invariance); where the other sources' guarantees cannot all be met
+    # it returns g_0, which may conflict with them.
+    promises = frozenset()
+
     stateful = True
 
     def __init__(

@@ -137,6 +137,8 @@ class PCGrad(Aggregator):
     global generator there, as dropout's masks do; a generator passed in cannot be compiled at all.
     """
 
+    promises = frozenset()
+
     def __init__(
         self,
         reduction: str = "sum",

@@ -25,6 +25,9 @@ class Random(_FixedWeighting):
         backend, nonfinite: see :class:`~tolaria.aggregation.Aggregator`.
     """
 
+    # Random weights per call.
+    promises = frozenset()
+
     def __init__(
         self,
         seed: int | None = None,

@@ -70,6 +70,8 @@ class SDMGrad(SimplexStateAggregator):
     the stats counts the pairs of sources with a negative inner product.
     """
 
+    promises = frozenset({"permutation"})
+
     _state_key = "w"
 
     def __init__(

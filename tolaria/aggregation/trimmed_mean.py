@@ -34,6 +34,8 @@ class TrimmedMean(CoordinatewiseAggregator):
     :mod:`tolaria.aggregation._coordinatewise` (``weights`` are NaN: no fixed linear combination).
     """
 
+    promises = frozenset({"permutation"})
+
     def __init__(self, trim_number: int = 1, *, backend: str = "auto", nonfinite: str = "raise"):
         super().__init__(backend=backend, nonfinite=nonfinite)
         if isinstance(trim_number, bool) or not isinstance(trim_number, int) or trim_number < 0:

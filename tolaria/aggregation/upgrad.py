@@ -39,6 +39,8 @@ class UPGrad(DualConeAggregator):
     ``conflicts`` in the stats counts the pairs of sources with a negative inner product.
     """
 
+    promises = frozenset({"linear", "non_conflicting", "permutation", "strongly_stationary", "zero_if_stationary"})
+
     def weighting(self, gram: Tensor) -> Weights:
         def solve(g: Tensor) -> Tensor:
             # The K projections of p_i g_i, one batch.

@@ -38,6 +38,8 @@ class _FixedWeighting(Aggregator):
 class Weighted(_FixedWeighting):
     """out = sum_k weights[k] * g_k, with weights fixed at construction (one per source)."""
 
+    promises = frozenset({"linear"})
+
     def __init__(self, weights: Sequence[float] | Tensor, *, backend: str = "auto", nonfinite: str = "raise"):
         super().__init__(backend=backend, nonfinite=nonfinite)
         self.weights = as_weight_vector(weights, "Weighted")
@@ -63,12 +65,16 @@ class Constant(Weighted):
 class Mean(_FixedWeighting):
     """out = (1 / K) sum_k g_k."""
 
+    promises = frozenset({"linear", "permutation"})
+
     def _fixed_weights(self, k: int, device: torch.device) -> Tensor:
         return torch.full((k,), 1.0 / k, dtype=_weight_dtype(device), device=device)
 
 
 class Sum(_FixedWeighting):
     """out = sum_k g_k."""
+
+    promises = frozenset({"linear", "permutation"})
 
     def _fixed_weights(self, k: int, device: torch.device) -> Tensor:
         return torch.ones(k, dtype=_weight_dtype(device), device=device)
