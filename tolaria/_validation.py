@@ -144,6 +144,8 @@ def _type_name(tp: Any) -> str:
     if origin is dict:
         k, v = typing.get_args(tp)
         return f"table of {_type_name(k)} -> {_type_name(v)}"
+    if origin is tuple:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -169,6 +171,9 @@ def _matches(value: Any, tp: Any) -> bool:
     if origin is dict:
         key_tp, val_tp = typing.get_args(tp)
         return isinstance(value, Mapping) and all(_matches(k, key_tp) and _matches(v, val_tp) for k, v in value.items())
+    if origin is tuple:  # tuple[X, ...]: a TOML array (a list) of X
+        (item_tp, _) = typing.get_args(tp)
+        return isinstance(value, (list, tuple)) and all(_matches(item, item_tp) for item in value)
     if isinstance(tp, type):
         return isinstance(value, tp)
     raise TypeError(f"config annotation {tp!r} is not supported by the validator")
@@ -181,6 +186,8 @@ def _coerce(value: Any, tp: Any) -> Any:
         return float(value)
     if isinstance(value, Mapping):
         return dict(value)
+    if isinstance(value, list):
+        return tuple(value)
     return value
 
 

@@ -11,7 +11,7 @@ declares in ``promises``.
 
 from __future__ import annotations
 
-__all__ = ["AGGREGATORS", "locate"]
+__all__ = ["AGGREGATORS", "SINKS", "locate"]
 
 AGGREGATORS: dict[str, str] = {
     "pcgrad": "pcgrad.PCGrad",
@@ -38,6 +38,13 @@ AGGREGATORS: dict[str, str] = {
     "excess_mtl": "excess_mtl.ExcessMTL",
     "graddrop": "graddrop.GradDrop",
     "trimmed_mean": "trimmed_mean.TrimmedMean",
+}
+
+# Telemetry sinks a run's ``[telemetry] sinks`` names (beyond the built-in jsonl, logging and
+# tensorboard switches): name -> "package.module:Class", a class with ``for_run(run_dir, rank)``
+# (rank None in one process) returning an object with ``write(records)`` and ``close()``.
+SINKS: dict[str, str] = {
+    "csv": "tolaria.csv_sink:CsvMetricsSink",
 }
 
 

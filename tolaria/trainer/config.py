@@ -46,6 +46,7 @@ from typing import Any, Literal
 from tolaria import profiler as _profiler
 from tolaria._validation import ConfigError, Section, check_bound, check_interval, check_nonempty
 from tolaria.lr import LRConfig
+from tolaria.registry import SINKS
 
 DEVICES_HELP = '"auto" (CUDA when available, else CPU), "cpu", "cuda" or "cuda:N"'
 AMP_MODES = ("auto", "bf16", "off")
@@ -153,6 +154,8 @@ class TelemetryConfig(Section):
         rate_limits: records per second per kind for chatty kinds (default: 5/s for
             ``safety.step_skipped``). Records over a limit are folded into ``rate_limited`` summary
             records with their count; emergency records are never limited.
+        sinks: more sinks, by their names in ``tolaria.registry.SINKS`` (default none; ``"csv"``:
+            ``metrics.csv`` in the run folder). A new sink is one module plus one line there.
     """
 
     jsonl: bool = True
@@ -161,9 +164,13 @@ class TelemetryConfig(Section):
     log_every_steps: int = 10
     batch_size: int = 64
     rate_limits: dict[str, float] = field(default_factory=lambda: {"safety.step_skipped": 5.0})
+    sinks: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self._check_types("telemetry.")
+        unknown = [name for name in self.sinks if name not in SINKS]
+        if unknown:
+            raise ConfigError(f"telemetry.sinks: unknown sink {unknown[0]!r}; valid names are {', '.join(SINKS)}")
         check_bound("telemetry.", "log_every_steps", self.log_every_steps)
         check_bound("telemetry.", "batch_size", self.batch_size)
         for kind, rate in self.rate_limits.items():

@@ -9,6 +9,7 @@ Nothing here keeps state: the trainer holds what is built and releases it in ``c
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import logging
 from collections.abc import Iterable
@@ -31,6 +32,7 @@ from tolaria.distributed import (
 )
 from tolaria.emergency import EmergencyController, LocalEmergencySignal
 from tolaria.lr import build_controller
+from tolaria.registry import SINKS, locate
 from tolaria.state import StateManager
 from tolaria.telemetry import JsonlSink, LoggingSink, TelemetryEmitter, TensorBoardSink
 
@@ -154,6 +156,9 @@ def build_telemetry(config: TrainerConfig, ctx: DistributedContext, run_dir: Pat
         sinks.append(LoggingSink(min_severity=cfg.log_severity))
     if cfg.tensorboard:
         sinks.append(TensorBoardSink(run_dir / ("tensorboard" if not distributed else f"tensorboard-rank{ctx.rank}")))
+    for name in cfg.sinks:  # registered sinks (tolaria/registry.py), one instance per rank
+        module, cls = locate(SINKS[name])
+        sinks.append(getattr(importlib.import_module(module), cls).for_run(run_dir, ctx.rank if distributed else None))
     if rank_jsonl:
         # telemetry-rank<r>.jsonl, every record tagged with the rank and rank 0's run id.
         return rank_telemetry(ctx, run_dir, sinks=sinks, batch_size=cfg.batch_size, rate_limits=cfg.rate_limits)
