@@ -27,9 +27,9 @@ from distributed.workers import model as make_model
 from distributed.workers import optimizer as make_optimizer
 from torch.utils.data import DataLoader
 
-from tolaria.distributed import LAUNCH_ENV_VARS
+from tolaria.distributed import LAUNCH_ENV_VARS, fsdp_wrap
 from tolaria.emergency import EmergencyLevel
-from tolaria.trainer import CheckpointConfig, TelemetryConfig, Trainer, TrainerConfig
+from tolaria.trainer import CheckpointConfig, DistributedConfig, TelemetryConfig, Trainer, TrainerConfig
 
 pytestmark = [pytest.mark.slow]
 
@@ -96,8 +96,10 @@ def scenario_train(ctx, out: Path) -> dict[str, Any]:
     return result
 
 
-def scenario_halt(ctx, out: Path) -> dict[str, Any]:
+def scenario_halt(ctx, out: Path, sharding: str = "none") -> dict[str, Any]:
     net = make_model(INIT_SEED)
+    if sharding == "fsdp":
+        fsdp_wrap(net, ctx)
     holder: dict[str, Trainer] = {}
 
     def loss_fn(outputs, batch):
@@ -107,7 +109,8 @@ def scenario_halt(ctx, out: Path) -> dict[str, Any]:
         return three_losses(outputs, batch)
 
     loader = DataLoader(dataset(), batch_size=2, shuffle=True)  # 4 steps per epoch: the halt is mid-epoch
-    trainer = holder["trainer"] = Trainer(net, make_optimizer(net), loader, loss_fn, config(out / "halt"), ctx=ctx)
+    cfg = config(out / "halt", distributed=DistributedConfig(sharding=sharding))
+    trainer = holder["trainer"] = Trainer(net, make_optimizer(net), loader, loss_fn, cfg, ctx=ctx)
     summary = trainer.fit()
     remote = [
         {"source_rank": r["source_rank"], "level": r["level"]}
@@ -118,10 +121,18 @@ def scenario_halt(ctx, out: Path) -> dict[str, Any]:
         "status": summary.status,
         "steps": summary.steps,
         "halt_reason": summary.halt_reason,
-        "params": hexes(net),
+        "params": hexes(net) if sharding != "fsdp" else None,  # fsdp: DTensors, each rank its own shard
         "last_checkpoint_step": summary.last_checkpoint_step,
         "remote": remote,
     }
+
+
+def scenario_halt_zero(ctx, out: Path) -> dict[str, Any]:
+    return scenario_halt(ctx, out, sharding="zero")
+
+
+def scenario_halt_fsdp(ctx, out: Path) -> dict[str, Any]:
+    return scenario_halt(ctx, out, sharding="fsdp")
 
 
 def scenario_checkpoint(ctx, out: Path) -> dict[str, Any]:
@@ -194,6 +205,8 @@ def scenario_rollback(ctx, out: Path) -> dict[str, Any]:
 SCENARIOS = {
     "train": scenario_train,
     "halt": scenario_halt,
+    "halt_zero": scenario_halt_zero,
+    "halt_fsdp": scenario_halt_fsdp,
     "checkpoint": scenario_checkpoint,
     "rollback": scenario_rollback,
 }
@@ -245,19 +258,22 @@ def test_two_ranks_train_like_one_process_on_the_combined_batch(tmp_path):
         assert len(run_ids) == 1
 
 
-@pytest.mark.timeout(60)
-def test_halt_on_rank_one_stops_rank_zero_at_the_next_step_boundary(tmp_path):
-    rank0, rank1 = run("halt", tmp_path)
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("sharding", ["none", "zero", "fsdp"])
+def test_halt_on_rank_one_stops_rank_zero_at_the_next_step_boundary(tmp_path, sharding):
+    rank0, rank1 = run("halt" if sharding == "none" else f"halt_{sharding}", tmp_path)
     assert rank0["status"] == rank1["status"] == "halted"
     assert rank0["steps"] == rank1["steps"] == 3  # raised during step 3, seen by both before step 4
-    assert rank0["params"] == rank1["params"]
+    if sharding != "fsdp":  # fsdp: each rank holds its own shard of the parameters
+        assert rank0["params"] == rank1["params"]
     assert "rank 1" in rank0["halt_reason"]
     assert rank1["halt_reason"] == "operator halt on rank 1"
     assert rank0["remote"] == [{"source_rank": 1, "level": "HALT"}]
     assert rank1["remote"] == []
-    # The final checkpoint of a halted run is written (by rank 0) and committed on both.
+    # The final checkpoint of a halted run is written and committed on both (sharded: by every rank, DCP).
     assert rank0["last_checkpoint_step"] == rank1["last_checkpoint_step"] == 3
-    assert list((tmp_path / "halt" / "checkpoints").glob("ckpt-*.pt"))
+    folder = "checkpoints" if sharding == "none" else "sharded-checkpoints"
+    assert list((tmp_path / "halt" / folder).iterdir())
 
 
 @pytest.mark.timeout(60)
