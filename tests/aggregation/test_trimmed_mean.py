@@ -31,7 +31,7 @@ def test_every_backend_and_dtype_matches_the_paper(backend, dtype, k, trim):
 
 
 def test_backends_agree_bit_for_bit():
-    j = torch.randn(11, 3000)
+    j = torch.randn(11, 1000)  # 32 Triton programs under the interpreter (BLOCK_N 32), the last one masked
     results = [TrimmedMean(3, backend=b)(j) for b in BACKENDS + ("auto",)]
     assert all(torch.equal(r, results[0]) for r in results)
 
