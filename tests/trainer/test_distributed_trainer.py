@@ -308,7 +308,7 @@ def test_checkpoint_on_rank_zero_resumes_on_both_ranks(tmp_path):
 
 
 @pytest.mark.timeout(90)
-def test_tolaria_train_under_torchrun_writes_one_telemetry_file_per_rank(tmp_path):
+def _tolaria_train_under_torchrun(tmp_path, *arguments: str) -> tuple[Path, subprocess.CompletedProcess]:
     try:
         import torch.distributed.run  # noqa: F401
     except ImportError:
@@ -318,9 +318,24 @@ def test_tolaria_train_under_torchrun_writes_one_telemetry_file_per_rank(tmp_pat
     for name in LAUNCH_ENV_VARS:
         env.pop(name, None)
     torchrun = "-m torch.distributed.run --standalone --nproc-per-node 2 -m tolaria.cli train --max-steps 3 --out"
-    command = [sys.executable, *shlex.split(torchrun), str(out)]
+    command = [sys.executable, *shlex.split(torchrun), str(out), *arguments]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=80, cwd=tmp_path)
     assert done.returncode == 0, f"torchrun failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    return out, done
+
+
+@pytest.mark.slow
+def test_tolaria_train_sharding_fsdp_under_torchrun_trains_and_checkpoints_every_shard(tmp_path):
+    out, _ = _tolaria_train_under_torchrun(tmp_path, "--sharding", "fsdp")
+    for rank in (0, 1):
+        end = [r for r in records(out / f"telemetry-rank{rank}.jsonl") if r["kind"] == "train.end"]
+        assert len(end) == 1 and end[0]["steps"] == 3 and end[0]["status"] == "max_steps"
+    assert (out / "sharded-checkpoints" / "manifest.json").exists(), "the DCP store holds the run's checkpoints"
+    assert not list((out / "checkpoints").glob("ckpt-*.pt")), "no replicated checkpoint of a sharded run"
+
+
+def test_tolaria_train_under_torchrun_writes_one_telemetry_file_per_rank(tmp_path):
+    out, done = _tolaria_train_under_torchrun(tmp_path)
     assert sorted(p.name for p in out.glob("telemetry*.jsonl")) == ["telemetry-rank0.jsonl", "telemetry-rank1.jsonl"]
     for rank in (0, 1):
         recs = records(out / f"telemetry-rank{rank}.jsonl")
