@@ -92,12 +92,6 @@ class _ShardedBuffer(GradientBuffer):
         self._filled.clear()
         self._carry = None
 
-    def zero_grad(self) -> None:
-        for p in (*self.params, *self.unshared_params):
-            p.grad = None
-        self._round_open = False
-        self._carry = None
-
     def backward(self, losses: Sequence[Tensor] | Mapping[str, Tensor], *, retain_graph: bool = False) -> None:
         if isinstance(losses, Mapping):
             losses = list(losses.values())
