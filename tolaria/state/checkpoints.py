@@ -37,7 +37,14 @@ from typing import Any, Protocol
 import torch
 from torch.utils.serialization import config as serialization_config
 
-from tolaria.state.durable_io import FdFile, checksum_algorithms, manifest_digest, new_hasher, read_manifest
+from tolaria.state.durable_io import (
+    FdFile,
+    check_store_options,
+    checksum_algorithms,
+    manifest_digest,
+    new_hasher,
+    read_manifest,
+)
 from tolaria.state.errors import CheckpointError, StagingCancelled
 from tolaria.state.reporting import report, report_fallback
 from tolaria.state.trees import check_loadable
@@ -174,13 +181,7 @@ class CheckpointStore:
         checksum: str = "crc32",
         telemetry: TelemetryEmitter | None = None,
     ):
-        if not isinstance(keep_last, int) or isinstance(keep_last, bool) or keep_last < 1:
-            raise ValueError(f"keep_last must be an integer >= 1, got {keep_last!r}")
-        if checksum not in checksum_algorithms():
-            raise ValueError(
-                f"unknown checksum algorithm {checksum!r}; use 'sha256', 'blake2b', 'crc32' or another of "
-                f"{checksum_algorithms()}"
-            )
+        check_store_options(keep_last, checksum)
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.keep_last = keep_last

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FdFile", "checksum_algorithms", "manifest_digest", "new_hasher", "read_manifest"]
+__all__ = ["FdFile", "check_store_options", "checksum_algorithms", "manifest_digest", "new_hasher", "read_manifest"]
 
 
 class _Crc32:
@@ -35,6 +35,17 @@ def checksum_algorithms() -> list[str]:
 
 def new_hasher(algorithm: str) -> Any:
     return _Crc32() if algorithm == "crc32" else hashlib.new(algorithm)
+
+
+def check_store_options(keep_last: Any, checksum: Any) -> None:
+    """A checkpoint store's ``keep_last`` (an integer >= 1) and ``checksum`` (a known algorithm)."""
+    if not isinstance(keep_last, int) or isinstance(keep_last, bool) or keep_last < 1:
+        raise ValueError(f"keep_last must be an integer >= 1, got {keep_last!r}")
+    if checksum not in checksum_algorithms():
+        raise ValueError(
+            f"unknown checksum algorithm {checksum!r}; use 'sha256', 'blake2b', 'crc32' or another of "
+            f"{checksum_algorithms()}"
+        )
 
 
 def manifest_digest(body: dict[str, Any]) -> str:

@@ -58,7 +58,14 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from tolaria.state.checkpoints import TEMP_PREFIX, _fsync_dir, _read_chunk, _write_all
 from tolaria.state.dcp_safety import VerifiedMetadataReader, WeightsOnlyLoadPlanner
-from tolaria.state.durable_io import FdFile, checksum_algorithms, manifest_digest, new_hasher, read_manifest
+from tolaria.state.durable_io import (
+    FdFile,
+    check_store_options,
+    checksum_algorithms,
+    manifest_digest,
+    new_hasher,
+    read_manifest,
+)
 from tolaria.state.errors import CheckpointError, StateError, StateMismatchError
 from tolaria.state.reporting import report, report_fallback
 from tolaria.state.trees import check_loadable, map_tensors
@@ -151,10 +158,7 @@ class ShardedCheckpointStore:
         telemetry: TelemetryEmitter | None = None,
         group: dist.ProcessGroup | None = None,
     ):
-        if not isinstance(keep_last, int) or isinstance(keep_last, bool) or keep_last < 1:
-            raise ValueError(f"keep_last must be an integer >= 1, got {keep_last!r}")
-        if checksum not in checksum_algorithms():
-            raise ValueError(f"unknown checksum algorithm {checksum!r}; use 'crc32' or one of {checksum_algorithms()}")
+        check_store_options(keep_last, checksum)
         self.root = Path(root)
         self.keep_last = keep_last
         self.checksum = checksum
