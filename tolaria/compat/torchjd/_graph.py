@@ -90,3 +90,16 @@ def _leaves(roots: Sequence[Tensor], excluded: Sequence[Tensor], name: str) -> l
                 seen.add(child)
                 queue.append(child)
     return leaves
+
+
+def _given_or_leaves(
+    given: Tensor | Iterable[Tensor] | None,
+    name: str,
+    roots: Sequence[Tensor],
+    excluded: Sequence[Tensor],
+    roots_name: str,
+) -> list[Tensor]:
+    """The tensors the caller named (deduplicated), or, when it named none, the leaves the roots depend on."""
+    if given is None:
+        return _leaves(roots, excluded, roots_name)
+    return _dedupe([given] if isinstance(given, Tensor) else given, name)

@@ -16,7 +16,15 @@ import torch
 from torch import Tensor
 
 from ._aggregate import _accumulate_grad, _aggregate_into_grads, _check_aggregator
-from ._graph import _as_unique_list, _check_chunk_size, _check_expects, _check_same_rows, _dedupe, _leaves
+from ._graph import (
+    _as_unique_list,
+    _check_chunk_size,
+    _check_expects,
+    _check_same_rows,
+    _dedupe,
+    _given_or_leaves,
+    _leaves,
+)
 
 __all__: list[str] = []  # internal to tolaria.compat.torchjd
 
@@ -132,11 +140,7 @@ def _backward(
     tensors_ = _as_unique_list(tensors, "tensors")
     if not tensors_:
         raise ValueError("`tensors` cannot be empty.")
-    inputs_ = (
-        _leaves(tensors_, [], "tensors")
-        if inputs is None
-        else _dedupe([inputs] if isinstance(inputs, Tensor) else inputs, "inputs")
-    )
+    inputs_ = _given_or_leaves(inputs, "inputs", tensors_, [], "tensors")
     if jac_tensors is None:
         k = sum(t.numel() for t in tensors_)
         passes = _identity_passes(tensors_)
@@ -187,11 +191,7 @@ def _mtl_backward(
         raise ValueError("`features` cannot be empty.")
     if not tensors_:
         raise ValueError("`tensors` cannot be empty.")
-    shared = (
-        _leaves(features_, [], "features")
-        if shared_params is None
-        else _dedupe([shared_params] if isinstance(shared_params, Tensor) else shared_params, "shared_params")
-    )
+    shared = _given_or_leaves(shared_params, "shared_params", features_, [], "features")
     if tasks_params is None:
         tasks = [_leaves([t], features_, "tensors") for t in tensors_]
     else:
