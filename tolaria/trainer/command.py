@@ -197,20 +197,26 @@ def load_config(path: str | None) -> tuple[TrainerConfig, DigitsTaskConfig, set[
         raise ConfigError(f"{path}: {exc}") from None
 
 
+# The flags of `tolaria train` and `tolaria compare` that set one top-level config key each.
+FLAG_KEYS = {
+    "epochs": "epochs",
+    "max_steps": "max_steps",
+    "aggregator": "aggregator",
+    "mode": "aggregation_mode",
+    "aggregation_level": "aggregation_level",
+}
+
+
+def flag_overrides(args: argparse.Namespace, *flags: str) -> dict[str, Any]:
+    """The config changes the given flags ask for (a flag left out of the command line changes nothing)."""
+    return {FLAG_KEYS[flag]: getattr(args, flag) for flag in flags if getattr(args, flag) is not None}
+
+
 def build_config(args: argparse.Namespace) -> tuple[TrainerConfig, DigitsTaskConfig]:
     """The run's configuration: the file's, then the flags over it."""
     config, task, given = load_config(args.config)
     changes: dict[str, Any] = {"progress": not args.no_progress}
-    if args.epochs is not None:
-        changes["epochs"] = args.epochs
-    if args.max_steps is not None:
-        changes["max_steps"] = args.max_steps
-    if args.aggregator is not None:
-        changes["aggregator"] = args.aggregator
-    if args.mode is not None:
-        changes["aggregation_mode"] = args.mode
-    if args.aggregation_level is not None:
-        changes["aggregation_level"] = args.aggregation_level
+    changes |= flag_overrides(args, "epochs", "max_steps", "aggregator", "mode", "aggregation_level")
     if args.device is not None:
         changes["device"] = args.device
     elif "device" not in given:
@@ -396,6 +402,8 @@ def _logging_around_progress(progress: bool):
 
 
 __all__ = [
+    "FLAG_KEYS",
+    "flag_overrides",
     "EpochReportPolicy",
     "FAULTS",
     "FaultyLoss",

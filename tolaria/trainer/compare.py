@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 
+from .command import flag_overrides
 from .config import ConfigError, TrainerConfig
 from .gradient import AGGREGATOR_NAMES
 from .loop import Trainer
@@ -392,12 +393,7 @@ def settings_from_args(args: argparse.Namespace) -> CompareSettings:
     if args.seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {args.seeds}")
     changes: dict[str, Any] = {"epochs": args.epochs, "device": args.device}
-    if args.max_steps is not None:
-        changes["max_steps"] = args.max_steps
-    if args.mode is not None:
-        changes["aggregation_mode"] = args.mode
-    if args.aggregation_level is not None:
-        changes["aggregation_level"] = args.aggregation_level
+    changes |= flag_overrides(args, "max_steps", "mode", "aggregation_level")
     return CompareSettings(
         task=args.task,
         aggregators=aggregators,
