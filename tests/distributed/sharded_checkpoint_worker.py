@@ -11,14 +11,14 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import traceback
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from .gloo_group import gloo_rank
 
 __all__ = ["WORLD_SIZE", "RESUME_WORLD_SIZE", "run"]
 
@@ -128,18 +128,9 @@ def _scenario(rank: int, root: Path) -> dict[str, Any]:
 
 
 def _entry(rank: int, root: str) -> None:
-    torch.set_num_threads(1)
-    store = dist.FileStore(str(Path(root) / "store"), WORLD_SIZE)
-    timeout = timedelta(seconds=_TIMEOUT_S)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD_SIZE, timeout=timeout)
-    try:
+    with gloo_rank(rank, WORLD_SIZE, Path(root), _TIMEOUT_S):
         result = _scenario(rank, Path(root))
         (Path(root) / f"rank{rank}.json").write_text(json.dumps(result))
-    except BaseException:
-        traceback.print_exc()
-        raise
-    finally:
-        dist.destroy_process_group()
 
 
 def run(root: Path) -> list[dict[str, Any]]:

@@ -9,8 +9,6 @@ gradient stage in every mode with a NaN on one rank. Each rank writes what it sa
 from __future__ import annotations
 
 import json
-import traceback
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +20,9 @@ from torch.distributed.fsdp import fully_shard
 
 from tolaria.aggregation import FSDPGradientBuffer, GradientBuffer, ZeroGradientBuffer, build_aggregator
 from tolaria.distributed import DistributedContext, allreduce_gradient_buffer, fsdp_wrap
-from tolaria.distributed.context import import_before_process_group
 from tolaria.trainer.gradient import GradientStage
+
+from .gloo_group import gloo_rank
 
 COLLECTIVE_TIMEOUT_S = 30
 FEATURES, HIDDEN, BATCH, STEPS = 4, 8, 3, 3
@@ -103,21 +102,9 @@ def results(world: int, out: Path) -> list[dict[str, Any]]:
 
 
 def _entry(rank: int, world: int, out: str) -> None:
-    torch.set_num_threads(1)
-    import_before_process_group()
-    store = dist.FileStore(str(Path(out) / "store"), world)
-    dist.init_process_group(
-        "gloo", store=store, rank=rank, world_size=world, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S)
-    )
-    try:
-        ctx = DistributedContext.from_process_group()
+    with gloo_rank(rank, world, Path(out), COLLECTIVE_TIMEOUT_S) as ctx:
         result = scenario(ctx, Path(out))
         (Path(out) / f"sharded-rank{rank}.json").write_text(json.dumps(result))
-    except BaseException:
-        traceback.print_exc()
-        raise
-    finally:
-        dist.destroy_process_group()
 
 
 # ---- the scenario -------------------------------------------------------------------------------------

@@ -9,20 +9,16 @@ from __future__ import annotations
 
 import importlib
 import json
-import traceback
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import DistributedSampler, TensorDataset
 
 from tolaria.aggregation import GradientBuffer, PCGrad
 from tolaria.distributed import (
-    DistributedContext,
     agree_on_emergency,
     allreduce_gradient_buffer,
     any_rank,
@@ -35,12 +31,11 @@ from tolaria.distributed import (
     synchronized_generator,
     verify_replicas,
 )
-from tolaria.distributed.context import (
-    import_before_process_group as _import_before_process_group,
-)
 from tolaria.emergency import EmergencyController, EmergencyLevel, LocalEmergencySignal
 from tolaria.state import StateManager
 from tolaria.telemetry import MemorySink, TelemetryEmitter
+
+from .gloo_group import gloo_rank
 
 WORLD_SIZE = 2
 COLLECTIVE_TIMEOUT_S = 20  # a rank stuck in a collective fails instead of hanging the test
@@ -148,21 +143,9 @@ def results(scenario: str, out: Path) -> list[dict[str, Any]]:
 
 
 def _entry(rank: int, module: str, scenario: str, out: str) -> None:
-    torch.set_num_threads(1)
-    _import_before_process_group()  # else the group outlives destroy_process_group (see its docstring)
-    store = dist.FileStore(str(Path(out) / "store"), WORLD_SIZE)
-    dist.init_process_group(
-        "gloo", store=store, rank=rank, world_size=WORLD_SIZE, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S)
-    )
-    try:
-        ctx = DistributedContext.from_process_group()
+    with gloo_rank(rank, WORLD_SIZE, Path(out), COLLECTIVE_TIMEOUT_S) as ctx:
         result = importlib.import_module(module).SCENARIOS[scenario](ctx, Path(out))
         (Path(out) / f"{scenario}-rank{rank}.json").write_text(json.dumps(result))
-    except BaseException:
-        traceback.print_exc()
-        raise
-    finally:
-        dist.destroy_process_group()
 
 
 def _raised(call) -> str:

@@ -24,6 +24,8 @@ The package, by concern (every public name is importable from ``tolaria.distribu
 
 - :mod:`~tolaria.distributed.context` -- :class:`DistributedContext` (joining the process group) and
   the errors;
+- :mod:`~tolaria.distributed.group_release` -- :func:`release_process_groups` (leaving it for good:
+  destroyed groups freed, their worker threads ended before Python shuts down);
 - :mod:`~tolaria.distributed.sharding` -- :func:`shard` and :class:`ShardedLoader`;
 - :mod:`~tolaria.distributed.sharded_modes` -- :data:`SHARDING_MODES` (none, zero, fsdp: the gradient
   buffer replicated or sharded by columns) and :func:`fsdp_wrap`;
@@ -68,6 +70,7 @@ from tolaria.distributed.coordination import (
     checkpoint_barrier,
     resume_from_checkpoint,
 )
+from tolaria.distributed.group_release import release_process_groups
 from tolaria.distributed.replicas import MAX_SEED as MAX_SEED
 from tolaria.distributed.replicas import (
     broadcast_module_state,
@@ -114,6 +117,7 @@ __all__ = [
     "ddp_wrap",
     "fsdp_wrap",
     "rank_telemetry",
+    "release_process_groups",
     "resume_from_checkpoint",
     "shard",
     "shared_run_id",

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from tolaria.distributed.group_release import destroy_and_free_process_groups
+
 # One logger name for the whole package, as before the split, so log filters keep matching.
 log = logging.getLogger("tolaria.distributed")
 
@@ -240,16 +242,18 @@ class DistributedContext:
         return True
 
     def close(self) -> None:
-        """Destroys the process group if this context created it. Idempotent.
+        """Destroys the process group if this context created it, and frees it unless something still
+        holds it. Idempotent.
 
-        Drop a ``DistributedDataParallel`` wrapper first: it holds the group, whose worker threads
-        would otherwise live on until the interpreter exits.
+        Drop a ``DistributedDataParallel`` wrapper or an FSDP2 model first, or call
+        :func:`~tolaria.distributed.release_process_groups` once they are gone: a group they hold
+        lives on with its worker threads, which can abort the process at exit.
         """
         if self._closed:
             return
         self._closed = True
         if self._owns_process_group and dist.is_initialized():
-            dist.destroy_process_group()
+            destroy_and_free_process_groups()
 
     def __enter__(self) -> DistributedContext:
         return self
@@ -294,9 +298,11 @@ def import_before_process_group() -> None:
     """Imports ``torch._dynamo`` now, before the process group exists.
 
     Imported after ``init_process_group`` (``torch.optim`` imports it when the first optimizer is
-    built), it keeps the default group alive past ``destroy_process_group``: the group's worker
-    threads then outlive the interpreter, and one still releasing a finished collective while Python
-    shuts down aborts the process at exit (SIGABRT, "terminate called without an active exception").
+    built), it keeps the default group alive past ``destroy_process_group`` (``torch.distributed.nn``,
+    which it imports, takes ``group.WORLD`` as a default argument value): the group's worker threads
+    then outlive the interpreter, and one still releasing a finished collective while Python shuts
+    down aborts the process at exit (SIGABRT, "terminate called without an active exception").
+    :func:`~tolaria.distributed.release_process_groups` undoes that too, for groups joined without it.
     """
     import torch._dynamo  # noqa: F401
 

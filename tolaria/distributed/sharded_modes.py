@@ -34,7 +34,8 @@ def fsdp_wrap(model: nn.Module, ctx: DistributedContext) -> nn.Module:
     root. Build the optimizer afterwards, on the model's (now DTensor) parameters. Returns ``model``.
 
     The parameters are sharded as they are: build the model identically on every rank first (the same
-    seed, or :func:`broadcast_module_state` before wrapping).
+    seed, or :func:`broadcast_module_state` before wrapping). When done, drop the model, then call
+    :func:`~tolaria.distributed.release_process_groups`: the parameters' DTensors hold the group.
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, fully_shard

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tolaria.distributed import DistributedContext, fsdp_wrap
+from tolaria.distributed import DistributedContext, fsdp_wrap, release_process_groups
 
 from .config import ConfigError, DistributedConfig, TrainerConfig
 from .gradient import AGGREGATOR_NAMES
@@ -266,6 +266,17 @@ def _resumes_after_a_restart(run_dir: str | None) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        return _train(args)
+    finally:
+        # --sharding fsdp: the model's DTensors kept the process group alive past its destruction at the
+        # end of the run. With the model gone (``_train`` returned), free the group now, so that its
+        # worker threads end before Python shuts down (else the process may abort at exit). It warns
+        # if a group is still held.
+        release_process_groups()
+
+
+def _train(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         config, task_config = build_config(args)
