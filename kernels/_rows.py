@@ -5,7 +5,9 @@ A kernel sees one base pointer and, for row r, an element offset from it: either
 memory; ``table`` is a small int64 tensor on the rows' device). Either way nothing is stacked or
 copied. Element ``c`` of a row sits ``c * col_stride`` further on; ``col_stride == 1`` is passed to
 the kernels as a compile-time flag so their loads are vectorised. The kernels share this addressing
-through two Triton helpers: ``row_offsets`` (rows to offsets) and ``load_row`` (one row's columns).
+through Triton helpers: ``row_offsets`` (rows to offsets), ``load_row`` (one row's columns) and
+``load_row_at`` (row r's columns in the accumulator's dtype, J passed as two tuples: the
+runtime ``src`` and the constexpr ``LAYOUT``, two arguments instead of eight).
 
 Row tables are built without synchronising the device (a pinned host tensor, copied with
 ``non_blocking=True``) and cached per set of row offsets, so a training loop that aggregates the
@@ -39,6 +41,8 @@ __all__ = [
     "multiprocessor_count",
     "row_offsets",
     "load_row",
+    "widen",
+    "load_row_at",
     "Rows",
     "as_rows",
 ]
@@ -132,6 +136,27 @@ def load_row(row_ptr, cols, col_stride, n, COL_CONTIGUOUS: tl.constexpr, MASK_CO
         return tl.load(ptrs, mask=cols < n, other=0.0)
     else:
         return tl.load(ptrs)
+
+
+@triton.jit
+def widen(x, ACC_DTYPE: tl.constexpr):
+    """``x`` in the accumulator's dtype; 16-bit values reach a float64 accumulator through float32 (exact)."""
+    if tl.float64 == ACC_DTYPE and x.dtype != tl.float64:
+        return x.to(tl.float32).to(ACC_DTYPE)
+    return x.to(ACC_DTYPE)
+
+
+@triton.jit
+def load_row_at(src, LAYOUT: tl.constexpr, row, cols, MASK_COLS: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """Elements ``cols`` of row ``row`` in ACC_DTYPE (zeros past n when MASK_COLS), J given as a kernel
+    passes it: ``src`` = (base_ptr, table_ptr, row_stride, col_stride, n) and ``LAYOUT`` = (USE_TABLE,
+    ALIGN, COL_CONTIGUOUS), a constexpr tuple so that the helpers stay specialised on it."""
+    base_ptr, table_ptr, row_stride, col_stride, n = src
+    USE_TABLE: tl.constexpr = LAYOUT[0]
+    ALIGN: tl.constexpr = LAYOUT[1]
+    COL_CONTIGUOUS: tl.constexpr = LAYOUT[2]
+    off = row_offsets(table_ptr, row, True, row_stride, USE_TABLE, ALIGN)
+    return widen(load_row(base_ptr + off, cols, col_stride, n, COL_CONTIGUOUS, MASK_COLS), ACC_DTYPE)
 
 
 @dataclass(frozen=True)

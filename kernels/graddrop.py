@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._rows import INTERPRETED, accumulator_dtype, as_rows, check_block_n, load_row, row_offsets
+from ._rows import INTERPRETED, accumulator_dtype, as_rows, check_block_n, load_row_at
 
 
 @triton.jit
@@ -45,67 +45,24 @@ def _uniform(cols, key0, key1):
 
 
 @triton.jit
-def _load(
-    base_ptr,
-    table_ptr,
-    row_stride,
-    col_stride,
-    n,
-    row,
-    cols,
-    USE_TABLE: tl.constexpr,
-    ALIGN: tl.constexpr,
-    COL_CONTIGUOUS: tl.constexpr,
-    MASK_COLS: tl.constexpr,
-    ACC_DTYPE: tl.constexpr,
-):
-    off = row_offsets(table_ptr, row, True, row_stride, USE_TABLE, ALIGN)
-    x = load_row(base_ptr + off, cols, col_stride, n, COL_CONTIGUOUS, MASK_COLS)
-    if tl.float64 == ACC_DTYPE and x.dtype != tl.float64:
-        return x.to(tl.float32).to(ACC_DTYPE)
-    return x.to(ACC_DTYPE)
-
-
-@triton.jit
 def _graddrop_block(
-    base_ptr,
-    table_ptr,
-    row_stride,
-    col_stride,
-    n,
+    src,
+    LAYOUT: tl.constexpr,
     k,
-    leak_ptr,
-    flag_ptr,
-    key0,
-    key1,
+    drop,
     cols,
-    USE_TABLE: tl.constexpr,
-    ALIGN: tl.constexpr,
-    COL_CONTIGUOUS: tl.constexpr,
     MASK_COLS: tl.constexpr,
     USE_LEAK: tl.constexpr,
     CHECK: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
+    leak_ptr, flag_ptr, key0, key1 = drop
     s = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
     a = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
     bad = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
     for row in range(k):
-        x = _load(
-            base_ptr,
-            table_ptr,
-            row_stride,
-            col_stride,
-            n,
-            row,
-            cols,
-            USE_TABLE,
-            ALIGN,
-            COL_CONTIGUOUS,
-            MASK_COLS,
-            ACC_DTYPE,
-        )
+        x = load_row_at(src, LAYOUT, row, cols, MASK_COLS, ACC_DTYPE)
         s += x
         a += tl.abs(x)
         if CHECK:
@@ -117,21 +74,8 @@ def _graddrop_block(
     up = s > thr
     down = s < thr
     acc = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
-    for row in range(k):
-        x = _load(
-            base_ptr,
-            table_ptr,
-            row_stride,
-            col_stride,
-            n,
-            row,
-            cols,
-            USE_TABLE,
-            ALIGN,
-            COL_CONTIGUOUS,
-            MASK_COLS,
-            ACC_DTYPE,
-        )
+    for row in range(k):  # again: the rows are in cache now
+        x = load_row_at(src, LAYOUT, row, cols, MASK_COLS, ACC_DTYPE)
         keep = ((x > 0.0) & up) | ((x < 0.0) & down)
         if USE_LEAK:
             lk = tl.load(leak_ptr + row).to(ACC_DTYPE)
@@ -173,51 +117,14 @@ def _graddrop_kernel(
     start = tl.cast(tl.program_id(0), tl.int64) * BLOCK_N  # int64: N may pass 2^31
     cols = start + tl.arange(0, BLOCK_N)
     out_ty = out_ptr.dtype.element_ty
-    if start + BLOCK_N <= n:
-        acc = _graddrop_block(
-            base_ptr,
-            table_ptr,
-            row_stride,
-            col_stride,
-            n,
-            k,
-            leak_ptr,
-            flag_ptr,
-            key0,
-            key1,
-            cols,
-            USE_TABLE,
-            ALIGN,
-            COL_CONTIGUOUS,
-            False,
-            USE_LEAK,
-            CHECK,
-            ACC_DTYPE,
-            BLOCK_N,
-        )
+    src = (base_ptr, table_ptr, row_stride, col_stride, n)
+    drop = (leak_ptr, flag_ptr, key0, key1)  # what GradDrop adds to a weighted sum
+    layout: tl.constexpr = (USE_TABLE, ALIGN, COL_CONTIGUOUS)
+    if start + BLOCK_N <= n:  # a full block: compiled without a column mask
+        acc = _graddrop_block(src, layout, k, drop, cols, False, USE_LEAK, CHECK, ACC_DTYPE, BLOCK_N)
         tl.store(out_ptr + cols, _to_output(acc, out_ty))
     else:
-        acc = _graddrop_block(
-            base_ptr,
-            table_ptr,
-            row_stride,
-            col_stride,
-            n,
-            k,
-            leak_ptr,
-            flag_ptr,
-            key0,
-            key1,
-            cols,
-            USE_TABLE,
-            ALIGN,
-            COL_CONTIGUOUS,
-            True,
-            USE_LEAK,
-            CHECK,
-            ACC_DTYPE,
-            BLOCK_N,
-        )
+        acc = _graddrop_block(src, layout, k, drop, cols, True, USE_LEAK, CHECK, ACC_DTYPE, BLOCK_N)
         tl.store(out_ptr + cols, _to_output(acc, out_ty), mask=cols < n)
 
 
