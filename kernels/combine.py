@@ -18,48 +18,25 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._rows import INTERPRETED, Rows, accumulator_dtype, as_rows, check_block_n, load_row, row_offsets
+from ._rows import INTERPRETED, Rows, accumulator_dtype, as_rows, check_block_n, load_row_at
 
 MAX_ROWS_PER_GROUP = 4
 
 
 @triton.jit
-def _add_row(
-    acc,
-    base_ptr,
-    table_ptr,
-    row_stride,
-    col_stride,
-    n,
-    w_ptr,
-    row,
-    cols,
-    USE_TABLE: tl.constexpr,
-    ALIGN: tl.constexpr,
-    COL_CONTIGUOUS: tl.constexpr,
-    MASK_COLS: tl.constexpr,
-    ACC_DTYPE: tl.constexpr,
-):
+def _add_row(acc, src, LAYOUT: tl.constexpr, w_ptr, row, cols, MASK_COLS: tl.constexpr, ACC_DTYPE: tl.constexpr):
     w = tl.load(w_ptr + row).to(ACC_DTYPE)
-    off = row_offsets(table_ptr, row, True, row_stride, USE_TABLE, ALIGN)
-    x = load_row(base_ptr + off, cols, col_stride, n, COL_CONTIGUOUS, MASK_COLS)
-    return acc + w * _widen(x, ACC_DTYPE)
+    return acc + w * load_row_at(src, LAYOUT, row, cols, MASK_COLS, ACC_DTYPE)
 
 
 @triton.jit
 def _weighted_rows(
-    base_ptr,
-    table_ptr,
-    row_stride,
-    col_stride,
-    n,
+    src,
+    LAYOUT: tl.constexpr,
     k,
     w_ptr,
     cols,
     ROWS: tl.constexpr,
-    USE_TABLE: tl.constexpr,
-    ALIGN: tl.constexpr,
-    COL_CONTIGUOUS: tl.constexpr,
     MASK_COLS: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -68,48 +45,10 @@ def _weighted_rows(
     k_groups = (k // ROWS) * ROWS
     for g in range(0, k_groups, ROWS):  # ROWS rows per step, their loads issued together
         for r in tl.static_range(ROWS):
-            acc = _add_row(
-                acc,
-                base_ptr,
-                table_ptr,
-                row_stride,
-                col_stride,
-                n,
-                w_ptr,
-                g + r,
-                cols,
-                USE_TABLE,
-                ALIGN,
-                COL_CONTIGUOUS,
-                MASK_COLS,
-                ACC_DTYPE,
-            )
+            acc = _add_row(acc, src, LAYOUT, w_ptr, g + r, cols, MASK_COLS, ACC_DTYPE)
     for row in range(k_groups, k):  # the remaining k % ROWS rows
-        acc = _add_row(
-            acc,
-            base_ptr,
-            table_ptr,
-            row_stride,
-            col_stride,
-            n,
-            w_ptr,
-            row,
-            cols,
-            USE_TABLE,
-            ALIGN,
-            COL_CONTIGUOUS,
-            MASK_COLS,
-            ACC_DTYPE,
-        )
+        acc = _add_row(acc, src, LAYOUT, w_ptr, row, cols, MASK_COLS, ACC_DTYPE)
     return acc
-
-
-@triton.jit
-def _widen(x, ACC_DTYPE: tl.constexpr):
-    # 16-bit rows reach a float64 accumulator through float32 (exact), see _to_output.
-    if tl.float64 == ACC_DTYPE and x.dtype != tl.float64:
-        return x.to(tl.float32).to(ACC_DTYPE)
-    return x.to(ACC_DTYPE)
 
 
 @triton.jit
@@ -143,43 +82,13 @@ def _combine_kernel(
     start = tl.cast(tl.program_id(0), tl.int64) * BLOCK_N  # int64: N may pass 2^31
     cols = start + tl.arange(0, BLOCK_N)
     out_ty = out_ptr.dtype.element_ty
-    if start + BLOCK_N <= n:
-        acc = _weighted_rows(
-            base_ptr,
-            table_ptr,
-            row_stride,
-            col_stride,
-            n,
-            k,
-            w_ptr,
-            cols,
-            ROWS,
-            USE_TABLE,
-            ALIGN,
-            COL_CONTIGUOUS,
-            False,
-            ACC_DTYPE,
-            BLOCK_N,
-        )
+    src = (base_ptr, table_ptr, row_stride, col_stride, n)
+    layout: tl.constexpr = (USE_TABLE, ALIGN, COL_CONTIGUOUS)
+    if start + BLOCK_N <= n:  # a full block: compiled without a column mask
+        acc = _weighted_rows(src, layout, k, w_ptr, cols, ROWS, False, ACC_DTYPE, BLOCK_N)
         tl.store(out_ptr + cols, _to_output(acc, out_ty))
     else:
-        acc = _weighted_rows(
-            base_ptr,
-            table_ptr,
-            row_stride,
-            col_stride,
-            n,
-            k,
-            w_ptr,
-            cols,
-            ROWS,
-            USE_TABLE,
-            ALIGN,
-            COL_CONTIGUOUS,
-            True,
-            ACC_DTYPE,
-            BLOCK_N,
-        )
+        acc = _weighted_rows(src, layout, k, w_ptr, cols, ROWS, True, ACC_DTYPE, BLOCK_N)
         tl.store(out_ptr + cols, _to_output(acc, out_ty), mask=cols < n)
 
 
