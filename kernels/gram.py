@@ -70,10 +70,11 @@ _CONFIGS = {
 
 
 @triton.jit
-def _load_tile(
-    base_ptr, row_base, seg_start, row_mask, cols, col_stride, n, COL_CONTIGUOUS: tl.constexpr, MASK_COLS: tl.constexpr
-):
-    """The tile rows x cols: row m starts at row_base[m], its columns at seg_start[m] + cols."""
+def _load_tile(src, tile_rows, cols, COL_CONTIGUOUS: tl.constexpr, MASK_COLS: tl.constexpr):
+    """The tile rows x cols, ``tile_rows`` = (row_base, seg_start, row_mask): row m starts at
+    row_base[m], its columns at seg_start[m] + cols."""
+    base_ptr, _, _, col_stride, n = src
+    row_base, seg_start, row_mask = tile_rows
     c = seg_start[:, None] + cols[None, :]
     if COL_CONTIGUOUS:
         ptrs = base_ptr + row_base[:, None] + c
@@ -89,43 +90,36 @@ def _load_tile(
 @triton.jit
 def _accumulate_tile(
     acc,
-    base_ptr,
-    table_ptr,
-    row_stride,
-    col_stride,
-    n,
+    src,
+    LAYOUT: tl.constexpr,
     cols,
-    base_a,
-    seg_a,
-    mask_a,
-    base_b,
-    seg_b,
-    mask_b,
-    b0,
-    kb,
+    tiles,
     BLOCK_K: tl.constexpr,
     SAME_ROWS: tl.constexpr,
-    USE_TABLE: tl.constexpr,
-    ALIGN: tl.constexpr,
-    COL_CONTIGUOUS: tl.constexpr,
     MASK_COLS: tl.constexpr,
     USE_DOT: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """acc += A_tile B_tile^T for the columns ``cols`` (A = rows a0.., B = rows b0..)."""
-    xa = _load_tile(base_ptr, base_a, seg_a, mask_a, cols, col_stride, n, COL_CONTIGUOUS, MASK_COLS)
+    """acc += A_tile B_tile^T for the columns ``cols`` (A = rows a0.., B = rows b0..); ``tiles`` =
+    (A's tile rows, B's tile rows, b0, kb), each tile's rows as ``_load_tile`` takes them."""
+    tile_a, tile_b, b0, kb = tiles
+    USE_TABLE: tl.constexpr = LAYOUT[0]
+    ALIGN: tl.constexpr = LAYOUT[1]
+    COL_CONTIGUOUS: tl.constexpr = LAYOUT[2]
+    xa = _load_tile(src, tile_a, cols, COL_CONTIGUOUS, MASK_COLS)
     if USE_DOT:
         if SAME_ROWS:
             xb = xa
         else:
-            xb = _load_tile(base_ptr, base_b, seg_b, mask_b, cols, col_stride, n, COL_CONTIGUOUS, MASK_COLS)
+            xb = _load_tile(src, tile_b, cols, COL_CONTIGUOUS, MASK_COLS)
         if UPCAST:  # the interpreter's dot cannot multiply bfloat16; float32 products are the same values
             xa = xa.to(tl.float32)
             xb = xb.to(tl.float32)
         acc = tl.dot(xa, tl.trans(xb), acc, input_precision=PRECISION)
     else:
         # float64 (never folded): one column of the block at a time on the CUDA cores, row j from cache.
+        base_ptr, table_ptr, row_stride, col_stride, n = src
         rk = tl.arange(0, BLOCK_K)
         for j in range(0, kb):
             off_j = row_offsets(table_ptr, b0 + j, j < kb, row_stride, USE_TABLE, ALIGN)
@@ -188,62 +182,17 @@ def _gram_partials_kernel(
         base_b = row_offsets(table_ptr, b0 + row, mask_b, row_stride, USE_TABLE, ALIGN)
     cols0 = tl.arange(0, BLOCK_N).to(tl.int64)
     acc = tl.zeros((BLOCK_K, BLOCK_K), dtype=ACC_DTYPE)
+    src = (base_ptr, table_ptr, row_stride, col_stride, n)
+    layout: tl.constexpr = (USE_TABLE, ALIGN, COL_CONTIGUOUS)
+    tiles = ((base_a, seg, mask_a), (base_b, seg, mask_b), b0, kb)
     for tile in range(tl.cast(pid, tl.int64), full_tiles, num_programs):  # int64: N may pass 2^31
-        acc = _accumulate_tile(
-            acc,
-            base_ptr,
-            table_ptr,
-            row_stride,
-            col_stride,
-            n,
-            tile * BLOCK_N + cols0,
-            base_a,
-            seg,
-            mask_a,
-            base_b,
-            seg,
-            mask_b,
-            b0,
-            kb,
-            BLOCK_K,
-            SAME_ROWS,
-            USE_TABLE,
-            ALIGN,
-            COL_CONTIGUOUS,
-            False,
-            USE_DOT,
-            UPCAST,
-            PRECISION,
-        )
+        cols = tile * BLOCK_N + cols0
+        acc = _accumulate_tile(acc, src, layout, cols, tiles, BLOCK_K, SAME_ROWS, False, USE_DOT, UPCAST, PRECISION)
     # The masked tiles continue the same grid-stride sequence.
     first = full_tiles + (pid - full_tiles % num_programs + num_programs) % num_programs
     for tile in range(tl.cast(first, tl.int64), seg_tiles, num_programs):
-        acc = _accumulate_tile(
-            acc,
-            base_ptr,
-            table_ptr,
-            row_stride,
-            col_stride,
-            n,
-            tile * BLOCK_N + cols0,
-            base_a,
-            seg,
-            mask_a,
-            base_b,
-            seg,
-            mask_b,
-            b0,
-            kb,
-            BLOCK_K,
-            SAME_ROWS,
-            USE_TABLE,
-            ALIGN,
-            COL_CONTIGUOUS,
-            True,
-            USE_DOT,
-            UPCAST,
-            PRECISION,
-        )
+        cols = tile * BLOCK_N + cols0
+        acc = _accumulate_tile(acc, src, layout, cols, tiles, BLOCK_K, SAME_ROWS, True, USE_DOT, UPCAST, PRECISION)
     if SEGMENTS > 1:  # G is the sum of the diagonal ROWS x ROWS blocks of the folded product
         acc4 = tl.reshape(acc, (SEGMENTS, ROWS, SEGMENTS, ROWS))
         sa = tl.arange(0, SEGMENTS)[:, None, None, None]
