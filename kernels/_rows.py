@@ -192,6 +192,21 @@ class Rows:
             return (self.base, self.table, 0, self.col_stride)
         return (self.base, self.base, self.row_stride // self.align, self.col_stride)
 
+    def layout(self) -> dict[str, Any]:
+        """The kernels' compile-time flags for these rows (USE_TABLE, ALIGN, COL_CONTIGUOUS)."""
+        return dict(USE_TABLE=self.table is not None, ALIGN=self.align, COL_CONTIGUOUS=self.col_stride == 1)
+
+    def output(self, out: Tensor | None) -> Tensor:
+        """A fresh N-tensor in the rows' dtype on their device, or ``out`` once checked to be one (contiguous)."""
+        if out is None:
+            return torch.empty(self.n, dtype=self.dtype, device=self.device)
+        if out.numel() != self.n or out.dtype != self.dtype or out.device != self.device or not out.is_contiguous():
+            raise ValueError(
+                f"out must be a contiguous {self.n} x {self.dtype} tensor on {self.device}, got "
+                f"{out.numel()} x {out.dtype} on {out.device}"
+            )
+        return out
+
 
 def _alignment(offsets: Sequence[int]) -> int:
     """The largest power of two up to 16 dividing every offset (in elements)."""

@@ -137,23 +137,17 @@ def combine(
     cfg_block_n, num_warps = _config(rows, group)
     block_n = block_n or cfg_block_n
     check_block_n(block_n)
-    base, table, row_stride, col_stride = rows.kernel_args()
     w = weights if weights.is_contiguous() else weights.contiguous()
     acc_dtype = accumulator_dtype(rows.dtype, wide=wide)
     _combine_kernel[(triton.cdiv(rows.n, block_n),)](
-        base,
-        table,
-        row_stride,
-        col_stride,
+        *rows.kernel_args(),
         rows.n,
         rows.k,
         w,
         out,
         BLOCK_N=block_n,
         ROWS=group,
-        USE_TABLE=rows.table is not None,
-        ALIGN=rows.align,
-        COL_CONTIGUOUS=col_stride == 1,
+        **rows.layout(),
         ACC_DTYPE=acc_dtype,
         num_warps=num_warps,
     )

@@ -160,35 +160,23 @@ def graddrop(
         if leak.device != rows.device:
             raise ValueError(f"leak is on {leak.device}, the rows on {rows.device}")
         leak = leak.contiguous()
-    if out is None:
-        out = torch.empty(rows.n, dtype=rows.dtype, device=rows.device)
-    elif out.numel() != rows.n or out.dtype != rows.dtype or out.device != rows.device or not out.is_contiguous():
-        raise ValueError(
-            f"out must be a contiguous {rows.n} x {rows.dtype} tensor on {rows.device}, got "
-            f"{out.numel()} x {out.dtype} on {out.device}"
-        )
+    out = rows.output(out)
     if block_n is None:
         block_n = 64 if INTERPRETED else 1024
     check_block_n(block_n)
     flag = torch.zeros(1, dtype=torch.int32, device=rows.device) if check else None
-    base, table, row_stride, col_stride = rows.kernel_args()
     acc_dtype = accumulator_dtype(rows.dtype)
     _graddrop_kernel[(triton.cdiv(rows.n, block_n),)](
-        base,
-        table,
-        row_stride,
-        col_stride,
+        *rows.kernel_args(),
         rows.n,
         rows.k,
-        leak if leak is not None else base,
+        leak if leak is not None else rows.base,
         flag if flag is not None else out,
         key0,
         key1,
         out,
         BLOCK_N=block_n,
-        USE_TABLE=rows.table is not None,
-        ALIGN=rows.align,
-        COL_CONTIGUOUS=col_stride == 1,
+        **rows.layout(),
         USE_LEAK=leak is not None,
         CHECK=check,
         ACC_DTYPE=acc_dtype,

@@ -300,16 +300,13 @@ def _launch_block(
     use_dot = rows.dtype in _DOT_DTYPES
     acc_dtype = accumulator_dtype(rows.dtype)
     atomic = not deterministic and use_dot
-    base, table, row_stride, col_stride = rows.kernel_args()
-    args = (base, table, row_stride, col_stride, rows.n, seg_tiles, full_tiles, a0, ka, b0, kb)
+    args = (*rows.kernel_args(), rows.n, seg_tiles, full_tiles, a0, ka, b0, kb)
     flags = dict(
         ROWS=row_block,
         SEGMENTS=segments,
         BLOCK_N=block_n,
         SAME_ROWS=same,
-        USE_TABLE=rows.table is not None,
-        ALIGN=rows.align,
-        COL_CONTIGUOUS=col_stride == 1,
+        **rows.layout(),
         ATOMIC=atomic,
         USE_DOT=use_dot,
         UPCAST=INTERPRETED and rows.dtype == torch.bfloat16,

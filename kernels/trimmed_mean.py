@@ -115,25 +115,15 @@ def trimmed_mean(
         raise ValueError(f"trimming {trim} values from each end needs more than {2 * trim} rows, got {rows.k}")
     if rows.k > MAX_K:
         raise ValueError(f"the Triton TrimmedMean kernel takes at most {MAX_K} rows, got {rows.k}")
-    if out is None:
-        out = torch.empty(rows.n, dtype=rows.dtype, device=rows.device)
-    elif out.numel() != rows.n or out.dtype != rows.dtype or out.device != rows.device or not out.is_contiguous():
-        raise ValueError(
-            f"out must be a contiguous {rows.n} x {rows.dtype} tensor on {rows.device}, got "
-            f"{out.numel()} x {out.dtype} on {out.device}"
-        )
+    out = rows.output(out)
     kp = triton.next_power_of_2(max(rows.k, 2))
     if block_n is None:
         block_n = 32 if INTERPRETED else max(16, min(256, 4096 // kp))
     check_block_n(block_n)
     flag = torch.zeros(1, dtype=torch.int32, device=rows.device) if check else None
-    base, table, row_stride, col_stride = rows.kernel_args()
     acc_dtype = accumulator_dtype(rows.dtype)
     _trimmed_mean_kernel[(triton.cdiv(rows.n, block_n),)](
-        base,
-        table,
-        row_stride,
-        col_stride,
+        *rows.kernel_args(),
         rows.n,
         rows.k,
         trim,
@@ -141,9 +131,7 @@ def trimmed_mean(
         out,
         BLOCK_N=block_n,
         KP=kp,
-        USE_TABLE=rows.table is not None,
-        ALIGN=rows.align,
-        COL_CONTIGUOUS=col_stride == 1,
+        **rows.layout(),
         CHECK=check,
         ACC_DTYPE=acc_dtype,
         num_warps=1 if INTERPRETED else 4,
