@@ -12,12 +12,13 @@ is not the sum of Gram matrices.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from .buffer import GradientBuffer, ParameterSource
+from .buffer import GradientBuffer
 
 __all__ = ["BUFFER_MODES", "AGGREGATION_LEVELS", "OutputRound", "buffer_class", "check_losses", "is_gramian"]
 
@@ -83,26 +84,12 @@ class OutputRound(GradientBuffer):
     mode = "buffer"
     level = "params"
 
-    def __init__(
-        self,
-        params: ParameterSource,
-        num_sources: int,
-        *,
-        shared: nn.Module | Iterable[Tensor] | None = None,
-        accumulate: bool = True,
-        mode: str = "buffer",
-        level: str = "params",
-    ):
-        # The buffer mode's checks, without its K x N allocation.
-        first = self._bind_parameters(params, num_sources, shared, accumulate)
-        self.output = torch.zeros(self.numel, dtype=first.dtype, device=first.device)
-        self._offsets = []
-        offset = 0
-        for p in self.params:
-            self._offsets.append((offset, p.numel()))
-            offset += p.numel()
-        self._output_views = self._views(self.output)
+    def __init__(self, *args: Any, **kwargs: Any):  # GradientBuffer's arguments
+        super().__init__(*args, **kwargs)
         self._pending: tuple[list[Tensor], bool] | None = None  # the round's losses, until aggregate
+
+    def _allocate_rows(self) -> None:
+        """No K x N buffer: the point of these modes."""
 
     @property
     def buffer(self) -> Tensor:

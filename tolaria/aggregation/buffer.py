@@ -151,22 +151,26 @@ class GradientBuffer:
                 "pass the aggregator to buf.aggregate(...)"
             )
         first = self._bind_parameters(params, num_sources, shared, accumulate)
-        # Rows start on 64-byte boundaries (row stride padded to 32 elements) so that the kernels'
-        # wide vector loads stay aligned whatever N is; `buffer` is the K x N view.
-        stride = -(-self.numel // _ROW_ALIGN) * _ROW_ALIGN
-        self._storage = torch.zeros((num_sources, stride), dtype=first.dtype, device=first.device)
-        self.buffer = self._storage[:, : self.numel]
-        self.output = torch.zeros(self.numel, dtype=first.dtype, device=first.device)
         self._offsets: list[tuple[int, int]] = []
         offset = 0
         for p in self.params:
             self._offsets.append((offset, p.numel()))
             offset += p.numel()
-        self._row_views = [self._views(self.buffer[k]) for k in range(num_sources)]
+        self.output = torch.zeros(self.numel, dtype=first.dtype, device=first.device)
         self._output_views = self._views(self.output)
+        self._allocate_rows()
         # Gradients found in the shared parameters' .grad during a round, added to its aggregate.
         self._carry: Tensor | None = None
         self._round_open = False  # a round: the backward passes between two aggregates
+
+    def _allocate_rows(self) -> None:
+        """The K x N buffer and each row's per-parameter views (the buffer-free modes override this)."""
+        # Rows start on 64-byte boundaries (row stride padded to 32 elements) so that the kernels'
+        # wide vector loads stay aligned whatever N is; `buffer` is the K x N view.
+        stride = -(-self.numel // _ROW_ALIGN) * _ROW_ALIGN
+        self._storage = torch.zeros((self.num_sources, stride), dtype=self.dtype, device=self.device)
+        self.buffer = self._storage[:, : self.numel]
+        self._row_views = [self._views(self.buffer[k]) for k in range(self.num_sources)]
 
     def _bind_parameters(self, params: Any, num_sources: int, shared: Any, accumulate: bool) -> Tensor:
         """The checks every buffer kind makes of its arguments, and the attributes they set (params,
