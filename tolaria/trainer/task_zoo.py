@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .tasks import DigitsTaskConfig, ShuffledBatches, build_default_task
+from .tasks import DigitsTaskConfig, ShuffledBatches, build_default_task, load_digit_images
 
 DEFAULT_TASK = "two-digits"
 
@@ -119,15 +119,7 @@ def _optimizer(model: nn.Module, cfg: DigitsTaskConfig) -> torch.optim.Optimizer
 def load_digit_attributes(cfg: DigitsTaskConfig, *, noisy: bool) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
     """Train and test ``(x, y)`` of single digits: x (n x 8 x 8, in [0, 1]), y (n x K) of the
     attribute labels (and, with ``noisy``, a last column of random labels fixed per image)."""
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as exc:
-        raise ImportError(
-            "the digit tasks need scikit-learn (its bundled digits data set): pip install 'tolaria[train]'"
-        ) from exc
-    digits = load_digits()
-    images = torch.tensor(digits.images, dtype=torch.float32) / 16.0
-    digit = torch.tensor(digits.target, dtype=torch.int64)
+    images, digit = load_digit_images()
     columns = [digit] + [torch.tensor(table)[digit] for table in (_PARITY, _LARGE, _PRIME)]
     gen = torch.Generator().manual_seed(cfg.seed)
     if noisy:

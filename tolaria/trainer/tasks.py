@@ -67,17 +67,22 @@ def make_pairs(images: Tensor, labels: Tensor, n: int, generator: torch.Generato
     return x, y
 
 
-def load_pairs(cfg: DigitsTaskConfig) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
-    """Train and test pairs: ((x, y), (x, y)), x in [0, 1], float32, y int64 of shape (n, 2)."""
+def load_digit_images() -> tuple[Tensor, Tensor]:
+    """scikit-learn's bundled digits: images (n x 8 x 8, float32 in [0, 1]) and their digits (int64)."""
     try:
         from sklearn.datasets import load_digits
     except ImportError as exc:
         raise ImportError(
-            "the default task needs scikit-learn (its bundled digits data set): pip install 'tolaria[train]'"
+            "the digit tasks (the default one too) need scikit-learn, for its bundled digits data set: "
+            "pip install 'tolaria[train]'"
         ) from exc
     digits = load_digits()
-    images = torch.tensor(digits.images, dtype=torch.float32) / 16.0
-    labels = torch.tensor(digits.target, dtype=torch.int64)
+    return torch.tensor(digits.images, dtype=torch.float32) / 16.0, torch.tensor(digits.target, dtype=torch.int64)
+
+
+def load_pairs(cfg: DigitsTaskConfig) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """Train and test pairs: ((x, y), (x, y)), x in [0, 1], float32, y int64 of shape (n, 2)."""
+    images, labels = load_digit_images()
     gen = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(len(images), generator=gen)
     n_test = int(round(cfg.test_fraction * len(images)))
@@ -230,6 +235,7 @@ __all__ = [
     "TwoDigitNet",
     "accuracy",
     "build_default_task",
+    "load_digit_images",
     "load_pairs",
     "make_pairs",
     "two_digit_loss",
