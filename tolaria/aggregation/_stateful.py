@@ -25,6 +25,7 @@ __all__ = [
     "loaded_vector",
     "saved_vector",
     "square_matrix",
+    "state_for_k",
 ]
 
 
@@ -80,6 +81,15 @@ def k_changed(owner: str, old: int, new: int) -> None:
         UserWarning,
         stacklevel=2,
     )
+
+
+def state_for_k(state: Tensor | None, k: int, owner: str, restarts: str) -> Tensor | None:
+    """``state`` if it was kept for ``k`` sources (its first dimension); else None, with a warning
+    that ``restarts`` (pointing at the caller of the aggregator)."""
+    if state is not None and state.shape[0] != k:
+        warnings.warn(f"{owner} was called with {k} sources after {state.shape[0]}: {restarts}", stacklevel=6)
+        return None
+    return state
 
 
 def square_matrix(matrix: Any, owner: str) -> Tensor:

@@ -36,7 +36,6 @@ aggregate of finite inputs beyond rounding:
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
@@ -44,7 +43,7 @@ from torch import Tensor
 
 from ._gramian import solve_if_finite
 from ._randomness import own_generator
-from ._stateful import check_state_keys
+from ._stateful import check_state_keys, state_for_k
 from .aggregator import Aggregator
 from .engine import Weights
 from .pcgrad import draw_orders
@@ -134,13 +133,7 @@ class GradVac(Aggregator):
 
     def _targets_for(self, gram: Tensor) -> Tensor:
         k = gram.shape[0]
-        if self._targets is not None and self._targets.shape[0] != k:
-            warnings.warn(
-                f"GradVac was called with {k} sources after {self._targets.shape[0]}: "
-                "its cosine targets restart from 0",
-                stacklevel=5,
-            )
-            self._targets = None
+        self._targets = state_for_k(self._targets, k, "GradVac", "its cosine targets restart from 0")
         if self._targets is None:
             self._targets = torch.zeros((k, k), dtype=gram.dtype, device=gram.device)
         elif self._targets.device != gram.device or self._targets.dtype != gram.dtype:

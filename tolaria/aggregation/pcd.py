@@ -34,7 +34,6 @@ input dtype's Gram matrix, 10 float32 ulps for float32 inputs), so a float32 d~ 
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -42,7 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._stateful import check_count, check_state_keys
+from ._stateful import check_count, check_state_keys, state_for_k
 from .aggregator import Aggregator
 from .engine import Weights
 
@@ -190,13 +189,8 @@ class PCD(Aggregator):
     def _scales(self, sq_norms: Tensor) -> Tensor:
         """Updates the moving average with this call's squared norms; the normalising scales s."""
         k = sq_norms.shape[0]
-        if self._sq_norm_ema is not None and self._sq_norm_ema.shape[0] != k:
-            warnings.warn(
-                f"PCD was called with {k} sources after {self._sq_norm_ema.shape[0]}: "
-                "its moving average of the squared norms restarts",
-                stacklevel=5,
-            )
-            self._sq_norm_ema = None
+        restarts = "its moving average of the squared norms restarts"
+        self._sq_norm_ema = state_for_k(self._sq_norm_ema, k, "PCD", restarts)
         if self._sq_norm_ema is None:
             self._sq_norm_ema = torch.zeros(k, dtype=torch.float64)
             self._steps = 0
