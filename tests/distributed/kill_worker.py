@@ -52,19 +52,20 @@ COLLECTIVE_TIMEOUT_S = 60  # a rank stuck in a collective fails instead of hangi
 
 
 class NoisyData(Dataset):
-    """Reading a sample draws from torch, NumPy and Python's generators (a random augmentation)."""
+    """Reading a sample draws from torch, NumPy and Python's generators (a random augmentation).
+    Also the data of tests/trainer/test_run_position.py."""
 
-    def __init__(self) -> None:
+    def __init__(self, samples: int = SAMPLES, features: int = 6, targets: int = 3) -> None:
         g = torch.Generator().manual_seed(3)
-        self.x = torch.randn(SAMPLES, 6, generator=g, dtype=torch.float64)
-        self.y = torch.randn(SAMPLES, 3, generator=g, dtype=torch.float64)
+        self.x = torch.randn(samples, features, generator=g, dtype=torch.float64)
+        self.y = torch.randn(samples, targets, generator=g, dtype=torch.float64)
 
     def __len__(self) -> int:
-        return SAMPLES
+        return len(self.x)
 
     def __getitem__(self, i: int):
-        noise = 0.01 * torch.randn(6, dtype=torch.float64) + 1e-3 * (float(np.random.normal()) + random.random())
-        return self.x[i] + noise, self.y[i]
+        noise = 0.01 * torch.randn(self.x.shape[1], dtype=torch.float64)
+        return self.x[i] + noise + 1e-3 * (float(np.random.normal()) + random.random()), self.y[i]
 
 
 def losses(out: torch.Tensor, batch) -> dict[str, torch.Tensor]:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from distributed import kill_worker
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -25,20 +26,9 @@ from tolaria.trainer.run_position import capture_rng, restore_rng
 SAMPLES, BATCH = 24, 4  # 6 batches per epoch
 
 
-class NoisyData(Dataset):
-    """Reading a sample draws from torch, NumPy and Python's generators (a random augmentation)."""
-
-    def __init__(self) -> None:
-        g = torch.Generator().manual_seed(3)
-        self.x = torch.randn(SAMPLES, 5, generator=g, dtype=torch.float64)
-        self.y = torch.randn(SAMPLES, 2, generator=g, dtype=torch.float64)
-
-    def __len__(self) -> int:
-        return SAMPLES
-
-    def __getitem__(self, i: int):
-        noise = 0.01 * torch.randn(5, dtype=torch.float64) + float(np.random.normal()) * 1e-3 + random.random() * 1e-3
-        return self.x[i] + noise, self.y[i]
+def noisy_data() -> Dataset:
+    """The rank-killed test's data (each read draws from torch, NumPy and Python's generators), smaller."""
+    return kill_worker.NoisyData(SAMPLES, features=5, targets=2)
 
 
 def make_model() -> nn.Module:
@@ -56,7 +46,7 @@ def train(run_dir: Path, *, generator: bool = False, **changes) -> tuple[list[st
     random.seed(5)
     net = make_model()
     loader = DataLoader(
-        NoisyData(),
+        noisy_data(),
         batch_size=BATCH,
         shuffle=True,
         generator=torch.Generator().manual_seed(9) if generator else None,
@@ -106,7 +96,7 @@ def test_step_checkpoints_carry_the_batch_position_and_every_random_state(tmp_pa
 
 
 def test_capture_and_restore_rng_round_trip():
-    loader = DataLoader(NoisyData(), batch_size=2, generator=torch.Generator().manual_seed(1))
+    loader = DataLoader(noisy_data(), batch_size=2, generator=torch.Generator().manual_seed(1))
     saved = capture_rng(loader)
     draws = (torch.rand(3), np.random.rand(3), random.random(), torch.rand(2, generator=loader.generator))
     torch.rand(7), np.random.rand(7), random.random(), torch.rand(4, generator=loader.generator)
@@ -119,7 +109,7 @@ def test_capture_and_restore_rng_round_trip():
 def test_a_resume_whose_data_is_shorter_than_the_checkpoint_says_so(tmp_path):
     train(tmp_path, max_steps=4)
     net = make_model()
-    short = DataLoader(torch.utils.data.Subset(NoisyData(), range(8)), batch_size=BATCH, shuffle=True)
+    short = DataLoader(torch.utils.data.Subset(noisy_data(), range(8)), batch_size=BATCH, shuffle=True)
     cfg = TrainerConfig(
         epochs=3, device="cpu", run_dir=str(tmp_path), progress=False, checkpoint=CheckpointConfig(resume=True)
     )
