@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
+import platform
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -9,7 +12,17 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-__all__ = ["BATCH", "CASES", "TRUNKS", "Model", "batches", "interleaved_medians_ms", "time_step"]
+__all__ = [
+    "BATCH",
+    "CASES",
+    "TRUNKS",
+    "Model",
+    "batches",
+    "compare_on_every_case",
+    "interleaved_medians_ms",
+    "time_case",
+    "time_step",
+]
 
 BATCH = 64
 # Trunk (input width, hidden width, layers) -> about 1.0M, 2.1M, 8.4M and 25M parameters.
@@ -64,3 +77,49 @@ def time_step(benchmark, step: Callable[[], None], medians: dict, key: tuple, ba
     medians[key] = benchmark.stats.stats.median
     if key != base_key and base_key in medians:
         benchmark.extra_info[ratio_name] = medians[base_key] / medians[key]
+
+
+def time_case(
+    benchmark,
+    make_step: Callable[[str, str, int], Callable[[], None]],
+    case: tuple[str, int],
+    library: str,
+    base: str,
+    what: str,
+    medians: dict,
+) -> None:
+    """The scripts' pytest-benchmark case: ``library``'s step on ``case`` (trunk, K) in the group of
+    ``what`` on that case, with the ratio to the ``base`` library's median (``speedup_vs_<base>``)."""
+    from tolaria.aggregation import cpu_isa
+
+    trunk, k = case
+    benchmark.group = f"{what}, trunk {trunk} params, K={k}, CPU ({cpu_isa()})"
+    ratio_name = f"speedup_vs_{base.replace('-', '_')}"
+    time_step(benchmark, make_step(library, trunk, k), medians, (trunk, k, library), (trunk, k, base), ratio_name)
+
+
+def compare_on_every_case(
+    description: str, title: str, make_step: Callable[[str, str, int], Callable[[], None]], libraries: dict[str, str]
+) -> None:
+    """The scripts' ``main``: ``--steps`` interleaved steps of each library (``libraries``: the name
+    ``make_step`` takes -> the name printed; the reference first, Tolaria second) on every case, and
+    the reference's time over Tolaria's."""
+    from tolaria.aggregation import cpu_isa
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--steps", type=int, default=15)
+    args = parser.parse_args()
+    print(
+        f"{title}: torch {torch.__version__}, {platform.machine()}, CPU ISA {cpu_isa()}, "
+        f"{torch.get_num_threads()} threads, batch {BATCH}, float32; median of {args.steps} interleaved steps"
+    )
+    for trunk, k in CASES:
+        steps = {library: make_step(library, trunk, k) for library in libraries}
+        random.seed(0)  # Python's generator: Pytorch-PCGrad's shuffles
+        medians = interleaved_medians_ms(steps, args.steps)
+        (ref_name, ref), (ours_name, ours) = ((libraries[lib], medians[lib]) for lib in libraries)
+        params = Model(trunk, k).trunk_parameters()
+        print(
+            f"  trunk {params / 1e6:5.2f}M K={k}: {ref_name} {ref:8.1f} ms  {ours_name} {ours:8.1f} ms  "
+            f"speedup x{ref / ours:.2f}"
+        )

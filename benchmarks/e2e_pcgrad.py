@@ -12,8 +12,6 @@ runs as the plain reimplementation the tests check Tolaria against (tests/compat
 
 from __future__ import annotations
 
-import argparse
-import platform
 import random
 import sys
 from collections.abc import Callable
@@ -23,12 +21,11 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from tolaria.aggregation import cpu_isa
 from tolaria.compat.pcgrad import PCGrad
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the tests' reference
-from _e2e_models import BATCH, CASES, Model, batches, interleaved_medians_ms, time_step  # noqa: E402
+from _e2e_models import CASES, Model, batches, compare_on_every_case, time_case  # noqa: E402
 from compat.reference_pcgrad import ReferencePCGrad  # noqa: E402
 
 
@@ -54,30 +51,13 @@ _medians: dict[tuple[str, int, str], float] = {}
 @pytest.mark.parametrize("library", ["pytorch-pcgrad", "tolaria"])  # the original first: the ratios' base
 @pytest.mark.parametrize("trunk,k", CASES, ids=[f"{t}-K{k}" for t, k in CASES])
 def test_training_step(benchmark, trunk, k, library):
-    random.seed(0)
-    benchmark.group = f"pcgrad step, trunk {trunk} params, K={k}, CPU ({cpu_isa()})"
-    step = make_step(library, trunk, k)
-    time_step(benchmark, step, _medians, (trunk, k, library), (trunk, k, "pytorch-pcgrad"), "speedup_vs_pytorch_pcgrad")
+    random.seed(0)  # Pytorch-PCGrad shuffles with Python's generator
+    time_case(benchmark, make_step, (trunk, k), library, "pytorch-pcgrad", "pcgrad step", _medians)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=15)
-    args = parser.parse_args()
-    print(
-        f"e2e PCGrad step: torch {torch.__version__}, {platform.machine()}, CPU ISA {cpu_isa()}, "
-        f"{torch.get_num_threads()} threads, batch {BATCH}, float32; median of {args.steps} interleaved steps"
-    )
-    for trunk, k in CASES:
-        steps = {lib: make_step(lib, trunk, k) for lib in ("pytorch-pcgrad", "tolaria")}
-        random.seed(0)
-        medians = interleaved_medians_ms(steps, args.steps)
-        ref, ours = (medians[lib] for lib in ("pytorch-pcgrad", "tolaria"))
-        params = Model(trunk, k).trunk_parameters()
-        print(
-            f"  trunk {params / 1e6:5.2f}M K={k}: Pytorch-PCGrad {ref:8.1f} ms  Tolaria {ours:8.1f} ms  "
-            f"speedup x{ref / ours:.2f}"
-        )
+    libraries = {"pytorch-pcgrad": "Pytorch-PCGrad", "tolaria": "Tolaria"}
+    compare_on_every_case(__doc__.splitlines()[0], "e2e PCGrad step", make_step, libraries)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,6 @@ runs with TorchJD's regularisation (``reg_eps=norm_eps=1e-4``), so that both com
 
 from __future__ import annotations
 
-import argparse
-import platform
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -23,10 +21,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from tolaria.aggregation import cpu_isa
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _e2e_models import BATCH, CASES, Model, batches, interleaved_medians_ms, time_step  # noqa: E402
+from _e2e_models import CASES, Model, batches, compare_on_every_case, time_case  # noqa: E402
 
 LIBRARIES = ("torchjd", "tolaria")
 
@@ -67,28 +63,12 @@ _medians: dict[tuple[str, int, str], float] = {}
 def test_training_step(benchmark, trunk, k, library):
     if library == "torchjd":
         pytest.importorskip("torchjd")
-    benchmark.group = f"mtl step, trunk {trunk} params, K={k}, CPU ({cpu_isa()})"
-    step = make_step(library, trunk, k)
-    time_step(benchmark, step, _medians, (trunk, k, library), (trunk, k, "torchjd"), "speedup_vs_torchjd")
+    time_case(benchmark, make_step, (trunk, k), library, "torchjd", "mtl step", _medians)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=15)
-    args = parser.parse_args()
-    print(
-        f"e2e mtl step: torch {torch.__version__}, {platform.machine()}, CPU ISA {cpu_isa()}, "
-        f"{torch.get_num_threads()} threads, batch {BATCH}, float32; median of {args.steps} interleaved steps"
-    )
-    for trunk, k in CASES:
-        steps = {lib: make_step(lib, trunk, k) for lib in LIBRARIES}
-        medians = interleaved_medians_ms(steps, args.steps)
-        ref, ours = (medians[lib] for lib in LIBRARIES)
-        params = Model(trunk, k).trunk_parameters()
-        print(
-            f"  trunk {params / 1e6:5.2f}M K={k}: TorchJD {ref:8.1f} ms  Tolaria {ours:8.1f} ms  "
-            f"speedup x{ref / ours:.2f}"
-        )
+    libraries = {"torchjd": "TorchJD", "tolaria": "Tolaria"}
+    compare_on_every_case(__doc__.splitlines()[0], "e2e mtl step", make_step, libraries)
 
 
 if __name__ == "__main__":
