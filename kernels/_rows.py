@@ -7,7 +7,9 @@ copied. Element ``c`` of a row sits ``c * col_stride`` further on; ``col_stride 
 the kernels as a compile-time flag so their loads are vectorised. The kernels share this addressing
 through Triton helpers: ``row_offsets`` (rows to offsets), ``load_row`` (one row's columns) and
 ``load_row_at`` (row r's columns in the accumulator's dtype, J passed as two tuples: the
-runtime ``src`` and the constexpr ``LAYOUT``, two arguments instead of eight).
+runtime ``src`` and the constexpr ``LAYOUT``, two arguments instead of eight). The kernels take
+``LAYOUT`` = (USE_TABLE, ALIGN, COL_CONTIGUOUS) as one constexpr argument (``Rows.layout()``); ``n``
+stays a scalar argument of its own, so its specialisation (or ``do_not_specialize``) is unchanged.
 
 Row tables are built without synchronising the device (a pinned host tensor, copied with
 ``non_blocking=True``) and cached per set of row offsets, so a training loop that aggregates the
@@ -43,6 +45,7 @@ __all__ = [
     "load_row",
     "widen",
     "load_row_at",
+    "block_columns",
     "Rows",
     "as_rows",
 ]
@@ -147,6 +150,13 @@ def widen(x, ACC_DTYPE: tl.constexpr):
 
 
 @triton.jit
+def block_columns(BLOCK_N: tl.constexpr):
+    """(start, cols): program p's BLOCK_N columns from ``start = p * BLOCK_N``, in int64 (N may pass 2^31)."""
+    start = tl.cast(tl.program_id(0), tl.int64) * BLOCK_N
+    return start, start + tl.arange(0, BLOCK_N)
+
+
+@triton.jit
 def load_row_at(src, LAYOUT: tl.constexpr, row, cols, MASK_COLS: tl.constexpr, ACC_DTYPE: tl.constexpr):
     """Elements ``cols`` of row ``row`` in ACC_DTYPE (zeros past n when MASK_COLS), J given as a kernel
     passes it: ``src`` = (base_ptr, table_ptr, row_stride, col_stride, n) and ``LAYOUT`` = (USE_TABLE,
@@ -193,8 +203,9 @@ class Rows:
         return (self.base, self.base, self.row_stride // self.align, self.col_stride)
 
     def layout(self) -> dict[str, Any]:
-        """The kernels' compile-time flags for these rows (USE_TABLE, ALIGN, COL_CONTIGUOUS)."""
-        return dict(USE_TABLE=self.table is not None, ALIGN=self.align, COL_CONTIGUOUS=self.col_stride == 1)
+        """The kernels' compile-time flags for these rows as their one constexpr argument:
+        ``LAYOUT`` = (USE_TABLE, ALIGN, COL_CONTIGUOUS)."""
+        return dict(LAYOUT=(self.table is not None, self.align, self.col_stride == 1))
 
     def output(self, out: Tensor | None) -> Tensor:
         """A fresh N-tensor in the rows' dtype on their device, or ``out`` once checked to be one (contiguous)."""

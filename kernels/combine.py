@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._rows import INTERPRETED, Rows, accumulator_dtype, as_rows, check_block_n, load_row_at
+from ._rows import INTERPRETED, Rows, accumulator_dtype, as_rows, block_columns, check_block_n, load_row_at
 
 MAX_ROWS_PER_GROUP = 4
 
@@ -74,21 +74,17 @@ def _combine_kernel(
     out_ptr,
     BLOCK_N: tl.constexpr,
     ROWS: tl.constexpr,
-    USE_TABLE: tl.constexpr,
-    ALIGN: tl.constexpr,
-    COL_CONTIGUOUS: tl.constexpr,
+    LAYOUT: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
 ):
-    start = tl.cast(tl.program_id(0), tl.int64) * BLOCK_N  # int64: N may pass 2^31
-    cols = start + tl.arange(0, BLOCK_N)
+    start, cols = block_columns(BLOCK_N)
     out_ty = out_ptr.dtype.element_ty
     src = (base_ptr, table_ptr, row_stride, col_stride, n)
-    layout: tl.constexpr = (USE_TABLE, ALIGN, COL_CONTIGUOUS)
     if start + BLOCK_N <= n:  # a full block: compiled without a column mask
-        acc = _weighted_rows(src, layout, k, w_ptr, cols, ROWS, False, ACC_DTYPE, BLOCK_N)
+        acc = _weighted_rows(src, LAYOUT, k, w_ptr, cols, ROWS, False, ACC_DTYPE, BLOCK_N)
         tl.store(out_ptr + cols, _to_output(acc, out_ty))
     else:
-        acc = _weighted_rows(src, layout, k, w_ptr, cols, ROWS, True, ACC_DTYPE, BLOCK_N)
+        acc = _weighted_rows(src, LAYOUT, k, w_ptr, cols, ROWS, True, ACC_DTYPE, BLOCK_N)
         tl.store(out_ptr + cols, _to_output(acc, out_ty), mask=cols < n)
 
 

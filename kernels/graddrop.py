@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._rows import INTERPRETED, accumulator_dtype, as_rows, check_block_n, load_row_at
+from ._rows import INTERPRETED, accumulator_dtype, as_rows, block_columns, check_block_n, load_row_at
 
 
 @triton.jit
@@ -107,24 +107,20 @@ def _graddrop_kernel(
     key1,
     out_ptr,
     BLOCK_N: tl.constexpr,
-    USE_TABLE: tl.constexpr,
-    ALIGN: tl.constexpr,
-    COL_CONTIGUOUS: tl.constexpr,
+    LAYOUT: tl.constexpr,
     USE_LEAK: tl.constexpr,
     CHECK: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
 ):
-    start = tl.cast(tl.program_id(0), tl.int64) * BLOCK_N  # int64: N may pass 2^31
-    cols = start + tl.arange(0, BLOCK_N)
+    start, cols = block_columns(BLOCK_N)
     out_ty = out_ptr.dtype.element_ty
     src = (base_ptr, table_ptr, row_stride, col_stride, n)
     drop = (leak_ptr, flag_ptr, key0, key1)  # what GradDrop adds to a weighted sum
-    layout: tl.constexpr = (USE_TABLE, ALIGN, COL_CONTIGUOUS)
     if start + BLOCK_N <= n:  # a full block: compiled without a column mask
-        acc = _graddrop_block(src, layout, k, drop, cols, False, USE_LEAK, CHECK, ACC_DTYPE, BLOCK_N)
+        acc = _graddrop_block(src, LAYOUT, k, drop, cols, False, USE_LEAK, CHECK, ACC_DTYPE, BLOCK_N)
         tl.store(out_ptr + cols, _to_output(acc, out_ty))
     else:
-        acc = _graddrop_block(src, layout, k, drop, cols, True, USE_LEAK, CHECK, ACC_DTYPE, BLOCK_N)
+        acc = _graddrop_block(src, LAYOUT, k, drop, cols, True, USE_LEAK, CHECK, ACC_DTYPE, BLOCK_N)
         tl.store(out_ptr + cols, _to_output(acc, out_ty), mask=cols < n)
 
 

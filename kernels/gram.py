@@ -150,9 +150,7 @@ def _gram_partials_kernel(
     SEGMENTS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SAME_ROWS: tl.constexpr,
-    USE_TABLE: tl.constexpr,
-    ALIGN: tl.constexpr,
-    COL_CONTIGUOUS: tl.constexpr,
+    LAYOUT: tl.constexpr,
     ATOMIC: tl.constexpr,
     USE_DOT: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -167,6 +165,8 @@ def _gram_partials_kernel(
     [t * BLOCK_N, (t + 1) * BLOCK_N) of every segment. Tiles below ``full_tiles`` lie inside every
     row and are loaded without a column mask."""
     BLOCK_K: tl.constexpr = ROWS * SEGMENTS
+    USE_TABLE: tl.constexpr = LAYOUT[0]
+    ALIGN: tl.constexpr = LAYOUT[1]
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     m = tl.arange(0, BLOCK_K)
@@ -183,16 +183,15 @@ def _gram_partials_kernel(
     cols0 = tl.arange(0, BLOCK_N).to(tl.int64)
     acc = tl.zeros((BLOCK_K, BLOCK_K), dtype=ACC_DTYPE)
     src = (base_ptr, table_ptr, row_stride, col_stride, n)
-    layout: tl.constexpr = (USE_TABLE, ALIGN, COL_CONTIGUOUS)
     tiles = ((base_a, seg, mask_a), (base_b, seg, mask_b), b0, kb)
     for tile in range(tl.cast(pid, tl.int64), full_tiles, num_programs):  # int64: N may pass 2^31
         cols = tile * BLOCK_N + cols0
-        acc = _accumulate_tile(acc, src, layout, cols, tiles, BLOCK_K, SAME_ROWS, False, USE_DOT, UPCAST, PRECISION)
+        acc = _accumulate_tile(acc, src, LAYOUT, cols, tiles, BLOCK_K, SAME_ROWS, False, USE_DOT, UPCAST, PRECISION)
     # The masked tiles continue the same grid-stride sequence.
     first = full_tiles + (pid - full_tiles % num_programs + num_programs) % num_programs
     for tile in range(tl.cast(first, tl.int64), seg_tiles, num_programs):
         cols = tile * BLOCK_N + cols0
-        acc = _accumulate_tile(acc, src, layout, cols, tiles, BLOCK_K, SAME_ROWS, True, USE_DOT, UPCAST, PRECISION)
+        acc = _accumulate_tile(acc, src, LAYOUT, cols, tiles, BLOCK_K, SAME_ROWS, True, USE_DOT, UPCAST, PRECISION)
     if SEGMENTS > 1:  # G is the sum of the diagonal ROWS x ROWS blocks of the folded product
         acc4 = tl.reshape(acc, (SEGMENTS, ROWS, SEGMENTS, ROWS))
         sa = tl.arange(0, SEGMENTS)[:, None, None, None]

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._rows import INTERPRETED, accumulator_dtype, as_rows, check_block_n, row_offsets
+from ._rows import INTERPRETED, accumulator_dtype, as_rows, block_columns, check_block_n, row_offsets
 
 MAX_K = 256  # the tile holds every row of BLOCK_N columns in registers
 
@@ -46,14 +46,14 @@ def _trimmed_mean_kernel(
     out_ptr,
     BLOCK_N: tl.constexpr,
     KP: tl.constexpr,
-    USE_TABLE: tl.constexpr,
-    ALIGN: tl.constexpr,
-    COL_CONTIGUOUS: tl.constexpr,
+    LAYOUT: tl.constexpr,
     CHECK: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
 ):
-    start = tl.cast(tl.program_id(0), tl.int64) * BLOCK_N  # int64: N may pass 2^31
-    cols = start + tl.arange(0, BLOCK_N)
+    USE_TABLE: tl.constexpr = LAYOUT[0]
+    ALIGN: tl.constexpr = LAYOUT[1]
+    COL_CONTIGUOUS: tl.constexpr = LAYOUT[2]
+    _, cols = block_columns(BLOCK_N)
     ranks = tl.arange(0, KP)
     real = ranks < k
     offs = row_offsets(table_ptr, ranks, real, row_stride, USE_TABLE, ALIGN)
