@@ -8,11 +8,8 @@
 
 namespace {
 
-struct Avx2 : VectorTypes<32> {
+struct Avx2 : IsaShape<32, 4, 2, 8> {  // bytes a register, Gram tile rows x columns, combine unroll
   static constexpr const char* kName = "avx2";
-  static constexpr int kTileRows = 4;
-  static constexpr int kTileCols = 2;
-  static constexpr int kCombineVectors = 8;
 
   static TOLARIA_INLINE vf load_half(const uint16_t* p) {
     return bit_cast_to<vf>(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));

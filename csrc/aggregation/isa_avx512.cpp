@@ -12,11 +12,8 @@
 
 namespace {
 
-struct Avx512 : VectorTypes<64> {
+struct Avx512 : IsaShape<64, 4, 4, 4> {  // bytes a register, Gram tile rows x columns, combine unroll
   static constexpr const char* kName = "avx512";
-  static constexpr int kTileRows = 4;
-  static constexpr int kTileCols = 4;
-  static constexpr int kCombineVectors = 4;
 
   static TOLARIA_INLINE vf load_half(const uint16_t* p) {
     return bit_cast_to<vf>(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));

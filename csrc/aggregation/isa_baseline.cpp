@@ -9,11 +9,8 @@
 
 namespace {
 
-struct Baseline : VectorTypes<16> {
+struct Baseline : IsaShape<16, 4, 2, 8> {  // bytes a register, Gram tile rows x columns, combine unroll
   static constexpr const char* kName = "baseline";
-  static constexpr int kTileRows = 4;
-  static constexpr int kTileCols = 2;
-  static constexpr int kCombineVectors = 8;
 
   static TOLARIA_INLINE vf load_half(const uint16_t* p) {
     vu16 h;

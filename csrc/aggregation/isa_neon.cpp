@@ -8,11 +8,8 @@
 
 namespace {
 
-struct Neon : VectorTypes<16> {
+struct Neon : IsaShape<16, 4, 4, 8> {  // bytes a register, Gram tile rows x columns, combine unroll
   static constexpr const char* kName = "neon";
-  static constexpr int kTileRows = 4;
-  static constexpr int kTileCols = 4;
-  static constexpr int kCombineVectors = 8;
 
   static TOLARIA_INLINE vf load_half(const uint16_t* p) {
     return bit_cast_to<vf>(vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))));

@@ -41,8 +41,7 @@ TOLARIA_INLINE T max_of(T a, T b) {
   return a < b ? b : a;
 }
 
-// The vector types of an ISA level whose registers hold `Bytes` bytes; each ISA's traits derive
-// from it and add the tile shape and the ISA's own conversions.
+// The vector types of an ISA level whose registers hold `Bytes` bytes (see IsaShape).
 template <int Bytes>
 struct VectorTypes {
   static constexpr int kLanes = Bytes / 4;
@@ -50,6 +49,16 @@ struct VectorTypes {
   typedef uint32_t vu32 __attribute__((vector_size(Bytes)));
   typedef uint16_t vu16 __attribute__((vector_size(Bytes / 2)));
   typedef double vd __attribute__((vector_size(Bytes)));
+};
+
+// The numbers of an ISA level: its vector types, the Gram tile shape (TileRows x TileCols) and the
+// combine's unroll (CombineVectors). Each level's traits struct derives from it and adds its name
+// and its own float16 conversions and streaming store.
+template <int Bytes, int TileRows, int TileCols, int CombineVectors>
+struct IsaShape : VectorTypes<Bytes> {
+  static constexpr int kTileRows = TileRows;
+  static constexpr int kTileCols = TileCols;
+  static constexpr int kCombineVectors = CombineVectors;
 };
 
 template <class Isa>
