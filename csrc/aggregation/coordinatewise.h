@@ -46,6 +46,32 @@ struct Coordinatewise {
   static constexpr int L = Isa::kLanes;
   static constexpr int V = Isa::kCombineVectors / 2 > 0 ? Isa::kCombineVectors / 2 : 1;
 
+  // ---- the dtype switch of the range entry points ---------------------------------------------
+  //
+  // by_dtype calls `pass` (a generic lambda) with DTypeIs<D> for the rows' dtype D, so that D is a
+  // compile-time constant there: graddrop_range and trimmed_mean_range send 16/32-bit rows down the
+  // lane path and float64 rows down the scalar one. One switch for both passes.
+
+  template <DType D>
+  struct DTypeIs {
+    static constexpr DType value = D;
+  };
+
+  template <typename Pass>
+  static TOLARIA_INLINE bool by_dtype(DType dtype, const Pass& pass) {
+    switch (dtype) {
+      case DType::kFloat32:
+        return pass(DTypeIs<DType::kFloat32>{});
+      case DType::kBFloat16:
+        return pass(DTypeIs<DType::kBFloat16>{});
+      case DType::kFloat16:
+        return pass(DTypeIs<DType::kFloat16>{});
+      case DType::kFloat64:
+        return pass(DTypeIs<DType::kFloat64>{});
+    }
+    return false;
+  }
+
   // ---- scalar columns (float64 rows, ragged tails) --------------------------------------------
 
   template <DType D>
@@ -165,17 +191,14 @@ struct Coordinatewise {
 
   static bool graddrop_range(DType dtype, const void* const* rows, int64_t k, const double* leak, uint32_t key0,
                              uint32_t key1, int64_t begin, int64_t end, void* out) {
-    switch (dtype) {
-      case DType::kFloat32:
-        return graddrop_lowp<DType::kFloat32>(rows, k, leak, key0, key1, begin, end, out);
-      case DType::kBFloat16:
-        return graddrop_lowp<DType::kBFloat16>(rows, k, leak, key0, key1, begin, end, out);
-      case DType::kFloat16:
-        return graddrop_lowp<DType::kFloat16>(rows, k, leak, key0, key1, begin, end, out);
-      case DType::kFloat64:
-        return graddrop_columns<DType::kFloat64, double>(rows, k, leak, key0, key1, begin, end, out);
-    }
-    return false;
+    return by_dtype(dtype, [&](auto d) {
+      constexpr DType D = decltype(d)::value;
+      if constexpr (D == DType::kFloat64) {
+        return graddrop_columns<D, double>(rows, k, leak, key0, key1, begin, end, out);
+      } else {
+        return graddrop_lowp<D>(rows, k, leak, key0, key1, begin, end, out);
+      }
+    });
   }
 
   // ---- TrimmedMean ---------------------------------------------------------------------------
@@ -258,17 +281,14 @@ struct Coordinatewise {
 
   static bool trimmed_mean_range(DType dtype, const void* const* rows, int64_t k, int64_t trim, const int32_t* pairs,
                                  int64_t npairs, int64_t begin, int64_t end, void* out) {
-    switch (dtype) {
-      case DType::kFloat32:
-        return trimmed_lowp<DType::kFloat32>(rows, k, trim, pairs, npairs, begin, end, out);
-      case DType::kBFloat16:
-        return trimmed_lowp<DType::kBFloat16>(rows, k, trim, pairs, npairs, begin, end, out);
-      case DType::kFloat16:
-        return trimmed_lowp<DType::kFloat16>(rows, k, trim, pairs, npairs, begin, end, out);
-      case DType::kFloat64:
-        return trimmed_columns<DType::kFloat64, double, int64_t>(rows, k, trim, pairs, npairs, begin, end, out);
-    }
-    return false;
+    return by_dtype(dtype, [&](auto d) {
+      constexpr DType D = decltype(d)::value;
+      if constexpr (D == DType::kFloat64) {
+        return trimmed_columns<D, double, int64_t>(rows, k, trim, pairs, npairs, begin, end, out);
+      } else {
+        return trimmed_lowp<D>(rows, k, trim, pairs, npairs, begin, end, out);
+      }
+    });
   }
 
   static constexpr tolaria::cpu::CoordinatewiseTable table() {
