@@ -33,13 +33,22 @@ inline std::string invalid_reason_and_time(uint32_t reason_length, const char* r
   return {};
 }
 
-inline std::string invalid_is_set(uint32_t is_set) {
-  return is_set > 1 ? "is_set word is " + std::to_string(is_set) + ", not 0 or 1" : std::string();
-}
+// What every payload kind shares: its segment header's identity (magic number, layout version) and
+// the check of a record read from a segment that SharedSeqlock calls, Payload::invalid: the is_set
+// word, the kind's own fields (Payload::invalid_fields), then the reason and timestamp.
+template <class Payload, uint64_t Magic, uint32_t Version>
+struct PayloadKind {
+  static constexpr uint64_t kMagic = Magic;
+  static constexpr uint32_t kVersion = Version;
 
-struct EmergencyPayload {
-  static constexpr uint64_t kMagic = magic_from("TLRSEMRG");
-  static constexpr uint32_t kVersion = 1;
+  static std::string invalid(const Payload& p, uint32_t is_set) {
+    if (is_set > 1) return "is_set word is " + std::to_string(is_set) + ", not 0 or 1";
+    if (auto problem = Payload::invalid_fields(p, is_set); !problem.empty()) return problem;
+    return invalid_reason_and_time(p.reason_length, p.reason, p.timestamp_ms);
+  }
+};
+
+struct EmergencyPayload : PayloadKind<EmergencyPayload, magic_from("TLRSEMRG"), 1> {
   static constexpr const char* kKind = "emergency";
 
   double timestamp_ms;
@@ -47,21 +56,18 @@ struct EmergencyPayload {
   uint32_t reason_length;
   char reason[kMaxReasonBytes];
 
-  static std::string invalid(const EmergencyPayload& p, uint32_t is_set) {
-    if (auto problem = invalid_is_set(is_set); !problem.empty()) return problem;
+  static std::string invalid_fields(const EmergencyPayload& p, uint32_t is_set) {
     if (is_set != 0 && (p.level < kMinTriggerLevel || p.level > kMaxLevel)) {
       return "level " + std::to_string(p.level) + " outside 1..4 while set";
     }
     if (is_set == 0 && (p.level != 0 || p.reason_length != 0 || p.timestamp_ms != 0.0)) {
       return "a cleared record with a level, reason or timestamp";
     }
-    return invalid_reason_and_time(p.reason_length, p.reason, p.timestamp_ms);
+    return {};
   }
 };
 
-struct DeadlinePayload {
-  static constexpr uint64_t kMagic = magic_from("TLRSDDLN");
-  static constexpr uint32_t kVersion = 1;
+struct DeadlinePayload : PayloadKind<DeadlinePayload, magic_from("TLRSDDLN"), 1> {
   static constexpr const char* kKind = "deadline";
 
   double timestamp_ms;
@@ -69,14 +75,17 @@ struct DeadlinePayload {
   uint32_t unused;
   char reason[kMaxReasonBytes];
 
-  static std::string invalid(const DeadlinePayload& p, uint32_t is_set) {
-    if (auto problem = invalid_is_set(is_set); !problem.empty()) return problem;
+  static std::string invalid_fields(const DeadlinePayload& p, uint32_t is_set) {
     if (is_set == 0 && (p.reason_length != 0 || p.timestamp_ms != 0.0)) {
       return "a cleared record with a reason or timestamp";
     }
-    return invalid_reason_and_time(p.reason_length, p.reason, p.timestamp_ms);
+    return {};
   }
 };
+
+// The (empty) base adds no bytes: the records keep the layout of their layout version.
+static_assert(sizeof(EmergencyPayload) == 16 + kMaxReasonBytes && offsetof(EmergencyPayload, reason) == 16);
+static_assert(sizeof(DeadlinePayload) == 16 + kMaxReasonBytes && offsetof(DeadlinePayload, reason) == 16);
 
 inline const char* known_kind(uint64_t magic) {
   if (magic == EmergencyPayload::kMagic) return EmergencyPayload::kKind;
@@ -180,6 +189,64 @@ std::string load_reason(const Payload& p) {
   // read() has checked the record (Payload::invalid); the clamp keeps this safe on its own too.
   std::size_t n = p.reason_length <= kMaxReasonBytes ? p.reason_length : kMaxReasonBytes;
   return std::string(p.reason, n);
+}
+
+// The record a trigger writes: `reason` stored, then `monotonic_ms` checked (default: now).
+template <class Payload>
+Payload new_record(const py::str& reason, std::optional<double> monotonic_ms) {
+  Payload p{};
+  store_reason(p, reason);
+  p.timestamp_ms = check_timestamp(monotonic_ms);
+  return p;
+}
+
+EmergencyPayload emergency_record(int level, const py::str& reason, std::optional<double> monotonic_ms) {
+  EmergencyPayload p = new_record<EmergencyPayload>(reason, monotonic_ms);
+  p.level = level;
+  return p;
+}
+
+// ---- read results as Python values --------------------------------------------------------------
+
+// A field of a read result (SignalState, DeadlineState): its Python name and its member.
+template <class State, class T>
+struct Field {
+  const char* name;
+  T State::*member;
+};
+
+template <class State, class T>
+Field<State, T> field(const char* name, T State::*member) {
+  return {name, member};
+}
+
+template <class State, class... T, std::size_t... I>
+State state_from_tuple(const py::tuple& t, std::index_sequence<I...>) {
+  return State{t[I].template cast<T>()...};
+}
+
+// `State` as a Python value over `fields` (every member, in the struct's order): a keyword-only
+// constructor, read-only attributes, ==, hash, repr (`Name(field=repr(value), ...)`) and pickling.
+template <class State, class... T>
+void bind_state(py::module_& m, const char* cls_name, const char* doc, Field<State, T>... fields) {
+  py::class_<State> cls(m, cls_name, doc);
+  cls.def(py::init([](T... values) { return State{std::move(values)...}; }), py::kw_only(), py::arg(fields.name)...);
+  (cls.def_readonly(fields.name, fields.member), ...);
+  cls.def(
+      "__eq__", [fields...](const State& a, const State& b) { return ((a.*fields.member == b.*fields.member) && ...); },
+      py::is_operator());
+  cls.def("__hash__", [fields...](const State& s) { return py::hash(py::make_tuple(s.*fields.member...)); });
+  cls.def("__repr__", [cls_name, fields...](const State& s) {
+    std::string text;
+    auto add = [&text](const char* name, const auto& value) {
+      text += (text.empty() ? "" : ", ") + std::string(name) + "=" + std::string(py::repr(py::cast(value)));
+    };
+    (add(fields.name, s.*fields.member), ...);
+    return std::string(cls_name) + "(" + text + ")";
+  });
+  cls.def(
+      py::pickle([fields...](const State& s) { return py::make_tuple(s.*fields.member...); },
+                 [](const py::tuple& t) { return state_from_tuple<State, T...>(t, std::index_sequence_for<T...>{}); }));
 }
 
 // ---- shared bindings ----------------------------------------------------------------------------
@@ -332,80 +399,17 @@ PYBIND11_MODULE(_signal, m) {
 
   m.attr("MAX_REASON_BYTES") = kMaxReasonBytes;
 
-  py::class_<SignalState>(m, "SignalState",
-                          "One consistent read of an emergency signal: level (0 = NONE when not set), reason,\n"
-                          "timestamp_ms (monotonic milliseconds; 0.0 when not set), generation, is_set.")
-      .def(py::init([](int level, std::string reason, double timestamp_ms, uint64_t generation, bool is_set) {
-             return SignalState{level, std::move(reason), timestamp_ms, generation, is_set};
-           }),
-           py::kw_only(), py::arg("level"), py::arg("reason"), py::arg("timestamp_ms"), py::arg("generation"),
-           py::arg("is_set"))
-      .def_readonly("level", &SignalState::level)
-      .def_readonly("reason", &SignalState::reason)
-      .def_readonly("timestamp_ms", &SignalState::timestamp_ms)
-      .def_readonly("generation", &SignalState::generation)
-      .def_readonly("is_set", &SignalState::is_set)
-      .def(
-          "__eq__",
-          [](const SignalState& a, const SignalState& b) {
-            return a.level == b.level && a.reason == b.reason && a.timestamp_ms == b.timestamp_ms &&
-                   a.generation == b.generation && a.is_set == b.is_set;
-          },
-          py::is_operator())
-      .def("__hash__",
-           [](const SignalState& s) {
-             return py::hash(py::make_tuple(s.level, s.reason, s.timestamp_ms, s.generation, s.is_set));
-           })
-      .def("__repr__",
-           [](const SignalState& s) {
-             return "SignalState(level=" + std::to_string(s.level) +
-                    ", reason=" + py::repr(py::str(s.reason)).cast<std::string>() +
-                    ", timestamp_ms=" + py::repr(py::float_(s.timestamp_ms)).cast<std::string>() +
-                    ", generation=" + std::to_string(s.generation) + ", is_set=" + (s.is_set ? "True" : "False") + ")";
-           })
-      .def(py::pickle(
-          [](const SignalState& s) {
-            return py::make_tuple(s.level, s.reason, s.timestamp_ms, s.generation, s.is_set);
-          },
-          [](const py::tuple& t) {
-            return SignalState{t[0].cast<int>(), t[1].cast<std::string>(), t[2].cast<double>(), t[3].cast<uint64_t>(),
-                               t[4].cast<bool>()};
-          }));
-
-  py::class_<DeadlineState>(m, "DeadlineState",
-                            "One consistent read of a deadline signal: timestamp_ms (monotonic milliseconds when\n"
-                            "the deadline tripped; 0.0 when not set), reason, generation, is_set.")
-      .def(py::init([](double timestamp_ms, std::string reason, uint64_t generation, bool is_set) {
-             return DeadlineState{timestamp_ms, std::move(reason), generation, is_set};
-           }),
-           py::kw_only(), py::arg("timestamp_ms"), py::arg("reason"), py::arg("generation"), py::arg("is_set"))
-      .def_readonly("timestamp_ms", &DeadlineState::timestamp_ms)
-      .def_readonly("reason", &DeadlineState::reason)
-      .def_readonly("generation", &DeadlineState::generation)
-      .def_readonly("is_set", &DeadlineState::is_set)
-      .def(
-          "__eq__",
-          [](const DeadlineState& a, const DeadlineState& b) {
-            return a.timestamp_ms == b.timestamp_ms && a.reason == b.reason && a.generation == b.generation &&
-                   a.is_set == b.is_set;
-          },
-          py::is_operator())
-      .def("__hash__",
-           [](const DeadlineState& s) {
-             return py::hash(py::make_tuple(s.timestamp_ms, s.reason, s.generation, s.is_set));
-           })
-      .def("__repr__",
-           [](const DeadlineState& s) {
-             return "DeadlineState(timestamp_ms=" + py::repr(py::float_(s.timestamp_ms)).cast<std::string>() +
-                    ", reason=" + py::repr(py::str(s.reason)).cast<std::string>() +
-                    ", generation=" + std::to_string(s.generation) + ", is_set=" + (s.is_set ? "True" : "False") + ")";
-           })
-      .def(py::pickle(
-          [](const DeadlineState& s) { return py::make_tuple(s.timestamp_ms, s.reason, s.generation, s.is_set); },
-          [](const py::tuple& t) {
-            return DeadlineState{t[0].cast<double>(), t[1].cast<std::string>(), t[2].cast<uint64_t>(),
-                                 t[3].cast<bool>()};
-          }));
+  bind_state(m, "SignalState",
+             "One consistent read of an emergency signal: level (0 = NONE when not set), reason,\n"
+             "timestamp_ms (monotonic milliseconds; 0.0 when not set), generation, is_set.",
+             field("level", &SignalState::level), field("reason", &SignalState::reason),
+             field("timestamp_ms", &SignalState::timestamp_ms), field("generation", &SignalState::generation),
+             field("is_set", &SignalState::is_set));
+  bind_state(m, "DeadlineState",
+             "One consistent read of a deadline signal: timestamp_ms (monotonic milliseconds when\n"
+             "the deadline tripped; 0.0 when not set), reason, generation, is_set.",
+             field("timestamp_ms", &DeadlineState::timestamp_ms), field("reason", &DeadlineState::reason),
+             field("generation", &DeadlineState::generation), field("is_set", &DeadlineState::is_set));
 
   bind_signal<EmergencyPayload>(
       m, "SharedEmergencySignal",
@@ -414,11 +418,7 @@ PYBIND11_MODULE(_signal, m) {
       .def(
           "trigger",
           [](EmergencyCore& self, py::handle level, const py::str& reason, std::optional<double> monotonic_ms) {
-            EmergencyPayload p{};
-            p.level = check_level(level);
-            store_reason(p, reason);
-            p.timestamp_ms = check_timestamp(monotonic_ms);
-            return self.trigger(p);
+            return self.trigger(emergency_record(check_level(level), reason, monotonic_ms));
           },
           py::arg("level"), py::arg("reason"), py::arg("monotonic_ms") = py::none(),
           "Sets the signal to `level` (EmergencyLevel NOTICE..HALT; NONE is clear()'s job) with `reason`\n"
@@ -429,10 +429,7 @@ PYBIND11_MODULE(_signal, m) {
       .def(
           "raise_level",
           [](EmergencyCore& self, py::handle level, const py::str& reason, std::optional<double> monotonic_ms) {
-            EmergencyPayload p{};
-            p.level = check_level(level);
-            store_reason(p, reason);
-            p.timestamp_ms = check_timestamp(monotonic_ms);
+            const EmergencyPayload p = emergency_record(check_level(level), reason, monotonic_ms);
             return self.trigger_if(p, [&p](const EmergencyPayload& current, uint32_t is_set) {
               // A corrupted record is replaced: an escalation must reach the signal.
               return !EmergencyPayload::invalid(current, is_set).empty() || is_set == 0 || current.level < p.level;
@@ -454,11 +451,7 @@ PYBIND11_MODULE(_signal, m) {
               return EmergencyPayload::invalid(current, is_set).empty() && is_set == 1 && current.level == from;
             };
             if (to == 0) return self.clear_if(still_from);
-            EmergencyPayload p{};
-            p.level = to;
-            store_reason(p, reason);
-            p.timestamp_ms = check_timestamp(monotonic_ms);
-            return self.trigger_if(p, still_from);
+            return self.trigger_if(emergency_record(to, reason, monotonic_ms), still_from);
           },
           py::arg("from_level"), py::arg("to_level"), py::arg("reason"), py::arg("monotonic_ms") = py::none(),
           "Lowers the level from `from_level` to `to_level` (NONE clears the signal), only if the level\n"
@@ -481,10 +474,7 @@ PYBIND11_MODULE(_signal, m) {
       .def(
           "trigger",
           [](DeadlineCore& self, const py::str& reason, std::optional<double> monotonic_ms) {
-            DeadlinePayload p{};
-            store_reason(p, reason);
-            p.timestamp_ms = check_timestamp(monotonic_ms);
-            return self.trigger(p);
+            return self.trigger(new_record<DeadlinePayload>(reason, monotonic_ms));
           },
           py::arg("reason"), py::arg("monotonic_ms") = py::none(),
           "Marks the deadline as tripped with `reason` (UTF-8, cut to MAX_REASON_BYTES = 256 bytes on a\n"
