@@ -36,6 +36,7 @@ from typing import Any, Literal
 
 import torch
 
+from . import lr_schedules
 from ._validation import Section, check_bound, check_int, check_interval
 from .lr_schedules import (
     ConstantSchedule,
@@ -337,13 +338,7 @@ class LRConfig(Section):
 
 __all__ = [
     "POLICIES",
-    "Schedule",
-    "ConstantSchedule",
-    "CosineSchedule",
-    "CosineRestartsSchedule",
-    "StepSchedule",
-    "LinearSchedule",
-    "WarmupSchedule",
+    *lr_schedules.__all__,  # re-exported: the schedules' home before they had a module of their own
     "LRController",
     "LRConfig",
     "build_controller",

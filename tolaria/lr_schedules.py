@@ -33,8 +33,17 @@ class Schedule(Protocol):
     def config(self) -> dict[str, Any]: ...
 
 
+class _FieldConfig:
+    """``config()`` of a schedule whose fields are plain values: its name and its fields."""
+
+    name: ClassVar[str]
+
+    def config(self) -> dict[str, Any]:
+        return {"schedule": self.name, **asdict(self)}  # type: ignore[call-overload]
+
+
 @dataclass(frozen=True)
-class ConstantSchedule:
+class ConstantSchedule(_FieldConfig):
     """The base LR at every step."""
 
     name: ClassVar[str] = "constant"
@@ -42,12 +51,9 @@ class ConstantSchedule:
     def lr(self, base_lr: float, t: int) -> float:
         return base_lr
 
-    def config(self) -> dict[str, Any]:
-        return {"schedule": self.name}
-
 
 @dataclass(frozen=True)
-class CosineSchedule:
+class CosineSchedule(_FieldConfig):
     """``CosineAnnealingLR``'s closed form, at every ``t`` (past ``t_max`` too: no clamp, no flat tail).
 
     ``lr = eta_min + (base - eta_min) * (1 + cos(pi * t / t_max)) / 2``. Past ``t_max`` the cosine
@@ -66,12 +72,9 @@ class CosineSchedule:
     def lr(self, base_lr: float, t: int) -> float:
         return self.eta_min + (base_lr - self.eta_min) * (1 + math.cos(math.pi * t / self.t_max)) / 2
 
-    def config(self) -> dict[str, Any]:
-        return {"schedule": self.name, **asdict(self)}
-
 
 @dataclass(frozen=True)
-class CosineRestartsSchedule:
+class CosineRestartsSchedule(_FieldConfig):
     """SGDR (``CosineAnnealingWarmRestarts``): cosine cycles of length ``t_0``, ``t_0 * t_mult``, ...
 
     Each cycle starts again at the base LR. Cycle boundaries are found in integer arithmetic, so they
@@ -102,12 +105,9 @@ class CosineRestartsSchedule:
         t_cur, t_i = self.cycle(t)
         return self.eta_min + (base_lr - self.eta_min) * (1 + math.cos(math.pi * t_cur / t_i)) / 2
 
-    def config(self) -> dict[str, Any]:
-        return {"schedule": self.name, **asdict(self)}
-
 
 @dataclass(frozen=True)
-class StepSchedule:
+class StepSchedule(_FieldConfig):
     """``StepLR``: ``base * gamma ** (t // step_size)``."""
 
     step_size: int
@@ -121,12 +121,9 @@ class StepSchedule:
     def lr(self, base_lr: float, t: int) -> float:
         return base_lr * self.gamma ** (t // self.step_size)
 
-    def config(self) -> dict[str, Any]:
-        return {"schedule": self.name, **asdict(self)}
-
 
 @dataclass(frozen=True)
-class LinearSchedule:
+class LinearSchedule(_FieldConfig):
     """``LinearLR``: the factor goes linearly from ``start_factor`` to ``end_factor`` over
     ``total_iters`` and then stays at ``end_factor`` (that is the schedule's defined end, as in torch).
     """
@@ -149,9 +146,6 @@ class LinearSchedule:
     def lr(self, base_lr: float, t: int) -> float:
         frac = min(t, self.total_iters) / self.total_iters
         return base_lr * (self.start_factor + (self.end_factor - self.start_factor) * frac)
-
-    def config(self) -> dict[str, Any]:
-        return {"schedule": self.name, **asdict(self)}
 
 
 @dataclass(frozen=True)
